@@ -1,0 +1,1 @@
+"""Triton kernels of gflowgr, installed as ``gflowgr_core.kernels``."""
