@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -70,8 +70,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["gflowgr_core", "gflowgr_core.data", "gflowgr_core.sid", "gflowgr_core.model",
-              "gflowgr_core.objectives", "gflowgr_core.train", "gflowgr_core.kernels"],
+    packages=find_packages(include=["gflowgr_core", "gflowgr_core.*"]) + ["gflowgr_core.kernels"],
     package_dir={"gflowgr_core.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "transformers>=4.46", "matplotlib"],
     extras_require={
