@@ -1,0 +1,253 @@
+"""Configuration dataclasses for every training stage, loadable from YAML and overridable from the CLI.
+
+Every [choice] of the method specification is a field here. ``load_config(path, overrides)`` reads a YAML
+file and applies ``section.key=value`` overrides; an unknown key raises :class:`ConfigError` naming the key,
+where it came from, and the keys that do exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+STAGES = ("sft", "gflowgr", "sft_continue", "dpo", "sdpo")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not match the config schema."""
+
+
+@dataclass
+class ModelConfig:
+    """The causal LM: a small model built from a config (``pretrained=None``) or a local HF checkpoint."""
+
+    arch: str = "qwen2"            # "qwen2" | "llama" when built from scratch
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate: int = 256
+    pretrained: Optional[str] = None   # local HF checkpoint directory; SID tokens are added to it
+    flow_hidden: int = 128         # width of the log Z(U) and log F(prefix) MLP heads
+
+
+@dataclass
+class RewardSettings:
+    """Reward R(s_L) of METHOD.md §5 (see gflowgr_core.reward.RewardConfig for the meaning of each field)."""
+
+    r_pos: float = 1.0
+    r_aug: float = 0.0
+    use_a: bool = True
+    use_cm: bool = True
+    use_sim: bool = True
+    cm_norm: str = "sigmoid_z"     # "sigmoid_z" | "percentile"
+    cm_source: str = "cm"          # "cm" (collaborative model) | "lm" (the policy's own normalised probability)
+    sim_normalize: bool = True
+    fusion: str = "sum"            # "sum" | "weighted" | "mlp"
+    weights: tuple = (1.0, 1.0, 1.0)
+    learnable_weights: bool = False
+    eps: float = 1e-3
+    clip: float = 1e4
+    beta: float = 1.0
+
+
+@dataclass
+class GFNConfig:
+    """The GFlowNet part of stage ``gflowgr`` (METHOD.md §2–4)."""
+
+    objective: str = "tb"          # "tb" | "db" | "subtb"
+    lambda_gfn: float = 1.0
+    subtb_lambda: float = 0.9
+    n_aug: int = 3
+    sampler: str = "cm_curriculum"  # "logs" | "random" | "cm_curriculum" | "onpolicy" | "mixture"
+    mixture: dict = field(default_factory=lambda: {"cm_curriculum": 0.5, "random": 0.5})
+    policy_support: str = "trie"   # "trie" | "level" | "vocab"
+    weighting: str = "uniform"     # "uniform" | "reward" (trajectory weights proportional to R within a set)
+    flow_lr: float = 1e-2          # learning rate of the log Z / log F heads (GFlowNets like it larger)
+    curriculum_start: float = 0.1  # CM-score quantile picked at the start of training (easy items)
+    curriculum_end: float = 0.9    # ... and at the end (hard items, close to the user's taste)
+    curriculum_pool: int = 100     # CM top-M items in the curriculum pool
+    curriculum_random: int = 50    # random items added to the pool
+    onpolicy_temperature: float = 1.0
+    reward: RewardSettings = field(default_factory=RewardSettings)
+
+
+@dataclass
+class PreferenceConfig:
+    """DPO / S-DPO baselines: negatives from a sampler, reference = the frozen starting checkpoint."""
+
+    beta: float = 0.1
+    n_neg: int = 3                 # S-DPO negatives per example (DPO uses the first)
+    sampler: str = "random"
+    sft_weight: float = 1.0        # the same CE anchor GFlowGR has, so comparisons isolate the objective
+
+
+@dataclass
+class CMSettings:
+    """The collaborative model (SASRec) used by the reward and the curriculum sampler."""
+
+    dim: int = 64
+    blocks: int = 2
+    heads: int = 1
+    dropout: float = 0.2
+    lr: float = 1e-3
+    batch_size: int = 256
+    max_epochs: int = 30
+    patience: int = 3
+
+
+@dataclass
+class TrainConfig:
+    """One training run: a stage, its data, model, optimisation, evaluation and output folder."""
+
+    stage: str = "sft"
+    data: str = ""                 # a folder written by `gflowgr prepare`
+    out: str = "runs/run"
+    init_checkpoint: Optional[str] = None
+    seed: int = 42
+    device: str = "auto"           # "auto" | "cpu" | "cuda" | "cuda:1" ...
+    dtype: str = "float32"         # "float32" | "bfloat16" (autocast on CUDA)
+    backend: str = "auto"          # kernel backend for the loss and decoding ops
+    epochs: int = 20
+    max_steps: Optional[int] = None
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    sft_support: str = "trie"      # support of the SFT cross-entropy: "trie" | "level" | "vocab"
+    max_train_examples: Optional[int] = None   # use only the most recent N training examples (fixed, seeded)
+    eval_every: int = 1            # epochs between validation runs
+    eval_beams: int = 20
+    eval_batch_size: int = 256
+    valid_max_users: Optional[int] = None   # validate on a fixed seeded subset (None = whole split)
+    patience: int = 3
+    select_metric: str = "ndcg@10"
+    log_every: int = 20
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gfn: GFNConfig = field(default_factory=GFNConfig)
+    pref: PreferenceConfig = field(default_factory=PreferenceConfig)
+    cm: CMSettings = field(default_factory=CMSettings)
+
+    def validate(self) -> "TrainConfig":
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage={self.stage!r} is not one of {STAGES}")
+        if self.stage in ("gflowgr", "sft_continue", "dpo", "sdpo") and not self.init_checkpoint:
+            raise ConfigError(f"stage {self.stage!r} starts from an SFT checkpoint: set init_checkpoint")
+        choices = {"gfn.objective": (self.gfn.objective, ("tb", "db", "subtb")),
+                   "gfn.sampler": (self.gfn.sampler, ("logs", "random", "cm_curriculum", "onpolicy", "mixture")),
+                   "gfn.policy_support": (self.gfn.policy_support, ("trie", "level", "vocab")),
+                   "gfn.weighting": (self.gfn.weighting, ("uniform", "reward")),
+                   "sft_support": (self.sft_support, ("trie", "level", "vocab")),
+                   "dtype": (self.dtype, ("float32", "bfloat16")),
+                   "gfn.reward.fusion": (self.gfn.reward.fusion, ("sum", "weighted", "mlp")),
+                   "gfn.reward.cm_norm": (self.gfn.reward.cm_norm, ("sigmoid_z", "percentile")),
+                   "gfn.reward.cm_source": (self.gfn.reward.cm_source, ("cm", "lm"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+        if self.gfn.n_aug < 0:
+            raise ConfigError(f"gfn.n_aug={self.gfn.n_aug} must be >= 0")
+        if not self.data:
+            raise ConfigError("data is empty: set it to a folder written by `gflowgr prepare`")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's annotated type, with an error naming the field."""
+    origin = get_origin(hint)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in get_args(hint) if a is not type(None)][0]
+        return _convert(value, inner, where)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+        if hint is tuple:
+            return tuple(value)
+        if hint is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def from_dict(cls, raw: dict, where: str = "config"):
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise :class:`ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, f"{where}.{key}")
+        else:
+            kwargs[key] = _convert(value, hint, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) onto a nested dict, returning a new dict."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. gfn.n_aug=5)")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text != "" else ""
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply CLI overrides."""
+    raw: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        where = str(path)
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(TrainConfig, raw, where).validate()
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
