@@ -1,12 +1,12 @@
 """Ranking and exposure metrics on hand-made rankings with hand-computed values."""
 import math
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 
 from gflowgr_core import metrics as M
+from gflowgr_core.data.loaders import Interactions
+from gflowgr_core.data.split import leave_one_out
 
 # Four examples over a 6-item catalogue.
 RANKED = torch.tensor([[3, 1, 4, -1],    # target 1 at rank 1
@@ -155,28 +155,13 @@ def test_errors_name_the_problem():
         M.recall_at_k(RANKED, TARGET, 0)
 
 
-def _leave_one_out(sequences, num_items, max_history):
-    """Same fields and protocol as gflowgr_core.data.split.leave_one_out, over plain lists."""
-    def pad(h):
-        h = h[-max_history:]
-        return [-1] * (max_history - len(h)) + list(h)
-    parts = {"train": ([], [], []), "valid": ([], [], []), "test": ([], [], [])}
-    for u, seq in enumerate(sequences):
-        for t in range(1, len(seq) - 2):
-            parts["train"][0].append(pad(seq[:t])); parts["train"][1].append(seq[t]); parts["train"][2].append(u)
-        for name, end in (("valid", len(seq) - 2), ("test", len(seq) - 1)):
-            parts[name][0].append(pad(seq[:end])); parts[name][1].append(seq[end]); parts[name][2].append(u)
-    split = {name: SimpleNamespace(history=torch.tensor(h).reshape(-1, max_history), target=torch.tensor(t),
-                                   user=torch.tensor(u)) for name, (h, t, u) in parts.items()}
-    return SimpleNamespace(**split, num_users=len(sequences), num_items=num_items, max_history=max_history,
-                           dropped_users=0)
-
-
 def test_item_popularity_counts_training_part_once():
     rng = np.random.default_rng(5)
     num_items = 15
-    # Lengths 3 (one-item training part), 4 and long ones beyond max_history.
-    seqs = [rng.integers(0, num_items, size=n).tolist() for n in (3, 4, 3, 9, 30, 12, 5)]
-    split = _leave_one_out(seqs, num_items, max_history=5)
+    # Lengths 2 (dropped by the split), 3 (one-item training part), 4 and some beyond max_history.
+    seqs = [rng.integers(0, num_items, size=n).tolist() for n in (3, 4, 2, 3, 9, 30, 12, 5)]
+    inter = Interactions(user_ids=[str(u) for u in range(len(seqs))], item_ids=[str(i) for i in range(num_items)],
+                         sequences=[np.asarray(q, dtype=np.int64) for q in seqs], source="synthetic")
+    split = leave_one_out(inter, max_history=5)
     expected = np.bincount(np.concatenate([s[:-2] for s in seqs]), minlength=num_items)
     assert M.item_popularity(split).tolist() == expected.tolist()
