@@ -163,5 +163,5 @@ def test_item_popularity_counts_training_part_once():
     inter = Interactions(user_ids=[str(u) for u in range(len(seqs))], item_ids=[str(i) for i in range(num_items)],
                          sequences=[np.asarray(q, dtype=np.int64) for q in seqs], source="synthetic")
     split = leave_one_out(inter, max_history=5)
-    expected = np.bincount(np.concatenate([s[:-2] for s in seqs]), minlength=num_items)
+    expected = np.bincount(np.concatenate([np.asarray(s[:-2], dtype=np.int64) for s in seqs]), minlength=num_items)
     assert M.item_popularity(split).tolist() == expected.tolist()
