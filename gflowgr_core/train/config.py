@@ -14,6 +14,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from gflowgr_core.reward import RewardConfig
+
 STAGES = ("sft", "gflowgr", "sft_continue", "dpo", "sdpo")
 
 
@@ -36,26 +38,6 @@ class ModelConfig:
 
 
 @dataclass
-class RewardSettings:
-    """Reward R(s_L) of METHOD.md §5 (see gflowgr_core.reward.RewardConfig for the meaning of each field)."""
-
-    r_pos: float = 1.0
-    r_aug: float = 0.0
-    use_a: bool = True
-    use_cm: bool = True
-    use_sim: bool = True
-    cm_norm: str = "sigmoid_z"     # "sigmoid_z" | "percentile"
-    cm_source: str = "cm"          # "cm" (collaborative model) | "lm" (the policy's own normalised probability)
-    sim_normalize: bool = True
-    fusion: str = "sum"            # "sum" | "weighted" | "mlp"
-    weights: tuple = (1.0, 1.0, 1.0)
-    learnable_weights: bool = False
-    eps: float = 1e-3
-    clip: float = 1e4
-    beta: float = 1.0
-
-
-@dataclass
 class GFNConfig:
     """The GFlowNet part of stage ``gflowgr`` (METHOD.md §2–4)."""
 
@@ -73,7 +55,7 @@ class GFNConfig:
     curriculum_pool: int = 100     # CM top-M items in the curriculum pool
     curriculum_random: int = 50    # random items added to the pool
     onpolicy_temperature: float = 1.0
-    reward: RewardSettings = field(default_factory=RewardSettings)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 @dataclass
@@ -144,9 +126,7 @@ class TrainConfig:
                    "gfn.weighting": (self.gfn.weighting, ("uniform", "reward")),
                    "sft_support": (self.sft_support, ("trie", "level", "vocab")),
                    "dtype": (self.dtype, ("float32", "bfloat16")),
-                   "gfn.reward.fusion": (self.gfn.reward.fusion, ("sum", "weighted", "mlp")),
-                   "gfn.reward.cm_norm": (self.gfn.reward.cm_norm, ("sigmoid_z", "percentile")),
-                   "gfn.reward.cm_source": (self.gfn.reward.cm_source, ("cm", "lm"))}
+                   }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not one of {allowed}")
@@ -185,7 +165,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         if hint is str:
             return str(value)
-        if hint is tuple:
+        if hint is tuple or origin is tuple:
             return tuple(value)
         if hint is dict:
             if not isinstance(value, dict):
@@ -209,9 +189,12 @@ def from_dict(cls, raw: dict, where: str = "config"):
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value or {}, f"{where}.{key}")
-        else:
-            kwargs[key] = _convert(value, hint, f"{where}.{key}")
-    return cls(**kwargs)
+            continue
+        kwargs[key] = _convert(value, hint, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a dataclass's own validation (e.g. RewardConfig)
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
