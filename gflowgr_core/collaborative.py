@@ -1,0 +1,662 @@
+"""The collaborative model (CM): SASRec, and the score cache the reward and curriculum sampler read.
+
+SASRec (Kang & McAuley, 2018) encodes a left-padded item history with item embeddings plus learned
+absolute positions and a stack of causal pre-norm transformer blocks; the hidden state at the last
+position is the user representation ``u``, and the score of item ``i`` is ``u . E[i]`` with ``E`` the same
+item embedding table that reads the input (weight tying).
+
+Training (:func:`train_sasrec`) uses the leave-one-out split of ``gflowgr_core.data.split``: every training
+row is already one prefix of a user's sequence, so the loss is the full-softmax cross-entropy over the
+catalogue of that row's target given the last position only. Validation NDCG@10 (full-catalogue ranking,
+nothing excluded unless ``exclude_history``) drives early stopping; the best epoch's weights are kept.
+
+:class:`CMScorer` caches, for one split, the user representation of every row and the item embeddings, so
+the score of any (row, item) pair is a gather and a dot product; it also keeps each row's score mean and
+standard deviation over the catalogue for the ``sigmoid_z`` normalisation.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from gflowgr_core import metrics
+
+__all__ = ["SASRecConfig", "SASRec", "train_sasrec", "rank_items", "evaluate_sasrec", "CMScorer",
+           "split_fingerprint"]
+
+PAD = -1
+# Row chunks for [rows, n_items] score matrices are sized to hold about this many floats (64 MiB fp32).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclass
+class SASRecConfig:
+    """Hyper-parameters of SASRec and of its training.
+
+    Attributes:
+        dim: embedding / hidden width ``d``.
+        num_blocks: transformer blocks.
+        num_heads: attention heads (``dim`` must be divisible by it).
+        ffn_dim: width of the feed-forward layer; ``None`` means ``dim`` (as in the SASRec paper).
+        dropout: dropout on embeddings, attention weights and block outputs.
+        lr, weight_decay: AdamW settings.
+        batch_size: training rows per step.
+        max_epochs: upper bound on epochs over the training rows.
+        patience: stop after this many evaluations without a better validation ``early_stop_metric``.
+        early_stop_metric: key of :func:`gflowgr_core.metrics.evaluate_rankings` to maximise.
+        eval_ks: cut-offs reported on validation and test (must contain the early-stop cut-off).
+        eval_batch_size: rows per scoring batch at evaluation.
+        exclude_history: drop the history's items from the ranking at evaluation (off: generative
+            recommenders are evaluated without exclusion, and this model is their sanity baseline).
+        grad_clip: max global gradient norm, ``None`` for no clipping.
+        seed: seeds initialisation, shuffling and dropout (the caller's global RNG state is restored).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... or ``"auto"`` (CUDA when available).
+        progress: show tqdm bars.
+        verbose: print one summary line per evaluation and the final valid/test metrics.
+        log_path: append one JSON line per epoch to this file.
+    """
+
+    dim: int = 64
+    num_blocks: int = 2
+    num_heads: int = 1
+    ffn_dim: Optional[int] = None
+    dropout: float = 0.3
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    max_epochs: int = 100
+    patience: int = 5
+    early_stop_metric: str = "ndcg@10"
+    eval_ks: tuple[int, ...] = (5, 10, 20)
+    eval_batch_size: int = 1024
+    exclude_history: bool = False
+    grad_clip: Optional[float] = 5.0
+    seed: int = 42
+    device: str = "cpu"
+    progress: bool = True
+    verbose: bool = True
+    log_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.eval_ks = tuple(int(k) for k in self.eval_ks)
+        positive = ("dim", "num_blocks", "num_heads", "batch_size", "max_epochs", "patience", "eval_batch_size")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SASRecConfig.{name} must be a positive int, got {value!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"SASRecConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"SASRecConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.lr <= 0:
+            raise ValueError(f"SASRecConfig.lr must be positive, got {self.lr}")
+        cut = self.early_stop_metric.split("@")
+        if len(cut) != 2 or not cut[1].isdigit() or int(cut[1]) not in self.eval_ks:
+            raise ValueError(f"SASRecConfig.early_stop_metric={self.early_stop_metric!r} must be '<metric>@K' "
+                             f"with K in eval_ks={self.eval_ks}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SASRecConfig":
+        """Build from a plain dict (e.g. a YAML section); unknown keys raise, naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown SASRecConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"SASRecConfig.device={name!r} but CUDA is not available here")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+class _Block(nn.Module):
+    """Pre-norm causal self-attention + position-wise feed-forward, both residual."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.attn_norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        """``x[B, H, d]``, ``allowed[B, 1, H, H]`` (True where query i may read key j) -> ``[B, H, d]``."""
+        b, h, d = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(b, h, 3, self.num_heads, d // self.num_heads).unbind(2)
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.out(att.transpose(1, 2).reshape(b, h, d)))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
+
+
+class SASRec(nn.Module):
+    """Self-attentive sequential recommender over a catalogue of ``num_items`` items.
+
+    Args:
+        num_items: catalogue size; items are ``0..num_items-1``, ``-1`` pads histories.
+        max_history: ``H``, the history width the positions are learned for.
+        dim, num_blocks, num_heads, ffn_dim, dropout: see :class:`SASRecConfig`.
+    """
+
+    def __init__(self, num_items: int, max_history: int, dim: int = 64, num_blocks: int = 2, num_heads: int = 1,
+                 ffn_dim: Optional[int] = None, dropout: float = 0.3) -> None:
+        super().__init__()
+        if num_items <= 0 or max_history <= 0:
+            raise ValueError(f"num_items and max_history must be positive, got {num_items}, {max_history}")
+        self.num_items = int(num_items)
+        self.max_history = int(max_history)
+        self.hparams = {"num_items": self.num_items, "max_history": self.max_history, "dim": dim,
+                        "num_blocks": num_blocks, "num_heads": num_heads, "ffn_dim": ffn_dim, "dropout": dropout}
+        # Row num_items is the padding embedding (kept at zero) so -1 maps to a real row.
+        self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=num_items)
+        self.pos_emb = nn.Embedding(max_history, dim)
+        self.emb_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(dim, num_heads, ffn_dim or dim, dropout) for _ in range(num_blocks))
+        self.final_norm = nn.LayerNorm(dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        dim = self.item_emb.embedding_dim
+        nn.init.normal_(self.item_emb.weight, std=dim ** -0.5)
+        nn.init.normal_(self.pos_emb.weight, std=dim ** -0.5)
+        with torch.no_grad():
+            self.item_emb.weight[self.num_items].zero_()
+
+    @property
+    def dim(self) -> int:
+        return self.item_emb.embedding_dim
+
+    def _fit_history(self, history: Tensor) -> Tensor:
+        if history.dim() != 2:
+            raise ValueError(f"history must be [B, H], got shape {tuple(history.shape)}")
+        width = history.shape[1]
+        if width > self.max_history:
+            raise ValueError(f"history has {width} columns but the model was built for max_history="
+                             f"{self.max_history}")
+        if width < self.max_history:
+            history = F.pad(history, (self.max_history - width, 0), value=PAD)
+        return history
+
+    def encode(self, history: Tensor) -> Tensor:
+        """Hidden states ``[B, H, d]`` of a left-padded history ``LongTensor[B, H]`` (``-1`` = pad)."""
+        history = self._fit_history(history)
+        valid = history >= 0
+        tokens = torch.where(valid, history, torch.full_like(history, self.num_items))
+        x = self.item_emb(tokens) * math.sqrt(self.dim) + self.pos_emb.weight
+        x = self.emb_drop(x) * valid[..., None]
+        h = history.shape[1]
+        causal = torch.ones(h, h, dtype=torch.bool, device=history.device).tril()
+        # Pad positions may read only themselves: a row with no visible key would give NaN attention,
+        # and real positions never read pads.
+        allowed = (causal & valid[:, None, :]) | torch.eye(h, dtype=torch.bool, device=history.device)
+        allowed = allowed[:, None]
+        for block in self.blocks:
+            x = block(x, allowed) * valid[..., None]
+        return self.final_norm(x)
+
+    def user_representation(self, history: Tensor) -> Tensor:
+        """``[B, d]``: the hidden state at the last (most recent) position."""
+        return self.encode(history)[:, -1]
+
+    def item_embeddings(self) -> Tensor:
+        """``[num_items, d]``: the output layer (shared with the input item embeddings, pad row excluded)."""
+        return self.item_emb.weight[: self.num_items]
+
+    def forward(self, history: Tensor) -> Tensor:
+        """Scores ``[B, num_items]`` of every catalogue item for each history ``[B, H]``."""
+        return self.user_representation(history) @ self.item_embeddings().T
+
+    def save(self, path: str | Path) -> Path:
+        """``torch.save`` of the constructor arguments and the weights."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"hparams": self.hparams, "state_dict": self.state_dict()}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "SASRec":
+        """Inverse of :meth:`save`."""
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(blob, dict) or "hparams" not in blob or "state_dict" not in blob:
+            raise ValueError(f"{path} is not a SASRec checkpoint written by SASRec.save")
+        model = cls(**blob["hparams"])
+        model.load_state_dict(blob["state_dict"])
+        return model.to(map_location)
+
+
+# ------------------------------------------------------------------------------------- ranking / metrics
+
+
+def _row_chunk(n_items: int, batch_size: Optional[int] = None) -> int:
+    rows = max(1, _CHUNK_ELEMENTS // max(n_items, 1))
+    return rows if batch_size is None else max(1, min(rows, batch_size))
+
+
+@torch.no_grad()
+def rank_items(model: SASRec, history: Tensor, k: int, batch_size: int = 1024,
+               exclude_history: bool = False) -> Tensor:
+    """Top-``k`` items ``LongTensor[N, k]`` (best first) of the model for each history ``[N, H]``.
+
+    Runs in eval mode (restoring the model's mode) on the model's device; returns on the CPU.
+    """
+    if not 0 < k <= model.num_items:
+        raise ValueError(f"k must be in 1..{model.num_items} (the catalogue size), got {k}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, history.shape[0], batch_size):
+            hist = history[start:start + batch_size].to(device)
+            scores = model(hist)
+            if exclude_history:
+                # An extra column absorbs the pads so they do not mask item 0.
+                scores = F.pad(scores, (0, 1))
+                cols = torch.where(hist >= 0, hist, torch.full_like(hist, model.num_items))
+                scores.scatter_(1, cols, float("-inf"))
+                scores = scores[:, :-1]
+            out.append(scores.topk(k, dim=1).indices.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
+
+
+def evaluate_sasrec(model: SASRec, split, popularity: Tensor, ks: Sequence[int] = (5, 10, 20),
+                    batch_size: int = 1024, exclude_history: bool = False) -> dict[str, float]:
+    """Full-catalogue ranking metrics of ``model`` on a :class:`~gflowgr_core.data.split.Split`.
+
+    Args:
+        split: rows with ``history[N, H]`` and ``target[N]``.
+        popularity: ``Tensor[num_items]`` training interaction counts (for the exposure metrics).
+    Returns:
+        The dict of :func:`gflowgr_core.metrics.evaluate_rankings`.
+    """
+    ranked = rank_items(model, split.history, max(ks), batch_size, exclude_history)
+    return metrics.evaluate_rankings(ranked, split.target.cpu(), popularity.cpu(), ks=tuple(ks))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _check_split(name: str, split, num_items: int, max_history: int) -> None:
+    hist, target = split.history, split.target
+    if hist.dim() != 2 or hist.shape[1] != max_history:
+        raise ValueError(f"{name}.history must be [N, {max_history}], got shape {tuple(hist.shape)}")
+    if hist.shape[0] != target.shape[0]:
+        raise ValueError(f"{name}: {hist.shape[0]} histories but {target.shape[0]} targets")
+    if hist.shape[0] == 0:
+        raise ValueError(f"{name} has no rows")
+    bad = (hist < PAD) | (hist >= num_items)
+    if bool(bad.any()):
+        row = int(bad.any(1).nonzero()[0])
+        raise ValueError(f"{name} row {row}: history {hist[row].tolist()} holds an item outside "
+                         f"[0, {num_items}) (or a pad other than -1)")
+    empty = (hist < 0).all(1)
+    if bool(empty.any()):
+        raise ValueError(f"{name} row {int(empty.nonzero()[0])} has an empty history; every row needs at "
+                         "least one item")
+    bad_t = (target < 0) | (target >= num_items)
+    if bool(bad_t.any()):
+        row = int(bad_t.nonzero()[0])
+        raise ValueError(f"{name} row {row}: target {int(target[row])} is outside [0, {num_items})")
+
+
+def _fork_devices(device: torch.device) -> list:
+    if device.type == "cuda":
+        return [device.index if device.index is not None else torch.cuda.current_device()]
+    return []
+
+
+def train_sasrec(split_data, config: Optional[SASRecConfig] = None) -> SASRec:
+    """Train SASRec on a leave-one-out split and report its own validation and test metrics.
+
+    Args:
+        split_data: ``SplitData`` from ``gflowgr_core.data.split.leave_one_out`` (``train``, ``valid``,
+            ``test`` with ``history[N, H]`` / ``target[N]``; ``num_items``; ``max_history``).
+        config: :class:`SASRecConfig` (defaults if ``None``).
+
+    Returns:
+        The model with the best validation ``early_stop_metric`` weights, in eval mode, on
+        ``config.device``. ``model.train_report`` holds ``{"best_epoch", "epochs_run", "seconds",
+        "valid": metrics, "test": metrics, "epochs": [per-epoch dicts], "config": ...}`` where the metric
+        dicts are those of :func:`gflowgr_core.metrics.evaluate_rankings` (Recall/NDCG@K, exposure).
+    """
+    config = config or SASRecConfig()
+    device = _resolve_device(config.device)
+    num_items, max_history = int(split_data.num_items), int(split_data.max_history)
+    for name in ("train", "valid", "test"):
+        _check_split(name, getattr(split_data, name), num_items, max_history)
+    if max(config.eval_ks) > num_items:
+        raise ValueError(f"eval_ks {config.eval_ks} exceed the catalogue size {num_items}")
+    popularity = metrics.item_popularity(split_data)
+    train_hist = split_data.train.history.to(device)
+    train_target = split_data.train.target.to(device)
+    n_train = train_target.shape[0]
+    log_file = None
+    if config.log_path:
+        Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(config.log_path, "a")
+
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=_fork_devices(device)):
+        torch.manual_seed(config.seed)
+        model = SASRec(num_items, max_history, config.dim, config.num_blocks, config.num_heads,
+                       config.ffn_dim, config.dropout).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        shuffle = torch.Generator().manual_seed(config.seed)
+        best_value, best_epoch, best_state, bad_evals = -math.inf, 0, None, 0
+        epochs = []
+        try:
+            for epoch in range(1, config.max_epochs + 1):
+                model.train()
+                order = torch.randperm(n_train, generator=shuffle).to(device)
+                total, steps = torch.zeros((), device=device), 0
+                bar = tqdm(range(0, n_train, config.batch_size), desc=f"SASRec epoch {epoch}",
+                           disable=not config.progress, leave=False)
+                for start in bar:
+                    idx = order[start:start + config.batch_size]
+                    loss = F.cross_entropy(model(train_hist[idx]), train_target[idx])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if config.grad_clip is not None:
+                        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    optimizer.step()
+                    total += loss.detach()
+                    steps += 1
+                train_loss = float(total) / steps
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"SASRec training loss became {train_loss} in epoch {epoch}; "
+                                             f"lower lr (now {config.lr}) or enable grad_clip")
+                valid = evaluate_sasrec(model, split_data.valid, popularity, config.eval_ks,
+                                        config.eval_batch_size, config.exclude_history)
+                value = valid[config.early_stop_metric]
+                improved = value > best_value
+                if improved:
+                    best_value, best_epoch, bad_evals = value, epoch, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad_evals += 1
+                record = {"epoch": epoch, "train_loss": train_loss, "seconds": time.perf_counter() - started,
+                          **{f"valid_{key}": val for key, val in valid.items() if key != "num_examples"}}
+                epochs.append(record)
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                if config.verbose:
+                    tqdm.write(f"SASRec epoch {epoch}: loss {train_loss:.4f}  valid {config.early_stop_metric} "
+                               f"{value:.4f}{'  *' if improved else ''}")
+                if bad_evals >= config.patience:
+                    break
+        finally:
+            if log_file is not None:
+                log_file.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    valid = evaluate_sasrec(model, split_data.valid, popularity, config.eval_ks, config.eval_batch_size,
+                            config.exclude_history)
+    test = evaluate_sasrec(model, split_data.test, popularity, config.eval_ks, config.eval_batch_size,
+                           config.exclude_history)
+    model.train_report = {"best_epoch": best_epoch, "epochs_run": len(epochs),
+                          "seconds": time.perf_counter() - started, "valid": valid, "test": test,
+                          "epochs": epochs, "config": config.to_dict()}
+    if config.verbose:
+        shown = [key for key in ("recall@10", "ndcg@10") if key in valid]
+        tqdm.write(f"SASRec best epoch {best_epoch}: " + "  ".join(
+            f"valid {key} {valid[key]:.4f}  test {key} {test[key]:.4f}" for key in shown))
+    return model
+
+
+# ------------------------------------------------------------------------------------------- score cache
+
+
+def split_fingerprint(split) -> str:
+    """Short hash of a split's histories and targets, to tie a score cache to the rows it was built for."""
+    digest = hashlib.sha1()
+    for tensor in (split.history, split.target):
+        t = tensor.detach().to("cpu", torch.int64).contiguous()
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _first_bad_row(x: Tensor) -> int:
+    return int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero()[0])
+
+
+class CMScorer:
+    """Cached collaborative-model scores for the rows of one split.
+
+    ``score(n, i) = user_repr[n] . item_emb[i]`` for split row ``n`` and item ``i``.
+
+    Attributes:
+        user_repr: ``FloatTensor[N, d]`` one user representation per split row.
+        item_emb: ``FloatTensor[n_items, d]``.
+        score_mean, score_std: ``FloatTensor[N]``, each row's score mean and (population) standard
+            deviation over the whole catalogue.
+        fingerprint: :func:`split_fingerprint` of the split the cache was built from (or ``None``).
+    """
+
+    def __init__(self, user_repr: Tensor, item_emb: Tensor, score_mean: Optional[Tensor] = None,
+                 score_std: Optional[Tensor] = None, fingerprint: Optional[str] = None) -> None:
+        if user_repr.dim() != 2 or item_emb.dim() != 2 or user_repr.shape[1] != item_emb.shape[1]:
+            raise ValueError(f"user_repr [N, d] and item_emb [n_items, d] must agree on d, got "
+                             f"{tuple(user_repr.shape)} and {tuple(item_emb.shape)}")
+        if not bool(torch.isfinite(user_repr).all()):
+            raise ValueError(f"CM user representation of row {_first_bad_row(user_repr)} is NaN/inf")
+        if not bool(torch.isfinite(item_emb).all()):
+            raise ValueError(f"CM item embedding of item {_first_bad_row(item_emb)} is NaN/inf")
+        self.user_repr = user_repr.float()
+        self.item_emb = item_emb.float()
+        if score_mean is None or score_std is None:
+            score_mean, score_std = self._catalogue_moments(self.user_repr, self.item_emb)
+        self.score_mean = score_mean.to(self.user_repr.device, torch.float32)
+        self.score_std = score_std.to(self.user_repr.device, torch.float32)
+        self.fingerprint = fingerprint
+
+    @staticmethod
+    def _catalogue_moments(user_repr: Tensor, item_emb: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact per-row mean/std of ``user_repr @ item_emb.T`` without the ``[N, n_items]`` matrix.
+
+        The mean is ``u . mean(E)`` and the variance ``u^T Cov(E) u``; float64 with a centred covariance
+        avoids the cancellation of ``E[s^2] - E[s]^2``.
+        """
+        e = item_emb.double()
+        centre = e.mean(0)
+        centred = e - centre
+        cov = centred.T @ centred / e.shape[0]
+        u = user_repr.double()
+        mean = u @ centre
+        var = ((u @ cov) * u).sum(1).clamp(min=0)
+        return mean.float(), var.sqrt().float()
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: SASRec, split, batch_size: int = 1024, device: Optional[str | torch.device] = None,
+              progress: bool = False) -> "CMScorer":
+        """Encode every row of ``split`` (``history[N, H]``) with ``model`` (eval mode, restored after).
+
+        The cache lives on ``device`` (default: the model's device).
+        """
+        model_device = next(model.parameters()).device
+        device = torch.device(device) if device is not None else model_device
+        was_training = model.training
+        model.eval()
+        reprs = []
+        try:
+            for start in tqdm(range(0, split.history.shape[0], batch_size), desc="CM user representations",
+                              disable=not progress, leave=False):
+                reprs.append(model.user_representation(split.history[start:start + batch_size].to(model_device))
+                             .to(device))
+        finally:
+            model.train(was_training)
+        user_repr = torch.cat(reprs) if reprs else torch.zeros(0, model.dim, device=device)
+        return cls(user_repr, model.item_embeddings().detach().to(device).clone(),
+                   fingerprint=split_fingerprint(split))
+
+    # ----------------------------------------------------------------------------------------- queries
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.user_repr.shape[0])
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_emb.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.user_repr.device
+
+    def _rows(self, example_idx: Tensor) -> Tensor:
+        example_idx = torch.as_tensor(example_idx, device=self.device)
+        if example_idx.dim() != 1:
+            raise ValueError(f"example_idx must be 1-D [B], got shape {tuple(example_idx.shape)}")
+        return example_idx.long()
+
+    def _check(self, example_idx: Tensor, items: Optional[Tensor], out: Tensor) -> None:
+        """One host sync: index ranges and finiteness of ``out``, with a message naming the culprit."""
+        flags = [((example_idx < 0) | (example_idx >= self.num_examples)).any(), ~torch.isfinite(out).all()]
+        if items is not None:
+            flags.append(((items < 0) | (items >= self.num_items)).any())
+        bad_rows, non_finite, *bad_items = torch.stack(flags).tolist()
+        if bad_rows:
+            bad = example_idx[(example_idx < 0) | (example_idx >= self.num_examples)][0]
+            raise IndexError(f"example index {int(bad)} outside the {self.num_examples} cached split rows")
+        if bad_items and bad_items[0]:
+            pos = ((items < 0) | (items >= self.num_items)).nonzero()[0].tolist()
+            raise IndexError(f"item {int(items[tuple(pos)])} at {pos} outside the catalogue of "
+                             f"{self.num_items} items")
+        if non_finite:
+            pos = (~torch.isfinite(out)).nonzero()[0].tolist()
+            raise FloatingPointError(f"CM score is {float(out[tuple(pos)])} for example "
+                                     f"{int(example_idx[pos[0]])} at {pos}")
+
+    def score(self, example_idx: Tensor, items: Tensor) -> Tensor:
+        """Raw CM scores ``FloatTensor[B, T]`` of ``items[B, T]`` for split rows ``example_idx[B]``."""
+        rows = self._rows(example_idx)
+        items = torch.as_tensor(items, device=self.device).long()
+        if items.dim() != 2 or items.shape[0] != rows.shape[0]:
+            raise ValueError(f"items must be [B, T] with B={rows.shape[0]}, got shape {tuple(items.shape)}")
+        users = self.user_repr[rows.clamp(0, max(self.num_examples - 1, 0))]
+        embs = self.item_emb[items.clamp(0, self.num_items - 1)]
+        out = torch.einsum("bd,btd->bt", users, embs)
+        self._check(rows, items, out)
+        return out
+
+    def full_scores(self, example_idx: Tensor) -> Tensor:
+        """Scores of the whole catalogue ``FloatTensor[B, n_items]`` for split rows ``example_idx[B]``."""
+        rows = self._rows(example_idx)
+        out = self.user_repr[rows.clamp(0, max(self.num_examples - 1, 0))] @ self.item_emb.T
+        self._check(rows, None, out)
+        return out
+
+    def topk_pool(self, example_idx: Tensor, m: int) -> Tensor:
+        """The ``m`` highest-scoring items ``LongTensor[B, m]`` (best first) per row; nothing excluded."""
+        if not 0 < m <= self.num_items:
+            raise ValueError(f"m must be in 1..{self.num_items}, got {m}")
+        rows = self._rows(example_idx)
+        chunk = _row_chunk(self.num_items)
+        parts = [self.full_scores(rows[s:s + chunk]).topk(m, dim=1).indices for s in range(0, rows.shape[0], chunk)]
+        return torch.cat(parts) if parts else torch.zeros(0, m, dtype=torch.long, device=self.device)
+
+    def normalized(self, example_idx: Tensor, items: Tensor, method: str = "sigmoid_z") -> Tensor:
+        """CM scores of ``items[B, T]`` for rows ``example_idx[B]`` mapped into ``[0, 1]``.
+
+        - ``"sigmoid_z"``: ``sigmoid((s - mean_n) / std_n)`` with the row's score mean/std over the
+          catalogue (a row whose scores are all equal gives 0.5).
+        - ``"percentile"``: ``(#items scored lower + 0.5 * #other items tied) / (n_items - 1)``: the best
+          item of the catalogue gets 1, the worst 0.
+        """
+        if method == "sigmoid_z":
+            rows = self._rows(example_idx)
+            s = self.score(rows, items)
+            mean, std = self.score_mean[rows], self.score_std[rows]
+            z = (s - mean[:, None]) / std.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
+            return torch.where(std[:, None] > 0, torch.sigmoid(z), torch.full_like(z, 0.5))
+        if method == "percentile":
+            return self._percentile(example_idx, items)
+        raise ValueError(f"method must be 'sigmoid_z' or 'percentile', got {method!r}")
+
+    def _percentile(self, example_idx: Tensor, items: Tensor) -> Tensor:
+        rows = self._rows(example_idx)
+        items = torch.as_tensor(items, device=self.device).long()
+        if items.dim() != 2 or items.shape[0] != rows.shape[0]:
+            raise ValueError(f"items must be [B, T] with B={rows.shape[0]}, got shape {tuple(items.shape)}")
+        if self.num_items == 1:
+            return torch.full(items.shape, 0.5, device=self.device)
+        self._check(rows, items, torch.zeros((), device=self.device))
+        chunk = _row_chunk(self.num_items)
+        parts = []
+        for s in range(0, rows.shape[0], chunk):
+            full = self.full_scores(rows[s:s + chunk])
+            # Gather from the same matrix that is sorted, so an item always finds its own score exactly.
+            own = full.gather(1, items[s:s + chunk])
+            ordered = full.sort(dim=1).values
+            lower = torch.searchsorted(ordered, own, side="left")
+            upto = torch.searchsorted(ordered, own, side="right")
+            parts.append((lower + 0.5 * (upto - lower - 1)).float() / (self.num_items - 1))
+        return torch.cat(parts) if parts else torch.zeros(items.shape, device=self.device)
+
+    # ------------------------------------------------------------------------------------- persistence
+
+    def to(self, device: str | torch.device) -> "CMScorer":
+        """A copy on ``device``."""
+        return CMScorer(self.user_repr.to(device), self.item_emb.to(device), self.score_mean.to(device),
+                        self.score_std.to(device), self.fingerprint)
+
+    def save(self, path: str | Path) -> Path:
+        """``torch.save`` the cache (CPU tensors) to ``path``, e.g. ``run_dir / "cm_train.pt"``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"user_repr": self.user_repr.cpu(), "item_emb": self.item_emb.cpu(),
+                    "score_mean": self.score_mean.cpu(), "score_std": self.score_std.cpu(),
+                    "fingerprint": self.fingerprint}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu", split=None) -> "CMScorer":
+        """Load a cache written by :meth:`save`; with ``split``, check it was built for those rows."""
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        needed = {"user_repr", "item_emb", "score_mean", "score_std", "fingerprint"}
+        if not isinstance(blob, dict) or not needed <= set(blob):
+            raise ValueError(f"{path} is not a CM score cache written by CMScorer.save")
+        if split is not None:
+            expected = split_fingerprint(split)
+            if blob["fingerprint"] != expected:
+                raise ValueError(f"{path} was built for a different split (fingerprint {blob['fingerprint']}, "
+                                 f"this split's is {expected}); rebuild it with CMScorer.build")
+        return cls(blob["user_repr"], blob["item_emb"], blob["score_mean"], blob["score_std"], blob["fingerprint"])
