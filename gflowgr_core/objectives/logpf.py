@@ -1,0 +1,247 @@
+"""Per-step forward-policy log-probabilities log P_F(c_{l+1} | s_l) of semantic-ID trajectories.
+
+A trajectory is an item's SID ``(c_1, ..., c_L)``; step ``l`` (0-based) chooses code ``c_{l+1}`` in the
+state ``s_l`` (the prefix of length ``l``) from the hidden state ``h[:, l]`` at that decision position.
+The policy's logits for level ``l`` are ``h[:, l] @ W_l^T (+ b_l)`` where ``W_l`` is the level's block of
+the SID rows of the LM head (``w_sid`` is level-major: rows ``offset_l .. offset_l + K_l - 1``).
+
+Three supports (METHOD.md §2, ``policy_support``):
+
+* ``"trie"``:  log-softmax over the valid trie children of ``s_l`` only (no flow to SIDs that do not exist);
+* ``"level"``: log-softmax over all ``K_l`` codes of the level;
+* ``"vocab"``: log-softmax over the whole LM vocabulary (needs the full head ``w_full[V, d]``).
+
+This module is the plain-PyTorch specification that fused kernels are tested against; it never builds
+``[T, L, V]`` logits (the ``"vocab"`` path builds ``[T, V]`` one level at a time).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+SUPPORTS = ("trie", "level", "vocab")
+
+# How many offending rows an error message lists before summarising the rest.
+_MAX_ROWS_IN_ERROR = 8
+
+
+def level_offsets(codes_per_level: Sequence[int]) -> list[int]:
+    """Row offsets of each level's block in a level-major ``w_sid``: ``[0, K_0, K_0 + K_1, ..., sum K]``."""
+    offsets = [0]
+    for k in codes_per_level:
+        offsets.append(offsets[-1] + int(k))
+    return offsets
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are normalised in float32: a bf16 logsumexp over hundreds of codes loses the
+    small differences the balance residuals are made of."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _rows_text(rows: torch.Tensor) -> str:
+    rows = rows.tolist()
+    shown = ", ".join(str(r) for r in rows[:_MAX_ROWS_IN_ERROR])
+    more = len(rows) - _MAX_ROWS_IN_ERROR
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _resolve_codes_per_level(codes_per_level, trie) -> tuple[int, ...]:
+    if codes_per_level is None:
+        if trie is None:
+            raise ValueError("codes_per_level is required when no trie is given")
+        codes_per_level = trie.codes_per_level
+    cpl = tuple(int(k) for k in codes_per_level)
+    if not cpl or any(k <= 0 for k in cpl):
+        raise ValueError(f"codes_per_level must be a non-empty sequence of positive ints, got {cpl}")
+    if trie is not None and tuple(int(k) for k in trie.codes_per_level) != cpl:
+        raise ValueError(f"codes_per_level {cpl} does not match the trie's {tuple(trie.codes_per_level)}")
+    return cpl
+
+
+def _check_codes(codes: torch.Tensor, cpl: tuple[int, ...]) -> None:
+    """Raise naming the first trajectories whose code at some level is outside ``0..K_l-1``."""
+    for lvl, k in enumerate(cpl):
+        bad = (codes[:, lvl] < 0) | (codes[:, lvl] >= k)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten()
+            raise ValueError(
+                f"codes[:, {lvl}] must lie in [0, {k}) (level {lvl} has {k} codes); out-of-range values "
+                f"{codes[rows[:_MAX_ROWS_IN_ERROR], lvl].tolist()} at trajectory rows {_rows_text(rows)}")
+
+
+def trie_walk(trie, codes: torch.Tensor) -> torch.Tensor:
+    """Trie nodes of the states visited by each trajectory.
+
+    Args:
+        trie: a :class:`gflowgr_core.sid.trie.Trie` (on the device of ``codes``).
+        codes: ``LongTensor[T, L]`` SID codes, one trajectory per row.
+
+    Returns:
+        ``LongTensor[T, L + 1]``: column ``l`` is the node of ``s_l`` (column 0 is the root, column ``L`` the
+        leaf).
+
+    Raises:
+        ValueError: naming the rows whose code path is not in the trie, with the level where it leaves it.
+    """
+    t, n_levels = codes.shape
+    nodes = torch.empty(t, n_levels + 1, dtype=torch.long, device=codes.device)
+    nodes[:, 0] = 0
+    for lvl in range(n_levels):
+        nxt = trie.next_node(nodes[:, lvl], codes[:, lvl], level=lvl)
+        missing = nxt < 0
+        if bool(missing.any()):
+            rows = missing.nonzero().flatten()
+            examples = codes[rows[:3]].tolist()
+            raise ValueError(
+                f"trajectory rows {_rows_text(rows)} have a SID that is not in the trie: the prefix has no child "
+                f"with code at level {lvl} (first offending SIDs: {examples})")
+        nodes[:, lvl + 1] = nxt
+    return nodes
+
+
+def constrained_log_softmax_rows(h: torch.Tensor, w_level: torch.Tensor, nodes: torch.Tensor, level: int,
+                                 trie, bias: Optional[torch.Tensor] = None,
+                                 support: str = "trie") -> torch.Tensor:
+    """Log-probabilities of every code of one level, renormalised over the valid children of each node.
+
+    ``logp[r, c] = z[r, c] - logsumexp_{c' in children(nodes[r])} z[r, c']`` with
+    ``z = h @ w_level^T + bias``, and ``-inf`` for codes that are not children of ``nodes[r]``. With
+    ``support="level"`` every code of the level is allowed (``trie`` and ``nodes`` are then unused).
+
+    Args:
+        h: ``[R, d]`` hidden states at the decision positions.
+        w_level: ``[K_l, d]`` the level's SID rows of the LM head.
+        nodes: ``LongTensor[R]`` trie nodes of level ``level`` (the current prefixes).
+        level: the level ``l`` being decided (0-based).
+        trie: the :class:`~gflowgr_core.sid.trie.Trie` (needed for ``support="trie"``).
+        bias: optional ``[K_l]`` bias of those head rows.
+        support: ``"trie"`` or ``"level"``.
+
+    Returns:
+        ``[R, K_l]`` log-probabilities (float32 for half/bfloat16 inputs, else the inputs' dtype); each row's
+        ``exp`` sums to 1 over its allowed codes.
+    """
+    if support not in ("trie", "level"):
+        raise ValueError(f"support must be 'trie' or 'level' for per-level rows, got {support!r}")
+    if h.dim() != 2 or w_level.dim() != 2 or h.shape[1] != w_level.shape[1]:
+        raise ValueError(f"expected h[R, d] and w_level[K, d] with the same d, got {tuple(h.shape)} and "
+                         f"{tuple(w_level.shape)}")
+    logits = h @ w_level.t()
+    if bias is not None:
+        logits = logits + bias
+    logits = _upcast(logits)
+    if support == "trie":
+        if trie is None:
+            raise ValueError("support='trie' needs a trie")
+        if bool((nodes < 0).any()):
+            rows = (nodes < 0).nonzero().flatten()
+            raise ValueError(f"nodes must be valid trie nodes; rows {_rows_text(rows)} hold -1")
+        mask = trie.child_mask(nodes, level)
+        if mask.shape != logits.shape:
+            raise ValueError(f"trie.child_mask returned {tuple(mask.shape)} for level {level}, expected "
+                             f"{tuple(logits.shape)}: w_level does not hold that level's {mask.shape[-1]} codes")
+        # Every internal trie node has at least one child, so no row is fully masked (no NaN).
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def constrained_log_pf(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie=None,
+                       support: str = "trie", *, codes_per_level: Optional[Sequence[int]] = None,
+                       w_full: Optional[torch.Tensor] = None, sid_token_ids: Optional[torch.Tensor] = None,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-step forward log-probabilities ``log P_F(c_{l+1} | s_l)`` of given SID trajectories.
+
+    For step ``l`` with logits ``z_l = h[:, l] @ W^T + b``:
+
+    * ``"trie"``:  ``log P_F = z_l[c] - logsumexp_{c' in children(s_l)} z_l[c']`` over the level's codes;
+    * ``"level"``: ``log P_F = z_l[c] - logsumexp_{c' < K_l} z_l[c']``;
+    * ``"vocab"``: ``log P_F = z_l[tok(l, c)] - logsumexp_{v < V} z_l[v]`` with ``W = w_full`` and
+      ``tok(l, c) = sid_token_ids[offset_l + c]``.
+
+    Args:
+        h: ``[T, L, d]`` hidden states; ``h[:, l]`` is the state that chooses ``c_{l+1}``.
+        w_sid: ``[sum K_l, d]`` SID rows of the LM head, level-major (unused, may be ``None``, for
+            ``"vocab"``).
+        codes: ``LongTensor[T, L]`` the trajectories' SIDs.
+        trie: the :class:`~gflowgr_core.sid.trie.Trie` of the catalogue (required for ``"trie"``).
+        support: ``"trie"`` | ``"level"`` | ``"vocab"``.
+        codes_per_level: ``(K_0, ..., K_{L-1})``; taken from ``trie`` when omitted.
+        w_full: ``[V, d]`` the whole LM head (``"vocab"`` only).
+        sid_token_ids: ``LongTensor[sum K_l]`` vocabulary rows of the SID tokens, level-major (``"vocab"``).
+        bias: optional head bias: ``[sum K_l]`` aligned with ``w_sid`` for ``"trie"``/``"level"``, ``[V]``
+            aligned with ``w_full`` for ``"vocab"``.
+
+    Returns:
+        ``[T, L]`` log-probabilities (float32 for half/bfloat16 inputs, whose logits are normalised in
+        float32; else the inputs' dtype), differentiable w.r.t. ``h``, ``w_sid`` (or ``w_full``) and ``bias``.
+
+    Raises:
+        ValueError: on shape mismatches, codes outside their level's range, or (``"trie"``) a trajectory
+            whose SID is not in the trie, naming the offending rows.
+    """
+    if support not in SUPPORTS:
+        raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
+    cpl = _resolve_codes_per_level(codes_per_level, trie)
+    if h.dim() != 3:
+        raise ValueError(f"h must be [T, L, d], got shape {tuple(h.shape)}")
+    t, n_levels, d = h.shape
+    if codes.shape != (t, n_levels):
+        raise ValueError(f"codes must be [T, L] = {(t, n_levels)} to match h, got {tuple(codes.shape)}")
+    if n_levels != len(cpl):
+        raise ValueError(f"h has {n_levels} decision positions but codes_per_level has {len(cpl)} levels")
+    if codes.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+    codes = codes.long()
+    _check_codes(codes, cpl)
+    offsets = level_offsets(cpl)
+
+    if support == "vocab":
+        return _vocab_log_pf(h, codes, offsets, w_full, sid_token_ids, bias)
+
+    if w_sid is None or w_sid.dim() != 2 or w_sid.shape != (offsets[-1], d):
+        got = None if w_sid is None else tuple(w_sid.shape)
+        raise ValueError(f"w_sid must be [sum K_l, d] = {(offsets[-1], d)}, got {got}")
+    if bias is not None and bias.shape != (offsets[-1],):
+        raise ValueError(f"bias must be [sum K_l] = [{offsets[-1]}] for support {support!r}, got "
+                         f"{tuple(bias.shape)}")
+    if support == "trie" and trie is None:
+        raise ValueError("support='trie' needs a trie")
+    nodes = trie_walk(trie, codes) if support == "trie" else None
+
+    steps = []
+    for lvl in range(n_levels):
+        lo, hi = offsets[lvl], offsets[lvl + 1]
+        logp = constrained_log_softmax_rows(
+            h[:, lvl], w_sid[lo:hi], None if nodes is None else nodes[:, lvl], lvl, trie,
+            bias=None if bias is None else bias[lo:hi], support=support)
+        steps.append(logp.gather(1, codes[:, lvl:lvl + 1]))
+    return torch.cat(steps, dim=1)
+
+
+def _vocab_log_pf(h, codes, offsets, w_full, sid_token_ids, bias):
+    """``"vocab"`` support: full-vocabulary log-softmax, one level at a time (``[T, V]`` at most)."""
+    t, n_levels, d = h.shape
+    if w_full is None or sid_token_ids is None:
+        raise ValueError("support='vocab' needs w_full[V, d] and sid_token_ids[sum K_l]")
+    if w_full.dim() != 2 or w_full.shape[1] != d:
+        raise ValueError(f"w_full must be [V, {d}], got {tuple(w_full.shape)}")
+    vocab = w_full.shape[0]
+    if sid_token_ids.shape != (offsets[-1],):
+        raise ValueError(f"sid_token_ids must be [sum K_l] = [{offsets[-1]}], got {tuple(sid_token_ids.shape)}")
+    if bool(((sid_token_ids < 0) | (sid_token_ids >= vocab)).any()):
+        raise ValueError(f"sid_token_ids must be rows of w_full (0..{vocab - 1}); got ids outside that range")
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"bias must be [V] = [{vocab}] for support 'vocab', got {tuple(bias.shape)}")
+    sid_token_ids = sid_token_ids.to(device=codes.device, dtype=torch.long)
+    steps = []
+    for lvl in range(n_levels):
+        logits = h[:, lvl] @ w_full.t()
+        if bias is not None:
+            logits = logits + bias
+        logits = _upcast(logits)
+        target = sid_token_ids[offsets[lvl] + codes[:, lvl]]
+        # log_softmax(z)[target] computed as z[target] - logsumexp(z) so only [T, V] is ever alive.
+        steps.append(logits.gather(1, target[:, None]) - torch.logsumexp(logits, dim=1, keepdim=True))
+    return torch.cat(steps, dim=1)
