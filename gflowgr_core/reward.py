@@ -257,7 +257,6 @@ class Reward(nn.Module):
         _check_items("positive", positive, n_items)
         _check_items("candidates", candidates, n_items)
         device = candidates.device
-        codes_t = codes_t.to(device)
         positive = positive.to(device)
         shape = candidates.shape
         zeros = torch.zeros(shape, dtype=torch.float32, device=device)
@@ -284,7 +283,10 @@ class Reward(nn.Module):
             r_cm = zeros
 
         if cfg.use_sim:
-            match = codes_t[candidates] == codes_t[positive][:, None, :]  # [B, T, L]
+            # Gather on the catalogue's device and move only the [B, T, L] slice.
+            cand_codes = codes_t[candidates.to(codes_t.device)].to(device)
+            pos_codes = codes_t[positive.to(codes_t.device)].to(device)
+            match = cand_codes == pos_codes[:, None, :]  # [B, T, L]
             r_sim = match.sum(dim=-1).to(torch.float32)
             if cfg.sim_normalize:
                 r_sim = r_sim / n_levels
@@ -318,10 +320,14 @@ class Reward(nn.Module):
         comps = self.components(positive, candidates, cm_norm, codes)
         stacked = torch.stack([comps[n] for n in COMPONENTS], dim=-1)  # [B, T, 3]
         if cfg.fusion == "mlp":
-            x = stacked[..., self._enabled]
+            mlp_device = self.mlp[0].weight.device
+            if mlp_device != stacked.device:
+                raise RewardError(f"fusion='mlp': the reward MLP is on {mlp_device} but the candidates are on "
+                                  f"{stacked.device}; move the Reward module with .to(device)")
+            x = stacked[..., self._enabled.to(stacked.device)]
             r_raw = F.softplus(self.mlp(x).squeeze(-1))
         else:
-            r_raw = (stacked * self.weights()).sum(dim=-1)
+            r_raw = (stacked * self.weights().to(stacked.device)).sum(dim=-1)
         for name in COMPONENTS:
             _check_finite(name, comps[name])
         _check_finite("R", r_raw)
@@ -386,7 +392,7 @@ def summary(components: Mapping[str, torch.Tensor], prefix: str = "reward/") -> 
         if x.numel() == 0:
             continue
         out[f"{prefix}{name}/mean"] = x.mean().item()
-        out[f"{prefix}{name}/std"] = x.std(unbiased=False).item()
+        out[f"{prefix}{name}/std"] = x.std(correction=0).item()
         out[f"{prefix}{name}/min"] = x.min().item()
         out[f"{prefix}{name}/max"] = x.max().item()
     if "R_raw" in components and "R" in components and components["R"].numel() > 0:
