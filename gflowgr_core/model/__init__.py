@@ -1,0 +1,4 @@
+"""The GFlowNet policy around a Hugging Face causal LM over semantic-ID tokens."""
+from .policy import FlowHead, PromptState, SIDPolicy, build_tiny_causal_lm
+
+__all__ = ["SIDPolicy", "PromptState", "FlowHead", "build_tiny_causal_lm"]

@@ -1,0 +1,546 @@
+"""A GFlowNet policy around a Hugging Face causal LM that speaks semantic-ID (SID) tokens.
+
+The prompt of a user is ``[BOS] + SID tokens of each history item + [SEP]``; the LM then emits the next
+item's SID one level at a time. Decision position ``0`` is the ``SEP`` position (it chooses ``c_1``) and
+decision position ``l`` (``1 <= l < L``) is the position of token ``c_l`` (it chooses ``c_{l+1}``).
+
+On top of the LM this module adds the two flow heads of the GFlowNet (METHOD.md §2):
+``log Z(U)`` is a small MLP on the hidden state at the last prompt position, and ``log F(s_l)`` a small MLP
+on the hidden state at the position of the prefix's last code. Only the LM-head rows of the SID tokens are
+ever multiplied with hidden states here: full-vocabulary logits are never formed on the GFlowNet path.
+
+Batches are left-padded; every forward passes explicit ``position_ids = cumsum(mask) - 1`` so the amount
+of padding does not shift the positions a user's tokens see.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..sid.tokens import SIDTokenMap
+
+__all__ = ["PromptState", "FlowHead", "SIDPolicy", "build_tiny_causal_lm"]
+
+_FORMAT_VERSION = 1
+_META_FILE = "policy.json"
+_HEADS_FILE = "flow_heads.pt"
+_CODES_FILE = "item_codes.pt"
+_TOKENS_FILE = "sid_tokens.json"
+_LM_DIR = "lm"
+
+# Config attributes of HF models whose logits are not a plain linear map of the last hidden state; the
+# SID-row shortcut would silently compute the wrong distribution for them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def build_tiny_causal_lm(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int = 4,
+                         kv_heads: int | None = None, intermediate: int | None = None,
+                         max_positions: int = 256, arch: str = "qwen2", seed: int = 0,
+                         tie_embeddings: bool = False, dropout: float = 0.0,
+                         attn_implementation: str = "sdpa", pad_token_id: int = 0,
+                         bos_token_id: int = 1, eos_token_id: int = 2):
+    """A small randomly initialised causal LM to train from scratch on SID tokens (TIGER-sized).
+
+    With the defaults and Beauty's vocabulary (4 specials + 4 x 256 SID tokens) it has about 1.3M
+    parameters. The global RNG state is left untouched: initialisation uses its own seeded stream.
+
+    Args:
+        vocab_size: number of token ids (``SIDTokenMap.vocab_size``).
+        hidden: model width ``d``.
+        layers: number of decoder layers.
+        heads: attention heads; must divide ``hidden``.
+        kv_heads: key/value heads (grouped-query attention); default ``heads``. Must divide ``heads``.
+        intermediate: MLP width; default ``4 * hidden``.
+        max_positions: longest sequence (prompt plus SID) the rotary tables are sized for.
+        arch: ``"qwen2"`` or ``"llama"``.
+        seed: initialisation seed.
+        tie_embeddings: share the input embedding with the LM head.
+        dropout: attention dropout probability.
+        attn_implementation: ``"sdpa"`` or ``"eager"``.
+        pad_token_id, bos_token_id, eos_token_id: recorded in the config.
+    Returns:
+        A ``transformers`` ``Qwen2ForCausalLM`` or ``LlamaForCausalLM`` on the CPU, in float32.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    kv_heads = heads if kv_heads is None else kv_heads
+    intermediate = 4 * hidden if intermediate is None else intermediate
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if hidden % heads != 0:
+        raise ValueError(f"hidden={hidden} is not divisible by heads={heads}")
+    if heads % kv_heads != 0:
+        raise ValueError(f"heads={heads} is not divisible by kv_heads={kv_heads}")
+    if (hidden // heads) % 2 != 0:
+        raise ValueError(f"head dimension hidden/heads = {hidden // heads} must be even for rotary embeddings")
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=max_positions, tie_word_embeddings=tie_embeddings,
+                  attention_dropout=dropout, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                  eos_token_id=eos_token_id)
+    if arch == "qwen2":
+        config = Qwen2Config(**common)
+    elif arch == "llama":
+        config = LlamaConfig(**common)
+    else:
+        raise ValueError(f"unknown arch {arch!r}; expected 'qwen2' or 'llama'")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model
+
+
+@dataclass
+class PromptState:
+    """What decoding needs after a prompt forward.
+
+    Attributes:
+        last_hidden: ``[R, d]`` hidden state at the most recent position of each row (after the prompt:
+            the ``SEP`` position, i.e. decision position 0).
+        cache: the HF key/value cache (``transformers`` ``Cache``); rows are batch rows. It is mutated in
+            place by :meth:`SIDPolicy.extend`, :meth:`SIDPolicy.expand_state` and
+            :meth:`SIDPolicy.reorder_state`, so a state should be used by one decoding loop only.
+        attention_mask: ``LongTensor[R, S]``, ``1`` for real tokens (left padding is ``0``), ``S`` the
+            cache length.
+        next_position: ``LongTensor[R]``, the position id the next appended token takes.
+    """
+
+    last_hidden: torch.Tensor
+    cache: object
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.last_hidden.shape[0])
+
+
+class FlowHead(nn.Module):
+    """MLP ``d -> hidden -> 1`` giving one log-flow per hidden state.
+
+    The last layer starts at zero weight with bias ``init``, so every flow starts at ``init`` and the LM's
+    behaviour is unchanged at the first step of fine-tuning.
+    """
+
+    def __init__(self, d: int, hidden: int = 256, init: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.constant_(self.net[2].bias, float(init))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``h[..., d]`` → log-flow ``[...]`` (in the head's dtype)."""
+        return self.net(h.to(self.net[0].weight.dtype)).squeeze(-1)
+
+
+def _contiguous_range(ids: torch.Tensor) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``ids`` is exactly ``start, start+1, ..., stop-1``, else ``None``."""
+    if ids.numel() == 0:
+        return None
+    start = int(ids[0])
+    if torch.equal(ids.cpu(), torch.arange(start, start + ids.numel())):
+        return start, start + ids.numel()
+    return None
+
+
+class SIDPolicy(nn.Module):
+    """Forward policy ``P_F`` and flow heads around a causal LM over SID tokens.
+
+    Args:
+        model: any ``transformers`` causal LM (``AutoModelForCausalLM``) whose vocabulary holds every id of
+            ``token_map`` and whose logits are a linear map (LM head) of the final hidden state.
+        token_map: the :class:`~gflowgr_core.sid.tokens.SIDTokenMap` of the model's vocabulary.
+        item_codes: ``LongTensor[n_items, L]``, the SID of every internal item (``Catalog.codes``); history
+            item ``i`` is written with the tokens of ``item_codes[i]``.
+        codes_per_level: ``(K_0, ..., K_{L-1})``; default ``token_map.codes_per_level`` (must agree).
+        flow_hidden: width of the ``log Z`` and ``log F`` MLPs.
+        log_z_init, log_f_init: initial values of the two flows.
+
+    Attributes:
+        model: the wrapped LM; ``backbone`` its decoder (``model.base_model``), ``lm_head`` its output layer.
+        log_z_head, log_f_head: the :class:`FlowHead` modules.
+        item_codes: buffer ``[n_items, L]``; ``item_tokens``: their token ids.
+    """
+
+    def __init__(self, model: nn.Module, token_map: SIDTokenMap, item_codes: torch.Tensor,
+                 codes_per_level: Sequence[int] | None = None, *, flow_hidden: int = 256,
+                 log_z_init: float = 0.0, log_f_init: float = 0.0):
+        super().__init__()
+        cpl = tuple(token_map.codes_per_level) if codes_per_level is None else tuple(int(k) for k in codes_per_level)
+        if cpl != tuple(token_map.codes_per_level):
+            raise ValueError(f"codes_per_level {cpl} disagrees with the token map's {token_map.codes_per_level}")
+        item_codes = torch.as_tensor(item_codes)
+        if item_codes.dtype.is_floating_point or item_codes.dim() != 2 or item_codes.shape[1] != len(cpl):
+            raise ValueError(f"item_codes must be an integer tensor [n_items, {len(cpl)}], got "
+                             f"{item_codes.dtype} {tuple(item_codes.shape)}")
+        item_codes = item_codes.long().cpu()
+        k = torch.tensor(cpl)
+        bad = (item_codes < 0) | (item_codes >= k)
+        if bool(bad.any()):
+            item, level = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"item {item} has code {int(item_codes[item, level])} at level {level}, outside "
+                             f"[0, {cpl[level]})")
+        config = model.config
+        for attr in _LOGIT_TRANSFORMS:
+            value = getattr(config, attr, None)
+            if value is not None and value != 1 and value != 1.0:
+                raise NotImplementedError(f"model config has {attr}={value}: its logits are not a plain linear "
+                                          f"head of the last hidden state, which SIDPolicy relies on")
+        lm_head = model.get_output_embeddings()
+        if lm_head is None or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
+            raise ValueError(f"{type(model).__name__} has no output embedding (LM head) with a weight")
+        rows = model.get_input_embeddings().weight.shape[0]
+        if rows < token_map.vocab_size or lm_head.weight.shape[0] < token_map.vocab_size:
+            raise ValueError(f"model has {rows} input rows / {lm_head.weight.shape[0]} head rows but the token "
+                             f"map needs {token_map.vocab_size}; call token_map.resize(model) first")
+
+        self.model = model
+        self.token_map = token_map
+        self.codes_per_level = cpl
+        self.flow_hidden = int(flow_hidden)
+        d = int(config.hidden_size)
+        self.hidden_size = d
+        self.log_z_head = FlowHead(d, flow_hidden, log_z_init)
+        self.log_f_head = FlowHead(d, flow_hidden, log_f_init)
+
+        self.register_buffer("item_codes", item_codes, persistent=False)
+        self.register_buffer("item_tokens", token_map.encode(item_codes), persistent=False)
+        self.register_buffer("sid_token_ids", token_map.sid_token_ids.clone(), persistent=False)
+        # [L, K_max] code -> token table (-1 beyond K_l) for one-gather token lookup at any level.
+        k_max = max(cpl)
+        table = torch.full((len(cpl), k_max), -1, dtype=torch.long)
+        for level, ids in enumerate(token_map.level_token_ids):
+            table[level, : ids.numel()] = ids
+        self.register_buffer("level_tokens", table, persistent=False)
+        self._level_offsets = token_map.level_offsets
+        # SID rows are usually one contiguous block of the head: a slice is a view (no copy per call).
+        self._sid_range = _contiguous_range(token_map.sid_token_ids)
+        self._level_ranges = [_contiguous_range(ids) for ids in token_map.level_token_ids]
+        forward_params = inspect.signature(self.backbone.forward).parameters
+        # transformers renamed the forward's cache argument from past_key_values to cache.
+        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+        self.tokenizer = None
+
+    # ------------------------------------------------------------------ basic properties
+    @property
+    def backbone(self) -> nn.Module:
+        """The decoder stack whose ``last_hidden_state`` feeds the LM head."""
+        return self.model.base_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.codes_per_level)
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_codes.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.item_tokens.device
+
+    def lm_parameters(self):
+        """Parameters of the wrapped LM (for an optimizer group)."""
+        return self.model.parameters()
+
+    def flow_parameters(self):
+        """Parameters of the ``log Z`` and ``log F`` heads (GFlowNet practice gives them a larger LR)."""
+        return list(self.log_z_head.parameters()) + list(self.log_f_head.parameters())
+
+    # ------------------------------------------------------------------ LM head rows
+    def full_head_weight(self) -> torch.Tensor:
+        """The whole LM-head weight ``[V, d]`` (only for the ``policy_support="vocab"`` ablation)."""
+        return self.lm_head.weight
+
+    def sid_head_weight(self) -> torch.Tensor:
+        """``W_sid[sum K_l, d]``: the LM-head rows of the SID tokens, level-major; keeps the gradient.
+
+        A view of the head weight when the SID tokens are one contiguous id block, a gather otherwise.
+        """
+        w = self.lm_head.weight
+        if self._sid_range is not None:
+            return w[self._sid_range[0]:self._sid_range[1]]
+        return w.index_select(0, self.sid_token_ids)
+
+    def head_bias(self) -> torch.Tensor | None:
+        """Bias ``[sum K_l]`` of the SID rows of the LM head, or ``None`` when the head has no bias."""
+        bias = getattr(self.lm_head, "bias", None)
+        if bias is None:
+            return None
+        if self._sid_range is not None:
+            return bias[self._sid_range[0]:self._sid_range[1]]
+        return bias.index_select(0, self.sid_token_ids)
+
+    def level_head_weight(self, level: int) -> torch.Tensor:
+        """``W_level[K_level, d]``: the LM-head rows of level ``level``'s codes, in code order."""
+        self._check_level(level)
+        w = self.lm_head.weight
+        rng = self._level_ranges[level]
+        if rng is not None:
+            return w[rng[0]:rng[1]]
+        lo, hi = self._level_offsets[level], self._level_offsets[level + 1]
+        return w.index_select(0, self.sid_token_ids[lo:hi])
+
+    def level_head_bias(self, level: int) -> torch.Tensor | None:
+        """Bias ``[K_level]`` of level ``level``'s rows, or ``None``."""
+        self._check_level(level)
+        bias = getattr(self.lm_head, "bias", None)
+        if bias is None:
+            return None
+        lo, hi = self._level_offsets[level], self._level_offsets[level + 1]
+        return bias.index_select(0, self.sid_token_ids[lo:hi])
+
+    def sid_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:
+        """Logits of level ``level``'s codes only: ``h[..., d] @ W_level^T (+ bias)`` → ``[..., K_level]``."""
+        return F.linear(h, self.level_head_weight(level).to(h.dtype), self._maybe(self.level_head_bias(level), h))
+
+    @staticmethod
+    def _maybe(bias, h):
+        return None if bias is None else bias.to(h.dtype)
+
+    def _check_level(self, level: int) -> None:
+        if not 0 <= level < self.num_levels:
+            raise ValueError(f"level {level} outside [0, {self.num_levels})")
+
+    # ------------------------------------------------------------------ LM forwards
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # older signatures without the config argument
+            return DynamicCache()
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 cache) -> torch.Tensor:
+        """Backbone forward appending ``input_ids[R, S]`` to ``cache``; returns hidden ``[R, S, d]``."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=True, **{self._cache_kwarg: cache})
+        return out.last_hidden_state
+
+    def build_prompt(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids of ``[BOS] + history SIDs + [SEP]`` per row, left-padded.
+
+        Args:
+            history: ``LongTensor[B, H]`` of internal item ids, ``-1`` = no item (padding may sit anywhere;
+                the real items keep their order).
+        Returns:
+            ``(input_ids[B, P], attention_mask[B, P], position_ids[B, P])`` with ``P = 2 + L * max_b n_b``,
+            ``n_b`` the number of real items of row ``b``; padding is on the left.
+        Raises:
+            ValueError naming the row and column of an id outside ``[-1, n_items)``.
+        """
+        history = torch.as_tensor(history, device=self.device)
+        if history.dim() != 2 or history.dtype.is_floating_point or history.dtype == torch.bool:
+            raise ValueError(f"history must be an integer tensor [B, H], got {history.dtype} "
+                             f"{tuple(history.shape)}")
+        if history.shape[0] == 0:
+            raise ValueError("history has no rows")
+        history = history.long()
+        B, H = history.shape
+        L = self.num_levels
+        valid = history >= 0
+        n_valid = valid.sum(1)
+        bad = (history < -1) | (history >= self.num_items)
+        # One host sync per prompt: validation and the prompt width together.
+        bad_any, max_valid = torch.stack([bad.any().long(), n_valid.max()]).tolist()
+        if bad_any:
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"history row {row}, column {col}: item id {int(history[row, col])} is outside "
+                             f"[-1, {self.num_items}) (-1 is padding)")
+        tok = self.item_tokens[history.clamp_min(0)].reshape(B, H * L)
+        ones = torch.ones(B, 1, dtype=torch.bool, device=self.device)
+        seq = torch.cat([torch.full((B, 1), self.token_map.bos_id, device=self.device), tok,
+                         torch.full((B, 1), self.token_map.sep_id, device=self.device)], dim=1)
+        keep = torch.cat([ones, valid.repeat_interleave(L, dim=1), ones], dim=1)
+        width = 2 + L * int(max_valid)
+        n_kept = 2 + L * n_valid
+        kept_from_here = keep.flip(1).cumsum(1).flip(1)
+        # Kept tokens go right-aligned in order; dropped ones into a junk column that is cut off.
+        dest = torch.where(keep, width - kept_from_here, torch.full_like(kept_from_here, width))
+        ids = torch.full((B, width + 1), self.token_map.pad_id, dtype=torch.long, device=self.device)
+        ids.scatter_(1, dest, seq)
+        ids = ids[:, :width]
+        mask = (torch.arange(width, device=self.device) >= (width - n_kept)[:, None]).long()
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        return ids, mask, positions
+
+    def encode_prompt(self, history: torch.Tensor) -> PromptState:
+        """Run the prompt of every row once, keeping the KV cache.
+
+        Args:
+            history: ``LongTensor[B, H]`` item ids, left-padded with ``-1``.
+        Returns:
+            :class:`PromptState` with ``last_hidden[B, d]`` at the ``SEP`` position (decision position 0),
+            the cache, ``attention_mask[B, P]`` and ``next_position[B]``.
+        """
+        ids, mask, positions = self.build_prompt(history)
+        cache = self._new_cache()
+        hidden = self._forward(ids, mask, positions, cache)
+        return PromptState(last_hidden=hidden[:, -1], cache=cache, attention_mask=mask,
+                           next_position=positions[:, -1] + 1)
+
+    def extend(self, state: PromptState, tokens: torch.Tensor) -> tuple[torch.Tensor, PromptState]:
+        """Append ``tokens[R, S]`` to every row of ``state``.
+
+        Returns:
+            ``(hidden[R, S, d], new_state)``; ``state.cache`` is updated in place and shared by both.
+        """
+        R, S = tokens.shape
+        if R != state.batch_size:
+            raise ValueError(f"tokens have {R} rows, the state has {state.batch_size}")
+        mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(R, S)], dim=1)
+        positions = state.next_position[:, None] + torch.arange(S, device=tokens.device)
+        hidden = self._forward(tokens, mask, positions, state.cache)
+        return hidden, PromptState(last_hidden=hidden[:, -1], cache=state.cache, attention_mask=mask,
+                                   next_position=state.next_position + S)
+
+    def extend_codes(self, state: PromptState, codes: torch.Tensor, level: int) -> PromptState:
+        """Append the level-``level`` SID token of ``codes[R]`` (``-1`` allowed for dead rows: they get code
+        0's token, and their outputs are meaningless). Returns the new state (``last_hidden[R, d]``)."""
+        self._check_level(level)
+        tokens = self.level_tokens[level, codes.clamp(0, self.codes_per_level[level] - 1)]
+        return self.extend(state, tokens[:, None])[1]
+
+    @staticmethod
+    def expand_state(state: PromptState, n: int) -> PromptState:
+        """Repeat every row ``n`` times (row ``b`` becomes rows ``b*n .. b*n+n-1``); cache updated in place."""
+        state.cache.batch_repeat_interleave(n)
+        return PromptState(last_hidden=state.last_hidden.repeat_interleave(n, dim=0), cache=state.cache,
+                           attention_mask=state.attention_mask.repeat_interleave(n, dim=0),
+                           next_position=state.next_position.repeat_interleave(n, dim=0))
+
+    @staticmethod
+    def reorder_state(state: PromptState, index: torch.Tensor) -> PromptState:
+        """Keep rows ``index[R']`` of the state (beam reordering); cache updated in place."""
+        state.cache.reorder_cache(index)
+        return replace(state, last_hidden=state.last_hidden.index_select(0, index),
+                       attention_mask=state.attention_mask.index_select(0, index),
+                       next_position=state.next_position.index_select(0, index))
+
+    # ------------------------------------------------------------------ GFlowNet path
+    def trajectory_hidden(self, history: torch.Tensor, codes: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden states at every decision position of ``T`` trajectories per user, and the flows.
+
+        The prompt runs once per user; its KV cache is repeated to the ``B*T`` trajectories, then a single
+        forward covers the ``L-1`` code tokens ``c_1..c_{L-1}`` of every trajectory.
+
+        Args:
+            history: ``LongTensor[B, H]`` item ids, left-padded with ``-1``.
+            codes: ``LongTensor[B, T, L]`` SID codes of the trajectories (``T`` per user).
+        Returns:
+            ``h[B, T, L, d]`` (``h[:, :, 0]`` is the ``SEP`` state shared by a user's trajectories),
+            ``log_z[B]`` = log Z(U), ``log_f[B, T, L-1]`` = log F(s_1)..log F(s_{L-1}).
+        """
+        codes = torch.as_tensor(codes, device=self.device)
+        L = self.num_levels
+        if codes.dim() != 3 or codes.shape[2] != L or codes.dtype.is_floating_point:
+            raise ValueError(f"codes must be an integer tensor [B, T, {L}], got {codes.dtype} {tuple(codes.shape)}")
+        history = torch.as_tensor(history, device=self.device)
+        if history.dim() != 2 or codes.shape[0] != history.shape[0]:
+            raise ValueError(f"codes {tuple(codes.shape)} and history {tuple(history.shape)} disagree on B")
+        codes = codes.long()
+        B, T, _ = codes.shape
+        if T == 0:
+            raise ValueError("codes has no trajectories (T = 0)")
+        bad = (codes < 0) | (codes >= torch.tensor(self.codes_per_level, device=self.device))
+        if bool(bad.any()):
+            b, t, level = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"trajectory codes[{b}, {t}] has code {int(codes[b, t, level])} at level {level}, "
+                             f"outside [0, {self.codes_per_level[level]})")
+        state = self.encode_prompt(history)
+        root = state.last_hidden
+        log_z = self.log_z_head(root)
+        d = root.shape[-1]
+        first = root[:, None, None, :].expand(B, T, 1, d)
+        if L == 1:
+            return first.contiguous(), log_z, root.new_zeros(B, T, 0, dtype=log_z.dtype)
+        state = self.expand_state(state, T)
+        levels = torch.arange(L - 1, device=self.device)
+        tokens = self.level_tokens[levels, codes[:, :, : L - 1]].reshape(B * T, L - 1)
+        hidden, _ = self.extend(state, tokens)
+        hidden = hidden.reshape(B, T, L - 1, d)
+        h = torch.cat([first, hidden], dim=2)
+        log_f = self.log_f_head(hidden)
+        return h, log_z, log_f
+
+    def forward(self, history: torch.Tensor, codes: torch.Tensor):
+        """Same as :meth:`trajectory_hidden` (so wrappers such as DDP see a forward)."""
+        return self.trajectory_hidden(history, codes)
+
+    # ------------------------------------------------------------------ construction / persistence
+    @classmethod
+    def from_pretrained(cls, path: str | Path, codes_per_level: Sequence[int], item_codes: torch.Tensor, *,
+                        tokenizer=None, flow_hidden: int = 256, **model_kwargs) -> "SIDPolicy":
+        """Wrap a pretrained HF causal LM: add the ``<a_12>``-style SID tokens and resize its embeddings.
+
+        Args:
+            path: a local directory (or hub id) loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+            codes_per_level: ``(K_0, ..., K_{L-1})``.
+            item_codes: ``LongTensor[n_items, L]`` (``Catalog.codes``).
+            tokenizer: an already loaded tokenizer (else loaded from ``path``); modified in place and kept
+                as ``policy.tokenizer``.
+            flow_hidden: width of the flow MLPs.
+            **model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ...).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        token_map = SIDTokenMap.for_pretrained(tokenizer, codes_per_level)
+        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+        token_map.resize(model)
+        policy = cls(model, token_map, item_codes, codes_per_level, flow_hidden=flow_hidden)
+        policy.tokenizer = tokenizer
+        return policy
+
+    def save(self, directory: str | Path) -> None:
+        """Write the LM (``save_pretrained``), its tokenizer if any, the token map, flow heads and item codes."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory / _LM_DIR)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory / _LM_DIR)
+        self.token_map.save(directory / _TOKENS_FILE)
+        torch.save({"log_z_head": self.log_z_head.state_dict(), "log_f_head": self.log_f_head.state_dict()},
+                   directory / _HEADS_FILE)
+        torch.save(self.item_codes.cpu(), directory / _CODES_FILE)
+        meta = {"format_version": _FORMAT_VERSION, "codes_per_level": list(self.codes_per_level),
+                "flow_hidden": self.flow_hidden, "has_tokenizer": self.tokenizer is not None}
+        (directory / _META_FILE).write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path, **model_kwargs) -> "SIDPolicy":
+        """Rebuild a policy written by :meth:`save` (``model_kwargs`` go to ``from_pretrained``)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory = Path(directory)
+        meta_path = directory / _META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: not a directory written by SIDPolicy.save")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
+        token_map = SIDTokenMap.load(directory / _TOKENS_FILE)
+        model = AutoModelForCausalLM.from_pretrained(directory / _LM_DIR, **model_kwargs)
+        item_codes = torch.load(directory / _CODES_FILE, weights_only=True)
+        policy = cls(model, token_map, item_codes, meta["codes_per_level"], flow_hidden=meta["flow_hidden"])
+        heads = torch.load(directory / _HEADS_FILE, weights_only=True)
+        policy.log_z_head.load_state_dict(heads["log_z_head"])
+        policy.log_f_head.load_state_dict(heads["log_f_head"])
+        if meta.get("has_tokenizer"):
+            policy.tokenizer = AutoTokenizer.from_pretrained(directory / _LM_DIR)
+            token_map.check_tokenizer(policy.tokenizer)
+        return policy.to(model.device)
