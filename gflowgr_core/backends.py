@@ -20,10 +20,29 @@ BACKENDS = ("torch", "cpp", "cuda", "triton")
 
 @lru_cache(maxsize=None)
 def extension():
-    """The compiled extension module ``gflowgr_core._C``, or ``None`` when it was not built."""
+    """The compiled extension module ``gflowgr_core._C``, or ``None`` when it was not built.
+
+    Importing it loads the shared library, which registers the compiled ops as ``torch.ops.gflowgr.*``.
+    A library built against another torch (undefined symbols) counts as not built.
+    """
+    if os.environ.get("GFLOWGR_NO_EXT") == "1":
+        return None
     try:
         return importlib.import_module("gflowgr_core._C")
-    except ImportError:
+    except (ImportError, OSError) as exc:
+        if not isinstance(exc, ModuleNotFoundError):
+            log.warning("gflowgr: compiled extension present but not loadable (%s); using fallbacks", exc)
+        return None
+
+
+def extension_op(name: str):
+    """The compiled op ``torch.ops.gflowgr.<name>``, or ``None`` when the extension is absent or was built
+    without that op (an older build)."""
+    if extension() is None:
+        return None
+    try:
+        return getattr(torch.ops.gflowgr, name)
+    except (AttributeError, RuntimeError):
         return None
 
 
