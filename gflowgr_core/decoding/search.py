@@ -1,0 +1,296 @@
+"""Trie-constrained beam search and ancestral sampling with a KV cache.
+
+Each batch runs the prompt once; the cache is then repeated to ``B * beams`` (or ``B * n``) rows and the
+``L`` levels are decoded with :func:`~gflowgr_core.decoding.step.constrained_step`, reordering the cache by
+beam parent on the device. The loops have one Python iteration per SID level, never per beam or per user,
+and the level loop itself does not synchronise with the host (the prompt pass does once per batch, to
+validate the history and size the prompt).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..sid.trie import Trie
+from .step import constrained_step, resolve_backend
+
+__all__ = ["DecodeResult", "SampleResult", "beam_search", "sample", "recommend", "leaves_to_items"]
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class DecodeResult:
+    """Result of :func:`beam_search`.
+
+    Attributes:
+        items: ``LongTensor[B, k]`` distinct recommended items, best first; ``-1`` where fewer than ``k``
+            valid items were found.
+        scores: ``FloatTensor[B, k]`` their SID scores (sum of per-level log-probs), ``-inf`` for ``-1`` slots.
+        leaves: ``LongTensor[B, beams]`` final trie leaf of each beam, best first; ``-1`` for dead beams.
+        leaf_scores: ``FloatTensor[B, beams]`` beam scores, ``-inf`` for dead beams.
+        backend: the ``constrained_step`` backend that ran.
+    """
+
+    items: torch.Tensor
+    scores: torch.Tensor
+    leaves: torch.Tensor
+    leaf_scores: torch.Tensor
+    backend: str
+
+
+@dataclass
+class SampleResult:
+    """Result of :func:`sample`.
+
+    Attributes:
+        items: ``LongTensor[B, n]`` sampled items (with shared SIDs: uniform among the leaf's items).
+        log_probs: ``FloatTensor[B, n]`` log-probability of each sampled SID under the policy at
+            temperature 1 (renormalised over trie children when ``renormalize``).
+        codes: ``LongTensor[B, n, L]`` the sampled SIDs.
+        leaves: ``LongTensor[B, n]`` their trie leaves.
+        backend: the ``constrained_step`` backend that ran.
+    """
+
+    items: torch.Tensor
+    log_probs: torch.Tensor
+    codes: torch.Tensor
+    leaves: torch.Tensor
+    backend: str
+
+
+def _take(order: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.gather(1, order) for t in tensors]
+
+
+def leaves_to_items(trie: Trie, leaves: torch.Tensor, leaf_scores: torch.Tensor, k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-``k`` items of scored leaves, ranked by score, then by item id.
+
+    A leaf holding several items (shared SIDs) contributes all of them with the leaf's score; ``-1`` leaves
+    and ``-inf`` scores contribute nothing. Items are distinct when the leaves are.
+
+    Args:
+        trie: the catalogue trie.
+        leaves: ``LongTensor[B, W]`` leaf nodes (``-1`` = none).
+        leaf_scores: ``FloatTensor[B, W]``.
+        k: number of items to return.
+    Returns:
+        ``(items[B, k], scores[B, k])``; missing slots are ``-1`` / ``-inf``.
+    """
+    B = leaves.shape[0]
+    items, valid = trie.items_of_leaves(leaves)  # [B, W, M]
+    scores = leaf_scores.float()[:, :, None].expand_as(items)
+    valid = valid & (scores > _NEG_INF)
+    items, scores, valid = items.reshape(B, -1), scores.reshape(B, -1), valid.reshape(B, -1)
+    # Three stable sorts, least significant key first: item id asc, score desc, valid first.
+    order = torch.sort(items, dim=1, stable=True).indices
+    items, scores, valid = _take(order, items, scores, valid)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    items, scores, valid = _take(order, items, scores, valid)
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    items, scores, valid = _take(order, items, scores, valid)
+    width = items.shape[1]
+    if width < k:
+        pad = k - width
+        items = torch.cat([items, items.new_full((B, pad), -1)], dim=1)
+        scores = torch.cat([scores, scores.new_full((B, pad), _NEG_INF)], dim=1)
+        valid = torch.cat([valid, valid.new_zeros(B, pad)], dim=1)
+    items, scores, valid = items[:, :k], scores[:, :k], valid[:, :k]
+    return (torch.where(valid, items, torch.full_like(items, -1)),
+            torch.where(valid, scores, torch.full_like(scores, _NEG_INF)))
+
+
+def _check(policy, trie: Trie, history: torch.Tensor) -> torch.Tensor:
+    if tuple(policy.codes_per_level) != tuple(trie.codes_per_level):
+        raise ValueError(f"policy codes_per_level {tuple(policy.codes_per_level)} and trie codes_per_level "
+                         f"{tuple(trie.codes_per_level)} differ")
+    history = torch.as_tensor(history)
+    if history.dim() != 2:
+        raise ValueError(f"history must be [B, H], got shape {tuple(history.shape)}")
+    return history
+
+
+def _chunks(n: int, batch_size: int, progress: bool, desc: str):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, n, batch_size)
+    return tqdm(starts, desc=desc, unit="batch", disable=not progress, total=len(starts))
+
+
+class _EvalMode:
+    """Puts a module in eval mode and under ``no_grad`` for a block, restoring its mode afterwards."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.was_training = self.module.training
+        self.module.eval()
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc):
+        self.no_grad.__exit__(*exc)
+        self.module.train(self.was_training)
+        return False
+
+
+def _beam_batch(policy, trie: Trie, history: torch.Tensor, beams: int, k: int, renormalize: bool,
+                backend: str) -> tuple[torch.Tensor, ...]:
+    state = policy.encode_prompt(history)
+    b = history.shape[0]
+    L = trie.num_levels
+    # Level 0: one live beam per user (all copies would be identical), expanded by the step to `beams`.
+    node = torch.zeros(b, dtype=torch.long, device=policy.device)
+    scores = torch.zeros(b, 1, device=policy.device)
+    base = torch.arange(b, device=policy.device)[:, None]
+    for level in range(L):
+        step = constrained_step(state.last_hidden, policy.level_head_weight(level), node, level, trie, "beam",
+                                scores=scores, beams=beams, renormalize=renormalize,
+                                bias=policy.level_head_bias(level), backend=backend)
+        scores = step.score
+        node = step.next_node.reshape(-1)
+        if level + 1 < L:
+            rows_in = 1 if level == 0 else beams
+            state = policy.reorder_state(state, (base * rows_in + step.parent).reshape(-1))
+            state = policy.extend_codes(state, step.code.reshape(-1), level)
+    leaves = node.reshape(b, beams)
+    items, item_scores = leaves_to_items(trie, leaves, scores, k)
+    return items, item_scores, leaves, scores
+
+
+def beam_search(policy, trie: Trie, history: torch.Tensor, beams: int = 20, topk: int | None = None,
+                batch_size: int = 256, renormalize: bool = True, backend: str = "auto",
+                progress: bool = False) -> DecodeResult:
+    """Trie-constrained beam search: the top-``k`` distinct catalogue items per user.
+
+    Args:
+        policy: a :class:`~gflowgr_core.model.policy.SIDPolicy`.
+        trie: the catalogue trie (moved to the policy's device if elsewhere).
+        history: ``LongTensor[N, H]`` item ids, left-padded with ``-1``.
+        beams: beam width (``20`` in the evaluation protocol).
+        topk: items to return per user (default ``beams``; with shared SIDs more than ``beams`` items can
+            be returned, since one leaf expands to all its items).
+        batch_size: users per prompt batch (the cache holds ``batch_size * beams`` rows).
+        renormalize: score with log-probs renormalised over trie children (``False``: over the level's codes).
+        backend: ``constrained_step`` backend (``"auto"``, ``"torch"``, ...).
+        progress: show a tqdm bar over batches.
+    Returns:
+        :class:`DecodeResult` with ``items/scores [N, k]`` and ``leaves/leaf_scores [N, beams]``. Every
+        returned item's SID is in the catalogue; dead beams (fewer SIDs than beams) give ``-1``.
+    """
+    history = _check(policy, trie, history)
+    if beams < 1:
+        raise ValueError(f"beams must be >= 1, got {beams}")
+    k = beams if topk is None else int(topk)
+    if k < 1:
+        raise ValueError(f"topk must be >= 1, got {k}")
+    device = policy.device
+    trie = trie.to(device)
+    name = resolve_backend(backend, device)
+    N = history.shape[0]
+    outs = []
+    with _EvalMode(policy):
+        for start in _chunks(N, batch_size, progress, "beam search"):
+            chunk = history[start:start + batch_size].to(device)
+            outs.append(_beam_batch(policy, trie, chunk, beams, k, renormalize, name))
+    if not outs:
+        empty_l = torch.empty(0, k, dtype=torch.long, device=device)
+        return DecodeResult(empty_l, torch.empty(0, k, device=device),
+                            torch.empty(0, beams, dtype=torch.long, device=device),
+                            torch.empty(0, beams, device=device), name)
+    items, scores, leaves, leaf_scores = (torch.cat(parts) for parts in zip(*outs))
+    return DecodeResult(items, scores, leaves, leaf_scores, name)
+
+
+def _sample_batch(policy, trie: Trie, history: torch.Tensor, n: int, temperature: float,
+                  generator: torch.Generator | None, renormalize: bool, backend: str):
+    state = policy.encode_prompt(history)
+    b = history.shape[0]
+    L = trie.num_levels
+    state = policy.expand_state(state, n)
+    R = b * n
+    node = torch.zeros(R, dtype=torch.long, device=policy.device)
+    logp = torch.zeros(R, device=policy.device)
+    codes = []
+    for level in range(L):
+        step = constrained_step(state.last_hidden, policy.level_head_weight(level), node, level, trie, "sample",
+                                temperature=temperature, generator=generator, renormalize=renormalize,
+                                bias=policy.level_head_bias(level), backend=backend)
+        logp = logp + step.logp
+        node = step.next_node
+        codes.append(step.code)
+        if level + 1 < L:
+            state = policy.extend_codes(state, step.code, level)
+    items, valid = trie.items_of_leaves(node)  # [R, M]
+    if trie.max_items_per_leaf > 1:
+        count = valid.sum(-1)
+        u = torch.rand(R, device=policy.device, generator=generator)
+        pick = (u * count).long().clamp(max=trie.max_items_per_leaf - 1)
+        item = items.gather(1, pick[:, None]).squeeze(1)
+    else:
+        item = items[:, 0]
+    return (item.reshape(b, n), logp.reshape(b, n), torch.stack(codes, dim=-1).reshape(b, n, L),
+            node.reshape(b, n))
+
+
+def sample(policy, trie: Trie, history: torch.Tensor, n: int = 1, temperature: float = 1.0,
+           seed: int | None = None, *, generator: torch.Generator | None = None, batch_size: int = 256,
+           renormalize: bool = True, backend: str = "auto", progress: bool = False) -> SampleResult:
+    """Trie-constrained ancestral sampling of ``n`` SIDs per user (every sample is a catalogue item).
+
+    Args:
+        policy: a :class:`~gflowgr_core.model.policy.SIDPolicy`.
+        trie: the catalogue trie.
+        history: ``LongTensor[N, H]`` item ids, left-padded with ``-1``.
+        n: samples per user (independent, with replacement).
+        temperature: logits are divided by it before sampling.
+        seed: seeds a generator on the policy's device (same seed and batch_size → same samples); ignored
+            when ``generator`` is given; ``None`` with no generator uses the global RNG.
+        generator: explicit ``torch.Generator`` on the policy's device.
+        batch_size: users per prompt batch.
+        renormalize: see :func:`beam_search`.
+        backend: ``constrained_step`` backend.
+        progress: show a tqdm bar over batches.
+    Returns:
+        :class:`SampleResult` (``items/log_probs/leaves [N, n]``, ``codes [N, n, L]``).
+    """
+    history = _check(policy, trie, history)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = policy.device
+    trie = trie.to(device)
+    name = resolve_backend(backend, device)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed))
+    N, L = history.shape[0], trie.num_levels
+    outs = []
+    with _EvalMode(policy):
+        for start in _chunks(N, batch_size, progress, "sampling"):
+            chunk = history[start:start + batch_size].to(device)
+            outs.append(_sample_batch(policy, trie, chunk, n, temperature, generator, renormalize, name))
+    if not outs:
+        return SampleResult(torch.empty(0, n, dtype=torch.long, device=device), torch.empty(0, n, device=device),
+                            torch.empty(0, n, L, dtype=torch.long, device=device),
+                            torch.empty(0, n, dtype=torch.long, device=device), name)
+    items, log_probs, codes, leaves = (torch.cat(parts) for parts in zip(*outs))
+    return SampleResult(items, log_probs, codes, leaves, name)
+
+
+def recommend(policy, trie: Trie, split, k: int = 10, beams: int = 20, batch_size: int = 256,
+              renormalize: bool = True, backend: str = "auto", progress: bool = True) -> DecodeResult:
+    """Beam-search recommendations for every row of a split (``Split.history [N, H]``), with a progress bar.
+
+    Returns the :class:`DecodeResult` of :func:`beam_search` with ``topk = k`` (rows in the split's order).
+    """
+    history = getattr(split, "history", None)
+    if not isinstance(history, torch.Tensor):
+        raise TypeError(f"split must have a history tensor [N, H] (a data.split.Split), got {type(split).__name__}")
+    return beam_search(policy, trie, history, beams=beams, topk=k, batch_size=batch_size,
+                       renormalize=renormalize, backend=backend, progress=progress)
