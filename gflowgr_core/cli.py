@@ -12,7 +12,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
     data = prepare(args.format, args.path, args.out, levels=args.levels, codes=args.codes,
                    collisions=args.collisions, kcore=args.kcore, max_history=args.max_history,
-                   embeddings=args.embeddings, seed=args.seed)
+                   embeddings=args.embeddings, seed=args.seed, max_users=args.max_users)
     keys = ("num_users", "num_items", "num_interactions", "num_train_examples", "num_valid", "num_test",
             "dropped_users", "sid_levels", "sid_codes_per_level", "sid_collisions", "trie_nodes_per_level")
     print(json.dumps({k: data.stats[k] for k in keys}, indent=2))
@@ -57,11 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--levels", type=int, default=3, help="SID levels built by RQ-KMeans (not for letter)")
     p.add_argument("--codes", type=int, default=256, help="codes per level built by RQ-KMeans (not for letter)")
-    p.add_argument("--collisions", choices=("share", "suffix"), default="share")
+    p.add_argument("--collisions", choices=("share", "suffix"), default=None,
+                   help="colliding SIDs: share a leaf, or get a disambiguating level "
+                        "(default: share for letter, suffix for built SIDs)")
     p.add_argument("--kcore", type=int, default=0, help="k-core filter (0 = off, for pre-filtered data)")
     p.add_argument("--max-history", type=int, default=20)
     p.add_argument("--embeddings", default=None, help=".npy item embeddings (default: from interactions)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-users", type=int, default=None, help="keep only the first N users (quick runs)")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="run one training stage from a YAML config")

@@ -4,7 +4,7 @@ Layout of ``DIR``::
 
     stats.json      counts and SID/trie statistics (the numbers a user checks first)
     items.json      raw item ids, index = internal item id
-    users.json      raw user ids of the users kept by the split
+    users.json      raw user ids, index = the user number in the split tensors
     split.pt        train / valid / test tensors (history, target, user)
     catalog/        the SID catalogue (Catalog.save)
     trie.pt         the device trie tables
@@ -18,11 +18,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from gflowgr_core.data.loaders import Interactions, load_interactions
+from gflowgr_core.data.loaders import Interactions, letter_paths, load_interactions
 from gflowgr_core.data.split import SplitData, Split, kcore_filter, leave_one_out
+from gflowgr_core.metrics import item_popularity
 from gflowgr_core.sid.catalog import Catalog
 from gflowgr_core.sid.tokenizer import build_catalog
 from gflowgr_core.sid.tokens import SIDTokenMap
@@ -94,38 +94,40 @@ def _split_tensors(split: Split) -> dict:
     return {"history": split.history, "target": split.target, "user": split.user}
 
 
-def training_popularity(interactions: Interactions) -> torch.Tensor:
-    """Interaction count of each item in the training part of the sequences (all but the last two items)."""
-    counts = np.zeros(len(interactions.item_ids), dtype=np.int64)
-    train_parts = [seq[:-2] for seq in interactions.sequences if len(seq) >= 3]
-    if train_parts:
-        np.add.at(counts, np.concatenate(train_parts), 1)
-    return torch.from_numpy(counts)
-
-
 def prepare(fmt: str, path: str | Path | None, out: str | Path | None = None, *, levels: int = 3,
-            codes: int = 256, collisions: str = "share", kcore: int = 0, max_history: int = 20,
-            embeddings: str | Path | None = None, seed: int = 0, dense_levels: int = 2) -> PreparedData:
+            codes: int = 256, collisions: str | None = None, kcore: int = 0, max_history: int = 20,
+            embeddings: str | Path | None = None, seed: int = 0, dense_levels: int = 2,
+            max_users: int | None = None) -> PreparedData:
     """Load interactions, split them leave-one-out, build the SID catalogue and trie, and (if ``out``) save.
 
     ``fmt`` is one of :data:`FORMATS`. For ``letter`` the SIDs come from ``X.index.json`` (``levels`` and
     ``codes`` are then read from the index); for the other formats they are built by RQ-KMeans over
     ``embeddings`` (a ``.npy`` file, one row per item in internal order) or, by default, over collaborative
     embeddings computed from the training part of the sequences only (validation and test items never
-    inform the SIDs).
+    inform the SIDs). ``collisions`` defaults to ``share`` for LETTER SIDs (as LETTER evaluates them) and to
+    ``suffix`` for built SIDs, where collisions are common and a shared SID would recommend all of its
+    items at once. ``max_users`` keeps only the first N users of the file (quick experiments and tests);
+    the item catalogue stays whole, so every item can still be recommended.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if collisions is None:  # LETTER SIDs are evaluated with shared SIDs; built SIDs collide far more often
+        collisions = "share" if fmt == "letter" else "suffix"
     if collisions not in ("share", "suffix"):
         raise ValueError(f"unknown collision policy {collisions!r}; expected 'share' or 'suffix'")
     interactions = load_interactions(fmt, path)
+    if max_users is not None:
+        interactions = Interactions(user_ids=interactions.user_ids[:max_users], item_ids=interactions.item_ids,
+                                    sequences=interactions.sequences[:max_users], source=interactions.source)
     if kcore > 1:
         interactions, report = kcore_filter(interactions, kcore)
         log.info("k-core filter (k=%d): %s", kcore, report)
     split = leave_one_out(interactions, max_history=max_history)
     if fmt == "letter":
-        catalog = Catalog.from_letter_index(_letter_index_path(path), interactions.item_ids,
-                                            collisions=collisions)
+        _, index_path = letter_paths(path)
+        if index_path is None:
+            raise FileNotFoundError(f"no *.index.json (LETTER SIDs) beside the interactions at {path}")
+        catalog = Catalog.from_letter_index(index_path, interactions.item_ids, collisions=collisions)
     else:
         train_only = Interactions(user_ids=interactions.user_ids, item_ids=interactions.item_ids,
                                   sequences=[seq[:-2] for seq in interactions.sequences],
@@ -134,7 +136,6 @@ def prepare(fmt: str, path: str | Path | None, out: str | Path | None = None, *,
                                 embeddings=embeddings, seed=seed)
     trie = Trie.build(catalog.codes, catalog.codes_per_level, dense_levels=dense_levels)
     tokens = SIDTokenMap.from_scratch(catalog.codes_per_level)
-    kept_users = [uid for uid, seq in zip(interactions.user_ids, interactions.sequences) if len(seq) >= 3]
     split_stats = split.stats()
     catalog_stats = catalog.stats()
     stats = {
@@ -148,6 +149,7 @@ def prepare(fmt: str, path: str | Path | None, out: str | Path | None = None, *,
         "num_test": split_stats["num_test"],
         "dropped_users": split.dropped_users,
         "max_history": max_history,
+        "max_users": max_users,
         "kcore": kcore,
         "sid_levels": len(catalog.codes_per_level),
         "sid_codes_per_level": list(catalog.codes_per_level),
@@ -159,18 +161,8 @@ def prepare(fmt: str, path: str | Path | None, out: str | Path | None = None, *,
         "vocab_size": tokens.vocab_size,
     }
     data = PreparedData(split=split, catalog=catalog, trie=trie, tokens=tokens,
-                        popularity=training_popularity(interactions), item_ids=list(interactions.item_ids),
-                        user_ids=kept_users, stats=stats)
+                        popularity=item_popularity(split), item_ids=list(interactions.item_ids),
+                        user_ids=list(interactions.user_ids), stats=stats)
     if out is not None:
         data.save(out)
     return data
-
-
-def _letter_index_path(path: str | Path) -> Path:
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    found = sorted(folder.glob("*.index.json"))
-    if len(found) != 1:
-        raise FileNotFoundError(f"expected exactly one *.index.json beside the LETTER interactions in {folder}, "
-                                f"found {[p.name for p in found] or 'none'}")
-    return found[0]

@@ -14,6 +14,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from gflowgr_core.collaborative import SASRecConfig
 from gflowgr_core.reward import RewardConfig
 
 STAGES = ("sft", "gflowgr", "sft_continue", "dpo", "sdpo")
@@ -69,20 +70,6 @@ class PreferenceConfig:
 
 
 @dataclass
-class CMSettings:
-    """The collaborative model (SASRec) used by the reward and the curriculum sampler."""
-
-    dim: int = 64
-    blocks: int = 2
-    heads: int = 1
-    dropout: float = 0.2
-    lr: float = 1e-3
-    batch_size: int = 256
-    max_epochs: int = 30
-    patience: int = 3
-
-
-@dataclass
 class TrainConfig:
     """One training run: a stage, its data, model, optimisation, evaluation and output folder."""
 
@@ -113,7 +100,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     gfn: GFNConfig = field(default_factory=GFNConfig)
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)
-    cm: CMSettings = field(default_factory=CMSettings)
+    cm: SASRecConfig = field(default_factory=SASRecConfig)
 
     def validate(self) -> "TrainConfig":
         if self.stage not in STAGES:
