@@ -1,0 +1,184 @@
+"""Shared benchmark harness: environment report, median timing, extra peak memory, tables and JSON.
+
+Every benchmark script measures its baseline in the same run and writes one JSON file holding the
+``device``, the library ``versions``, every measurement (``rows``) and a ``summary``. Use from a script in
+this folder as ``from common import ...`` (the scripts put their own folder on ``sys.path``).
+
+Timing: ``warmup`` untimed calls (compilation, caches, allocator), then ``reps`` timed calls; on CUDA each
+call is bracketed by CUDA events (device time, no host overhead between calls counted twice), on CPU by
+``time.perf_counter``. The median is the headline number.
+
+Memory: the extra peak of a call is ``max_memory_allocated`` during the call minus the memory allocated
+just before it (its inputs), i.e. what the call itself needs at its worst moment. Only measured on CUDA.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+DeviceLike = Union[str, torch.device]
+
+
+def device_name(device: DeviceLike) -> str:
+    """Human-readable name of ``device``: the GPU model, or the CPU model and core count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU: {cpu} ({os.cpu_count()} logical cores)"
+
+
+def _module_version(name: str) -> Optional[str]:
+    try:
+        return getattr(importlib.import_module(name), "__version__", "unknown")
+    except ImportError:
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def versions() -> dict[str, Optional[str]]:
+    """Versions of Python, torch (and its CUDA), triton, transformers, numpy, gflowgr and the git commit;
+    ``None`` for what is not installed."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _module_version("triton"),
+        "transformers": _module_version("transformers"),
+        "numpy": _module_version("numpy"),
+        "gflowgr": _module_version("gflowgr_core"),
+        "git_commit": _git_commit(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+    }
+
+
+def environment(device: DeviceLike) -> dict[str, Any]:
+    """``{"device": ..., "versions": ...}``, the header of every results file."""
+    return {"device": device_name(device), "versions": versions()}
+
+
+def synchronize(device: DeviceLike) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: DeviceLike, warmup: int = 3, reps: int = 20) -> dict[str, float]:
+    """Median (and min / max) wall time of ``fn()`` in milliseconds over ``reps`` calls after ``warmup``.
+
+    Returns:
+        ``{"median_ms", "min_ms", "max_ms", "reps"}``.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    if device.type == "cuda":
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
+
+
+def extra_peak_bytes(fn: Callable[[], Any], device: DeviceLike) -> Optional[int]:
+    """Bytes ``fn()`` needs above what was allocated before it, at its peak (CUDA only; ``None`` on CPU).
+
+    Whatever ``fn`` returns is dropped before the next measurement by the caller; it counts in the peak.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return int(peak)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error of the device allocator."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return (bool(oom) and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
+
+
+def release(device: DeviceLike) -> None:
+    """Return cached blocks to the device between measurements (keeps peaks independent)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` (dicts) over ``columns``; floats with 4 significant digits."""
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def write_json(path: Union[str, Path], payload: dict) -> Path:
+    """Write ``payload`` as indented JSON to ``path`` (folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    return path
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (stdout carries the table)."""
+    print(msg, file=sys.stderr, flush=True)
