@@ -8,7 +8,10 @@ forgets to write fails the finiteness checks.
 """
 import dataclasses
 import importlib
+import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -378,3 +381,43 @@ def test_auto_keeps_cpu_tensors_on_the_reference():
     p = make_problem(16, (9, 30, 4), 4, 8, torch.float32, "cpu")
     out = gfn_loss(p.h, p.w_sid, p.codes, p.trie, p.log_f, p.log_z, p.log_r)
     assert out.backend == "torch"
+
+
+# ------------------------------------------------------------------------------------ memory and benchmark
+
+@pytest.mark.skipif(not (HAS_CUDA and "cuda" in DEVICES), reason="needs a CUDA device for memory statistics")
+def test_forward_keeps_no_logits_in_memory():
+    """The forward allocates its [T, L] outputs (and the [T, L] trie walk), never [T, L, K] logits."""
+    cpl, t, d = sizes("cuda")[0]
+    p = make_problem(17, cpl, t, d, torch.bfloat16, "cuda")
+    fused.fused_constrained_log_pf(p.h, p.w_sid, p.codes, p.trie)  # compile, cache the child bitmap
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        out = fused.fused_constrained_log_pf(p.h, p.w_sid, p.codes, p.trie)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    logits_bytes = t * len(cpl) * max(cpl) * 2
+    assert extra < logits_bytes / 8, f"forward used {extra} bytes; [T, L, K] bf16 logits would be {logits_bytes}"
+    del out
+
+
+def test_benchmark_quick_mode(tmp_path):
+    """The benchmark script runs end to end at --quick sizes and writes the documented JSON fields."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        bench = importlib.import_module("bench_gfn_loss")
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "gfn_loss.json"
+    bench.main(["--quick", "--warmup", "0", "--reps", "1", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert {"device", "versions", "rows", "summary"} <= set(payload)
+    assert {r["method"] for r in payload["rows"]} == set(bench.METHODS)
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in payload["rows"])
+    summary = payload["summary"]
+    for key in ("speedup_vs_eager_full_vocab", "memory_ratio_vs_eager_full_vocab", "speedup_vs_eager_sid_rows"):
+        assert key in summary
+    assert summary["speedup_vs_eager_full_vocab"] > 0 and summary["speedup_vs_eager_sid_rows"] > 0
+    assert payload["parity"][0]["relative_difference"] < 1e-2

@@ -59,6 +59,10 @@ def _kernel_module():
 
 
 def _register_source_kernels() -> None:
+    """Make ``gflowgr_core.kernels`` importable from a source checkout's ``kernels/`` folder (used by every
+    module that loads a Triton kernel; not needed once the package is installed)."""
+    if "gflowgr_core.kernels" in sys.modules:
+        return
     folder = Path(__file__).resolve().parents[2] / "kernels"
     init = folder / "__init__.py"
     if not init.is_file():
@@ -135,7 +139,8 @@ def _checked_walk(trie, codes: torch.Tensor) -> torch.Tensor:
     if bool((cur < 0).any()):
         _check_codes(codes, trie.codes_per_level)
         trie_walk(trie, codes)
-        raise AssertionError("the trie walk failed but the reference walk found no offending row")
+        raise RuntimeError("the trie walk left the trie but the reference walk found no offending row; "
+                           "the trie's tables are inconsistent")
     return nodes
 
 
