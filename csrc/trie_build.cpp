@@ -6,10 +6,12 @@
 // The derived tables (child_code, child_node, dense levels, max_branch) are computed from these in Python
 // so both builders share one definition of them.
 //
-// Algorithm: a stable LSD counting sort of the item rows by their SID (the last level first, each level
-// split into digits of at most 16 bits so histograms stay cache-sized), then one scan of the sorted rows:
-// row i opens a new node at every level deeper than the first level where it differs from row i-1. Both
-// the sort passes and the scan run on per-thread contiguous chunks, so the result does not depend on the
+// Algorithm: a stable LSD radix sort of the item rows by their SID, then one scan of the sorted rows: row
+// i opens a new node at every level deeper than the first level where it differs from row i-1.
+// When the SID fits in 64 bits (each level packed into ceil(log2 K_l) bits), the sort moves (key, row)
+// pairs and reads everything sequentially, and the first differing level comes from the highest set bit
+// of key[i] ^ key[i-1]. Wider SIDs are sorted level by level (last level first) by gathering each row's
+// code. Sort passes and scan work on per-thread contiguous chunks, so the result never depends on the
 // number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,39 +26,36 @@ namespace gflowgr {
 namespace {
 
 constexpr int64_t kMinRowsPerThread = 1 << 14;
-constexpr int kMaxDigitBits = 16;
+constexpr int kPackedDigitBits = 11;   // 2048 buckets: 3 passes for 4 x 256 codes
+constexpr int kGatherDigitBits = 16;   // wide-SID path: one pass per level for K_l <= 65536
 
 int num_chunks_for(int64_t n) {
   const int64_t by_size = std::max<int64_t>(1, n / kMinRowsPerThread);
-  return static_cast<int>(std::min<int64_t>(at::get_num_threads(), by_size));
+  return static_cast<int>(std::min<int64_t>(std::max(1, at::get_num_threads()), by_size));
 }
 
 inline int64_t chunk_begin(int64_t n, int chunks, int t) { return n * t / chunks; }
 
 int bits_needed(int64_t k) {
-  // Number of bits to represent codes 0..k-1.
+  // Bits to represent codes 0..k-1.
   int bits = 0;
   while (bits < 63 && (int64_t{1} << bits) < k) ++bits;
   return bits;
 }
 
-// One stable counting-sort pass of `perm` (into `out`) by the digit (code >> shift) & mask of `level`.
-void counting_sort_pass(const int64_t* codes, int64_t L, int64_t level, int shift, int width,
-                        const std::vector<int64_t>& perm, std::vector<int64_t>& out, int chunks) {
-  const int64_t n = static_cast<int64_t>(perm.size());
+// One stable, parallel counting-sort pass: out[...] = in[i] ordered by digit(i), where digit(i) reads
+// element i of the input order. `move(i, dst)` writes input element i to output slot dst.
+template <typename Digit, typename Move>
+void counting_pass(int64_t n, int width, int chunks, Digit digit, Move move) {
   const int64_t buckets = int64_t{1} << width;
-  const int64_t mask = buckets - 1;
   std::vector<int64_t> hist(static_cast<size_t>(chunks) * buckets, 0);
-
 #pragma omp parallel for schedule(static) num_threads(chunks)
   for (int t = 0; t < chunks; ++t) {
     int64_t* h = hist.data() + static_cast<int64_t>(t) * buckets;
     const int64_t end = chunk_begin(n, chunks, t + 1);
-    for (int64_t i = chunk_begin(n, chunks, t); i < end; ++i) {
-      ++h[(codes[perm[i] * L + level] >> shift) & mask];
-    }
+    for (int64_t i = chunk_begin(n, chunks, t); i < end; ++i) ++h[digit(i)];
   }
-  // Exclusive scan bucket-major, thread-minor: thread t's rows of bucket b follow those of threads < t,
+  // Exclusive scan bucket-major, thread-minor: thread t's rows of a bucket follow those of threads < t,
   // which keeps the pass stable.
   int64_t running = 0;
   for (int64_t b = 0; b < buckets; ++b) {
@@ -71,27 +70,97 @@ void counting_sort_pass(const int64_t* codes, int64_t L, int64_t level, int shif
   for (int t = 0; t < chunks; ++t) {
     int64_t* h = hist.data() + static_cast<int64_t>(t) * buckets;
     const int64_t end = chunk_begin(n, chunks, t + 1);
-    for (int64_t i = chunk_begin(n, chunks, t); i < end; ++i) {
-      const int64_t row = perm[i];
-      out[h[(codes[row * L + level] >> shift) & mask]++] = row;
-    }
+    for (int64_t i = chunk_begin(n, chunks, t); i < end; ++i) move(i, h[digit(i)]++);
   }
 }
 
-// Row order sorting the SIDs lexicographically; rows with equal SIDs keep their original order.
-std::vector<int64_t> lexicographic_order(const int64_t* codes, int64_t n, int64_t L,
-                                         const std::vector<int64_t>& K, int chunks) {
-  std::vector<int64_t> perm(n), scratch(n);
+inline int highest_bit(uint64_t x) {  // x != 0
+#if defined(__GNUC__) || defined(__clang__)
+  return 63 - __builtin_clzll(x);
+#else
+  int b = 0;
+  while (x >>= 1) ++b;
+  return b;
+#endif
+}
+
+struct Sorted {
+  std::vector<int64_t> perm;          // sorted position -> item row
+  std::vector<int32_t> first_diff;    // first level where sorted row i differs from i-1 (L if equal, -1 at 0)
+};
+
+// SIDs packed into one uint64 key per row (level L-1 in the lowest bits).
+Sorted sort_packed(const int64_t* c, int64_t n, int64_t L, const std::vector<int>& shift,
+                   const std::vector<int>& bits, int total_bits, int chunks,
+                   std::vector<uint64_t>& keys) {
+  std::vector<uint64_t> key_tmp(n);
+  std::vector<int64_t> perm(n), perm_tmp(n);
+  keys.resize(n);
+#pragma omp parallel for schedule(static) num_threads(chunks)
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t k = 0;
+    for (int64_t l = 0; l < L; ++l) k |= static_cast<uint64_t>(c[i * L + l]) << shift[l];
+    keys[i] = k;
+    perm[i] = i;
+  }
+  for (int s = 0; s < total_bits; s += kPackedDigitBits) {
+    const int width = std::min(kPackedDigitBits, total_bits - s);
+    const uint64_t mask = (uint64_t{1} << width) - 1;
+    const uint64_t* kin = keys.data();
+    const int64_t* pin = perm.data();
+    uint64_t* kout = key_tmp.data();
+    int64_t* pout = perm_tmp.data();
+    counting_pass(
+        n, width, chunks, [&](int64_t i) { return static_cast<int64_t>((kin[i] >> s) & mask); },
+        [&](int64_t i, int64_t dst) {
+          kout[dst] = kin[i];
+          pout[dst] = pin[i];
+        });
+    keys.swap(key_tmp);
+    perm.swap(perm_tmp);
+  }
+  // level_of_bit[b]: the level whose field holds bit b.
+  std::vector<int32_t> level_of_bit(64, 0);
+  for (int64_t l = 0; l < L; ++l) {
+    for (int b = shift[l]; b < shift[l] + bits[l]; ++b) level_of_bit[b] = static_cast<int32_t>(l);
+  }
+  std::vector<int32_t> first_diff(n);
+  first_diff[0] = -1;
+#pragma omp parallel for schedule(static) num_threads(chunks)
+  for (int64_t i = 1; i < n; ++i) {
+    const uint64_t x = keys[i] ^ keys[i - 1];
+    first_diff[i] = x == 0 ? static_cast<int32_t>(L) : level_of_bit[highest_bit(x)];
+  }
+  return {std::move(perm), std::move(first_diff)};
+}
+
+// SIDs too wide for one key: stable sorts by each level's code, last level first.
+Sorted sort_gather(const int64_t* c, int64_t n, int64_t L, const std::vector<int>& bits, int chunks) {
+  std::vector<int64_t> perm(n), perm_tmp(n);
   for (int64_t i = 0; i < n; ++i) perm[i] = i;
   for (int64_t level = L - 1; level >= 0; --level) {
-    const int bits = bits_needed(K[level]);
-    for (int shift = 0; shift < bits; shift += kMaxDigitBits) {
-      const int width = std::min(kMaxDigitBits, bits - shift);
-      counting_sort_pass(codes, L, level, shift, width, perm, scratch, chunks);
-      perm.swap(scratch);
+    for (int s = 0; s < bits[level]; s += kGatherDigitBits) {
+      const int width = std::min(kGatherDigitBits, bits[level] - s);
+      const int64_t mask = (int64_t{1} << width) - 1;
+      const int64_t* pin = perm.data();
+      int64_t* pout = perm_tmp.data();
+      counting_pass(
+          n, width, chunks, [&](int64_t i) { return (c[pin[i] * L + level] >> s) & mask; },
+          [&](int64_t i, int64_t dst) { pout[dst] = pin[i]; });
+      perm.swap(perm_tmp);
     }
   }
-  return perm;
+  std::vector<int32_t> first_diff(n);
+  first_diff[0] = -1;
+#pragma omp parallel for schedule(static) num_threads(chunks)
+  for (int64_t i = 1; i < n; ++i) {
+    const int64_t* a = c + perm[i - 1] * L;
+    const int64_t* b = c + perm[i] * L;
+    int32_t d = 0;
+    while (d < L && a[d] == b[d]) ++d;
+    first_diff[i] = d;
+  }
+  return {std::move(perm), std::move(first_diff)};
 }
 
 void check_codes(const at::Tensor& codes, const std::vector<int64_t>& K) {
@@ -127,29 +196,14 @@ void check_codes(const at::Tensor& codes, const std::vector<int64_t>& K) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-trie_build_cpu(const at::Tensor& codes_in, at::IntArrayRef codes_per_level) {
-  const std::vector<int64_t> K(codes_per_level.begin(), codes_per_level.end());
-  const at::Tensor codes = codes_in.contiguous();
-  check_codes(codes, K);
-  const int64_t n = codes.size(0), L = codes.size(1);
-  const int64_t* c = codes.data_ptr<int64_t>();
-  const int chunks = num_chunks_for(n);
+using TrieTensors =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-  const std::vector<int64_t> perm = lexicographic_order(c, n, L, K, chunks);
-
-  // first_diff[i]: first level where sorted row i differs from row i-1 (L when equal; -1 for row 0,
-  // which opens the root's first path). Row i opens one new node at every level > first_diff[i].
-  std::vector<int32_t> first_diff(n);
-  first_diff[0] = -1;
-#pragma omp parallel for schedule(static) num_threads(chunks)
-  for (int64_t i = 1; i < n; ++i) {
-    const int64_t* a = c + perm[i - 1] * L;
-    const int64_t* b = c + perm[i] * L;
-    int32_t d = 0;
-    while (d < L && a[d] == b[d]) ++d;
-    first_diff[i] = d;
-  }
+// Numbers the nodes from the sorted rows. code_at(i, l): level-l code of sorted row i.
+template <typename CodeAt>
+TrieTensors number_nodes(const Sorted& sorted, int64_t n, int64_t L, int chunks, CodeAt code_at) {
+  const std::vector<int64_t>& perm = sorted.perm;
+  const std::vector<int32_t>& first_diff = sorted.first_diff;
 
   // new_nodes[t * (L+1) + l]: nodes of level l (1..L) opened by chunk t's rows.
   std::vector<int64_t> new_nodes(static_cast<size_t>(chunks) * (L + 1), 0);
@@ -189,7 +243,7 @@ trie_build_cpu(const at::Tensor& codes_in, at::IntArrayRef codes_per_level) {
   int64_t* il = item_leaf.data_ptr<int64_t>();
   par[0] = -1;
   ncode[0] = -1;
-  // Every inner node has a child, so leaves are exactly the nodes with an empty edge range at the end.
+  // Every inner node has a child, so the leaves are the nodes with an empty edge range at the end.
   for (int64_t v = offsets[L]; v <= n_nodes; ++v) ip[v] = n_edges;
   lp[n_leaves] = n;
 
@@ -206,12 +260,11 @@ trie_build_cpu(const at::Tensor& codes_in, at::IntArrayRef codes_per_level) {
     const int64_t end = chunk_begin(n, chunks, t + 1);
     for (int64_t i = chunk_begin(n, chunks, t); i < end; ++i) {
       const int64_t d = first_diff[i];
-      const int64_t* row = c + perm[i] * L;
       for (int64_t l = std::max<int64_t>(d, 0) + 1; l <= L; ++l) {
         const int64_t v = ++current[l];
         const int64_t p = current[l - 1];
         par[v] = p;
-        ncode[v] = row[l - 1];
+        ncode[v] = code_at(i, l - 1);
         // A parent opened by this same row (or the root, at row 0) gets its first child here; edge e
         // leads to node e + 1 because nodes and edges share the level order.
         if (l - 1 > d) ip[p] = v - 1;
@@ -222,6 +275,34 @@ trie_build_cpu(const at::Tensor& codes_in, at::IntArrayRef codes_per_level) {
     }
   }
   return {level_offsets, parent, node_code, indptr, leaf_ptr, leaf_items, item_leaf};
+}
+
+TrieTensors trie_build_cpu(const at::Tensor& codes_in, at::IntArrayRef codes_per_level) {
+  const std::vector<int64_t> K(codes_per_level.begin(), codes_per_level.end());
+  const at::Tensor codes = codes_in.contiguous();
+  check_codes(codes, K);
+  const int64_t n = codes.size(0), L = codes.size(1);
+  const int64_t* c = codes.data_ptr<int64_t>();
+  const int chunks = num_chunks_for(n);
+
+  std::vector<int> bits(L), shift(L);
+  int total_bits = 0;
+  for (int64_t l = L - 1; l >= 0; --l) {
+    bits[l] = bits_needed(K[l]);
+    shift[l] = total_bits;
+    total_bits += bits[l];
+  }
+  if (total_bits <= 64) {
+    std::vector<uint64_t> keys;
+    const Sorted sorted = sort_packed(c, n, L, shift, bits, total_bits, chunks, keys);
+    const uint64_t* k = keys.data();
+    return number_nodes(sorted, n, L, chunks, [&](int64_t i, int64_t l) {
+      return static_cast<int64_t>((k[i] >> shift[l]) & ((uint64_t{1} << bits[l]) - 1));
+    });
+  }
+  const Sorted sorted = sort_gather(c, n, L, bits, chunks);
+  const int64_t* perm = sorted.perm.data();
+  return number_nodes(sorted, n, L, chunks, [&](int64_t i, int64_t l) { return c[perm[i] * L + l]; });
 }
 
 }  // namespace

@@ -185,7 +185,9 @@ def assert_same_trie(a: Trie, b: Trie):
     (60_000, (256, 256, 256, 256)),       # mostly unique SIDs, dense first levels
     (50_000, (2, 3, 2)),                  # long runs of colliding SIDs across thread chunks
     (40_000, (4096,) * 8),                # mixed-radix key wider than 64 bits (LSD path in PyTorch)
-    (30_000, (200_000, 3, 70_000)),       # levels wider than one 16-bit sort digit
+    (30_000, (200_000, 3, 70_000)),       # 37-bit packed key, levels wider than one sort digit
+    (30_000, (1, 200_000, 1 << 20, 5, 1 << 20)),  # > 64 bits and > 16 bits per level: gather path
+    (20_000, (1, 1, 1)),                  # zero-bit levels: every SID equal
 ])
 def test_cpp_equals_torch_large(n, per_level):
     g = torch.Generator().manual_seed(n)

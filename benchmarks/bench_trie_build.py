@@ -1,0 +1,131 @@
+"""Trie build time: C++ builder (OpenMP) against the vectorised PyTorch builder, measured in the same run.
+
+Random 4-level SIDs with 256 codes per level at several catalogue sizes (and the LETTER Beauty SIDs when
+the shared data is present), plus the time of ``contains`` (a full root-to-leaf walk) with dense first
+levels against pure CSR search. Prints a table and writes ``benchmarks/results/trie_build.json``.
+
+    python benchmarks/bench_trie_build.py [--sizes 10000 100000 1000000] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gflowgr_core
+from gflowgr_core import backends
+from gflowgr_core.sid.trie import Trie
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("GFLOWGR_DATA", ROOT.parent / "shared" / "data"))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
+    fn()  # warm-up: first-touch allocations and lazy library loading are not part of the build cost
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def beauty_codes() -> torch.Tensor | None:
+    index = DATA / "letter" / "Beauty" / "Beauty.index.json"
+    if not index.is_file():
+        return None
+    raw = json.loads(index.read_text())
+    return torch.tensor([[int(t.split("_")[1].rstrip(">")) for t in raw[k]] for k in sorted(raw, key=int)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trie_build.json")
+    args = parser.parse_args()
+
+    has_cpp = backends.extension_op("trie_build") is not None
+    if not has_cpp:
+        print("note: compiled extension not built; only the PyTorch builder is measured", file=sys.stderr)
+    builders = ["torch"] + (["cpp"] if has_cpp else [])
+    per_level = (256,) * 4
+    cases = []
+    gen = torch.Generator().manual_seed(0)
+    for n in args.sizes:
+        cases.append((f"random n={n:,}", torch.randint(0, 256, (n, 4), generator=gen)))
+    beauty = beauty_codes()
+    if beauty is not None:
+        cases.append(("LETTER Beauty", beauty))
+
+    rows = []
+    for name, codes in cases:
+        n = codes.shape[0]
+        repeats = max(3, args.repeats if n < 1_000_000 else min(args.repeats, 3))
+        row = {"case": name, "n_items": n, "codes_per_level": list(per_level), "repeats": repeats}
+        tries = {}
+        for b in builders:
+            def build(b=b):
+                tries[b] = Trie.build(codes, per_level, backend=b)
+            med, times = median_seconds(build, repeats)
+            row[f"{b}_median_s"] = med
+            row[f"{b}_times_s"] = times
+        stats = tries["torch"].stats()
+        row.update({k: stats[k] for k in ("nodes_per_level", "num_edges", "num_leaves", "max_branch",
+                                          "csr_bytes", "dense_bytes")})
+        if has_cpp:
+            row["cpp_speedup"] = row["torch_median_s"] / row["cpp_median_s"]
+        # Query cost: the full root-to-leaf walk, dense first levels vs CSR search only.
+        sparse = Trie.build(codes, per_level, dense_levels=0, backend=builders[-1])
+        row["contains_dense_median_s"], _ = median_seconds(lambda: tries["torch"].contains(codes), repeats)
+        row["contains_sparse_median_s"], _ = median_seconds(lambda: sparse.contains(codes), repeats)
+        rows.append(row)
+
+    header = f"{'case':<18}{'items':>11}{'nodes':>11}{'torch s':>10}{'cpp s':>10}{'speedup':>9}" \
+             f"{'contains dense s':>18}{'sparse s':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        cpp = f"{r['cpp_median_s']:>10.3f}" if has_cpp else f"{'-':>10}"
+        speed = f"{r['cpp_speedup']:>8.1f}x" if has_cpp else f"{'-':>9}"
+        print(f"{r['case']:<18}{r['n_items']:>11,}{sum(r['nodes_per_level']):>11,}{r['torch_median_s']:>10.3f}"
+              f"{cpp}{speed}{r['contains_dense_median_s']:>18.3f}{r['contains_sparse_median_s']:>10.3f}")
+
+    ext = backends.extension()
+    result = {
+        "benchmark": "trie_build",
+        "device": {"kind": "cpu", "name": cpu_name(), "torch_threads": torch.get_num_threads(),
+                   "os_cpu_count": os.cpu_count()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "gflowgr": gflowgr_core.__version__,
+                     "extension": ext.version() if ext is not None else None,
+                     "extension_openmp": ext.has_openmp() if ext is not None else None},
+        "baseline": "torch builder (vectorised PyTorch), same process and inputs",
+        "timing": "median wall-clock seconds after one warm-up build; includes input validation",
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
