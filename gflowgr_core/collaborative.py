@@ -149,13 +149,19 @@ class _Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
-        """``x[B, H, d]``, ``allowed[B, 1, H, H]`` (True where query i may read key j) -> ``[B, H, d]``."""
+    def forward(self, x: Tensor, allowed: Tensor, last_only: bool = False) -> Tensor:
+        """``x[B, H, d]``, ``allowed[B, 1, H, H]`` (True where query i may read key j) -> ``[B, H, d]``.
+
+        With ``last_only`` only the last position is computed (``[B, 1, d]``): it reads every key, but
+        nothing after it needs the other positions, which saves most of the last block's work.
+        """
         b, h, d = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(b, h, 3, self.num_heads, d // self.num_heads).unbind(2)
+        if last_only:
+            x, q, allowed = x[:, -1:], q[:, -1:], allowed[:, :, -1:]
         att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.drop(self.out(att.transpose(1, 2).reshape(b, h, d)))
+        x = x + self.drop(self.out(att.transpose(1, 2).reshape(b, x.shape[1], d)))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -211,8 +217,11 @@ class SASRec(nn.Module):
             history = F.pad(history, (self.max_history - width, 0), value=PAD)
         return history
 
-    def encode(self, history: Tensor) -> Tensor:
-        """Hidden states ``[B, H, d]`` of a left-padded history ``LongTensor[B, H]`` (``-1`` = pad)."""
+    def encode(self, history: Tensor, last_only: bool = False) -> Tensor:
+        """Hidden states ``[B, H, d]`` of a left-padded history ``LongTensor[B, H]`` (``-1`` = pad).
+
+        With ``last_only`` the result is ``[B, 1, d]``, the last position only (same values, less work).
+        """
         history = self._fit_history(history)
         valid = history >= 0
         tokens = torch.where(valid, history, torch.full_like(history, self.num_items))
@@ -224,13 +233,17 @@ class SASRec(nn.Module):
         # and real positions never read pads.
         allowed = (causal & valid[:, None, :]) | torch.eye(h, dtype=torch.bool, device=history.device)
         allowed = allowed[:, None]
-        for block in self.blocks:
-            x = block(x, allowed) * valid[..., None]
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            cut = last_only and i == last
+            x = block(x, allowed, last_only=cut) * (valid[:, -1:, None] if cut else valid[..., None])
+        if last_only and not self.blocks:
+            x = x[:, -1:]
         return self.final_norm(x)
 
     def user_representation(self, history: Tensor) -> Tensor:
         """``[B, d]``: the hidden state at the last (most recent) position."""
-        return self.encode(history)[:, -1]
+        return self.encode(history, last_only=True)[:, -1]
 
     def item_embeddings(self) -> Tensor:
         """``[num_items, d]``: the output layer (shared with the input item embeddings, pad row excluded)."""

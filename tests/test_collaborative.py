@@ -77,6 +77,9 @@ def test_causal_and_padding_invariant():
         # A narrower history is left-padded; what sits in pad slots never matters.
         torch.testing.assert_close(model.user_representation(hist[:1, 2:]), model.user_representation(hist[:1]))
         assert torch.isfinite(h).all()
+        # The shortcut that computes only the last position of the last block changes nothing.
+        torch.testing.assert_close(model.encode(hist, last_only=True)[:, 0], h[:, -1])
+        torch.testing.assert_close(model.user_representation(hist), h[:, -1])
     with pytest.raises(ValueError, match="max_history=6"):
         model.encode(torch.zeros(1, 7, dtype=torch.long))
 
