@@ -56,10 +56,39 @@ def beauty_codes() -> torch.Tensor | None:
     return torch.tensor([[int(t.split("_")[1].rstrip(">")) for t in raw[k]] for k in sorted(raw, key=int)])
 
 
+def measure_case(name: str, codes: torch.Tensor, per_level: tuple[int, ...], builders: list[str],
+                 threads: int, repeats: int) -> dict:
+    n = codes.shape[0]
+    repeats = max(3, repeats if n < 1_000_000 else min(repeats, 3))
+    row = {"case": name, "threads": threads, "n_items": n, "codes_per_level": list(per_level),
+           "repeats": repeats}
+    tries = {}
+    for b in builders:
+        def build(b=b):
+            tries[b] = Trie.build(codes, per_level, backend=b)
+        med, times = median_seconds(build, repeats)
+        row[f"{b}_median_s"] = med
+        row[f"{b}_min_s"] = min(times)
+        row[f"{b}_times_s"] = times
+    stats = tries["torch"].stats()
+    row.update({k: stats[k] for k in ("nodes_per_level", "num_edges", "num_leaves", "max_branch",
+                                      "csr_bytes", "dense_bytes")})
+    if "cpp" in tries:
+        row["cpp_speedup"] = row["torch_median_s"] / row["cpp_median_s"]
+    # Query cost: the full root-to-leaf walk, dense first levels vs CSR search only.
+    dense = tries["torch"]
+    sparse = Trie.build(codes, per_level, dense_levels=0, backend=builders[-1])
+    row["contains_dense_median_s"], _ = median_seconds(lambda: dense.contains(codes), repeats)
+    row["contains_sparse_median_s"], _ = median_seconds(lambda: sparse.contains(codes), repeats)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed builds per case (>= 3; 1M rows: <= 3)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch/OpenMP thread counts to measure (default: 1 and torch's default)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trie_build.json")
     args = parser.parse_args()
 
@@ -67,6 +96,8 @@ def main() -> None:
     if not has_cpp:
         print("note: compiled extension not built; only the PyTorch builder is measured", file=sys.stderr)
     builders = ["torch"] + (["cpp"] if has_cpp else [])
+    default_threads = torch.get_num_threads()
+    thread_counts = args.threads or sorted({1, default_threads})
     per_level = (256,) * 4
     cases = []
     gen = torch.Generator().manual_seed(0)
@@ -77,49 +108,37 @@ def main() -> None:
         cases.append(("LETTER Beauty", beauty))
 
     rows = []
-    for name, codes in cases:
-        n = codes.shape[0]
-        repeats = max(3, args.repeats if n < 1_000_000 else min(args.repeats, 3))
-        row = {"case": name, "n_items": n, "codes_per_level": list(per_level), "repeats": repeats}
-        tries = {}
-        for b in builders:
-            def build(b=b):
-                tries[b] = Trie.build(codes, per_level, backend=b)
-            med, times = median_seconds(build, repeats)
-            row[f"{b}_median_s"] = med
-            row[f"{b}_times_s"] = times
-        stats = tries["torch"].stats()
-        row.update({k: stats[k] for k in ("nodes_per_level", "num_edges", "num_leaves", "max_branch",
-                                          "csr_bytes", "dense_bytes")})
-        if has_cpp:
-            row["cpp_speedup"] = row["torch_median_s"] / row["cpp_median_s"]
-        # Query cost: the full root-to-leaf walk, dense first levels vs CSR search only.
-        sparse = Trie.build(codes, per_level, dense_levels=0, backend=builders[-1])
-        row["contains_dense_median_s"], _ = median_seconds(lambda: tries["torch"].contains(codes), repeats)
-        row["contains_sparse_median_s"], _ = median_seconds(lambda: sparse.contains(codes), repeats)
-        rows.append(row)
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for name, codes in cases:
+            rows.append(measure_case(name, codes, per_level, builders, threads, args.repeats))
+    torch.set_num_threads(default_threads)
 
-    header = f"{'case':<18}{'items':>11}{'nodes':>11}{'torch s':>10}{'cpp s':>10}{'speedup':>9}" \
+    header = f"{'case':<20}{'threads':>8}{'items':>11}{'nodes':>11}{'torch s':>10}{'cpp s':>10}{'speedup':>9}" \
              f"{'contains dense s':>18}{'sparse s':>10}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        cpp = f"{r['cpp_median_s']:>10.3f}" if has_cpp else f"{'-':>10}"
+        cpp = f"{r['cpp_median_s']:>10.4f}" if has_cpp else f"{'-':>10}"
         speed = f"{r['cpp_speedup']:>8.1f}x" if has_cpp else f"{'-':>9}"
-        print(f"{r['case']:<18}{r['n_items']:>11,}{sum(r['nodes_per_level']):>11,}{r['torch_median_s']:>10.3f}"
-              f"{cpp}{speed}{r['contains_dense_median_s']:>18.3f}{r['contains_sparse_median_s']:>10.3f}")
+        print(f"{r['case']:<20}{r['threads']:>8}{r['n_items']:>11,}{sum(r['nodes_per_level']):>11,}"
+              f"{r['torch_median_s']:>10.4f}{cpp}{speed}{r['contains_dense_median_s']:>18.4f}"
+              f"{r['contains_sparse_median_s']:>10.4f}")
 
     ext = backends.extension()
     result = {
         "benchmark": "trie_build",
-        "device": {"kind": "cpu", "name": cpu_name(), "torch_threads": torch.get_num_threads(),
-                   "os_cpu_count": os.cpu_count()},
+        "device": {"kind": "cpu", "name": cpu_name(), "torch_default_threads": default_threads,
+                   "os_cpu_count": os.cpu_count(),
+                   # a shared machine's load inflates the times; record it next to them
+                   "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "gflowgr": gflowgr_core.__version__,
                      "extension": ext.version() if ext is not None else None,
                      "extension_openmp": ext.has_openmp() if ext is not None else None},
         "baseline": "torch builder (vectorised PyTorch), same process and inputs",
-        "timing": "median wall-clock seconds after one warm-up build; includes input validation",
+        "timing": "median (and min) wall-clock seconds after one warm-up build, per thread count; includes "
+                  "input validation and the derived tables (edges, dense levels)",
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
