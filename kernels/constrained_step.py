@@ -1,0 +1,526 @@
+"""Fused trie-constrained decoding step: Triton kernels, and the wrappers of the compiled C++ / CUDA ops.
+
+Every function here computes exactly :func:`gflowgr_core.decoding.step.constrained_step_torch` (the
+specification) and registers itself with the step dispatcher as the ``"triton"``, ``"cpp"`` or ``"cuda"``
+backend when this module is imported (the dispatcher imports it on its first call).
+
+Triton (GPU; CPU tensors under ``TRITON_INTERPRET=1``). One program owns ``BLOCK_R`` rows of the level:
+
+1. logits ``z = h[rows] @ W_level^T (+ bias)`` as one ``[BLOCK_R, BLOCK_K]`` tile (``BLOCK_K >= K_level``),
+   ``tl.dot`` over ``d`` with fp32 accumulation;
+2. the child node of every ``(row, code)`` of the tile, ``-1`` where the code is not an edge of the row's
+   node, from one of three lookups chosen per level at launch: the trie's dense table (levels that have one),
+   a scan over the node's CSR edges (small ``max_branch``), or a vectorised binary search of each code in the
+   node's sorted CSR edge codes (large ``max_branch``);
+3. log-softmax over the children (``renormalize``) or over all ``K_level`` codes, ``-inf`` off the children;
+4. ``sample``: Gumbel-max of ``z / temperature + g`` over the children with the counter-based noise of
+   :func:`~gflowgr_core.decoding.step.gumbel_noise` (same hash, so the same codes as the reference), or
+   ``beam``: candidates ``score[row] + logp`` and the row's own top-``min(beams, K)`` of them.
+
+The beam step then needs the top-``beams`` over ``beams_in x K`` candidates per batch element. The global
+top-``beams`` takes at most ``beams`` candidates from any one row, and those are that row's own best under the
+same order, so the first kernel keeps only each row's top ``min(beams, K)`` (``[R, topk]`` values, codes and
+child nodes) and a second small kernel (one program per batch element) merges ``beams_in * topk``
+candidates. That is chosen over ``torch.topk`` on ``[B, beams_in * K]`` scores because it never writes the
+``R x K`` candidate matrix, and because ``torch.topk`` does not promise the reference's tie order (equal
+scores: lower flat index ``parent * K + code`` first); both kernels select with that exact order.
+
+No kernel reads a value back to the host and all shapes come from Python ints, so a beam or sampling loop
+over the levels can be captured in a CUDA graph (the noise key may be a device tensor updated in place).
+
+Compiled ops (``csrc/constrained_step.cpp``, ``csrc/constrained_step_cuda.cu``): the same step as
+``torch.ops.gflowgr.constrained_step_beam`` / ``constrained_step_sample``, walking each row's CSR edges.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from gflowgr_core import backends
+from gflowgr_core.decoding.step import (BeamStep, SampleStep, _check_inputs, constrained_step_torch, noise_key,
+                                        register_backend)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the compiled backends do not need triton
+    triton = None
+
+__all__ = ["constrained_step_triton", "constrained_step_cpp", "constrained_step_cuda", "TritonConfig",
+           "default_config", "MAX_TRITON_CODES", "LOOKUPS", "register"]
+
+log = logging.getLogger("gflowgr")
+
+#: Largest ``K_level`` the Triton kernel handles (one code tile per row block); wider levels use the
+#: reference (a warning is logged once).
+MAX_TRITON_CODES = 2048
+#: Child lookups of the Triton kernel: dense table, scan of the CSR edges, binary search of the CSR edges.
+LOOKUPS = ("dense", "scan", "search")
+#: ``max_branch`` up to which the scan lookup is used on levels without a dense table.
+SCAN_MAX_BRANCH = 16
+
+# Tests set this to fill every output (and the candidate scratch) with NaN / a sentinel before the kernels
+# run, so an element a kernel forgets to write cannot pass unnoticed.
+POISON_OUTPUTS = False
+_POISON_INT = -987654321
+
+_warned_wide = False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    if not POISON_OUTPUTS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else _POISON_INT
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def _level_bounds(trie, level: int) -> tuple[int, int]:
+    """``[lo, hi)``: the node ids of trie level ``level``."""
+    lo = sum(trie.nodes_per_level[:level])
+    return lo, lo + trie.nodes_per_level[level]
+
+
+def _beam_shape(scores, beams, rows: int) -> tuple[int, int, int]:
+    """``(B, beams_in, beams)`` with the reference's checks and messages."""
+    if scores is None or scores.dim() != 2:
+        raise ValueError("beam mode needs running scores [B, beams_in]")
+    b, beams_in = scores.shape
+    if b * beams_in != rows:
+        raise ValueError(f"scores {tuple(scores.shape)} do not match R = {rows} rows (need B * beams_in = R)")
+    beams = beams_in if beams is None else int(beams)
+    if beams < 1:
+        raise ValueError(f"beams must be >= 1, got {beams}")
+    return b, beams_in, beams
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+# ============================================================================================ Triton
+if triton is not None:
+
+    @triton.jit
+    def _mix32(x):
+        # The 32-bit mixer of gflowgr_core.decoding.step._mix32 on int64 lanes holding values < 2**32.
+        x = x ^ (x >> 16)
+        x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+        x = x ^ (x >> 15)
+        x = (x * 0x735A2D97) & 0xFFFFFFFF
+        return x ^ (x >> 15)
+
+    @triton.jit
+    def _absorb(state, value):
+        return _mix32(((state ^ value) + 0x9E3779B9) & 0xFFFFFFFF)
+
+    @triton.jit
+    def _gumbel_tile(KEY, level, rows, ks):
+        """``[BLOCK_R, BLOCK_K]`` fp32 Gumbel noise of ``gumbel_noise(key, level, ...)[rows][:, ks]``."""
+        key = tl.load(KEY)
+        state = _absorb(key * 0, key & 0xFFFFFFFF)
+        state = _absorb(state, (key >> 32) & 0xFFFFFFFF)
+        state = _absorb(state, key * 0 + level)
+        row_state = _absorb(state, rows.to(tl.int64))
+        x = _mix32(_absorb(row_state[:, None], ks[None, :].to(tl.int64)))
+        u = ((x >> 8) | 1).to(tl.float32) * 5.9604644775390625e-08
+        return -tl.log(-tl.log(u))
+
+    @triton.jit
+    def _mm(a, b, acc, DOT_F32: tl.constexpr):
+        """``acc + a @ b`` with fp32 accumulation; ``DOT_F32`` runs the product in IEEE fp32 (fp32 or mixed
+        operands, and the interpreter, which multiplies 16-bit floats as their bit patterns)."""
+        if DOT_F32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _logits_tile(H, W, BIAS, rows, row_ok, ks, k_ok, D, stride_hr, stride_hd, stride_wk, stride_wd,
+                     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """``[BLOCK_R, BLOCK_K]`` fp32 logits ``h[rows] . W[ks] (+ bias[ks])``; 0 where masked."""
+        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < D
+            a = tl.load(H + rows[:, None] * stride_hr + ds[None, :].to(tl.int64) * stride_hd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            # W read transposed, [BLOCK_D, BLOCK_K], straight from its row-major layout.
+            b = tl.load(W + ks[None, :].to(tl.int64) * stride_wk + ds[:, None].to(tl.int64) * stride_wd,
+                        mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+            acc = _mm(a, b, acc, DOT_F32)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _child_tile(NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, rows, row_ok, ks, k_ok, lvl_lo, lvl_hi,
+                    stride_dense, LOOKUP: tl.constexpr, MAX_BRANCH: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``[BLOCK_R, BLOCK_K]`` int64: child node of each row's node along code ``ks``, ``-1`` if none.
+
+        Rows whose node is not of this level (``-1`` for a dead row) have no children.
+        """
+        node = tl.load(NODE + rows, mask=row_ok, other=-1)
+        in_level = row_ok & (node >= lvl_lo) & (node < lvl_hi)
+        ok = in_level[:, None] & k_ok[None, :]
+        safe = tl.where(in_level, node, lvl_lo)
+        if LOOKUP == 0:  # dense table of the level: [nodes_at_level, K]
+            child = tl.load(DENSE + (safe - lvl_lo)[:, None] * stride_dense + ks[None, :], mask=ok, other=-1)
+        else:
+            start = tl.load(INDPTR + safe, mask=in_level, other=0)
+            end = tl.load(INDPTR + safe + 1, mask=in_level, other=0)
+            if LOOKUP == 1:  # scan: every edge of the node against every code of the tile
+                child = tl.full([BLOCK_R, BLOCK_K], -1, tl.int64)
+                for j in range(MAX_BRANCH):
+                    edge = start + j
+                    has = edge < end
+                    code = tl.load(CHILD_CODE + edge, mask=has, other=-1)
+                    nxt = tl.load(CHILD_NODE + edge, mask=has, other=-1)
+                    hit = (ks[None, :] == code[:, None]) & has[:, None]
+                    child = tl.where(hit, nxt[:, None], child)
+            else:  # lower_bound of each code in the node's sorted edge codes
+                zero = tl.zeros([BLOCK_R, BLOCK_K], tl.int64)
+                first = start[:, None] + zero
+                count = (end - start)[:, None] + zero
+                for _ in range(SEARCH_STEPS):
+                    half = count // 2
+                    mid = first + half
+                    live = ok & (count > 0)
+                    code = tl.load(CHILD_CODE + mid, mask=live, other=0)
+                    right = live & (code < ks[None, :])
+                    first = tl.where(right, mid + 1, first)
+                    count = tl.where(right, count - half - 1, half)
+                inside = ok & (first < end[:, None])
+                code = tl.load(CHILD_CODE + first, mask=inside, other=-1)
+                found = inside & (code == ks[None, :])
+                child = tl.load(CHILD_NODE + first, mask=found, other=-1)
+        return tl.where(ok, child, -1)
+
+    @triton.jit
+    def _log_probs(z, valid, row_ok, k_ok, RENORM: tl.constexpr):
+        """fp32 log-probabilities, ``-inf`` off the children: ``(z - max) - log(sum exp(z - max))`` over the
+        children (``RENORM``) or over all the level's codes."""
+        neg = float("-inf")
+        if RENORM:
+            support = valid
+        else:
+            support = row_ok[:, None] & k_ok[None, :]
+        m = tl.max(tl.where(support, z, neg), axis=1)
+        m = tl.where(m == neg, 0.0, m)
+        shifted = z - m[:, None]
+        total = tl.sum(tl.where(support, tl.exp(shifted), 0.0), axis=1)
+        # A row without support (no children) has total 0; its entries are all -inf anyway.
+        total = tl.where(total > 0, total, 1.0)
+        return tl.where(valid, shifted - tl.log(total)[:, None], neg)
+
+    @triton.jit
+    def _sample_kernel(H, W, BIAS, NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, KEY,
+                       OUT_CODE, OUT_NODE, OUT_LOGP,
+                       R, K, D, level, lvl_lo, lvl_hi, inv_temp,
+                       stride_hr, stride_hd, stride_wk, stride_wd, stride_dense,
+                       HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, DOT_F32: tl.constexpr,
+                       LOOKUP: tl.constexpr, MAX_BRANCH: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        row_ok = rows < R
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        z = _logits_tile(H, W, BIAS, rows, row_ok, ks, k_ok, D, stride_hr, stride_hd, stride_wk, stride_wd,
+                         HAS_BIAS, DOT_F32, BLOCK_R, BLOCK_K, BLOCK_D)
+        child = _child_tile(NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, rows, row_ok, ks, k_ok, lvl_lo, lvl_hi,
+                            stride_dense, LOOKUP, MAX_BRANCH, SEARCH_STEPS, BLOCK_R, BLOCK_K)
+        valid = child >= 0
+        logp = _log_probs(z, valid, row_ok, k_ok, RENORM)
+        # The reference perturbs logits / temperature (not log-probs): same argmax, same rounding.
+        pert = tl.where(valid, z * inv_temp + _gumbel_tile(KEY, level, rows, ks), float("-inf"))
+        best = tl.max(pert, axis=1)
+        has = tl.max(valid.to(tl.int32), axis=1) > 0
+        pick = tl.min(tl.where(valid & (pert == best[:, None]), ks[None, :], BLOCK_K), axis=1)
+        sel = ks[None, :] == pick[:, None]
+        code = tl.where(has, pick.to(tl.int64), -1)
+        nxt = tl.where(has, tl.sum(tl.where(sel, child, 0), axis=1), -1)
+        lp = tl.where(has, tl.sum(tl.where(sel, logp, 0.0), axis=1), float("-inf"))
+        tl.store(OUT_CODE + rows, code, mask=row_ok)
+        tl.store(OUT_NODE + rows, nxt, mask=row_ok)
+        tl.store(OUT_LOGP + rows, lp, mask=row_ok)
+
+    @triton.jit
+    def _beam_rows_kernel(H, W, BIAS, NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, SCORES,
+                          CAND_V, CAND_C, CAND_N,
+                          R, K, D, lvl_lo, lvl_hi,
+                          stride_hr, stride_hd, stride_wk, stride_wd, stride_dense, stride_s,
+                          HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, DOT_F32: tl.constexpr,
+                          LOOKUP: tl.constexpr, MAX_BRANCH: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                          TOPK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+        """Each row's top ``TOPK`` candidates ``score + logp`` (value desc, code asc) into ``[R, TOPK]``."""
+        pid = tl.program_id(0)
+        rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        row_ok = rows < R
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        z = _logits_tile(H, W, BIAS, rows, row_ok, ks, k_ok, D, stride_hr, stride_hd, stride_wk, stride_wd,
+                         HAS_BIAS, DOT_F32, BLOCK_R, BLOCK_K, BLOCK_D)
+        child = _child_tile(NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, rows, row_ok, ks, k_ok, lvl_lo, lvl_hi,
+                            stride_dense, LOOKUP, MAX_BRANCH, SEARCH_STEPS, BLOCK_R, BLOCK_K)
+        valid = child >= 0
+        logp = _log_probs(z, valid, row_ok, k_ok, RENORM)
+        score = tl.load(SCORES + rows * stride_s, mask=row_ok, other=float("-inf")).to(tl.float32)
+        cand = tl.where(valid, score[:, None] + logp, float("-inf"))
+        for j in range(TOPK):
+            best = tl.max(cand, axis=1)
+            pick = tl.min(tl.where(cand == best[:, None], ks[None, :], BLOCK_K), axis=1)
+            alive = best > float("-inf")
+            sel = ks[None, :] == pick[:, None]
+            nxt = tl.sum(tl.where(sel, child, 0), axis=1)
+            tl.store(CAND_V + rows * TOPK + j, best, mask=row_ok)
+            tl.store(CAND_C + rows * TOPK + j, tl.where(alive, pick, -1), mask=row_ok)
+            tl.store(CAND_N + rows * TOPK + j, tl.where(alive, nxt, -1), mask=row_ok)
+            cand = tl.where(sel, float("-inf"), cand)
+
+    @triton.jit
+    def _beam_merge_kernel(CAND_V, CAND_C, CAND_N, OUT_PARENT, OUT_CODE, OUT_NODE, OUT_SCORE,
+                           K, N_CAND, NONE_FLAT,
+                           TOPK: tl.constexpr, BEAMS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Top ``BEAMS`` of one batch element's ``beams_in * TOPK`` row candidates, by value desc then flat
+        index ``parent * K + code`` asc; dead slots get parent 0, code -1, node -1, score -inf."""
+        b = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, BLOCK_C)
+        ok = i < N_CAND
+        base = b * N_CAND
+        v = tl.load(CAND_V + base + i, mask=ok, other=float("-inf"))
+        c = tl.load(CAND_C + base + i, mask=ok, other=-1)
+        n = tl.load(CAND_N + base + i, mask=ok, other=-1)
+        v = tl.where(c >= 0, v, float("-inf"))
+        flat = (i // TOPK).to(tl.int64) * K + c
+        for j in range(BEAMS):
+            best = tl.max(v, axis=0)
+            alive = best > float("-inf")
+            f = tl.min(tl.where(v == best, flat, NONE_FLAT), axis=0)
+            sel = (flat == f) & (v == best)
+            nxt = tl.sum(tl.where(sel, n, 0), axis=0)
+            tl.store(OUT_PARENT + b * BEAMS + j, tl.where(alive, f // K, 0))
+            tl.store(OUT_CODE + b * BEAMS + j, tl.where(alive, f % K, -1))
+            tl.store(OUT_NODE + b * BEAMS + j, tl.where(alive, nxt, -1))
+            tl.store(OUT_SCORE + b * BEAMS + j, best)
+            v = tl.where(sel, float("-inf"), v)
+
+
+class TritonConfig:
+    """Launch settings of the Triton step: rows per program, the ``d`` tile, warps."""
+
+    def __init__(self, block_r: int, block_d: int, num_warps: int):
+        for name, v in (("block_r", block_r), ("block_d", block_d)):
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"TritonConfig.{name} must be a power of two >= 16 (tl.dot tiles), got {v}")
+        self.block_r, self.block_d, self.num_warps = int(block_r), int(block_d), int(num_warps)
+
+    def __repr__(self) -> str:
+        return f"TritonConfig(block_r={self.block_r}, block_d={self.block_d}, num_warps={self.num_warps})"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def default_config(k: int, d: int, dtype: torch.dtype) -> TritonConfig:
+    """Tiles for a level of ``k`` codes and hidden size ``d``: about 8K fp32 logits per program on a GPU
+    (32 rows x 256 codes), the smallest tiles under the interpreter."""
+    block_k = max(16, _next_pow2(k))
+    if _interpreting():
+        return TritonConfig(16, 16 if d <= 16 else 32, 1)
+    block_r = max(16, min(64, 8192 // block_k))
+    block_d = max(16, min(64 if dtype != torch.float32 else 32, _next_pow2(d)))
+    return TritonConfig(block_r, block_d, 8 if block_k >= 512 else 4)
+
+
+def _lookup(trie, level: int, lookup: str | None) -> tuple[int, torch.Tensor | None]:
+    """``(lookup id, dense table or None)`` for ``level``: dense when the trie has a table for it, else scan
+    for small ``max_branch``, else binary search; ``lookup`` forces one (tests)."""
+    if lookup is None:
+        if level < trie.num_dense:
+            lookup = "dense"
+        else:
+            lookup = "scan" if trie.max_branch[level] <= SCAN_MAX_BRANCH else "search"
+    if lookup not in LOOKUPS:
+        raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
+    if lookup == "dense":
+        if level >= trie.num_dense:
+            raise ValueError(f"lookup 'dense' needs a dense table for level {level}; the trie has "
+                             f"{trie.num_dense} dense level(s)")
+        return 0, trie.dense[level]
+    return LOOKUPS.index(lookup), None
+
+
+def constrained_step_triton(h: torch.Tensor, w_level: torch.Tensor, node: torch.Tensor, level: int, trie,
+                            mode: str = "beam", *, scores: torch.Tensor | None = None, beams: int | None = None,
+                            temperature: float = 1.0, generator: torch.Generator | None = None, seed=None,
+                            renormalize: bool = True, bias: torch.Tensor | None = None,
+                            config: TritonConfig | None = None, lookup: str | None = None):
+    """The constrained step on the Triton kernels; arguments and results as
+    :func:`~gflowgr_core.decoding.step.constrained_step_torch`.
+
+    Tensors live on one CUDA device (or the CPU under ``TRITON_INTERPRET=1``). ``h`` / ``w_level`` may be
+    fp32, bf16 or fp16 (any row strides); logits accumulate in fp32. Extra keywords: ``config`` (tiles,
+    :func:`default_config` when omitted) and ``lookup`` (force ``"dense"`` / ``"scan"`` / ``"search"``).
+    Levels wider than :data:`MAX_TRITON_CODES` codes run on the reference.
+    """
+    global _warned_wide
+    if triton is None:
+        raise RuntimeError("triton is not installed: the 'triton' constrained_step backend is unavailable")
+    _check_inputs(h, w_level, node, level, trie, mode, bias)
+    dev = h.device
+    for name, t in (("w_level", w_level), ("node", node), ("bias", bias), ("scores", scores),
+                    ("trie", trie.indptr)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"constrained_step_triton: {name} is on {t.device}, h on {dev}")
+    if dev.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"the Triton constrained step runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1),"
+                           f" got tensors on {dev}")
+    R, d = h.shape
+    K = trie.codes_per_level[level]
+    if mode == "sample":
+        _check_temperature(temperature)
+    else:
+        B, beams_in, beams = _beam_shape(scores, beams, R)
+    if K > MAX_TRITON_CODES:
+        if not _warned_wide:
+            log.warning("constrained_step: level %d has %d codes > %d, the Triton kernel's limit; using the "
+                        "PyTorch reference for such levels", level, K, MAX_TRITON_CODES)
+            _warned_wide = True
+        return constrained_step_torch(h, w_level, node, level, trie, mode, scores=scores, beams=beams,
+                                      temperature=temperature, generator=generator, seed=seed,
+                                      renormalize=renormalize, bias=bias)
+
+    cfg = config or default_config(K, d, h.dtype)
+    lookup_id, dense = _lookup(trie, level, lookup)
+    dense_arg = dense if dense is not None else trie.indptr
+    stride_dense = dense.stride(0) if dense is not None else 0
+    max_branch = trie.max_branch[level]
+    lo, hi = _level_bounds(trie, level)
+    node = node.long().contiguous()
+    dot_f32 = (_interpreting() or h.dtype == torch.float32 or w_level.dtype == torch.float32
+               or h.dtype != w_level.dtype)
+    block_k = max(16, _next_pow2(K))
+    common = dict(HAS_BIAS=bias is not None, RENORM=bool(renormalize), DOT_F32=dot_f32, LOOKUP=lookup_id,
+                  MAX_BRANCH=max_branch, SEARCH_STEPS=max(1, max_branch.bit_length()),
+                  BLOCK_R=cfg.block_r, BLOCK_K=block_k, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
+    bias_arg = bias if bias is not None else h
+    grid = (triton.cdiv(R, cfg.block_r),)
+
+    if mode == "sample":
+        key = noise_key(seed, generator, dev)
+        code = _alloc((R,), torch.long, dev)
+        nxt = _alloc((R,), torch.long, dev)
+        logp = _alloc((R,), torch.float32, dev)
+        if R > 0:
+            _sample_kernel[grid](
+                h, w_level, bias_arg, node, dense_arg, trie.indptr, trie.child_code, trie.child_node, key,
+                code, nxt, logp,
+                R, K, d, level, lo, hi, 1.0 / float(temperature),
+                h.stride(0), h.stride(1), w_level.stride(0), w_level.stride(1), stride_dense, **common)
+        return SampleStep(code=code, next_node=nxt, logp=logp)
+
+    topk = min(beams, K)
+    parent = _alloc((B, beams), torch.long, dev)
+    code = _alloc((B, beams), torch.long, dev)
+    nxt = _alloc((B, beams), torch.long, dev)
+    score = _alloc((B, beams), torch.float32, dev)
+    if R == 0:
+        return BeamStep(parent=parent, code=code, next_node=nxt, score=score)
+    cand_v = _alloc((R, topk), torch.float32, dev)
+    cand_c = _alloc((R, topk), torch.int32, dev)
+    cand_n = _alloc((R, topk), torch.long, dev)
+    flat_scores = scores.reshape(R)
+    _beam_rows_kernel[grid](
+        h, w_level, bias_arg, node, dense_arg, trie.indptr, trie.child_code, trie.child_node, flat_scores,
+        cand_v, cand_c, cand_n,
+        R, K, d, lo, hi,
+        h.stride(0), h.stride(1), w_level.stride(0), w_level.stride(1), stride_dense, flat_scores.stride(0),
+        TOPK=topk, **common)
+    n_cand = beams_in * topk
+    _beam_merge_kernel[(B,)](
+        cand_v, cand_c, cand_n, parent, code, nxt, score, K, n_cand, n_cand * K,
+        TOPK=topk, BEAMS=beams, BLOCK_C=max(16, _next_pow2(n_cand)), num_warps=4 if n_cand >= 256 else 1)
+    return BeamStep(parent=parent, code=code, next_node=nxt, score=score)
+
+
+# ============================================================================================ compiled ops
+def _compiled_op(mode: str):
+    return backends.extension_op("constrained_step_beam" if mode == "beam" else "constrained_step_sample")
+
+
+def _has_cuda_kernel(op) -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op._schema.name, "CUDA"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _compiled_step(device_type: str, h, w_level, node, level, trie, mode, scores, beams, temperature, generator,
+                   seed, renormalize, bias):
+    _check_inputs(h, w_level, node, level, trie, mode, bias)
+    op = _compiled_op(mode)
+    backend = "cpp" if device_type == "cpu" else "cuda"
+    if op is None:
+        raise RuntimeError(f"the '{backend}' constrained_step backend needs the compiled extension "
+                           f"gflowgr_core._C with its constrained_step ops (pip install --no-build-isolation -e .)")
+    if h.device.type != device_type:
+        raise ValueError(f"the '{backend}' constrained_step backend runs on {device_type} tensors, got h on "
+                         f"{h.device}")
+    lo, hi = _level_bounds(trie, level)
+    node = node.long()
+    if mode == "sample":
+        _check_temperature(temperature)
+        key = noise_key(seed, generator, h.device)
+        code, nxt, logp = op(h, w_level, bias, node, trie.indptr, trie.child_code, trie.child_node, lo, hi,
+                             key, int(level), float(temperature), bool(renormalize))
+        return SampleStep(code=code, next_node=nxt, logp=logp)
+    _, _, beams = _beam_shape(scores, beams, h.shape[0])
+    parent, code, nxt, score = op(h, w_level, bias, node, trie.indptr, trie.child_code, trie.child_node, lo, hi,
+                                  scores, beams, bool(renormalize))
+    return BeamStep(parent=parent, code=code, next_node=nxt, score=score)
+
+
+def constrained_step_cpp(h: torch.Tensor, w_level: torch.Tensor, node: torch.Tensor, level: int, trie,
+                         mode: str = "beam", *, scores: torch.Tensor | None = None, beams: int | None = None,
+                         temperature: float = 1.0, generator: torch.Generator | None = None, seed=None,
+                         renormalize: bool = True, bias: torch.Tensor | None = None):
+    """The constrained step on the C++ CPU op (OpenMP over rows; only each row's children are scored when
+    ``renormalize``); arguments and results as :func:`~gflowgr_core.decoding.step.constrained_step_torch`."""
+    return _compiled_step("cpu", h, w_level, node, level, trie, mode, scores, beams, temperature, generator, seed,
+                          renormalize, bias)
+
+
+def constrained_step_cuda(h: torch.Tensor, w_level: torch.Tensor, node: torch.Tensor, level: int, trie,
+                          mode: str = "beam", *, scores: torch.Tensor | None = None, beams: int | None = None,
+                          temperature: float = 1.0, generator: torch.Generator | None = None, seed=None,
+                          renormalize: bool = True, bias: torch.Tensor | None = None):
+    """The constrained step on the CUDA op (cuBLAS logits, then one warp per row for the mask, log-softmax
+    and the row's top-k, and one warp per batch element for the merge); arguments and results as
+    :func:`~gflowgr_core.decoding.step.constrained_step_torch`."""
+    return _compiled_step("cuda", h, w_level, node, level, trie, mode, scores, beams, temperature, generator,
+                          seed, renormalize, bias)
+
+
+def register() -> None:
+    """Register the backends this installation provides with the step dispatcher (idempotent)."""
+    if triton is not None:
+        register_backend("triton", constrained_step_triton)
+    op = _compiled_op("beam")
+    if op is not None:
+        register_backend("cpp", constrained_step_cpp)
+        if _has_cuda_kernel(op):
+            register_backend("cuda", constrained_step_cuda)
+
+
+register()
