@@ -23,13 +23,13 @@ TABLE_METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10")
 DEMO_SETTINGS = {
     "model.hidden": 64, "model.layers": 2, "model.heads": 2, "model.kv_heads": 2, "model.intermediate": 128,
     "model.flow_hidden": 64, "batch_size": 256, "lr": 3e-3, "warmup_steps": 20, "eval_beams": 20,
-    "valid_max_users": 300, "log_every": 10, "cm.max_epochs": 20, "cm.patience": 2, "cm.verbose": False,
+    "valid_max_users": 300, "log_every": 5, "cm.max_epochs": 3, "cm.patience": 1, "cm.verbose": False,
 }
 SFT_SETTINGS = {"stage": "sft", "epochs": 6, "patience": 2, "max_train_examples": 30000}
 GFLOWGR_SETTINGS = {"stage": "gflowgr", "epochs": 2, "patience": 2, "lr": 1e-3, "warmup_steps": 10,
                     "max_train_examples": 30000, "gfn.objective": "tb", "gfn.n_aug": 3,
                     "gfn.sampler": "cm_curriculum"}
-QUICK = {"epochs": 1, "max_train_examples": 2000, "valid_max_users": 50, "cm.max_epochs": 2}
+QUICK = {"epochs": 1, "max_train_examples": 2000, "valid_max_users": 50, "cm.max_epochs": 1}
 
 
 def _overrides(*dicts: dict) -> list[str]:
@@ -46,7 +46,7 @@ def run_demo(out: str | Path = "runs/demo", device: str = "auto", quick: bool = 
     if (data_dir / "stats.json").exists():
         data = PreparedData.load(data_dir)
     else:
-        data = prepare("ml100k", None, data_dir, levels=3, codes=32, collisions="suffix", seed=0)
+        data = prepare("ml100k", None, data_dir, levels=3, codes=64, collisions="suffix", seed=0)
     print(f"MovieLens-100K: {data.stats['num_users']} users, {data.stats['num_items']} items, "
           f"{data.stats['num_train_examples']} training examples, SID levels {data.stats['sid_codes_per_level']}")
     quick_settings = QUICK if quick else {}
@@ -92,7 +92,7 @@ def plot_demo(out: Path, metrics: dict) -> Path:
     offset = 0
     for name, label in (("sft", "SFT (CE)"), ("gflowgr", "GFlowGR-TB (CE + TB)")):
         steps, losses = _train_curve(out / name)
-        ax_loss.plot([offset + s for s in steps], losses, label=label)
+        ax_loss.plot([offset + s for s in steps], losses, marker="o" if len(steps) < 20 else None, label=label)
         offset += steps[-1] if steps else 0
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss")

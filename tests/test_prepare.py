@@ -1,0 +1,91 @@
+"""`gflowgr prepare`: the prepared folder and its stats.json, on the shared Beauty data and on built SIDs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gflowgr_core.cli import main
+from gflowgr_core.data.loaders import Interactions
+from gflowgr_core.data.prepared import PreparedData, prepare
+
+DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+BEAUTY = DATA / "letter" / "Beauty"
+REQUIRED = ("num_users", "num_items", "num_interactions", "num_train_examples", "num_valid", "num_test",
+            "sid_levels", "sid_codes_per_level", "sid_collisions", "trie_nodes_per_level")
+
+
+@pytest.mark.skipif(not (BEAUTY / "Beauty.inter.json").exists(), reason=f"shared Beauty data not found at {BEAUTY}")
+def test_prepare_beauty_cli(tmp_path, capsys):
+    out = tmp_path / "beauty"
+    assert main(["prepare", "--format", "letter", "--path", str(BEAUTY), "--out", str(out),
+                 "--collisions", "share"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert set(REQUIRED) <= set(stats)
+    assert stats["num_users"] == 22363
+    assert stats["num_items"] == 12101
+    assert stats["num_interactions"] == 198502
+    assert stats["num_train_examples"] == 131413
+    assert stats["num_valid"] == stats["num_test"] == 22363
+    assert stats["sid_levels"] == 4 and stats["sid_codes_per_level"] == [256] * 4
+    assert stats["sid_collisions"] == 13
+    assert stats["catalog"]["shared_sids"] == 11 and stats["catalog"]["items_in_shared_sids"] == 24
+    assert stats["trie_nodes_per_level"][0] == 1 and stats["trie_nodes_per_level"][-1] == 12088
+    assert "22363" in capsys.readouterr().out.replace(",", "")
+
+    data = PreparedData.load(out)
+    assert len(data.split.train) == 131413
+    # every item's SID is in the trie and maps back to a leaf holding that item
+    leaves = data.trie.leaf_of(data.catalog.codes)
+    items, valid = data.trie.items_of_leaves(leaves)
+    held = ((items == torch.arange(data.num_items)[:, None]) & valid).any(1)
+    assert bool(held.all())
+
+
+def _synthetic(n_users: int = 60, n_items: int = 40, seed: int = 0) -> Interactions:
+    rng = np.random.default_rng(seed)
+    seqs = [rng.choice(n_items, size=rng.integers(3, 12), replace=False).astype(np.int64) for _ in range(n_users)]
+    return Interactions(user_ids=[f"u{i}" for i in range(n_users)], item_ids=[str(i) for i in range(n_items)],
+                        sequences=seqs, source="synthetic")
+
+
+def test_prepare_builds_unique_sids_by_default(tmp_path, monkeypatch):
+    """Formats without SIDs get RQ-KMeans SIDs; the default `suffix` policy makes every SID unique."""
+    import gflowgr_core.data.prepared as prepared_mod
+
+    monkeypatch.setattr(prepared_mod, "load_interactions", lambda fmt, path: _synthetic())
+    data = prepare("p5", "unused", tmp_path / "p", levels=2, codes=4, seed=0)
+    assert data.catalog.collisions == "suffix"
+    assert torch.unique(data.catalog.codes, dim=0).shape[0] == data.num_items
+    assert data.stats["sid_levels"] == 3  # 2 built levels + the disambiguation level
+    again = prepare("p5", "unused", None, levels=2, codes=4, seed=0)
+    assert torch.equal(again.catalog.codes, data.catalog.codes), "SIDs must be deterministic for a seed"
+    reloaded = PreparedData.load(tmp_path / "p")
+    assert torch.equal(reloaded.catalog.codes, data.catalog.codes)
+    assert reloaded.stats == data.stats
+
+
+def test_prepare_share_keeps_collisions(monkeypatch):
+    import gflowgr_core.data.prepared as prepared_mod
+
+    monkeypatch.setattr(prepared_mod, "load_interactions", lambda fmt, path: _synthetic())
+    data = prepare("p5", "unused", None, levels=1, codes=4, collisions="share", seed=0)
+    assert data.stats["sid_collisions"] == data.num_items - torch.unique(data.catalog.codes, dim=0).shape[0] > 0
+    assert data.trie.stats()["nodes_per_level"][-1] == torch.unique(data.catalog.codes, dim=0).shape[0]
+
+
+def test_prepared_folder_incomplete_names_missing_file(tmp_path):
+    (tmp_path / "stats.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="split.pt"):
+        PreparedData.load(tmp_path)
+
+
+def test_prepare_rejects_unknown_options():
+    with pytest.raises(ValueError, match="unknown format"):
+        prepare("parquet", "x")
+    with pytest.raises(ValueError, match="collision policy"):
+        prepare("letter", BEAUTY, collisions="merge")
