@@ -1,0 +1,232 @@
+"""The reproduction grid: every YAML under configs/ loads, stage-2 methods share one budget and model,
+the ablation overrides apply, and benchmarks/run_quality.py plans, skips, resumes and aggregates runs."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from gflowgr_core.train.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+DATA = Path(os.environ.get("GFLOWGR_DATA", REPO.parent / "shared" / "data"))
+BEAUTY = DATA / "letter" / "Beauty"
+DATASETS = ("beauty", "sports", "toys")
+METHODS = ("sft", "sft_continue", "dpo", "sdpo", "gflowgr_tb", "gflowgr_db", "gflowgr_subtb")
+STAGE = {"sft": "sft", "sft_continue": "sft_continue", "dpo": "dpo", "sdpo": "sdpo",
+         "gflowgr_tb": "gflowgr", "gflowgr_db": "gflowgr", "gflowgr_subtb": "gflowgr"}
+ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
+# Fields every stage-2 run of a dataset must share so that baselines and GFlowGR get the same budget.
+SHARED_STAGE2 = ("epochs", "max_steps", "batch_size", "max_train_examples", "lr", "weight_decay",
+                 "warmup_steps", "grad_clip", "eval_every", "patience", "eval_beams", "valid_max_users",
+                 "select_metric", "dtype", "sft_support", "model")
+
+
+def _load_runner():
+    spec = importlib.util.spec_from_file_location("run_quality", REPO / "benchmarks" / "run_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_quality"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+runner = _load_runner()
+
+
+def test_grid_is_complete():
+    found = {p.relative_to(CONFIGS).as_posix() for p in ALL_YAML}
+    expected = {f"{ds}/{m}.yaml" for ds in DATASETS for m in METHODS}
+    assert expected <= found, f"missing configs: {sorted(expected - found)}"
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_every_yaml_loads(path):
+    cfg = load_config(path)  # unknown keys, bad types or bad choices raise ConfigError
+    dataset, method = path.parent.name, path.stem
+    assert cfg.stage == STAGE[method]
+    assert cfg.data == f"runs/data/{dataset}"
+    assert cfg.out == f"runs/{dataset}/{method}/seed42"
+    if method != "sft":
+        assert cfg.init_checkpoint == f"runs/{dataset}/sft/seed42/best"
+    assert cfg.dtype == "bfloat16" and cfg.batch_size >= 512
+    assert (cfg.model.arch, cfg.model.hidden, cfg.model.layers, cfg.model.pretrained) == ("qwen2", 128, 4, None)
+
+
+def test_a_typo_in_a_yaml_fails(tmp_path):
+    text = (CONFIGS / "beauty" / "gflowgr_tb.yaml").read_text().replace("  n_aug: 3", "  n_augs: 3")
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match="n_augs"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_stage2_methods_share_budget_and_model(dataset):
+    cfgs = {m: load_config(CONFIGS / dataset / f"{m}.yaml") for m in METHODS}
+    ref = dataclasses.asdict(cfgs["gflowgr_tb"])
+    for method in METHODS[1:]:
+        other = dataclasses.asdict(cfgs[method])
+        diff = {k: (other[k], ref[k]) for k in SHARED_STAGE2 if other[k] != ref[k]}
+        assert not diff, f"{dataset}/{method} differs from gflowgr_tb in {diff}"
+    assert cfgs["sft"].model == cfgs["gflowgr_tb"].model
+    assert cfgs["sft"].batch_size == cfgs["gflowgr_tb"].batch_size
+    # Same model across datasets too (the size stated in the YAML headers).
+    assert cfgs["gflowgr_tb"].model == load_config(CONFIGS / "beauty" / "gflowgr_tb.yaml").model
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_gflowgr_variants_differ_only_in_objective(dataset):
+    cfgs = {m: load_config(CONFIGS / dataset / f"{m}.yaml") for m in ("gflowgr_tb", "gflowgr_db", "gflowgr_subtb")}
+    for method, cfg in cfgs.items():
+        assert cfg.gfn.objective == method.split("_")[1]
+        assert dataclasses.replace(cfg.gfn, objective="tb") == cfgs["gflowgr_tb"].gfn
+        assert cfg.gfn.sampler == "cm_curriculum" and cfg.gfn.n_aug == 3 and cfg.gfn.lambda_gfn == 1.0
+        assert cfg.cm == cfgs["gflowgr_tb"].cm
+    sdpo = load_config(CONFIGS / dataset / "sdpo.yaml")
+    assert sdpo.pref.n_neg == cfgs["gflowgr_tb"].gfn.n_aug  # as many extra trajectories as GFlowGR
+
+
+@pytest.mark.parametrize("name", list(runner.ABLATIONS))
+def test_ablation_overrides_apply(name):
+    method, overrides = runner.ABLATIONS[name]
+    base = load_config(CONFIGS / "beauty" / f"{method}.yaml")
+    cfg = load_config(CONFIGS / "beauty" / f"{method}.yaml", overrides)
+    assert (cfg == base) == (not overrides), f"{name}: overrides {overrides} did not change the config"
+    for item in overrides:
+        key, value = item.split("=", 1)
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert str(node).lower() == value.lower() or float(node) == float(value), f"{name}: {key} = {node}"
+
+
+def test_ablations_cover_the_requested_axes():
+    overrides = {tuple(o) for _, o in runner.ABLATIONS.values()}
+    for expected in (("gfn.lambda_gfn=0.1",), ("gfn.lambda_gfn=10",), ("gfn.n_aug=1",), ("gfn.n_aug=5",),
+                     ("gfn.reward.use_a=false",), ("gfn.reward.use_cm=false",), ("gfn.reward.use_sim=false",),
+                     ("gfn.sampler=logs",), ("gfn.sampler=random",), ("gfn.sampler=onpolicy",),
+                     ("gfn.policy_support=vocab",)):
+        assert expected in overrides
+    assert {m for m, _ in runner.ABLATIONS.values()} == {"gflowgr_tb", "gflowgr_db", "gflowgr_subtb"}
+
+
+def test_plan_grid_is_seed_major_and_wires_checkpoints(tmp_path):
+    specs = runner.plan_grid("beauty", ["gflowgr_tb", "sdpo"], [42, 43], tmp_path)
+    assert [(s.name, s.seed) for s in specs] == [("sft", 42), ("gflowgr_tb", 42), ("sdpo", 42),
+                                                 ("sft", 43), ("gflowgr_tb", 43), ("sdpo", 43)]
+    for spec in specs:
+        cfg = load_config(spec.config_path, spec.overrides)
+        assert cfg.seed == spec.seed and Path(cfg.out) == spec.out
+        assert Path(cfg.data) == tmp_path / "data" / "beauty"
+        if spec.name != "sft":
+            assert Path(cfg.init_checkpoint) == tmp_path / "beauty" / "sft" / f"seed{spec.seed}" / "best"
+            assert spec.needs == [tmp_path / "beauty" / "sft" / f"seed{spec.seed}"]
+    quick = runner.plan_grid("beauty", ["gflowgr_tb"], [42], tmp_path, quick=True)
+    cfg = load_config(quick[1].config_path, quick[1].overrides)
+    assert cfg.model.hidden == 32 and cfg.max_steps == 10 and cfg.device == "cpu"
+    assert str(quick[1].out).startswith(str(tmp_path / "quick"))
+
+
+def _fake_result(spec, value: float) -> dict:
+    test = {m: value for m in runner.METRICS}
+    return {"test": test, "train_seconds": 10.0 * value, "epochs": 2, "steps": 20, "device": "cpu"}
+
+
+def test_run_specs_skips_finished_resumes_stale_and_respects_needs(tmp_path):
+    specs = runner.plan_grid("beauty", ["gflowgr_tb"], [42, 43], tmp_path)
+    trained = []
+
+    def fake_train(config, data):
+        out = Path(config.out)
+        trained.append(out)
+        assert not (out / "stale.txt").exists(), "an interrupted run folder must be cleared first"
+        (out / "result.json").write_text(json.dumps(_fake_result(None, 0.1)))
+        return {}
+
+    # seed 42 SFT finished earlier; seed 42 GFlowGR was interrupted (folder without result.json).
+    specs[0].out.mkdir(parents=True)
+    (specs[0].out / "result.json").write_text(json.dumps(_fake_result(None, 0.1)))
+    specs[1].out.mkdir(parents=True)
+    (specs[1].out / "stale.txt").write_text("x")
+    report = runner.run_specs(specs, data=None, train_fn=fake_train)
+    assert trained == [specs[1].out, specs[2].out, specs[3].out]
+    assert report["skipped"] == [str(specs[0].out)]
+    assert all((s.out / "env.json").exists() for s in specs[1:])
+    # A second pass trains nothing.
+    trained.clear()
+    report = runner.run_specs(specs, data=None, train_fn=fake_train)
+    assert trained == [] and len(report["skipped"]) == 4
+
+
+def test_run_specs_time_budget_and_missing_sft(tmp_path):
+    specs = runner.plan_grid("beauty", ["gflowgr_tb"], [42], tmp_path)
+    report = runner.run_specs(specs[1:], data=None, train_fn=lambda c, d: pytest.fail("must not train"))
+    assert report["not_started"] == [str(specs[1].out)]  # its SFT checkpoint does not exist
+    report = runner.run_specs(specs, data=None, max_minutes=-1, train_fn=lambda c, d: pytest.fail("no"))
+    assert len(report["not_started"]) == 2
+
+
+def test_aggregate_mean_std_and_missing(tmp_path):
+    specs = runner.plan_grid("beauty", ["gflowgr_tb", "sdpo"], [42, 43, 44], tmp_path)
+    values = {42: 0.02, 43: 0.03, 44: 0.04}
+    for spec in specs:
+        if spec.name == "sdpo":
+            continue  # never ran
+        if spec.name == "gflowgr_tb" and spec.seed == 44:
+            continue  # not finished yet
+        spec.out.mkdir(parents=True)
+        (spec.out / "result.json").write_text(json.dumps(_fake_result(spec, values[spec.seed])))
+        (spec.out / "env.json").write_text(json.dumps({"device": "NVIDIA H100", "versions": {"torch": "x"}}))
+    agg = runner.aggregate(specs, [42, 43, 44])
+    assert agg["device"] == "NVIDIA H100" and agg["seeds"] == [42, 43, 44]
+    assert agg["missing"] == ["sdpo"] and set(agg["methods"]) == {"sft", "gflowgr_tb"}
+    sft = agg["methods"]["sft"]
+    assert sft["seeds_done"] == [42, 43, 44]
+    assert math.isclose(sft["recall@10"]["mean"], 0.03) and math.isclose(sft["recall@10"]["std"], 0.01)
+    assert math.isclose(sft["train_seconds"]["mean"], 0.3)
+    tb = agg["methods"]["gflowgr_tb"]
+    assert tb["seeds_done"] == [42, 43] and math.isclose(tb["ndcg@5"]["mean"], 0.025)
+    assert math.isclose(tb["ndcg@5"]["std"], math.sqrt(2 * 0.005 ** 2))
+    for metric in ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10", "tail_share@10"):
+        assert set(tb[metric]) == {"mean", "std"}
+    assert agg["epochs"]["gflowgr_tb"] == [2, 2] and agg["steps"]["sft"] == [20, 20, 20]
+    table = runner.quality_table(agg, runner.PAPER_BEAUTY)
+    assert "0.0672" in table  # the paper's GFlowGR-TB recall@10 beside ours
+
+
+def test_dry_run_trains_nothing(tmp_path, capsys):
+    out = runner.main(["--dataset", "beauty", "--dry-run", "--root", str(tmp_path),
+                       "--results-dir", str(tmp_path / "results")], train_fn=lambda c, d: pytest.fail("trained"))
+    assert out == {}
+    printed = capsys.readouterr().out
+    assert "gflowgr train --config" in printed and "seed44" in printed
+    assert not (tmp_path / "results").exists() and not (tmp_path / "beauty").exists()
+
+
+@pytest.mark.skipif(not (BEAUTY / "Beauty.inter.json").exists(), reason=f"shared Beauty data not found at {BEAUTY}")
+def test_quick_mode_end_to_end(tmp_path):
+    """The real script on a 300-user Beauty slice: SFT then GFlowGR-TB, aggregate, rerun skips both."""
+    argv = ["--dataset", "beauty", "--quick", "--methods", "gflowgr_tb", "--root", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path / "results"), "gfn.sampler=random", "max_steps=4", "max_train_examples=128",
+            "valid_max_users=20"]
+    agg = runner.main(argv)
+    path = tmp_path / "results" / "quality_beauty_quick.json"
+    saved = json.loads(path.read_text())
+    assert saved["quick"] is True and saved["seeds"] == [42]
+    assert set(saved["methods"]) == {"sft", "gflowgr_tb"}
+    for entry in saved["methods"].values():
+        for metric in ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10", "tail_share@10"):
+            assert 0.0 <= entry[metric]["mean"] <= 1.0 and entry[metric]["std"] == 0.0
+        assert entry["train_seconds"]["mean"] > 0
+    assert saved["steps"]["gflowgr_tb"] == [4]
+    assert saved["paper"]["gflowgr_paper_letter_sids"]["gflowgr_tb"]["recall@10"] == 0.0672
+    assert agg["methods"].keys() == saved["methods"].keys()
+    again = runner.main(argv, train_fn=lambda c, d: pytest.fail("a finished run was trained again"))
+    assert again["methods"] == saved["methods"]
