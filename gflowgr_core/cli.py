@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -26,7 +27,11 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     result = run_training(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel run: rank 0 reports for all
+        return 0
     print(json.dumps(result, indent=2))
+    if result.get("status") == "interrupted":  # a clean, resumable stop (SIGTERM/SIGINT): exit code 0
+        print(result["message"], file=sys.stderr)
     return 0
 
 

@@ -97,6 +97,10 @@ class TrainConfig:
     patience: int = 3
     select_metric: str = "ndcg@10"
     log_every: int = 20
+    resume: bool = False           # continue from out/last/ (model, optimiser, RNG, sampler, epoch position)
+    save_every_steps: int = 500    # also write out/last/ every N steps (0 = only at epoch ends and on stop)
+    handle_signals: bool = True    # SIGTERM/SIGINT: checkpoint at the next step boundary, then return
+    distributed: str = "auto"      # "auto": DDP when launched by torchrun (WORLD_SIZE > 1) | "off"
     model: ModelConfig = field(default_factory=ModelConfig)
     gfn: GFNConfig = field(default_factory=GFNConfig)
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)
@@ -113,12 +117,15 @@ class TrainConfig:
                    "gfn.weighting": (self.gfn.weighting, ("uniform", "reward")),
                    "sft_support": (self.sft_support, ("trie", "level", "vocab")),
                    "dtype": (self.dtype, ("float32", "bfloat16")),
+                   "distributed": (self.distributed, ("auto", "off")),
                    }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not one of {allowed}")
         if self.gfn.n_aug < 0:
             raise ConfigError(f"gfn.n_aug={self.gfn.n_aug} must be >= 0")
+        if self.save_every_steps < 0:
+            raise ConfigError(f"save_every_steps={self.save_every_steps} must be >= 0 (0 = off)")
         if not self.data:
             raise ConfigError("data is empty: set it to a folder written by `gflowgr prepare`")
         return self

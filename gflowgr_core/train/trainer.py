@@ -11,6 +11,12 @@ computes its loss from the policy's hidden states at the decision positions:
 
 Model selection uses the validation split only (trie-constrained beam search); the test split is read once,
 with the best checkpoint, at the end of the run.
+
+Runs are resumable: ``out/last/`` holds the model, optimiser, scheduler, sampler and reward state, every
+random state, the epoch's permutation and position in it, and the early-stopping state; it is written at
+every epoch end, every ``save_every_steps`` steps, and when SIGTERM/SIGINT asks the run to stop (at the next
+step boundary). ``resume=true`` continues from it and reaches the same weights as an uninterrupted run.
+Under ``torchrun`` the loop runs data-parallel (see :mod:`gflowgr_core.train.distributed`).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,8 +45,11 @@ from gflowgr_core.objectives.logpf import constrained_log_pf
 from gflowgr_core.objectives.preference import dpo_loss, sdpo_loss, sft_cross_entropy
 from gflowgr_core.reward import Reward, cm_component, lm_generation_prob, summary as reward_summary
 from gflowgr_core.samplers import SamplerBatch, make_sampler
-from gflowgr_core.train.checkpoint import load_policy, save_policy
-from gflowgr_core.train.config import TrainConfig, save_config
+from gflowgr_core.train.checkpoint import (TRAINER_STATE_FILE, CheckpointError, capture_rng, is_complete,
+                                           load_extra, load_policy, recover_checkpoint, restore_rng, save_policy)
+from gflowgr_core.train.config import ConfigError, TrainConfig, save_config
+from gflowgr_core.train.distributed import DistContext
+from gflowgr_core.train.signals import StopRequest
 
 log = logging.getLogger("gflowgr")
 
@@ -59,6 +69,56 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Config keys that may differ between a run and its resumption without changing the trajectory of the weights.
+RESUME_FREE_KEYS = frozenset({"resume", "save_every_steps", "handle_signals", "distributed", "device", "backend",
+                              "out", "data", "log_every", "eval_batch_size"})
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class LoopState:
+    """Where the training loop is: everything besides model/optimiser/RNG that a resumed run needs.
+
+    ``epoch`` counts completed epochs; ``perm`` is the current epoch's example order (``None`` before it is
+    drawn) and ``batch`` the next batch index in it; ``running`` the epoch's step losses so far.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    perm: Optional[torch.Tensor] = None
+    running: list = field(default_factory=list)
+    epoch_seconds: float = 0.0
+    train_seconds: float = 0.0
+    best_value: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list = field(default_factory=list)
+    steps_exhausted: bool = False   # max_steps reached: the epoch ends early
+    finished: bool = False          # no more epochs: early stopping, max_steps, or all epochs run
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _StageLoss(torch.nn.Module):
+    """The policy and reward as one module whose forward is :meth:`Trainer.compute_loss`.
+
+    DDP needs every trained parameter used inside the wrapped forward (the LM head rows are used by the
+    loss, after the policy's own forward), so the whole loss is computed there.
+    """
+
+    def __init__(self, trainer: "Trainer"):
+        super().__init__()
+        self.policy = trainer.policy
+        if trainer.reward is not None:
+            self.reward = trainer.reward
+        self._compute = trainer.compute_loss
+
+    def forward(self, index: torch.Tensor, candidates: Optional[torch.Tensor]):
+        return self._compute(index, candidates)
+
+
 class Trainer:
     """Runs one stage of :class:`TrainConfig` on a prepared dataset.
 
@@ -70,7 +130,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, data: Optional[PreparedData] = None):
         self.cfg = config.validate()
         seed_everything(config.seed)
-        self.device = resolve_device(config.device)
+        self.dist = DistContext.from_env(config.device, config.distributed)
+        self.device = self.dist.device
         self.data = data if data is not None else PreparedData.load(config.data)
         self.trie = self.data.trie.to(self.device)
         self.item_codes = self.data.catalog.codes.to(self.device)
@@ -106,6 +167,9 @@ class Trainer:
         self.step = 0
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if config.dtype == "bfloat16" and self.device.type == "cuda" else None)
+        self.stop = StopRequest(install=config.handle_signals)
+        self._ddp: Optional[torch.nn.Module] = None
+        self._global_sampling = False
 
     # ----------------------------------------------------------------------------------------- setup
     def _build_policy(self) -> SIDPolicy:
@@ -155,10 +219,12 @@ class Trainer:
         cache.mkdir(parents=True, exist_ok=True)
         fingerprint = split_fingerprint(self.data.split.train)
         model_path = cache / f"sasrec_seed{self.cfg.seed}_{fingerprint[:12]}.pt"
-        if model_path.exists():
+        model = None
+        # Rank 0 trains (or finds) the model; the other ranks wait, then load the same file.
+        if model_path.exists() and self.dist.is_main:
             model = SASRec.load(model_path, map_location=self.device)
             log.info("collaborative model loaded from %s", model_path)
-        else:
+        elif self.dist.is_main:
             model = train_sasrec(self.data.split, cm_cfg)
             model.save(model_path)
             report = getattr(model, "train_report", {})
@@ -166,6 +232,9 @@ class Trainer:
                      {k: round(v, 4) for k, v in report.get("valid", {}).items() if k in ("recall@10", "ndcg@10")},
                      {k: round(v, 4) for k, v in report.get("test", {}).items() if k in ("recall@10", "ndcg@10")},
                      model_path)
+        self.dist.barrier()
+        if model is None:
+            model = SASRec.load(model_path, map_location=self.device)
         return CMScorer.build(model, self.data.split.train, device=self.device)
 
     def _make_sampler(self, name: str, n: int):
@@ -185,14 +254,29 @@ class Trainer:
         return make_sampler("onpolicy", decode_fn=self._decode_for_sampler, n_items=n_items)
 
     def _decode_for_sampler(self, history: torch.Tensor, k: int) -> torch.Tensor:
-        """On-policy candidates: the current policy's trie-constrained beam search, top-``k`` items."""
+        """On-policy candidates: the current policy's trie-constrained beam search, top-``k`` items.
+
+        While every rank samples the same global batch (data-parallel training), each decodes its own block
+        of rows and the blocks are gathered, so the decoding work is split rather than repeated.
+        """
+        history = history.to(self.device)
+        lo, hi = 0, history.shape[0]
+        if self._global_sampling and self.dist.enabled:
+            lo, hi = self.dist.shard_bounds(history.shape[0])
         was_training = self.policy.training
         self.policy.eval()
-        with torch.no_grad():
-            result = beam_search(self.policy, self.trie, history.to(self.device), beams=max(k, 2), topk=k,
-                                 backend=self.cfg.backend)
+        if hi > lo:
+            with torch.no_grad():
+                items = beam_search(self.policy, self.trie, history[lo:hi], beams=max(k, 2), topk=k,
+                                    backend=self.cfg.backend).items
+            if items.shape[1] < k:
+                items = torch.cat([items, items.new_full((items.shape[0], k - items.shape[1]), -1)], dim=1)
+        else:
+            items = torch.full((0, k), -1, dtype=torch.long, device=self.device)
         self.policy.train(was_training)
-        return result.items
+        if self._global_sampling and self.dist.enabled:
+            items = self.dist.gather_rows(items)
+        return items
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -229,8 +313,15 @@ class Trainer:
         train = self.data.split.train
         return (index.to(self.device), train.history[index].to(self.device), train.target[index].to(self.device))
 
-    def compute_loss(self, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The stage's loss on training examples ``index`` and the values to log."""
+    def compute_loss(self, index: torch.Tensor, candidates: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, dict]:
+        """The stage's loss (mean over the examples) on training examples ``index[B]`` and the values to log.
+
+        Args:
+            index: ``LongTensor[B]`` rows of the training split.
+            candidates: optional ``LongTensor[B, n]`` sampler output for these rows (``gfn.n_aug``
+                augmentations, or ``pref.n_neg`` negatives), already drawn; drawn here when omitted.
+        """
         example_idx, history, target = self._batch(index)
         stage = self.cfg.stage
         if stage in ("sft", "sft_continue"):
@@ -240,13 +331,25 @@ class Trainer:
             loss = sft_cross_entropy(log_pf)
             return loss, {"loss": loss.item(), "ce": loss.item()}
         if stage == "gflowgr":
-            return self._gflowgr_loss(example_idx, history, target)
-        return self._preference_loss(example_idx, history, target)
+            return self._gflowgr_loss(example_idx, history, target, candidates)
+        return self._preference_loss(example_idx, history, target, candidates)
 
-    def _gflowgr_loss(self, example_idx, history, target) -> tuple[torch.Tensor, dict]:
-        g = self.cfg.gfn
+    def _num_candidates(self) -> int:
+        return self.cfg.gfn.n_aug if self.cfg.stage == "gflowgr" else self.cfg.pref.n_neg
+
+    def draw_candidates(self, index: torch.Tensor) -> torch.Tensor:
+        """The sampler's ``LongTensor[B, n]`` augmentations (or negatives) for training rows ``index[B]``."""
+        example_idx, history, target = self._batch(index)
         batch = SamplerBatch(example_idx=example_idx, history=history, positive=target)
-        aug = self.sampler.sample(batch, g.n_aug, self.generator).to(self.device)
+        return self.sampler.sample(batch, self._num_candidates(), self.generator).to(self.device)
+
+    def _gflowgr_loss(self, example_idx, history, target, candidates=None) -> tuple[torch.Tensor, dict]:
+        g = self.cfg.gfn
+        if candidates is None:
+            batch = SamplerBatch(example_idx=example_idx, history=history, positive=target)
+            aug = self.sampler.sample(batch, g.n_aug, self.generator).to(self.device)
+        else:
+            aug = candidates.to(self.device)
         cands = torch.cat([target.unsqueeze(1), aug], dim=1)                       # [B, T]
         B, T = cands.shape
         codes = self.item_codes[cands]                                            # [B, T, L]
@@ -279,10 +382,13 @@ class Trainer:
         logs.update(reward_summary({k: v for k, v in components.items() if k in ("r_a", "r_cm", "r_sim", "R")}))
         return loss, logs
 
-    def _preference_loss(self, example_idx, history, target) -> tuple[torch.Tensor, dict]:
+    def _preference_loss(self, example_idx, history, target, candidates=None) -> tuple[torch.Tensor, dict]:
         p = self.cfg.pref
-        batch = SamplerBatch(example_idx=example_idx, history=history, positive=target)
-        neg = self.sampler.sample(batch, p.n_neg, self.generator).to(self.device)
+        if candidates is None:
+            batch = SamplerBatch(example_idx=example_idx, history=history, positive=target)
+            neg = self.sampler.sample(batch, p.n_neg, self.generator).to(self.device)
+        else:
+            neg = candidates.to(self.device)
         cands = torch.cat([target.unsqueeze(1), neg], dim=1)
         B, T = cands.shape
         codes = self.item_codes[cands]
@@ -307,15 +413,25 @@ class Trainer:
         return loss, {"loss": loss.item(), "ce": ce.item(), "pref": pref.item()}
 
     def train_step(self, index: torch.Tensor) -> dict:
-        """One optimisation step on training examples ``index``; returns the logged values."""
+        """One optimisation step on the global batch of training examples ``index[B]``; returns logged values.
+
+        In a data-parallel run every rank receives the same ``index``: the sampler runs on the whole batch from
+        the shared generator (so augmentations are those one process would draw), then each rank computes the
+        loss of its block of rows, scaled so DDP's gradient average is the gradient of the global mean.
+        """
         self.policy.train()
-        if self.autocast is not None:
-            with self.autocast:
-                loss, logs = self.compute_loss(index)
+        if self.dist.enabled:
+            loss, logs = self._distributed_loss(index)
+            if not math.isfinite(logs["loss"]):  # the reduced value: every rank raises together
+                raise FloatingPointError(f"non-finite loss {logs['loss']} at step {self.step} ({logs})")
         else:
-            loss, logs = self.compute_loss(index)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step} ({logs})")
+            if self.autocast is not None:
+                with self.autocast:
+                    loss, logs = self.compute_loss(index)
+            else:
+                loss, logs = self.compute_loss(index)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step} ({logs})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
@@ -325,9 +441,50 @@ class Trainer:
         self.step += 1
         return logs
 
+    def _ddp_module(self) -> torch.nn.Module:
+        if self._ddp is None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Which parameters receive gradients depends on the stage (e.g. log F is unused by TB, the flow
+            # heads by SFT), so DDP must look for unused ones.
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(_StageLoss(self), device_ids=device_ids,
+                                                find_unused_parameters=True)
+        return self._ddp
+
+    def _distributed_loss(self, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        n = int(index.shape[0])
+        candidates = None
+        if self.sampler is not None:
+            self._global_sampling = True
+            try:
+                candidates = self.draw_candidates(index)
+            finally:
+                self._global_sampling = False
+        lo, hi = self.dist.shard_bounds(n)
+        rows, scale = slice(lo, hi), self.dist.loss_scale(hi - lo, n)
+        if hi == lo:  # fewer rows than ranks: join the gradient reduction with a zero-weighted example
+            rows, scale = slice(0, 1), 0.0
+        local_cands = candidates[rows] if candidates is not None else None
+        module = self._ddp_module()
+        if self.autocast is not None:
+            with self.autocast:
+                loss, logs = module(index[rows], local_cands)
+        else:
+            loss, logs = module(index[rows], local_cands)
+        logs = self.dist.reduce_logs(logs, hi - lo)
+        return loss * scale, logs
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Ask :meth:`fit` to save ``out/last/`` and return at the next step boundary (as SIGTERM does)."""
+        self.stop.request(reason)
+
     # ------------------------------------------------------------------------------------- evaluation
     def evaluate(self, split_name: str = "valid", max_users: Optional[int] = None) -> dict:
-        """Recall/NDCG/coverage/tail share on ``split_name`` from trie-constrained beam search."""
+        """Recall/NDCG/coverage/tail share on ``split_name`` from trie-constrained beam search.
+
+        Data-parallel runs split the users over ranks and gather the rankings, so every rank gets the metrics.
+        """
         split: Split = getattr(self.data.split, split_name)
         index = torch.arange(len(split))
         if max_users is not None and max_users < len(split):
@@ -335,101 +492,288 @@ class Trainer:
             index = torch.randperm(len(split), generator=g)[:max_users].sort().values
         return evaluate_policy(self.policy, self.data, split_name, index=index, beams=self.cfg.eval_beams,
                                batch_size=self.cfg.eval_batch_size, device=self.device, backend=self.cfg.backend,
-                               item_key=self.item_key)
+                               item_key=self.item_key, dist=self.dist)
 
     # ------------------------------------------------------------------------------------------- loop
     def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _should_stop(self) -> bool:
+        return self.dist.any_flag(self.stop.requested)
+
     def fit(self) -> dict:
-        """Train with per-epoch validation and early stopping; evaluate the best checkpoint on test once."""
+        """Train with per-epoch validation and early stopping; evaluate the best checkpoint on test once.
+
+        Returns the result summary (also written to ``out/result.json``) with ``status="finished"``; or, when
+        SIGTERM/SIGINT (or :meth:`request_stop`) stopped the run, ``status="interrupted"`` and the path of
+        the resumable checkpoint, after writing it.
+        """
         cfg = self.cfg
-        save_config(cfg, self.out / "config.yaml")
-        best_dir = self.out / "best"
-        best_value, best_epoch, bad_epochs = -math.inf, -1, 0
-        history: list[dict] = []
-        start = time.time()
-        epoch = 0
-        done = False
-        while not done and epoch < (cfg.epochs if cfg.max_steps is None else 10 ** 9):
+        if self.dist.is_main:
+            save_config(cfg, self.out / "config.yaml")
+        last_dir = self.out / "last"
+        if cfg.resume:
+            st = self._resume(last_dir)
+        else:
+            st = LoopState()
+            if self.dist.is_main and self.log_path.exists():
+                # A new run gets its own log; the previous one is kept beside it.
+                previous = self.log_path.with_name("log.prev.jsonl")
+                self.log_path.replace(previous)
+                log.info("starting a new run in %s (resume=false): the previous log moved to %s%s", self.out,
+                         previous.name, ", last/ will be replaced" if last_dir.exists() else "")
+        with self.stop:
+            interrupted = self._train_loop(st, last_dir)
+        if interrupted is not None:
+            return interrupted
+        return self._finish(st)
+
+    def _train_loop(self, st: LoopState, last_dir: Path) -> Optional[dict]:
+        """Epochs until done; returns the interruption summary if a stop was requested, else ``None``."""
+        cfg = self.cfg
+        max_epochs = cfg.epochs if cfg.max_steps is None else 10 ** 9
+        clock = time.time() - st.train_seconds
+        while not st.finished and st.epoch < max_epochs:
             self.policy.train()
-            perm = self.train_index[torch.randperm(len(self.train_index), generator=self.generator)]
-            bar = tqdm(range(self.steps_per_epoch), desc=f"{cfg.stage} epoch {epoch + 1}", leave=False,
-                       disable=None)
-            epoch_start, running = time.time(), []
-            for b in bar:
+            if st.perm is None:
+                st.perm = self.train_index[torch.randperm(len(self.train_index), generator=self.generator)]
+                st.batch, st.running, st.epoch_seconds = 0, [], 0.0
+            epoch_clock = time.time() - st.epoch_seconds
+            bar = tqdm(total=self.steps_per_epoch, initial=st.batch, desc=f"{cfg.stage} epoch {st.epoch + 1}",
+                       leave=False, disable=None if self.dist.is_main else True)
+            while st.batch < self.steps_per_epoch and not st.steps_exhausted:
+                b = st.batch
                 if self.sampler is not None and hasattr(self.sampler, "set_progress"):
                     self.sampler.set_progress(self.step / max(1, self.total_steps - 1))
-                logs = self.train_step(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
-                running.append(logs["loss"])
-                if self.step % cfg.log_every == 0 or b == self.steps_per_epoch - 1:
-                    self._log({"step": self.step, "epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0],
+                logs = self.train_step(st.perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+                st.running.append(logs["loss"])
+                st.batch = b + 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or st.batch == self.steps_per_epoch:
+                    self._log({"step": self.step, "epoch": st.epoch + 1, "lr": self.scheduler.get_last_lr()[0],
                                **logs})
-                    bar.set_postfix(loss=f"{np.mean(running[-cfg.log_every:]):.4f}")
-                if self.step >= self.total_steps:
-                    done = True
-                    break
-            epoch += 1
-            epoch_seconds = time.time() - epoch_start
-            record = {"epoch": epoch, "step": self.step, "train_loss": float(np.mean(running)),
-                      "epoch_seconds": epoch_seconds}
-            if epoch % cfg.eval_every == 0 or done:
-                metrics = self.evaluate("valid", cfg.valid_max_users)
-                record["valid"] = metrics
-                value = metrics[cfg.select_metric]
-                if value > best_value:
-                    best_value, best_epoch, bad_epochs = value, epoch, 0
-                    save_policy(self.policy, best_dir, cfg)
-                else:
-                    bad_epochs += 1
-                log.info("%s epoch %d: loss %.4f, valid %s %.4f (best %.4f at epoch %d), %.1fs", cfg.stage, epoch,
-                         record["train_loss"], cfg.select_metric, value, best_value, best_epoch, epoch_seconds)
-                if bad_epochs >= cfg.patience:
-                    log.info("early stopping: no %s gain for %d evaluations", cfg.select_metric, bad_epochs)
-                    done = True
-            self._log({"eval": record})
-            history.append(record)
-        train_seconds = time.time() - start
-        if best_epoch < 0:  # no validation ran: keep the last weights
-            save_policy(self.policy, best_dir, cfg)
-        self.policy = load_policy(best_dir, device=self.device)
+                    bar.set_postfix(loss=f"{np.mean(st.running[-cfg.log_every:]):.4f}")
+                st.steps_exhausted = self.step >= self.total_steps
+                st.epoch_seconds = time.time() - epoch_clock
+                st.train_seconds = time.time() - clock
+                if self._should_stop():
+                    bar.close()
+                    return self._interrupt(st, last_dir)
+                if cfg.save_every_steps and self.step % cfg.save_every_steps == 0:
+                    self.save_last(st, last_dir)
+            bar.close()
+            self._end_epoch(st)
+            st.train_seconds = time.time() - clock
+            self.save_last(st, last_dir)
+            if not st.finished and self._should_stop():
+                return self._interrupt(st, last_dir, saved=True)
+        return None
+
+    def _end_epoch(self, st: LoopState) -> None:
+        """Validation, best checkpoint and early stopping at the end of an epoch (or of the step budget)."""
+        cfg = self.cfg
+        st.epoch += 1
+        record = {"epoch": st.epoch, "step": self.step, "train_loss": float(np.mean(st.running)),
+                  "epoch_seconds": st.epoch_seconds}
+        if st.steps_exhausted:
+            st.finished = True
+        if st.epoch % cfg.eval_every == 0 or st.finished:
+            metrics = self.evaluate("valid", cfg.valid_max_users)
+            record["valid"] = metrics
+            value = metrics[cfg.select_metric]
+            if value > st.best_value:
+                st.best_value, st.best_epoch, st.bad_epochs = value, st.epoch, 0
+                if self.dist.is_main:
+                    save_policy(self.policy, self.out / "best", cfg, info={"step": self.step, "epoch": st.epoch})
+            else:
+                st.bad_epochs += 1
+            log.info("%s epoch %d: loss %.4f, valid %s %.4f (best %.4f at epoch %d), %.1fs", cfg.stage, st.epoch,
+                     record["train_loss"], cfg.select_metric, value, st.best_value, st.best_epoch,
+                     st.epoch_seconds)
+            if st.bad_epochs >= cfg.patience:
+                log.info("early stopping: no %s gain for %d evaluations", cfg.select_metric, st.bad_epochs)
+                st.finished = True
+        if cfg.max_steps is None and st.epoch >= cfg.epochs:
+            st.finished = True
+        self._log({"eval": record})
+        st.history.append(record)
+        st.perm, st.batch, st.running, st.epoch_seconds = None, 0, [], 0.0
+
+    def _interrupt(self, st: LoopState, last_dir: Path, saved: bool = False) -> dict:
+        if not saved:
+            self.save_last(st, last_dir)
+        reason = self.stop.reason or "a stop request on another rank"
+        message = (f"training stopped ({reason}) at step {self.step} (epoch {st.epoch + 1}, batch {st.batch} of "
+                   f"{self.steps_per_epoch}); resumable state saved to {last_dir}: rerun the same command with "
+                   f"resume=true to continue")
+        log.warning(message)
+        return {"status": "interrupted", "reason": reason, "stage": self.cfg.stage, "steps": self.step,
+                "epochs": st.epoch, "batch_in_epoch": st.batch, "checkpoint": str(last_dir), "message": message}
+
+    def _finish(self, st: LoopState) -> dict:
+        cfg = self.cfg
+        best_dir = self.out / "best"
+        if st.best_epoch < 0 and self.dist.is_main:  # no validation ran: keep the last weights
+            save_policy(self.policy, best_dir, cfg, info={"step": self.step, "epoch": st.epoch})
+        self.dist.barrier()
+        self.policy = load_policy(best_dir, device=self.device, recover=self.dist.is_main)
         test = self.evaluate("test")
-        result = {"stage": cfg.stage, "best_epoch": best_epoch, "best_valid": best_value, "steps": self.step,
-                  "epochs": epoch, "train_seconds": train_seconds,
-                  "seconds_per_epoch": train_seconds / max(1, epoch), "test": test, "history": history,
-                  "checkpoint": str(best_dir), "device": str(self.device)}
-        (self.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        result = {"status": "finished", "stage": cfg.stage, "best_epoch": st.best_epoch,
+                  "best_valid": st.best_value, "steps": self.step, "epochs": st.epoch,
+                  "train_seconds": st.train_seconds, "seconds_per_epoch": st.train_seconds / max(1, st.epoch),
+                  "test": test, "history": st.history, "checkpoint": str(best_dir), "device": str(self.device),
+                  "world_size": self.dist.world_size}
+        if self.dist.is_main:
+            (self.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
+
+    # ----------------------------------------------------------------------------------------- resume
+    def save_last(self, st: LoopState, last_dir: Optional[Path] = None) -> Path:
+        """Write the resumable checkpoint (rank 0; every rank contributes its random states)."""
+        last_dir = Path(last_dir or self.out / "last")
+        rng = self.dist.gather_objects(capture_rng(self.generator))
+        if self.dist.is_main:
+            state = {
+                "format_version": STATE_FORMAT,
+                "step": self.step,
+                "loop": st.to_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+                "reward": self.reward.state_dict() if self.reward is not None else None,
+                "rng": rng,
+                "world_size": self.dist.world_size,
+                "log_bytes": self.log_path.stat().st_size if self.log_path.exists() else 0,
+                "config": self.cfg.to_dict(),
+            }
+            save_policy(self.policy, last_dir, self.cfg, extra={TRAINER_STATE_FILE: state},
+                        info={"step": self.step, "epoch": st.epoch, "batch_in_epoch": st.batch,
+                              "resumable": True})
+        self.dist.barrier()
+        return last_dir
+
+    def _check_resume_config(self, saved: dict, where: Path) -> None:
+        def flat(d: dict, prefix: str = "") -> dict:
+            out = {}
+            for k, v in d.items():
+                key = prefix + k
+                out.update(flat(v, key + ".") if isinstance(v, dict) and k != "mixture" else {key: v})
+            return out
+
+        # YAML/JSON round trips turn tuples into lists; compare through JSON.
+        old = json.loads(json.dumps(flat(saved)))
+        new = json.loads(json.dumps(flat(self.cfg.to_dict())))
+        changed = sorted(k for k in set(old) | set(new)
+                         if k.split(".")[0] not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            raise ConfigError(f"resume=true but the config differs from the one {where} was trained with ({diff}); "
+                              f"only {sorted(RESUME_FREE_KEYS)} may change when resuming")
+
+    def _resume(self, last_dir: Path) -> LoopState:
+        """Load ``out/last/`` into this trainer; returns the loop state to continue from."""
+        if self.dist.is_main:
+            recover_checkpoint(last_dir)
+        self.dist.barrier()
+        if not last_dir.exists():
+            raise CheckpointError(f"resume=true but {last_dir} does not exist: nothing to resume (run without "
+                                  f"resume=true to start a new run in {self.out})")
+        if not is_complete(last_dir):
+            raise CheckpointError(f"resume=true but {last_dir} is incomplete or was not written by a resumable "
+                                  f"run (no checkpoint.json)")
+        state = load_extra(last_dir, TRAINER_STATE_FILE)
+        if state.get("format_version") != STATE_FORMAT:
+            raise CheckpointError(f"{last_dir / TRAINER_STATE_FILE}: unsupported format_version "
+                                  f"{state.get('format_version')} (expected {STATE_FORMAT})")
+        self._check_resume_config(state["config"], last_dir)
+        saved = load_policy(last_dir, device="cpu", recover=False)
+        try:
+            self.policy.load_state_dict(saved.state_dict())
+        except RuntimeError as exc:
+            raise CheckpointError(f"{last_dir}: the saved policy does not fit this run's model: {exc}") from None
+        del saved
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.sampler is not None and state["sampler"] is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        if self.reward is not None and state["reward"] is not None:
+            self.reward.load_state_dict(state["reward"])
+        self.step = int(state["step"])
+        rngs = state["rng"]
+        if len(rngs) != self.dist.world_size:
+            log.warning("%s was written by %d processes, this run has %d: every rank restores rank 0's random "
+                        "state (the trajectory can differ from an uninterrupted run where ranks draw "
+                        "differently, e.g. with dropout)", last_dir, len(rngs), self.dist.world_size)
+        restore_rng(rngs[self.dist.rank] if len(rngs) == self.dist.world_size else rngs[0], self.generator)
+        st = LoopState(**state["loop"])
+        if self.dist.is_main:
+            self._truncate_log(int(state["log_bytes"]))
+        log.info("resumed from %s at step %d (epoch %d, batch %d of %d)", last_dir, self.step, st.epoch + 1,
+                 st.batch, self.steps_per_epoch)
+        return st
+
+    def _truncate_log(self, size: int) -> None:
+        """Drop log lines written after the checkpoint (those steps run again), keeping one continuous log."""
+        current = self.log_path.stat().st_size if self.log_path.exists() else 0
+        if current < size:
+            log.warning("%s has %d bytes but the checkpoint was taken at %d: the log was edited or replaced; "
+                        "appending to it as it is", self.log_path, current, size)
+            return
+        with self.log_path.open("r+b") as f:
+            f.truncate(size)
 
 
 def evaluate_policy(policy: SIDPolicy, data: PreparedData, split_name: str = "test", *,
                     index: Optional[torch.Tensor] = None, beams: int = 20, batch_size: int = 256,
                     device: Optional[torch.device] = None, backend: str = "auto",
-                    item_key: Optional[torch.Tensor] = None) -> dict:
-    """Metrics of ``policy`` on a split (or the rows ``index`` of it) from trie-constrained beam search."""
+                    item_key: Optional[torch.Tensor] = None, dist: Optional[DistContext] = None) -> dict:
+    """Metrics of ``policy`` on a split (or the rows ``index`` of it) from trie-constrained beam search.
+
+    With a data-parallel ``dist`` every rank ranks its block of ``index`` and the rankings are gathered, so
+    every rank returns the metrics of the whole ``index``.
+    """
     device = device or next(policy.parameters()).device
     split: Split = getattr(data.split, split_name)
     index = torch.arange(len(split)) if index is None else index
+    if dist is not None and dist.enabled:
+        lo, hi = dist.shard_bounds(len(index))
+        local = index[lo:hi]
+    else:
+        local = index
     trie = data.trie.to(device)
     policy.eval()
-    ranked = []
+    width = max(EVAL_KS)
+    ranked = [torch.full((0, width), -1, dtype=torch.long)]
     with torch.no_grad():
-        for start in tqdm(range(0, len(index), batch_size), desc=f"eval {split_name}", leave=False, disable=None):
-            rows = index[start:start + batch_size]
-            result = beam_search(policy, trie, split.history[rows].to(device), beams=beams, topk=max(EVAL_KS),
+        for start in tqdm(range(0, len(local), batch_size), desc=f"eval {split_name}", leave=False, disable=None):
+            rows = local[start:start + batch_size]
+            result = beam_search(policy, trie, split.history[rows].to(device), beams=beams, topk=width,
                                  backend=backend)
-            ranked.append(result.items.cpu())
+            items = result.items.cpu()
+            if items.shape[1] < width:  # fewer beams than the largest cut-off: pad with empty slots
+                items = torch.cat([items, items.new_full((items.shape[0], width - items.shape[1]), -1)], dim=1)
+            ranked.append(items)
     ranked = torch.cat(ranked)
-    if ranked.shape[1] < max(EVAL_KS):  # fewer beams than the largest cut-off: pad with empty slots
-        pad = torch.full((ranked.shape[0], max(EVAL_KS) - ranked.shape[1]), -1, dtype=ranked.dtype)
-        ranked = torch.cat([ranked, pad], dim=1)
+    if dist is not None and dist.enabled:
+        ranked = dist.gather_rows(ranked)
     return evaluate_rankings(ranked, split.target[index], data.popularity, ks=EVAL_KS, item_key=item_key)
 
 
 def run_training(config: TrainConfig, data: Optional[PreparedData] = None) -> dict:
-    """Train one stage (the ``gflowgr train`` command) and return its result summary."""
-    return Trainer(config, data).fit()
+    """Train one stage (the ``gflowgr train`` command) and return its result summary.
+
+    Under ``torchrun`` this joins the process group, trains data-parallel, and leaves the group at the end.
+    The summary's ``status`` is ``"finished"``, or ``"interrupted"`` when a signal stopped the run after
+    saving ``out/last/`` (continue it with ``resume=true``).
+    """
+    trainer = Trainer(config, data)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.shutdown()
 
 
 def evaluate_checkpoint(checkpoint: str, split: str = "test", data: Optional[str] = None, beams: int = 20,
