@@ -55,7 +55,7 @@ log = logging.getLogger("gflowgr")
 
 #: Largest ``K_level`` the Triton kernel handles (one code tile per row block); wider levels use the
 #: reference (a warning is logged once).
-MAX_TRITON_CODES = 2048
+MAX_TRITON_CODES = 1024
 #: Child lookups of the Triton kernel: dense table, scan of the CSR edges, binary search of the CSR edges.
 LOOKUPS = ("dense", "scan", "search")
 #: ``max_branch`` up to which the scan lookup is used on levels without a dense table.
@@ -164,26 +164,28 @@ if triton is not None:
     def _child_tile(NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, rows, row_ok, ks, k_ok, lvl_lo, lvl_hi,
                     stride_dense, LOOKUP: tl.constexpr, MAX_BRANCH: tl.constexpr, SEARCH_STEPS: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """``[BLOCK_R, BLOCK_K]`` int64: child node of each row's node along code ``ks``, ``-1`` if none.
+        """``[BLOCK_R, BLOCK_K]`` int32: child node of each row's node along code ``ks``, ``-1`` if none.
 
-        Rows whose node is not of this level (``-1`` for a dead row) have no children.
+        Rows whose node is not of this level (``-1`` for a dead row) have no children. Node ids are held in
+        int32 (the launcher checks the trie has fewer than 2**31 nodes): the tile is as large as the logits.
         """
         node = tl.load(NODE + rows, mask=row_ok, other=-1)
         in_level = row_ok & (node >= lvl_lo) & (node < lvl_hi)
         ok = in_level[:, None] & k_ok[None, :]
         safe = tl.where(in_level, node, lvl_lo)
         if LOOKUP == 0:  # dense table of the level: [nodes_at_level, K]
-            child = tl.load(DENSE + (safe - lvl_lo)[:, None] * stride_dense + ks[None, :], mask=ok, other=-1)
+            child = tl.load(DENSE + (safe - lvl_lo)[:, None] * stride_dense + ks[None, :], mask=ok,
+                            other=-1).to(tl.int32)
         else:
             start = tl.load(INDPTR + safe, mask=in_level, other=0)
             end = tl.load(INDPTR + safe + 1, mask=in_level, other=0)
             if LOOKUP == 1:  # scan: every edge of the node against every code of the tile
-                child = tl.full([BLOCK_R, BLOCK_K], -1, tl.int64)
+                child = tl.full([BLOCK_R, BLOCK_K], -1, tl.int32)
                 for j in range(MAX_BRANCH):
                     edge = start + j
                     has = edge < end
                     code = tl.load(CHILD_CODE + edge, mask=has, other=-1)
-                    nxt = tl.load(CHILD_NODE + edge, mask=has, other=-1)
+                    nxt = tl.load(CHILD_NODE + edge, mask=has, other=-1).to(tl.int32)
                     hit = (ks[None, :] == code[:, None]) & has[:, None]
                     child = tl.where(hit, nxt[:, None], child)
             else:  # lower_bound of each code in the node's sorted edge codes
@@ -201,7 +203,7 @@ if triton is not None:
                 inside = ok & (first < end[:, None])
                 code = tl.load(CHILD_CODE + first, mask=inside, other=-1)
                 found = inside & (code == ks[None, :])
-                child = tl.load(CHILD_NODE + first, mask=found, other=-1)
+                child = tl.load(CHILD_NODE + first, mask=found, other=-1).to(tl.int32)
         return tl.where(ok, child, -1)
 
     @triton.jit
@@ -247,7 +249,7 @@ if triton is not None:
         pick = tl.min(tl.where(valid & (pert == best[:, None]), ks[None, :], BLOCK_K), axis=1)
         sel = ks[None, :] == pick[:, None]
         code = tl.where(has, pick.to(tl.int64), -1)
-        nxt = tl.where(has, tl.sum(tl.where(sel, child, 0), axis=1), -1)
+        nxt = tl.where(has, tl.sum(tl.where(sel, child, 0), axis=1), -1).to(tl.int64)
         lp = tl.where(has, tl.sum(tl.where(sel, logp, 0.0), axis=1), float("-inf"))
         tl.store(OUT_CODE + rows, code, mask=row_ok)
         tl.store(OUT_NODE + rows, nxt, mask=row_ok)
@@ -284,7 +286,7 @@ if triton is not None:
             nxt = tl.sum(tl.where(sel, child, 0), axis=1)
             tl.store(CAND_V + rows * TOPK + j, best, mask=row_ok)
             tl.store(CAND_C + rows * TOPK + j, tl.where(alive, pick, -1), mask=row_ok)
-            tl.store(CAND_N + rows * TOPK + j, tl.where(alive, nxt, -1), mask=row_ok)
+            tl.store(CAND_N + rows * TOPK + j, tl.where(alive, nxt, -1).to(tl.int64), mask=row_ok)
             cand = tl.where(sel, float("-inf"), cand)
 
     @triton.jit
@@ -316,16 +318,18 @@ if triton is not None:
 
 
 class TritonConfig:
-    """Launch settings of the Triton step: rows per program, the ``d`` tile, warps."""
+    """Launch settings of the Triton step: rows per program, the ``d`` tile, warps, pipeline stages."""
 
-    def __init__(self, block_r: int, block_d: int, num_warps: int):
+    def __init__(self, block_r: int, block_d: int, num_warps: int, num_stages: int = 3):
         for name, v in (("block_r", block_r), ("block_d", block_d)):
             if v < 16 or v & (v - 1):
                 raise ValueError(f"TritonConfig.{name} must be a power of two >= 16 (tl.dot tiles), got {v}")
-        self.block_r, self.block_d, self.num_warps = int(block_r), int(block_d), int(num_warps)
+        self.block_r, self.block_d = int(block_r), int(block_d)
+        self.num_warps, self.num_stages = int(num_warps), int(num_stages)
 
     def __repr__(self) -> str:
-        return f"TritonConfig(block_r={self.block_r}, block_d={self.block_d}, num_warps={self.num_warps})"
+        return (f"TritonConfig(block_r={self.block_r}, block_d={self.block_d}, num_warps={self.num_warps}, "
+                f"num_stages={self.num_stages})")
 
 
 def _next_pow2(x: int) -> int:
@@ -333,14 +337,22 @@ def _next_pow2(x: int) -> int:
 
 
 def default_config(k: int, d: int, dtype: torch.dtype) -> TritonConfig:
-    """Tiles for a level of ``k`` codes and hidden size ``d``: about 8K fp32 logits per program on a GPU
-    (32 rows x 256 codes), the smallest tiles under the interpreter."""
+    """Tiles for a level of ``k`` codes and hidden size ``d``.
+
+    On a GPU: 16 rows x 256 codes per program for SID-sized levels with 8 warps (each program holds the
+    logits, child, log-prob and candidate tiles; measured by compiling for sm_90: no register spills), one
+    warp per 512 tile elements up to 16 warps, and a ``d`` tile that keeps the pipelined ``W`` tiles in
+    shared memory for levels up to :data:`MAX_TRITON_CODES` codes. The smallest tiles under the interpreter.
+    """
     block_k = max(16, _next_pow2(k))
     if _interpreting():
-        return TritonConfig(16, 16 if d <= 16 else 32, 1)
-    block_r = max(16, min(64, 8192 // block_k))
-    block_d = max(16, min(64 if dtype != torch.float32 else 32, _next_pow2(d)))
-    return TritonConfig(block_r, block_d, 8 if block_k >= 512 else 4)
+        return TritonConfig(16, 16 if d <= 16 else 32, 1, 1)
+    block_r = max(16, min(64, 4096 // block_k))
+    wide = block_k > 256
+    block_d = 16 if wide else (64 if dtype != torch.float32 else 32)
+    block_d = max(16, min(block_d, _next_pow2(d)))
+    num_warps = max(4, min(16, block_r * block_k // 512))
+    return TritonConfig(block_r, block_d, num_warps, 2 if wide else 3)
 
 
 def _lookup(trie, level: int, lookup: str | None) -> tuple[int, torch.Tensor | None]:
@@ -401,6 +413,9 @@ def constrained_step_triton(h: torch.Tensor, w_level: torch.Tensor, node: torch.
                                       temperature=temperature, generator=generator, seed=seed,
                                       renormalize=renormalize, bias=bias)
 
+    if trie.num_nodes >= 2 ** 31:
+        raise ValueError(f"the Triton constrained step holds node ids in int32; this trie has {trie.num_nodes} "
+                         f"nodes (use backend='cuda' or 'torch')")
     cfg = config or default_config(K, d, h.dtype)
     lookup_id, dense = _lookup(trie, level, lookup)
     dense_arg = dense if dense is not None else trie.indptr
@@ -413,7 +428,8 @@ def constrained_step_triton(h: torch.Tensor, w_level: torch.Tensor, node: torch.
     block_k = max(16, _next_pow2(K))
     common = dict(HAS_BIAS=bias is not None, RENORM=bool(renormalize), DOT_F32=dot_f32, LOOKUP=lookup_id,
                   MAX_BRANCH=max_branch, SEARCH_STEPS=max(1, max_branch.bit_length()),
-                  BLOCK_R=cfg.block_r, BLOCK_K=block_k, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
+                  BLOCK_R=cfg.block_r, BLOCK_K=block_k, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
     bias_arg = bias if bias is not None else h
     grid = (triton.cdiv(R, cfg.block_r),)
 
@@ -461,7 +477,7 @@ def _compiled_op(mode: str):
 
 def _has_cuda_kernel(op) -> bool:
     try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op._schema.name, "CUDA"))
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op.default._schema.name, "CUDA"))
     except (AttributeError, RuntimeError):
         return False
 

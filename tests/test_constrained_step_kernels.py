@@ -360,8 +360,9 @@ def test_errors_and_empty_inputs(backend, device):
 
 
 @pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="needs the Triton interpreter (no GPU here)")
-def test_triton_wide_level_uses_the_reference(caplog):
-    codes = torch.tensor([[0, 5], [0, 2100], [1, 7]])
+def test_triton_wide_level_uses_the_reference(caplog, monkeypatch):
+    monkeypatch.setattr(cs, "_warned_wide", False)
+    codes = torch.tensor([[0, 5], [0, cs.MAX_TRITON_CODES + 100], [1, 7]])
     trie = Trie.build(codes, (2, cs.MAX_TRITON_CODES + 200))
     gen = torch.Generator().manual_seed(0)
     h, w = torch.randn(2, 8, generator=gen), torch.randn(cs.MAX_TRITON_CODES + 200, 8, generator=gen)
@@ -371,6 +372,7 @@ def test_triton_wide_level_uses_the_reference(caplog):
         got = cs.constrained_step_triton(h, w, node, 1, trie, "beam", scores=scores, beams=3)
     ref = constrained_step_torch(h, w, node, 1, trie, "beam", scores=scores, beams=3)
     assert_beam_equal(got, ref, "wide level")
+    assert any("Triton kernel's limit" in r.getMessage() for r in caplog.records)
 
 
 # ------------------------------------------------------------------------------------------ CUDA only

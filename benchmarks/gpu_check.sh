@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# One-call GPU check: build the extension (with its CUDA ops), run the kernel parity tests on the GPU, run
+# the kernel benchmarks at full size, print a short table and copy the results to "$OUT" when it is set.
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU machine (expected about 8 minutes on an H100:
+#                                           # build ~2, tests ~3, decode and loss benchmarks ~1.5 each)
+#
+# Stages (each bounded by a timeout, a failing stage does not stop the next ones; the exit status is
+# non-zero when any stage failed):
+#   1. pip install --no-build-isolation --no-deps -e .   (offline; builds gflowgr_core._C, with the CUDA
+#      ops when torch has CUDA). GPU_CHECK_SKIP_INSTALL=1 skips it.
+#   2. pytest on the kernel test files (they parametrize on CUDA at full size when a GPU is present).
+#   3. benchmarks/bench_decode.py and benchmarks/bench_gfn_loss.py (when present) at full size.
+# Without a GPU the GPU-only parts are skipped with a message: the tests run on CPU (Triton in the
+# interpreter) and the benchmarks in --quick mode, which checks the script end to end.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+RESULTS=benchmarks/results
+LOGS=${OUT:-$(mktemp -d)}/gpu_check_logs
+mkdir -p "$RESULTS" "$LOGS"
+echo "stage logs: $LOGS"
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+declare -a STAGES=()
+FAILED=0
+
+stage() {  # stage NAME TIMEOUT_S COMMAND...: run, log to $LOGS/NAME.log, record status and seconds
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s): $*"
+  local t0=$SECONDS rc
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+  rc=${PIPESTATUS[0]}
+  local status=ok
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="TIMEOUT"; FAILED=1
+  elif [ "$rc" -ne 0 ]; then status="FAILED(rc=$rc)"; FAILED=1; fi
+  STAGES+=("$(printf '%-16s %-14s %5ss' "$name" "$status" "$((SECONDS - t0))")")
+}
+
+HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+"$PY" - <<'EOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)")
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton not installed")
+EOF
+
+if [ "${GPU_CHECK_SKIP_INSTALL:-0}" = "1" ]; then
+  echo "=== install skipped (GPU_CHECK_SKIP_INSTALL=1)"
+else
+  stage install 180 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+fi
+"$PY" -c "import gflowgr_core.backends as b; print('gflowgr backends:', ', '.join(b.available_backends()))"
+
+if [ "$HAS_CUDA" = "1" ]; then
+  unset TRITON_INTERPRET
+  TESTS=(tests/test_constrained_step_kernels.py)
+  [ -f tests/test_gfn_loss_kernel.py ] && TESTS+=(tests/test_gfn_loss_kernel.py)
+  stage gpu_tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider "${TESTS[@]}"
+  QUICK=()
+else
+  echo "=== no CUDA device: GPU-only parts skipped (CUDA parity at full size, CUDA graph capture, full-size"
+  echo "    benchmarks); running the kernel tests on CPU (Triton interpreter) and the benchmarks with --quick"
+  export TRITON_INTERPRET=1
+  stage cpu_tests 600 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_constrained_step_kernels.py
+  QUICK=(--quick)
+fi
+
+stage bench_decode 150 "$PY" benchmarks/bench_decode.py "${QUICK[@]}"
+if [ -f benchmarks/bench_gfn_loss.py ]; then
+  stage bench_gfn_loss 150 "$PY" benchmarks/bench_gfn_loss.py "${QUICK[@]}"
+else
+  echo "=== benchmarks/bench_gfn_loss.py not present: skipped"
+fi
+
+echo
+echo "=== summary"
+printf '%s\n' "${STAGES[@]}"
+SUFFIX=$([ "$HAS_CUDA" = "1" ] && echo "" || echo "_quick")
+"$PY" - "$RESULTS" "$SUFFIX" <<'EOF'
+import json, sys
+from pathlib import Path
+results, suffix = Path(sys.argv[1]), sys.argv[2]
+
+def show(name, keys):
+    path = results / f"{name}{suffix}.json"
+    if not path.is_file():
+        print(f"{path}: not written")
+        return
+    data = json.loads(path.read_text())
+    print(f"{path.name} on {data.get('device')}:")
+    summary = data.get("summary", {})
+    for key in keys or summary:
+        value = summary.get(key)
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                print(f"  {key}[{sub}]: {json.dumps(v)}")
+        else:
+            print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+
+show("decode", ["hf_constrained_users_per_s", "ours_users_per_s", "ours_backend", "speedup_vs_hf_constrained",
+                "constrained_over_unconstrained", "hf_valid_sid_share", "ours_users_per_s_by_backend",
+                "kernel_us_per_step_5120_rows"])
+show("gfn_loss", None)
+EOF
+
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  for f in "$RESULTS"/decode*.json "$RESULTS"/gfn_loss*.json; do
+    [ -f "$f" ] && cp "$f" "$OUT"/
+  done
+  echo "results copied to $OUT"
+fi
+exit $FAILED
