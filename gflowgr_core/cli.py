@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel workers: only rank 0 reports progress
+        level = logging.WARNING
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 
