@@ -227,6 +227,9 @@ class SIDPolicy(nn.Module):
         # transformers renamed the forward's cache argument from past_key_values to cache.
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         self.tokenizer = None
+        # Optional text around the history SIDs (pretrained LMs read "A user bought: ... Next:" better).
+        self.register_buffer("prompt_prefix", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("prompt_suffix", torch.zeros(0, dtype=torch.long), persistent=False)
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -313,6 +316,29 @@ class SIDPolicy(nn.Module):
         if not 0 <= level < self.num_levels:
             raise ValueError(f"level {level} outside [0, {self.num_levels})")
 
+    def set_prompt_template(self, prefix_ids: Sequence[int] = (), suffix_ids: Sequence[int] = ()) -> None:
+        """Put fixed token ids around the history: ``[BOS] + prefix + history SIDs + suffix + [SEP]``.
+
+        Both default to empty (the plain SID prompt). Ids must lie in ``[0, vocab_size)`` and must not be
+        SID tokens (a SID token in the template would read as a history item). Saved by :meth:`save`.
+        :func:`gflowgr_core.pretrained.apply_prompt_template` builds them from text with the tokenizer.
+        """
+        parts = []
+        for name, ids in (("prefix", prefix_ids), ("suffix", suffix_ids)):
+            ids = torch.as_tensor(list(ids), dtype=torch.long).reshape(-1).cpu()
+            bad = (ids < 0) | (ids >= self.token_map.vocab_size)
+            if bool(bad.any()):
+                pos = int(bad.nonzero()[0])
+                raise ValueError(f"prompt {name} token {pos} has id {int(ids[pos])}, outside the vocabulary "
+                                 f"[0, {self.token_map.vocab_size})")
+            sid = self.token_map.level_of_token[ids.clamp(0, self.token_map.vocab_size - 1)] >= 0
+            if bool(sid.any()):
+                pos = int(sid.nonzero()[0])
+                raise ValueError(f"prompt {name} token {pos} (id {int(ids[pos])}) is a SID token; the template "
+                                 f"must be plain text")
+            parts.append(ids.to(self.device))
+        self.prompt_prefix, self.prompt_suffix = parts
+
     # ------------------------------------------------------------------ LM forwards
     def _new_cache(self):
         from transformers import DynamicCache
@@ -330,14 +356,17 @@ class SIDPolicy(nn.Module):
         return out.last_hidden_state
 
     def build_prompt(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token ids of ``[BOS] + history SIDs + [SEP]`` per row, left-padded.
+        """Token ids of ``[BOS] + prefix + history SIDs + suffix + [SEP]`` per row, left-padded.
+
+        ``prefix`` and ``suffix`` are the fixed template ids of :meth:`set_prompt_template` (empty by default).
 
         Args:
             history: ``LongTensor[B, H]`` of internal item ids, ``-1`` = no item (padding may sit anywhere;
                 the real items keep their order).
         Returns:
-            ``(input_ids[B, P], attention_mask[B, P], position_ids[B, P])`` with ``P = 2 + L * max_b n_b``,
-            ``n_b`` the number of real items of row ``b``; padding is on the left.
+            ``(input_ids[B, P], attention_mask[B, P], position_ids[B, P])`` with
+            ``P = 2 + n_prefix + n_suffix + L * max_b n_b``, ``n_b`` the number of real items of row ``b``;
+            padding is on the left.
         Raises:
             ValueError naming the row and column of an id outside ``[-1, n_items)``.
         """
@@ -360,12 +389,15 @@ class SIDPolicy(nn.Module):
             raise ValueError(f"history row {row}, column {col}: item id {int(history[row, col])} is outside "
                              f"[-1, {self.num_items}) (-1 is padding)")
         tok = self.item_tokens[history.clamp_min(0)].reshape(B, H * L)
+        n_fixed = self.prompt_prefix.numel() + self.prompt_suffix.numel()
         ones = torch.ones(B, 1, dtype=torch.bool, device=self.device)
-        seq = torch.cat([torch.full((B, 1), self.token_map.bos_id, device=self.device), tok,
+        seq = torch.cat([torch.full((B, 1), self.token_map.bos_id, device=self.device),
+                         self.prompt_prefix.expand(B, -1), tok, self.prompt_suffix.expand(B, -1),
                          torch.full((B, 1), self.token_map.sep_id, device=self.device)], dim=1)
-        keep = torch.cat([ones, valid.repeat_interleave(L, dim=1), ones], dim=1)
-        width = 2 + L * int(max_valid)
-        n_kept = 2 + L * n_valid
+        keep = torch.cat([ones.expand(B, 1 + self.prompt_prefix.numel()), valid.repeat_interleave(L, dim=1),
+                          ones.expand(B, 1 + self.prompt_suffix.numel())], dim=1)
+        width = 2 + n_fixed + L * int(max_valid)
+        n_kept = 2 + n_fixed + L * n_valid
         kept_from_here = keep.flip(1).cumsum(1).flip(1)
         # Kept tokens go right-aligned in order; dropped ones into a junk column that is cut off.
         dest = torch.where(keep, width - kept_from_here, torch.full_like(kept_from_here, width))
@@ -506,11 +538,22 @@ class SIDPolicy(nn.Module):
         policy.tokenizer = tokenizer
         return policy
 
+    def export_model(self) -> nn.Module:
+        """The LM that :meth:`save` writes: ``self.model``, or, when adapters were injected into it by
+        :func:`gflowgr_core.pretrained.apply_lora`, a copy with the adapters merged (a plain HF model).
+        The live model keeps its adapters."""
+        peft_model = self.__dict__.get("peft_model")
+        if peft_model is None:
+            return self.model
+        from ..pretrained import merged_copy
+
+        return merged_copy(peft_model)
+
     def save(self, directory: str | Path) -> None:
         """Write the LM (``save_pretrained``), its tokenizer if any, the token map, flow heads and item codes."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory / _LM_DIR)
+        self.export_model().save_pretrained(directory / _LM_DIR)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory / _LM_DIR)
         self.token_map.save(directory / _TOKENS_FILE)
@@ -518,7 +561,8 @@ class SIDPolicy(nn.Module):
                    directory / _HEADS_FILE)
         torch.save(self.item_codes.cpu(), directory / _CODES_FILE)
         meta = {"format_version": _FORMAT_VERSION, "codes_per_level": list(self.codes_per_level),
-                "flow_hidden": self.flow_hidden, "has_tokenizer": self.tokenizer is not None}
+                "flow_hidden": self.flow_hidden, "has_tokenizer": self.tokenizer is not None,
+                "prompt_prefix": self.prompt_prefix.tolist(), "prompt_suffix": self.prompt_suffix.tolist()}
         (directory / _META_FILE).write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -540,6 +584,7 @@ class SIDPolicy(nn.Module):
         heads = torch.load(directory / _HEADS_FILE, weights_only=True)
         policy.log_z_head.load_state_dict(heads["log_z_head"])
         policy.log_f_head.load_state_dict(heads["log_f_head"])
+        policy.set_prompt_template(meta.get("prompt_prefix", ()), meta.get("prompt_suffix", ()))
         if meta.get("has_tokenizer"):
             policy.tokenizer = AutoTokenizer.from_pretrained(directory / _LM_DIR)
             token_map.check_tokenizer(policy.tokenizer)
