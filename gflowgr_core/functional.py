@@ -231,35 +231,52 @@ def build_trie(codes: torch.Tensor, codes_per_level: Optional[Sequence[int]] = N
     return Trie.build(codes, codes_per_level, dense_levels=dense_levels, backend=backend)
 
 
+# T5-family models multiply the decoder output by d_model**-0.5 before the head in their original (tied)
+# form; T5 v1.1 does not.
+_T5_FAMILY = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+
+
+def _decoder_output_scale(model) -> float:
+    """Factor the model applies to the last hidden state before its head (1 for a plain linear head)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", "") not in _T5_FAMILY:
+        return 1.0
+    scaled = getattr(config, "scale_decoder_outputs", None)  # transformers >= 5.2x names it explicitly
+    if scaled is None:
+        scaled = bool(getattr(config, "tie_word_embeddings", False))
+    return float(config.d_model) ** -0.5 if scaled else 1.0
+
+
 def sid_head_rows(model, tokens: Union[SIDTokenMap, torch.Tensor]
                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(w_sid[sum K_l, d], bias[sum K_l] | None)``: the output-embedding rows of the SID tokens.
+    """``(w_sid[sum K_l, d], bias[sum K_l] | None)``: the output-embedding rows of the SID tokens, such that
+    ``h @ w_sid.T + bias`` are the model's logits of the SID tokens for a last hidden state ``h``.
 
     A gather of ``model.get_output_embeddings()`` (keeps the gradient). ``tokens`` is a token map or the
-    level-major ``sid_token_ids``. The logits must be a plain linear map of the last hidden state: models
-    that rescale it first (T5 with tied embeddings multiplies by ``d_model**-0.5``) or soft-cap logits
-    raise ``ValueError``.
+    level-major ``sid_token_ids``. T5-family models that scale the decoder output by ``d_model**-0.5``
+    before the head get that factor folded into ``w_sid``. Models whose logits are not a linear map of the
+    hidden state (soft-capping, logit scales) raise ``ValueError``.
     """
     ids = tokens.sid_token_ids if isinstance(tokens, SIDTokenMap) else torch.as_tensor(tokens).long()
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
     config = getattr(model, "config", None)
-    if config is not None:
-        if getattr(config, "model_type", "") in ("t5", "mt5", "umt5") and getattr(config, "tie_word_embeddings", False):
-            raise ValueError("T5 with tie_word_embeddings=True scales the decoder output by d_model**-0.5 before "
-                             "the head; multiply the hidden states by that factor yourself or untie the head")
-        for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-            value = getattr(config, attr, None)
-            if value not in (None, 1, 1.0, 0, 0.0):
-                raise ValueError(f"{type(model).__name__} transforms its logits ({attr}={value}): SID-row logits "
-                                 f"of the hidden state would not match the model's distribution")
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0, 0, 0.0):
+            raise ValueError(f"{type(model).__name__} transforms its logits ({attr}={value}): SID-row logits "
+                             f"of the hidden state would not match the model's distribution")
     ids = ids.to(head.weight.device)
     if int(ids.max()) >= head.weight.shape[0]:
         raise ValueError(f"SID token id {int(ids.max())} is outside the head's {head.weight.shape[0]} rows: resize "
                          f"the embeddings after adding the SID tokens")
+    w_sid = head.weight.index_select(0, ids)
+    scale = _decoder_output_scale(model)
+    if scale != 1.0:
+        w_sid = w_sid * scale
     bias = getattr(head, "bias", None)
-    return head.weight.index_select(0, ids), None if bias is None else bias.index_select(0, ids)
+    return w_sid, None if bias is None else bias.index_select(0, ids)
 
 
 def decision_hidden(hidden: torch.Tensor, sid_start: Union[int, torch.Tensor], num_levels: int) -> torch.Tensor:

@@ -203,10 +203,22 @@ def test_sid_head_rows_and_decision_hidden_reproduce_model_logits():
     assert torch.equal(h2[1], out.hidden_states[-1][1, 3:6]) and torch.equal(h2[2], out.hidden_states[-1][2, 0:3])
     with pytest.raises(ValueError, match="sid_start needs"):
         F.decision_hidden(out.hidden_states[-1], 0, 3)
-    tied = T5ForConditionalGeneration(T5Config(vocab_size=16, d_model=8, d_ff=8, d_kv=4, num_layers=1,
-                                               num_heads=2, tie_word_embeddings=True))
-    with pytest.raises(ValueError, match="d_model"):
-        F.sid_head_rows(tied, torch.arange(4, 16))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sid_head_rows_t5_reproduce_decoder_logits(tied):
+    """T5 variants that rescale the decoder output before the head: h @ w_sid.T still equals the logits."""
+    tokens = SIDTokenMap.from_scratch((4, 3, 5))
+    model = T5ForConditionalGeneration(T5Config(vocab_size=tokens.vocab_size, d_model=16, d_ff=16, d_kv=4,
+                                                num_layers=1, num_heads=2, tie_word_embeddings=tied)).eval()
+    g = torch.Generator().manual_seed(1)
+    enc = torch.randint(4, tokens.vocab_size, (2, 6), generator=g)
+    dec = torch.randint(4, tokens.vocab_size, (2, 3), generator=g)
+    with torch.no_grad():
+        out = model(input_ids=enc, decoder_input_ids=dec, output_hidden_states=True)
+        h = model.decoder(input_ids=dec, encoder_hidden_states=out.encoder_last_hidden_state).last_hidden_state
+    w_sid, bias = F.sid_head_rows(model, tokens)
+    torch.testing.assert_close(h @ w_sid.t(), out.logits[..., tokens.sid_token_ids], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ beam search

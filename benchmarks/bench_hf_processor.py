@@ -1,0 +1,225 @@
+"""Stock Hugging Face beam search with :class:`SIDTrieLogitsProcessor` against ``prefix_allowed_tokens_fn``.
+
+Workload (the same as benchmarks/bench_decode.py): Beauty's 4-level LETTER SIDs (random 4 x 256 SIDs of
+12,101 items when the data folder is absent), beam 20, 256 users per batch, history of the last 20 items, a
+Qwen2-style model with hidden 128 and 4 layers (:func:`gflowgr_core.model.policy.build_tiny_causal_lm`,
+random weights). All three methods run the same ``model.generate`` call (``num_beams = num_return_sequences
+= beams``, ``L`` new tokens) on the same prompts, in the same run:
+
+* ``hf_processor``: ``logits_processor=[SIDTrieLogitsProcessor(trie, tokens, prompt_length=P)]``;
+* ``hf_prefix_fn``: ``prefix_allowed_tokens_fn`` over a Python dict trie (the usual recipe);
+* ``hf_unconstrained``: no constraint.
+
+Summary: ``hf_processor_speedup_vs_prefix_fn`` (prefix-fn time over processor time),
+``hf_processor_over_unconstrained`` (processor time over unconstrained time: what the constraint costs
+inside ``generate``), ``hf_processor_matches_prefix_fn`` (the two constrained runs returned identical
+sequences). Results go to ``results/hf_processor.json`` (``--quick``: ``hf_processor_quick.json``); a full
+run also merges the summary keys into the ``summary`` of ``results/decode.json`` when that file exists (run
+this after bench_decode.py, which rewrites it), ``--decode-json PATH`` names another file.
+
+    python benchmarks/bench_hf_processor.py            # GPU
+    python benchmarks/bench_hf_processor.py --quick    # CPU smoke test, tiny sizes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+try:
+    import gflowgr_core  # noqa: F401
+except ImportError:  # a source checkout that is not pip-installed
+    sys.path.insert(0, str(HERE.parent))
+
+from common import RESULTS_DIR, environment, format_table, log, release, time_call, write_json  # noqa: E402
+
+from gflowgr_core.hf_processor import SIDTrieLogitsProcessor  # noqa: E402
+from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm  # noqa: E402
+from gflowgr_core.sid.tokens import SIDTokenMap  # noqa: E402
+from gflowgr_core.sid.trie import Trie  # noqa: E402
+
+DATA = Path(os.environ.get("GFLOWGR_DATA", HERE.parent.parent / "shared" / "data"))
+CPL = (256, 256, 256, 256)
+BEAUTY_ITEMS = 12101
+
+
+def load_workload(n_users: int, history: int, seed: int = 0):
+    """``(codes[n_items, 4], histories[n_users, history], source)``: Beauty's SIDs and test histories, or
+    random SIDs and histories when the data folder is absent."""
+    folder = DATA / "letter" / "Beauty"
+    if (folder / "Beauty.inter.json").is_file() and (folder / "Beauty.index.json").is_file():
+        from gflowgr_core.data.loaders import load_letter
+        from gflowgr_core.data.split import leave_one_out
+        from gflowgr_core.sid.catalog import Catalog
+
+        inter = load_letter(folder)
+        catalog = Catalog.from_letter_index(folder / "Beauty.index.json", inter.item_ids, codes_per_level=CPL)
+        test = leave_one_out(inter, max_history=history).test
+        reps = -(-n_users // len(test))
+        return catalog.codes, test.history.repeat(reps, 1)[:n_users], f"letter/Beauty ({len(test)} test users)"
+    log(f"{folder} not found: random 4 x 256 SIDs of {BEAUTY_ITEMS} items and random histories")
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (BEAUTY_ITEMS, len(CPL)), generator=gen)
+    hist = torch.randint(0, BEAUTY_ITEMS, (n_users, history), generator=gen)
+    return codes, hist, "random (Beauty folder absent)"
+
+
+def dict_trie(tokens: SIDTokenMap, codes: torch.Tensor) -> dict:
+    """``{prefix of SID token ids: allowed next token ids}`` over the catalogue."""
+    rows = tokens.encode(codes.cpu()).tolist()
+    allowed: dict[tuple, set] = {}
+    for row in rows:
+        for level in range(len(row)):
+            allowed.setdefault(tuple(row[:level]), set()).add(row[level])
+    table = {k: sorted(v) for k, v in allowed.items()}
+    table.update({tuple(row): [tokens.eos_id] for row in rows})
+    return table
+
+
+@torch.no_grad()
+def generate(model, ids, mask, tokens: SIDTokenMap, beams: int, L: int, processor=None, table=None):
+    prompt = ids.shape[1]
+    kwargs = {}
+    if processor is not None:
+        kwargs["logits_processor"] = [processor]
+    if table is not None:
+        eos = [tokens.eos_id]
+
+        def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+            return table.get(tuple(input_ids[prompt:].tolist()), eos)
+
+        kwargs["prefix_allowed_tokens_fn"] = allowed
+    return model.generate(input_ids=ids, attention_mask=mask, num_beams=beams, num_return_sequences=beams,
+                          max_new_tokens=L, min_new_tokens=L, do_sample=False, early_stopping=True,
+                          pad_token_id=tokens.pad_id, eos_token_id=tokens.eos_id, **kwargs)
+
+
+def processor_only(processor, table, tokens: SIDTokenMap, codes: torch.Tensor, prompt: int, args,
+                   device: torch.device) -> list[dict]:
+    """One logits-processor call per level at ``users * beams`` rows (the constraint's own cost, without the
+    model): ours against HF's ``PrefixConstrainedLogitsProcessor`` over the dict trie."""
+    from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+
+    rows_n = args.users * args.beams
+    gen = torch.Generator().manual_seed(1)
+    picked = codes[torch.randint(0, codes.shape[0], (rows_n,), generator=gen)]
+    sid_tokens = tokens.encode(picked).to(device)
+    base = torch.full((rows_n, prompt), tokens.sep_id, dtype=torch.long, device=device)
+    eos = [tokens.eos_id]
+    ref = PrefixConstrainedLogitsProcessor(lambda b, x: table.get(tuple(x[prompt:].tolist()), eos), args.beams)
+    scores = torch.randn(rows_n, tokens.vocab_size, generator=gen).to(device)
+    out = []
+    for level in range(len(CPL)):
+        input_ids = torch.cat([base, sid_tokens[:, :level]], dim=1)
+        for method, proc in (("hf_processor", processor), ("hf_prefix_fn", ref)):
+            t = time_call(lambda proc=proc: proc(input_ids, scores), device, warmup=1, reps=max(args.reps, 3))
+            out.append({"part": "processor", "method": method, "level": level, "rows": rows_n, **t})
+    return out
+
+
+def merge_summary(path: Path, summary: dict) -> bool:
+    """Read-modify-write of ``summary`` keys into an existing results file; ``False`` when it is absent."""
+    if not path.is_file():
+        return False
+    payload = json.loads(path.read_text())
+    payload.setdefault("summary", {}).update(summary)
+    write_json(path, payload)
+    return True
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (CPU smoke test)")
+    ap.add_argument("--users", type=int, help="users per batch (default 256; quick: 8)")
+    ap.add_argument("--beams", type=int, help="beam width (default 20; quick: 5)")
+    ap.add_argument("--history", type=int, default=20)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--warmup", type=int, help="untimed calls (default 1; quick: 1)")
+    ap.add_argument("--reps", type=int, help="timed calls per method (default 3; quick: 1)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, help="JSON path (default results/hf_processor.json; quick: "
+                                             "results/hf_processor_quick.json)")
+    ap.add_argument("--decode-json", type=Path, help="results file whose summary gets the keys (default "
+                                                     "results/decode.json; quick: none)")
+    args = ap.parse_args(argv)
+    q = args.quick
+    for name, (full, quick) in {"users": (256, 8), "beams": (20, 5), "warmup": (1, 1), "reps": (3, 1)}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if q else full)
+    args.out = args.out or RESULTS_DIR / ("hf_processor_quick.json" if q else "hf_processor.json")
+    if args.decode_json is None and not q:  # quick runs keep their numbers out of the GPU results file
+        args.decode_json = RESULTS_DIR / "decode.json"
+
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    codes, history, source = load_workload(args.users, args.history)
+    tokens = SIDTokenMap.from_scratch(CPL)
+    model = build_tiny_causal_lm(tokens.vocab_size, hidden=args.hidden, layers=args.layers, seed=0)
+    policy = SIDPolicy(model, tokens, codes).to(device).eval()  # builds the left-padded prompts
+    trie = Trie.build(codes, CPL).to(device)
+    ids, mask, _ = policy.build_prompt(history.to(device))
+    L = trie.num_levels
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"workload: {source}, {codes.shape[0]} items, {args.users} users, beam {args.beams}, "
+        f"model {n_params / 1e6:.2f}M params, prompt {ids.shape[1]} tokens, device {device}")
+    processor = SIDTrieLogitsProcessor(trie, tokens, prompt_length=ids.shape[1])
+    table = dict_trie(tokens, codes)
+    methods = {"hf_processor": dict(processor=processor), "hf_prefix_fn": dict(table=table),
+               "hf_unconstrained": {}}
+    seqs = {m: generate(policy.model, ids, mask, tokens, args.beams, L, **kw)
+            for m, kw in methods.items() if m != "hf_unconstrained"}
+    matches = bool(torch.equal(seqs["hf_processor"], seqs["hf_prefix_fn"]))
+    rows = []
+    for method, kw in methods.items():
+        log(f"{method}: timing")
+        t = time_call(lambda kw=kw: generate(policy.model, ids, mask, tokens, args.beams, L, **kw), device,
+                      warmup=args.warmup, reps=args.reps)
+        rows.append({"part": "generate", "method": method, "users": args.users, "beams": args.beams,
+                     "users_per_s": args.users / (t["median_ms"] / 1e3), **t})
+        release(device)
+    rows += processor_only(processor, table, tokens, codes, ids.shape[1], args, device)
+    ms = {r["method"]: r["median_ms"] for r in rows if r.get("part") == "generate"}
+    summary = {
+        "hf_processor_speedup_vs_prefix_fn": ms["hf_prefix_fn"] / ms["hf_processor"],
+        "hf_processor_over_unconstrained": ms["hf_processor"] / ms["hf_unconstrained"],
+        "hf_processor_users_per_s": args.users / (ms["hf_processor"] / 1e3),
+        "hf_processor_matches_prefix_fn": matches,
+        "hf_processor_device": environment(device)["device"],
+        "processor_call_ms_by_level": {r["level"]: r["median_ms"] for r in rows
+                                       if r.get("part") == "processor" and r["method"] == "hf_processor"},
+        "prefix_fn_call_ms_by_level": {r["level"]: r["median_ms"] for r in rows
+                                       if r.get("part") == "processor" and r["method"] == "hf_prefix_fn"},
+    }
+    payload = {**environment(device), "benchmark": "HF generate beam search: SIDTrieLogitsProcessor vs "
+                                                    "prefix_allowed_tokens_fn vs unconstrained",
+               "config": {"quick": args.quick, "users": args.users, "beams": args.beams, "history": args.history,
+                          "hidden": args.hidden, "layers": args.layers, "codes_per_level": list(CPL),
+                          "items": int(codes.shape[0]), "workload": source, "model_params": n_params,
+                          "prompt_tokens": int(ids.shape[1]), "device": str(device)},
+               "rows": rows, "summary": summary}
+    print(format_table([r for r in rows if r["part"] == "generate"],
+                       ["method", "users", "beams", "median_ms", "users_per_s"]))
+    print(format_table([r for r in rows if r["part"] == "processor"], ["method", "level", "rows", "median_ms"]))
+    print(summary)
+    path = write_json(args.out, payload)
+    log(f"wrote {path}")
+    if args.decode_json is not None and merge_summary(args.decode_json, summary):
+        log(f"merged the summary keys into {args.decode_json}")
+    if not matches:
+        log("WARNING: the processor and prefix_allowed_tokens_fn returned different sequences")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
