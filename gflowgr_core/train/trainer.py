@@ -748,7 +748,8 @@ def evaluate_policy(policy: SIDPolicy, data: PreparedData, split_name: str = "te
     width = max(EVAL_KS)
     ranked = [torch.full((0, width), -1, dtype=torch.long)]
     with torch.no_grad():
-        for start in tqdm(range(0, len(local), batch_size), desc=f"eval {split_name}", leave=False, disable=None):
+        quiet = True if dist is not None and not dist.is_main else None  # one progress bar per run
+        for start in tqdm(range(0, len(local), batch_size), desc=f"eval {split_name}", leave=False, disable=quiet):
             rows = local[start:start + batch_size]
             result = beam_search(policy, trie, split.history[rows].to(device), beams=beams, topk=width,
                                  backend=backend)
