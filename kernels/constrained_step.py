@@ -13,7 +13,8 @@ Triton (GPU; CPU tensors under ``TRITON_INTERPRET=1``). One program owns ``BLOCK
    a scan over the node's CSR edges (small ``max_branch``), or a vectorised binary search of each code in the
    node's sorted CSR edge codes (large ``max_branch``);
 3. log-softmax over the children (``renormalize``) or over all ``K_level`` codes, ``-inf`` off the children;
-4. ``sample``: Gumbel-max of ``z / temperature + g`` over the children with the counter-based noise of
+4. ``sample``: Gumbel-max of ``z * (1 / temperature) + g`` over the children (the reference divides; the
+   two agree to one ulp, exactly at ``temperature = 1``) with the counter-based noise of
    :func:`~gflowgr_core.decoding.step.gumbel_noise` (same hash, so the same codes as the reference), or
    ``beam``: candidates ``score[row] + logp`` and the row's own top-``min(beams, K)`` of them.
 
