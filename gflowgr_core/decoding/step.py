@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .. import backends
+from .. import debug as _debug
 from ..sid.trie import Trie
 
 __all__ = ["SampleStep", "BeamStep", "constrained_step", "constrained_step_torch", "register_backend",
@@ -298,6 +299,8 @@ def constrained_step(h: torch.Tensor, w_level: torch.Tensor, node: torch.Tensor,
             reported by :func:`last_backend`.
     """
     global _last_backend
+    if _debug.enabled():  # node ids index the kernels' tables: out-of-range ids would read past them
+        _debug.check_trie_nodes(node, trie, level, "constrained_step")
     name = resolve_backend(backend, h.device)
     if name != _last_backend:
         log.debug("constrained_step backend: %s", name)

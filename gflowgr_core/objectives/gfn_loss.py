@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 
 from .. import backends
+from .. import debug as _debug
 from .balance import BalanceObjective, make_objective
 from .logpf import constrained_log_pf
 
@@ -171,6 +172,9 @@ def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor
         that ran.
     """
     _load_providers()
+    if _debug.enabled():
+        for name_, value in (("log_r", log_r), ("log_z", log_z), ("log_f", log_f), ("weights", weights)):
+            _debug.check_finite(name_, value, "gfn_loss")
     obj = resolve_objective(objective, lambda_subtb)
     options = dict(objective=obj, weights=weights, support=support, codes_per_level=codes_per_level,
                    w_full=w_full, sid_token_ids=sid_token_ids, bias=bias)
