@@ -19,13 +19,14 @@ from gflowgr_core.train import checkpoint as ckpt
 from gflowgr_core.train.checkpoint import (TRAINER_STATE_FILE, CheckpointError, is_complete, load_extra,
                                            load_policy, recover_checkpoint)
 from gflowgr_core.train.config import ConfigError, load_config
+from gflowgr_core.train.signals import StopRequest
 from gflowgr_core.train.trainer import LoopState, Trainer
 
 DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 BEAUTY = DATA / "letter" / "Beauty"
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not (BEAUTY / "Beauty.inter.json").exists(),
+needs_data = pytest.mark.skipif(not (BEAUTY / "Beauty.inter.json").exists(),
                                 reason=f"shared Beauty data not found at {BEAUTY}")
 
 # 48 training examples in batches of 8: 6 steps per epoch, 2 epochs.
@@ -108,6 +109,7 @@ def sft_reference(beauty, tmp_path_factory) -> tuple[Trainer, dict, Path]:
     return trainer, result, out
 
 
+@needs_data
 def test_sft_resume_mid_epoch_is_exact(beauty, sft_reference, tmp_path):
     reference, ref_result, ref_out = sft_reference
     # Step 8 is batch 2 of epoch 2: the resumed run needs the epoch's permutation, the position in it and
@@ -120,6 +122,7 @@ def test_sft_resume_mid_epoch_is_exact(beauty, sft_reference, tmp_path):
     assert result["best_epoch"] == ref_result["best_epoch"] and result["test"] == ref_result["test"]
 
 
+@needs_data
 def test_gflowgr_curriculum_resume_is_exact(beauty, sft_reference, tmp_path):
     data_dir, prepared = beauty
     args = ("stage=gflowgr", f"init_checkpoint={sft_reference[1]['checkpoint']}", *CM)
@@ -133,6 +136,7 @@ def test_gflowgr_curriculum_resume_is_exact(beauty, sft_reference, tmp_path):
     assert _eval_records(tmp_path / "split") == _eval_records(tmp_path / "full")
 
 
+@needs_data
 def test_sigterm_subprocess_then_resume(beauty, sft_reference, tmp_path):
     """A real SIGTERM to ``gflowgr train``: clean exit 0, a resumable ``last/``, then an exact resume."""
     reference, _, ref_out = sft_reference
@@ -163,6 +167,7 @@ def test_sigterm_subprocess_then_resume(beauty, sft_reference, tmp_path):
     assert _step_losses(tmp_path) == _step_losses(ref_out)
 
 
+@needs_data
 def test_periodic_save_and_crash_during_save(beauty, tmp_path, monkeypatch):
     """``save_every_steps`` keeps ``last/`` current; a save that dies part-way leaves the previous one."""
     data_dir, prepared = beauty
@@ -205,6 +210,7 @@ def test_periodic_save_and_crash_during_save(beauty, tmp_path, monkeypatch):
     assert load_extra(last, TRAINER_STATE_FILE)["step"] == 6
 
 
+@needs_data
 def test_resume_errors_are_explicit(beauty, tmp_path):
     data_dir, prepared = beauty
     with pytest.raises(CheckpointError, match="nothing to resume"):
@@ -215,6 +221,7 @@ def test_resume_errors_are_explicit(beauty, tmp_path):
         Trainer(_config(data_dir, tmp_path, "stage=sft", "resume=true", "lr=0.01"), prepared).fit()
 
 
+@needs_data
 def test_same_seed_same_losses_other_seed_differs(beauty, tmp_path):
     data_dir, prepared = beauty
     for name, seed in (("a", 42), ("b", 42), ("c", 7)):
@@ -222,3 +229,19 @@ def test_same_seed_same_losses_other_seed_differs(beauty, tmp_path):
     a, b, c = (_step_losses(tmp_path / name) for name in "abc")
     assert len(a) == 4 and a == b
     assert [loss for _, loss in c] != [loss for _, loss in a]
+
+
+def test_stop_request_defers_the_first_signal_only():
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        assert not stop.requested
+        signal.raise_signal(signal.SIGINT)
+        assert stop.reason == "SIGINT"  # deferred: training goes on to the step boundary
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # the second one is not deferred
+    assert signal.getsignal(signal.SIGINT) is before
+    with StopRequest(install=False) as stop:
+        assert signal.getsignal(signal.SIGINT) is before
+        stop.request("by hand")
+        stop.request("later")
+        assert stop.reason == "by hand"
