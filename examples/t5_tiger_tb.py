@@ -88,8 +88,8 @@ def evaluate(model, data, item_tokens, users: int, beams: int, batch: int) -> di
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="LETTER folder with Beauty.inter/index.json")
-    ap.add_argument("--users", type=int, default=1500, help="users of the slice (prepare(max_users=...))")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--users", type=int, default=1000, help="users of the slice (prepare(max_users=...))")
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=64, help="training examples per step")
     ap.add_argument("--n-aug", type=int, default=3, help="augmented (random) trajectories per example")
     ap.add_argument("--lambda-gfn", type=float, default=1.0)
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--beams", type=int, default=20)
-    ap.add_argument("--eval-users", type=int, default=500)
+    ap.add_argument("--eval-users", type=int, default=300)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--smoke", action="store_true", help="a handful of steps on a small slice")
     args = ap.parse_args(argv)
@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
         opt.step()
         if step == 1 or step % 50 == 0 or step == args.steps:
             print(f"step {step:4d}  loss {loss.item():.4f}  sft {sft.item():.4f}  tb {tb.item():.4f}  "
-                  f"log_z {log_z.mean().item():.3f}")
+                  f"log_z {log_z.mean().item():.3f}", flush=True)
 
     t_eval = time.time()
     metrics = evaluate(model, data, item_tokens, args.eval_users, args.beams, batch=64)
