@@ -367,6 +367,9 @@ def train_sasrec(split_data, config: Optional[SASRecConfig] = None) -> SASRec:
         ``config.device``. ``model.train_report`` holds ``{"best_epoch", "epochs_run", "seconds",
         "valid": metrics, "test": metrics, "epochs": [per-epoch dicts], "config": ...}`` where the metric
         dicts are those of :func:`gflowgr_core.metrics.evaluate_rankings` (Recall/NDCG@K, exposure).
+
+    Runs are repeatable for a seed on the CPU (bit for bit with the same thread count); on CUDA the
+    embedding gradient's atomic adds can make the last bits differ between runs.
     """
     config = config or SASRecConfig()
     device = _resolve_device(config.device)
