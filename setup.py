@@ -75,6 +75,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "transformers>=4.46", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.6"],
+        "pretrained": ["peft>=0.17", "accelerate", "gguf"],
         "test": ["pytest", "hypothesis", "triton>=3.6; platform_system=='Linux'"],
     },
     entry_points={"console_scripts": ["gflowgr=gflowgr_core.cli:main"]},

