@@ -125,3 +125,18 @@ def test_gflowgr_fit_and_evaluate(beauty_slice, sft_checkpoint, tmp_path):
 
     metrics = evaluate_checkpoint(result["checkpoint"], split="valid", beams=10)
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_training_step_out_of_memory_names_batch_size(beauty_slice, sft_checkpoint, tmp_path, monkeypatch):
+    data_dir, data = beauty_slice
+    cfg = load_config(None, [f"data={data_dir}", f"out={tmp_path}", "stage=gflowgr", "gfn.sampler=random",
+                             f"init_checkpoint={sft_checkpoint}", *TINY_MODEL, *FAST])
+    trainer = Trainer(cfg, data)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(trainer, "compute_loss", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match=r"batch size 48 \(4 trajectories per example\); try "
+                                                     r"batch_size=24"):
+        trainer.train_step(torch.arange(48))

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from gflowgr_core.data.prepared import PreparedData
 from gflowgr_core.data.split import Split
+from gflowgr_core.debug import oom_hint
 from gflowgr_core.decoding.search import beam_search
 from gflowgr_core.metrics import evaluate_rankings
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
@@ -419,6 +420,12 @@ class Trainer:
         the shared generator (so augmentations are those one process would draw), then each rank computes the
         loss of its block of rows, scaled so DDP's gradient average is the gradient of the global mean.
         """
+        per_user = {"gflowgr": 1 + self.cfg.gfn.n_aug, "dpo": 1 + self.cfg.pref.n_neg,
+                    "sdpo": 1 + self.cfg.pref.n_neg}.get(self.cfg.stage, 1)
+        with oom_hint(len(index), f"{self.cfg.stage} training step {self.step}", trajectories=per_user):
+            return self._train_step(index)
+
+    def _train_step(self, index: torch.Tensor) -> dict:
         self.policy.train()
         if self.dist.enabled:
             loss, logs = self._distributed_loss(index)
