@@ -230,3 +230,16 @@ def test_quick_mode_end_to_end(tmp_path):
     assert agg["methods"].keys() == saved["methods"].keys()
     again = runner.main(argv, train_fn=lambda c, d: pytest.fail("a finished run was trained again"))
     assert again["methods"] == saved["methods"]
+
+
+def test_train_step_summary_ratios():
+    spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "benchmarks" / "bench_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"model": "m", "method": "sft", "step_ms": 10.0, "min_ms": 8.0},
+            {"model": "m", "method": "gflowgr_tb_random", "step_ms": 25.0, "min_ms": 12.0},
+            {"model": "m", "method": "gflowgr_tb_cm_curriculum", "error": "out of memory"}]
+    summary = bench.summarize(rows)
+    assert summary["gflowgr_over_sft_step_time"] == {"m": 2.5}
+    assert summary["gflowgr_over_sft_step_time_min"] == {"m": 1.5}
+    assert summary["cm_curriculum_over_sft_step_time"] == {"m": None}

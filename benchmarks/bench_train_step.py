@@ -1,0 +1,248 @@
+"""Training-step cost: a GFlowGR step against an SFT step on the same batch and the same model.
+
+Each row times :meth:`gflowgr_core.train.trainer.Trainer.train_step` (forward, loss, backward, clip,
+AdamW step, LR schedule; the sampler's draw included) on one fixed batch of training examples:
+
+* ``sft``: cross-entropy of the positive's SID codes (one trajectory per example).
+* ``gflowgr_tb_random``: CE + TB over the positive and 3 augmented trajectories from the random sampler
+  (4 trajectories per example; sampling is cheap, so this is the objective's own cost).
+* ``gflowgr_tb_cm_curriculum``: the same with the CM curriculum sampler (the paper's default), whose
+  SASRec is trained for one epoch only: its quality does not change the step's cost.
+
+All three start from the same SFT-initialised weights. Models: the 1.3M-parameter Qwen2-style model of
+``configs/`` (hidden 128, 4 layers, MLP 512) and a 0.1B-class one (hidden 768, 12 layers, 12 heads, MLP
+3072). Median of ``reps`` steps after ``warmup`` steps per method, measured in interleaved rounds (one
+step of each method per round, each timed with :func:`common.time_call`). The paper reports
+GFlowGR training at about 2.1x SFT at equal sample budget (production model); a step here processes the
+same examples in both methods, so ``summary.gflowgr_over_sft_step_time`` is that ratio.
+
+Data: a prepared Beauty folder (``--data``), else Beauty is prepared from ``$GFLOWGR_DATA`` /
+``../shared/data`` (all users; ``--quick``: the first 500), else a synthetic prepared dataset (random
+sequences, 4 x 256 random SIDs) when the shared data is absent.
+
+    python benchmarks/bench_train_step.py            # GPU, bf16 autocast: results/train_step.json
+    python benchmarks/bench_train_step.py --quick    # CPU, small batches: results/train_step_quick.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+try:
+    import gflowgr_core  # noqa: F401
+except ImportError:  # a source checkout that is not pip-installed
+    sys.path.insert(0, str(HERE.parent))
+
+from common import (RESULTS_DIR, environment, format_table, is_oom, log, release, time_call,  # noqa: E402
+                    write_json)
+
+from gflowgr_core.data.prepared import PreparedData  # noqa: E402
+
+MODELS = {
+    "qwen2_1.3M": {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 4, "intermediate": 512, "flow_hidden": 128},
+    "qwen2_0.1B": {"hidden": 768, "layers": 12, "heads": 12, "kv_heads": 12, "intermediate": 3072,
+                   "flow_hidden": 256},
+}
+METHODS = {
+    "sft": ["stage=sft"],
+    "gflowgr_tb_random": ["stage=gflowgr", "gfn.objective=tb", "gfn.n_aug=3", "gfn.sampler=random"],
+    "gflowgr_tb_cm_curriculum": ["stage=gflowgr", "gfn.objective=tb", "gfn.n_aug=3", "gfn.sampler=cm_curriculum"],
+}
+# (batch, warmup, reps) per model: full sizes for the GPU, small ones for a CPU check.
+FULL = {"qwen2_1.3M": (1024, 5, 30), "qwen2_0.1B": (256, 3, 20)}
+QUICK = {"qwen2_1.3M": (32, 2, 9), "qwen2_0.1B": (4, 1, 3)}
+
+
+def shared_beauty() -> Path:
+    return Path(os.environ.get("GFLOWGR_DATA", HERE.parent.parent / "shared" / "data")) / "letter" / "Beauty"
+
+
+def synthetic_prepared(out: Path, n_users: int = 2000, n_items: int = 3000, seed: int = 0) -> PreparedData:
+    """A prepared dataset of random chronological sequences (5..30 items) over random 4 x 256 SIDs."""
+    from gflowgr_core.data.loaders import Interactions
+    from gflowgr_core.data.split import leave_one_out
+    from gflowgr_core.metrics import item_popularity
+    from gflowgr_core.sid.catalog import Catalog
+    from gflowgr_core.sid.tokens import SIDTokenMap
+    from gflowgr_core.sid.trie import Trie
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, 31, (n_users,), generator=g)
+    seqs = [torch.randint(0, n_items, (int(n),), generator=g).numpy() for n in lengths]
+    inter = Interactions(user_ids=[str(u) for u in range(n_users)], item_ids=[str(i) for i in range(n_items)],
+                         sequences=seqs, source="synthetic")
+    split = leave_one_out(inter, max_history=20)
+    codes = torch.randint(0, 256, (n_items, 4), generator=g)
+    catalog = Catalog.from_codes(codes, (256,) * 4, inter.item_ids, collisions="share",
+                                 provenance={"source": "synthetic"})
+    trie = Trie.build(catalog.codes, catalog.codes_per_level)
+    stats = {"source": "synthetic", "num_users": n_users, "num_items": n_items,
+             "sid_collisions": catalog.stats()["sid_collisions"], **split.stats()}
+    data = PreparedData(split=split, catalog=catalog, trie=trie, tokens=SIDTokenMap.from_scratch(catalog.codes_per_level),
+                        popularity=item_popularity(split), item_ids=inter.item_ids, user_ids=inter.user_ids,
+                        stats=stats)
+    data.save(out)
+    return data
+
+
+def load_data(data: Optional[str], work: Path, quick: bool) -> tuple[Path, PreparedData, str]:
+    """The prepared folder to benchmark on, the data, and a label saying what it is."""
+    from gflowgr_core.data.prepared import prepare
+
+    if data:
+        return Path(data), PreparedData.load(data), f"prepared folder {data}"
+    max_users = 500 if quick else None
+    out = work / ("beauty_quick" if quick else "beauty")
+    if (out / "stats.json").exists():
+        return out, PreparedData.load(out), f"Amazon Beauty (LETTER SIDs), {max_users or 'all'} users"
+    if (shared_beauty() / "Beauty.inter.json").exists():
+        return out, prepare("letter", shared_beauty(), out, max_users=max_users), \
+            f"Amazon Beauty (LETTER SIDs), {max_users or 'all'} users"
+    out = work / "synthetic"
+    log(f"{shared_beauty()} not found: benchmarking on a synthetic prepared dataset")
+    return out, synthetic_prepared(out), "synthetic (random sequences and SIDs)"
+
+
+def make_trainer(data_dir: Path, data: PreparedData, model: dict, method: str, batch: int, device: str,
+                 dtype: str, out: Path, init_checkpoint: Optional[Path]):
+    from gflowgr_core.train.config import load_config
+    from gflowgr_core.train.trainer import Trainer
+
+    overrides = [f"data={data_dir}", f"out={out}", f"device={device}", f"dtype={dtype}", f"batch_size={batch}",
+                 "warmup_steps=10", "lr=0.0005", "cm.max_epochs=1", "cm.progress=false", "cm.verbose=false",
+                 *[f"model.{k}={v}" for k, v in model.items()], *METHODS[method]]
+    if init_checkpoint is not None:
+        overrides.append(f"init_checkpoint={init_checkpoint}")
+    return Trainer(load_config(None, overrides), data)
+
+
+def bench_model(name: str, data_dir: Path, data: PreparedData, batch: int, warmup: int, reps: int, device: str,
+                dtype: str, work: Path) -> list[dict]:
+    """Rows of the three methods on one model; the batch is the same ``batch`` training examples."""
+    from gflowgr_core.train.checkpoint import save_policy
+
+    model = MODELS[name]
+    index = torch.arange(min(batch, len(data.split.train)))
+    sft = make_trainer(data_dir, data, model, "sft", batch, device, dtype, work / f"{name}_sft", None)
+    params = sum(p.numel() for p in sft.policy.lm_parameters())  # the LM, without the flow heads
+    init = save_policy(sft.policy, work / f"{name}_init")
+    trainers = {"sft": sft}
+    for method in METHODS:
+        if method == "sft":
+            continue
+        trainers[method] = make_trainer(data_dir, data, model, method, batch, device, dtype, work / f"{name}_{method}",
+                                        init)
+    # Interleaved rounds (one timed step of each method per round): a change in machine load during the
+    # measurement then hits every method alike, which keeps the ratios meaningful on a shared machine.
+    rows = {m: {"model": name, "params": int(params), "method": m, "batch": len(index), "dtype": dtype}
+            for m in trainers}
+    times: dict[str, list[float]] = {m: [] for m in trainers}
+    failed: set[str] = set()
+    cuda = torch.device(device).type == "cuda"
+    peak: dict[str, int] = {m: 0 for m in trainers}
+
+    def step(method: str) -> None:
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            times[method].append(time_call(lambda: trainers[method].train_step(index), device, warmup=0,
+                                           reps=1)["median_ms"])
+            if cuda:  # the step's peak, with every trainer's weights and optimizer state resident
+                peak[method] = max(peak[method], torch.cuda.max_memory_allocated(device))
+        except RuntimeError as exc:
+            if not is_oom(exc):
+                raise
+            failed.add(method)
+            rows[method]["error"] = "out of memory"
+            release(device)
+
+    for method in trainers:
+        for _ in range(warmup):
+            if method not in failed:
+                step(method)
+        times[method].clear()
+    for _ in range(reps):
+        for method in trainers:
+            if method not in failed:
+                step(method)
+    for method, row in rows.items():
+        if method in failed:
+            continue
+        median = statistics.median(times[method])
+        row.update(step_ms=median, min_ms=min(times[method]), max_ms=max(times[method]),
+                   examples_per_s=len(index) / (median / 1e3), reps=reps)
+        if cuda:
+            row["peak_gb"] = peak[method] / 2 ** 30
+        log(f"{name} {method}: median {median:.1f} ms over {reps} interleaved steps")
+    release(device)
+    del trainers
+    return list(rows.values())
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per model: GFlowGR-TB (random sampler) and with the CM curriculum, step time over SFT's, from the
+    medians and (``*_min`` keys: the least disturbed steps, the better estimate on a loaded machine) from
+    the fastest steps."""
+    out: dict = {}
+    for stat, suffix in (("step_ms", ""), ("min_ms", "_min")):
+        by = {(r["model"], r["method"]): r.get(stat) for r in rows}
+        for method, key in (("gflowgr_tb_random", "gflowgr_over_sft_step_time"),
+                            ("gflowgr_tb_cm_curriculum", "cm_curriculum_over_sft_step_time")):
+            ratios = out.setdefault(key + suffix, {})
+            for model in dict.fromkeys(r["model"] for r in rows):
+                sft, other = by.get((model, "sft")), by.get((model, method))
+                ratios[model] = other / sft if sft and other else None
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU-sized batches and few repetitions")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--data", default=None, help="a prepared dataset folder (default: Beauty, prepared here)")
+    p.add_argument("--work", default=None, help="scratch folder for prepared data and checkpoints")
+    p.add_argument("--out", default=None, help="JSON path (default: results/train_step[_quick].json)")
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    sizes = QUICK if args.quick else FULL
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        data_dir, data, data_label = load_data(args.data, work, args.quick)
+        rows = []
+        for name in args.models:
+            batch, warmup, reps = sizes[name]
+            rows += bench_model(name, data_dir, data, batch, warmup, reps, device, dtype, work / "runs")
+    env = environment(device)
+    # Other processes on a shared CPU slow every step; the 1-minute load average tells how much.
+    load = {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()}
+    payload = {**env, "device_kind": torch.device(device).type, "quick": args.quick, "data": data_label,
+               "load_average_1m": load,
+               "notes": ("CPU figures (small batches, float32): a check of the script and a rough ratio, not the "
+                         "GPU numbers." if torch.device(device).type == "cpu" else
+                         "GPU, bf16 autocast."),
+               "rows": rows, "summary": summarize(rows)}
+    out = Path(args.out) if args.out else RESULTS_DIR / ("train_step_quick.json" if args.quick else "train_step.json")
+    write_json(out, payload)
+    print(f"{env['device']}; {data_label}")
+    print(format_table(rows, ["model", "params", "method", "batch", "dtype", "step_ms", "min_ms", "examples_per_s"]))
+    print(f"1-minute load average: {load['start']:.1f} at start, {load['end']:.1f} at end "
+          f"({load['logical_cores']} logical cores)")
+    print(f"GFlowGR-TB / SFT step time: {payload['summary']}")
+    print(f"wrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
