@@ -7,9 +7,13 @@ device or ``TRITON_INTERPRET=1`` (the CPU interpreter, for tests).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
+import sys
 from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -92,3 +96,54 @@ def resolve(requested: str, device: torch.device, preference: tuple[str, ...]) -
         if name in avail:
             return name
     return "torch"
+
+
+def kernel_module(name: str) -> ModuleType:
+    """``gflowgr_core.kernels.<name>`` (the Triton kernels), imported on first use.
+
+    An installed package maps ``kernels/`` to ``gflowgr_core.kernels``; in a source checkout that was not
+    installed that subpackage does not exist, so it is registered from the ``kernels/`` folder beside
+    ``gflowgr_core/`` under the same name.
+    """
+    if "gflowgr_core.kernels" not in sys.modules:
+        try:
+            importlib.import_module("gflowgr_core.kernels")
+        except ModuleNotFoundError as exc:
+            if exc.name != "gflowgr_core.kernels":
+                raise
+            folder = Path(__file__).resolve().parents[1] / "kernels"
+            init = folder / "__init__.py"
+            if not init.is_file():
+                raise ModuleNotFoundError(f"gflowgr_core.kernels is not installed and {init} does not exist; "
+                                          f"reinstall gflowgr (pip install -e .)", name="gflowgr_core.kernels")
+            spec = importlib.util.spec_from_file_location("gflowgr_core.kernels", init,
+                                                          submodule_search_locations=[str(folder)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["gflowgr_core.kernels"] = module
+            spec.loader.exec_module(module)
+            setattr(sys.modules["gflowgr_core"], "kernels", module)
+    return importlib.import_module(f"gflowgr_core.kernels.{name}")
+
+
+_loaded_providers: set[str] = set()
+
+
+def load_providers(*modules: str) -> None:
+    """Import the modules that register accelerated implementations of an op, once each.
+
+    Dispatchers call this on first use so that ``backend="auto"`` finds every implementation without the
+    caller importing anything. A provider that is not part of this installation is skipped; one that fails
+    for another reason (a broken dependency) raises, since that is an error worth seeing.
+    """
+    for module in modules:
+        if module in _loaded_providers:
+            continue
+        _loaded_providers.add(module)
+        try:
+            if module.startswith("gflowgr_core.kernels."):
+                kernel_module(module.rsplit(".", 1)[1])
+            else:
+                importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name not in (module, "gflowgr_core.kernels"):
+                raise

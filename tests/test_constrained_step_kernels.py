@@ -24,7 +24,7 @@ from gflowgr_core.decoding import step as step_mod
 from gflowgr_core.decoding.step import constrained_step, constrained_step_torch, gumbel_noise, noise_key
 from gflowgr_core.sid.trie import Trie
 
-step_mod._load_providers()
+backends.load_providers(*step_mod._PROVIDERS)
 cs = pytest.importorskip("gflowgr_core.kernels.constrained_step", reason="kernel module not importable")
 
 HAS_CUDA = torch.cuda.is_available()

@@ -436,7 +436,7 @@ def _dispatch_inputs():
 def empty_registry(monkeypatch):
     """The dispatcher with no accelerated implementation registered (providers imported beforehand so they
     do not register into the temporary registry)."""
-    gfn_loss_module._load_providers()
+    backends.load_providers(*gfn_loss_module._PROVIDERS)
     monkeypatch.setattr(gfn_loss_module, "_IMPLS", {})
 
 

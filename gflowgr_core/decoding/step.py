@@ -16,7 +16,6 @@ same hash, so all backends select the same codes for the same key.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Callable, NamedTuple
 
@@ -226,33 +225,8 @@ _IMPLEMENTATIONS: dict[str, StepImpl] = {"torch": constrained_step_torch}
 _PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 _last_backend: str | None = None
 
-# Modules that register accelerated implementations when imported; the dispatcher imports them on first
-# use so that backend="auto" finds them without the caller importing anything.
+# Modules that register accelerated implementations when imported (see backends.load_providers).
 _PROVIDERS = ("gflowgr_core.kernels.constrained_step",)
-_providers_loaded = False
-
-
-def _load_providers() -> None:
-    global _providers_loaded
-    if _providers_loaded:
-        return
-    _providers_loaded = True
-    for module in _PROVIDERS:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == "gflowgr_core.kernels":
-                # A source checkout that is not installed has kernels/ beside the package, not inside it.
-                from ..objectives.fused import _register_source_kernels
-                _register_source_kernels()
-                try:
-                    importlib.import_module(module)
-                except ModuleNotFoundError as again:
-                    # No such provider in this checkout: the reference (and any other provider) serves.
-                    if again.name != module:
-                        raise
-            elif exc.name != module:
-                raise
 
 
 def register_backend(name: str, impl: StepImpl) -> None:
@@ -264,7 +238,7 @@ def register_backend(name: str, impl: StepImpl) -> None:
 
 def registered_backends() -> tuple[str, ...]:
     """Backends that have a ``constrained_step`` implementation registered."""
-    _load_providers()
+    backends.load_providers(*_PROVIDERS)
     return tuple(_IMPLEMENTATIONS)
 
 
@@ -275,7 +249,7 @@ def last_backend() -> str | None:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend :func:`constrained_step` would use on ``device`` for ``backend``."""
-    _load_providers()
+    backends.load_providers(*_PROVIDERS)
     preference = tuple(b for b in _PREFERENCE.get(device.type, ("torch",)) if b in _IMPLEMENTATIONS)
     name = backends.resolve(backend, device, preference)
     if name not in _IMPLEMENTATIONS:

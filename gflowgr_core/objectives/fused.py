@@ -14,11 +14,7 @@ PyTorch reference.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 import weakref
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
@@ -27,7 +23,7 @@ from torch.autograd.function import once_differentiable
 from .. import backends
 from .balance import BalanceObjective
 from .gfn_loss import register_gfn_loss_backend, resolve_objective
-from .logpf import _check_codes, _resolve_codes_per_level, trie_walk
+from .logpf import _check_codes, _resolve_codes_per_level, check_trajectory_shapes, trie_walk
 from .preference import sft_cross_entropy
 
 __all__ = ["fused_constrained_log_pf", "fused_gfn_loss", "fused_sft_cross_entropy", "trie_child_bits",
@@ -36,44 +32,9 @@ __all__ = ["fused_constrained_log_pf", "fused_gfn_loss", "fused_sft_cross_entrop
 #: The policy supports the fused kernel implements ("vocab" stays on the reference path).
 FUSED_SUPPORTS = ("trie", "level")
 
-_KERNELS = None
-
-
 def _kernel_module():
-    """``gflowgr_core.kernels.gfn_loss``, imported on first use (triton is imported only then).
-
-    An installed package maps ``kernels/`` to ``gflowgr_core.kernels``; in a source checkout that is not
-    installed the subpackage does not exist, so it is registered here from the ``kernels/`` folder next to
-    ``gflowgr_core/`` under the same name.
-    """
-    global _KERNELS
-    if _KERNELS is None:
-        try:
-            _KERNELS = importlib.import_module("gflowgr_core.kernels.gfn_loss")
-        except ModuleNotFoundError as exc:
-            if exc.name != "gflowgr_core.kernels":
-                raise
-            _register_source_kernels()
-            _KERNELS = importlib.import_module("gflowgr_core.kernels.gfn_loss")
-    return _KERNELS
-
-
-def _register_source_kernels() -> None:
-    """Make ``gflowgr_core.kernels`` importable from a source checkout's ``kernels/`` folder (used by every
-    module that loads a Triton kernel; not needed once the package is installed)."""
-    if "gflowgr_core.kernels" in sys.modules:
-        return
-    folder = Path(__file__).resolve().parents[2] / "kernels"
-    init = folder / "__init__.py"
-    if not init.is_file():
-        raise ModuleNotFoundError(f"gflowgr_core.kernels is not installed and {init} does not exist; "
-                                  f"reinstall gflowgr (pip install -e .)", name="gflowgr_core.kernels")
-    spec = importlib.util.spec_from_file_location("gflowgr_core.kernels", init,
-                                                  submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gflowgr_core.kernels"] = module
-    spec.loader.exec_module(module)
-    setattr(sys.modules["gflowgr_core"], "kernels", module)
+    """``gflowgr_core.kernels.gfn_loss``, imported on first use (triton is imported only then)."""
+    return backends.kernel_module("gfn_loss")
 
 
 # ------------------------------------------------------------------------------------ trie child bitmap
@@ -201,19 +162,11 @@ def fused_constrained_log_pf(h: torch.Tensor, w_sid: torch.Tensor, codes: torch.
         raise ValueError(f"the fused log P_F kernel implements support {FUSED_SUPPORTS}, not {support!r}; "
                          f"the full-vocabulary support runs on the reference path (backend='torch')")
     cpl = _resolve_codes_per_level(codes_per_level, trie)
-    if h.dim() != 3:
-        raise ValueError(f"h must be [T, L, d], got shape {tuple(h.shape)}")
-    t, n_levels, d = h.shape
-    if codes.shape != (t, n_levels):
-        raise ValueError(f"codes must be [T, L] = {(t, n_levels)} to match h, got {tuple(codes.shape)}")
-    if n_levels != len(cpl):
-        raise ValueError(f"h has {n_levels} decision positions but codes_per_level has {len(cpl)} levels")
-    if codes.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+    codes = check_trajectory_shapes(h, codes, cpl)
+    d = h.shape[2]
     if w_sid is None or w_sid.shape != (sum(cpl), d):
         raise ValueError(f"w_sid must be [sum K_l, d] = {(sum(cpl), d)}, got "
                          f"{None if w_sid is None else tuple(w_sid.shape)}")
-    codes = codes.long()
     if support == "trie":
         if trie is None:
             raise ValueError("support='trie' needs a trie")

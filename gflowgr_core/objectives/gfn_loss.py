@@ -9,7 +9,6 @@ when their module is imported.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
@@ -23,25 +22,8 @@ from .logpf import constrained_log_pf
 # Best first; "torch" is always registered and is the last resort.
 _PREFERENCE = ("triton", "cuda", "cpp", "torch")
 
-# Modules that register accelerated implementations when imported; the dispatcher imports them on first
-# use so that backend="auto" finds them without the caller importing anything.
+# Modules that register accelerated implementations when imported (see backends.load_providers).
 _PROVIDERS = ("gflowgr_core.objectives.fused",)
-_providers_loaded = False
-
-
-def _load_providers() -> None:
-    global _providers_loaded
-    if _providers_loaded:
-        return
-    _providers_loaded = True
-    for module in _PROVIDERS:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            # Only a provider that is not part of this installation is skipped; a provider that fails
-            # for another reason (a broken dependency) is an error worth seeing.
-            if exc.name != module:
-                raise
 
 
 def resolve_objective(objective: Union[str, BalanceObjective], lambda_subtb: float = 0.9) -> BalanceObjective:
@@ -171,7 +153,7 @@ def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor
         :class:`GFNLossOutput` ``(loss, log_pf[T, L], backend)``, ``backend`` naming the implementation
         that ran.
     """
-    _load_providers()
+    backends.load_providers(*_PROVIDERS)
     if _debug.enabled():
         for name_, value in (("log_r", log_r), ("log_z", log_z), ("log_f", log_f), ("weights", weights)):
             _debug.check_finite(name_, value, "gfn_loss")

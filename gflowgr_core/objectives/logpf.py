@@ -147,6 +147,20 @@ def constrained_log_softmax_rows(h: torch.Tensor, w_level: torch.Tensor, nodes: 
     return torch.log_softmax(logits, dim=-1)
 
 
+def check_trajectory_shapes(h: torch.Tensor, codes: torch.Tensor, cpl: tuple[int, ...]) -> torch.Tensor:
+    """Check ``h[T, L, d]`` against ``codes[T, L]`` and the number of levels; return the codes as int64."""
+    if h.dim() != 3:
+        raise ValueError(f"h must be [T, L, d], got shape {tuple(h.shape)}")
+    t, n_levels, _ = h.shape
+    if codes.shape != (t, n_levels):
+        raise ValueError(f"codes must be [T, L] = {(t, n_levels)} to match h, got {tuple(codes.shape)}")
+    if n_levels != len(cpl):
+        raise ValueError(f"h has {n_levels} decision positions but codes_per_level has {len(cpl)} levels")
+    if codes.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+    return codes.long()
+
+
 def constrained_log_pf(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie=None,
                        support: str = "trie", *, codes_per_level: Optional[Sequence[int]] = None,
                        w_full: Optional[torch.Tensor] = None, sid_token_ids: Optional[torch.Tensor] = None,
@@ -184,16 +198,8 @@ def constrained_log_pf(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: to
     if support not in SUPPORTS:
         raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
     cpl = _resolve_codes_per_level(codes_per_level, trie)
-    if h.dim() != 3:
-        raise ValueError(f"h must be [T, L, d], got shape {tuple(h.shape)}")
-    t, n_levels, d = h.shape
-    if codes.shape != (t, n_levels):
-        raise ValueError(f"codes must be [T, L] = {(t, n_levels)} to match h, got {tuple(codes.shape)}")
-    if n_levels != len(cpl):
-        raise ValueError(f"h has {n_levels} decision positions but codes_per_level has {len(cpl)} levels")
-    if codes.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
-    codes = codes.long()
+    codes = check_trajectory_shapes(h, codes, cpl)
+    n_levels, d = h.shape[1], h.shape[2]
     _check_codes(codes, cpl)
     offsets = level_offsets(cpl)
 
