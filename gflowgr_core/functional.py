@@ -25,13 +25,11 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from . import backends
 from .decoding.step import constrained_step, resolve_backend
 from .hf_processor import SIDTrieLogitsProcessor, sids_from_sequences
 from .objectives import balance as _balance
 from .objectives import preference as _preference
-from .objectives.gfn_loss import GFNLossOutput, gfn_loss as _gfn_loss
-from .objectives.logpf import constrained_log_pf as _constrained_log_pf
+from .objectives.gfn_loss import GFNLossOutput, gfn_loss as _gfn_loss, sid_log_probs
 from .objectives.logpf import level_offsets as _level_offsets
 from .sid.tokens import SIDTokenMap
 from .sid.trie import Trie
@@ -127,27 +125,8 @@ def constrained_log_probs(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes:
         ``[T, L]`` float32 for half-precision inputs, else the inputs' dtype; differentiable w.r.t. ``h``,
         ``w_sid`` (or ``w_full``) and ``bias``.
     """
-    name = _logpf_backend(backend, h, support)
-    if name == "triton":
-        from .objectives.fused import fused_constrained_log_pf
-        return fused_constrained_log_pf(h, w_sid, codes, trie, support, codes_per_level=codes_per_level,
-                                        bias=bias)
-    return _constrained_log_pf(h, w_sid, codes, trie, support, codes_per_level=codes_per_level, w_full=w_full,
-                               sid_token_ids=sid_token_ids, bias=bias)
-
-
-def _logpf_backend(backend: str, h: torch.Tensor, support: str) -> str:
-    if backend == "auto":
-        fused_ok = h.is_cuda and support in ("trie", "level") and "triton" in backends.available_backends()
-        return "triton" if fused_ok else "torch"
-    if backend == "torch":
-        return "torch"
-    if backend == "triton":
-        if "triton" not in backends.available_backends():
-            raise RuntimeError("backend 'triton' is not available here (triton missing, or no CUDA device and "
-                               "TRITON_INTERPRET is not 1)")
-        return "triton"
-    raise ValueError(f"constrained_log_probs: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    return sid_log_probs(h, w_sid, codes, trie, support, codes_per_level=codes_per_level, w_full=w_full,
+                         sid_token_ids=sid_token_ids, bias=bias, backend=backend)
 
 
 def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie: Optional[Trie],

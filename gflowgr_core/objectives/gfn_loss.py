@@ -169,3 +169,30 @@ def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor
     fn = _reference_impl if name == "torch" else _IMPLS[name].fn
     loss, log_pf = fn(h, w_sid, codes, trie, log_f, log_z, log_r, **options)
     return GFNLossOutput(loss, log_pf, name)
+
+
+def sid_log_probs(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie=None,
+                  support: str = "trie", *, codes_per_level: Optional[Sequence[int]] = None,
+                  w_full: Optional[torch.Tensor] = None, sid_token_ids: Optional[torch.Tensor] = None,
+                  bias: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """Per-step ``log P_F[T, L]`` on the best backend: the fused Triton kernel or the reference.
+
+    The same arguments as :func:`~.logpf.constrained_log_pf`. ``backend="auto"`` takes the fused kernel
+    (:func:`~.fused.fused_constrained_log_pf`) for CUDA tensors when triton is available and the support is
+    ``"trie"`` or ``"level"``, else the PyTorch reference; ``"torch"`` and ``"triton"`` force one. This is
+    the path of the SFT cross-entropy and of the DPO / S-DPO log-probabilities.
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"sid_log_probs: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    fused_ok = support in ("trie", "level") and "triton" in backends.available_backends()
+    if backend == "triton" and not fused_ok:
+        raise RuntimeError(f"sid_log_probs: the 'triton' backend needs triton (with a CUDA device or "
+                           f"TRITON_INTERPRET=1) and support 'trie' or 'level'; got support={support!r}, "
+                           f"available backends {backends.available_backends()}")
+    if backend == "triton" or (backend == "auto" and fused_ok and h.is_cuda):
+        from .fused import fused_constrained_log_pf
+
+        return fused_constrained_log_pf(h, w_sid, codes, trie, support, codes_per_level=codes_per_level,
+                                        bias=bias)
+    return constrained_log_pf(h, w_sid, codes, trie, support, codes_per_level=codes_per_level, w_full=w_full,
+                              sid_token_ids=sid_token_ids, bias=bias)

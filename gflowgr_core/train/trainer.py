@@ -41,8 +41,7 @@ from gflowgr_core.debug import oom_hint
 from gflowgr_core.decoding.search import beam_search
 from gflowgr_core.metrics import evaluate_rankings
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
-from gflowgr_core.objectives.gfn_loss import gfn_loss
-from gflowgr_core.objectives.logpf import constrained_log_pf
+from gflowgr_core.objectives.gfn_loss import gfn_loss, sid_log_probs
 from gflowgr_core.objectives.preference import dpo_loss, sdpo_loss, sft_cross_entropy
 from gflowgr_core.reward import Reward, cm_component, lm_generation_prob, summary as reward_summary
 from gflowgr_core.samplers import SamplerBatch, make_sampler
@@ -302,13 +301,21 @@ class Trainer:
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     # ------------------------------------------------------------------------------------------ loss
-    def _log_pf(self, h: torch.Tensor, codes: torch.Tensor, support: str) -> torch.Tensor:
-        """Per-step log P_F ``[N, L]`` of ``codes[N, L]`` from hidden states ``h[N, L, d]``."""
+    def _log_pf(self, h: torch.Tensor, codes: torch.Tensor, support: str,
+                policy: Optional[SIDPolicy] = None) -> torch.Tensor:
+        """Per-step log P_F ``[N, L]`` of ``codes[N, L]`` from hidden states ``h[N, L, d]`` of ``policy``.
+
+        Runs the fused kernel on GPU (``sid_log_probs``); ``backend`` values that name no log P_F
+        implementation (``cuda``, ``cpp``) leave the choice to ``auto``.
+        """
+        policy = self.policy if policy is None else policy
         extra = {}
         if support == "vocab":
-            extra = dict(w_full=self.policy.full_head_weight(), sid_token_ids=self.policy.sid_token_ids)
-        return constrained_log_pf(h, self.policy.sid_head_weight(), codes, self.trie, support,
-                                  codes_per_level=self.codes_per_level, bias=self.policy.head_bias(), **extra)
+            extra = dict(w_full=policy.full_head_weight(), sid_token_ids=policy.sid_token_ids)
+        backend = self.cfg.backend if self.cfg.backend in ("torch", "triton") else "auto"
+        return sid_log_probs(h, policy.sid_head_weight(), codes, self.trie, support,
+                             codes_per_level=self.codes_per_level, bias=policy.head_bias(), backend=backend,
+                             **extra)
 
     def _batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         train = self.data.split.train
@@ -398,12 +405,8 @@ class Trainer:
         log_pf = self._log_pf(h.reshape(B * T, L, -1), codes.reshape(B * T, L), self.cfg.sft_support).view(B, T, L)
         with torch.no_grad():
             h_ref, _, _ = self.reference.trajectory_hidden(history, codes)
-            ref = constrained_log_pf(h_ref.reshape(B * T, L, -1), self.reference.sid_head_weight(),
-                                     codes.reshape(B * T, L), self.trie, self.cfg.sft_support,
-                                     codes_per_level=self.codes_per_level, bias=self.reference.head_bias(),
-                                     **({} if self.cfg.sft_support != "vocab" else dict(
-                                         w_full=self.reference.full_head_weight(),
-                                         sid_token_ids=self.reference.sid_token_ids))).view(B, T, L)
+            ref = self._log_pf(h_ref.reshape(B * T, L, -1), codes.reshape(B * T, L), self.cfg.sft_support,
+                               policy=self.reference).view(B, T, L)
         logp, ref_logp = log_pf.sum(-1), ref.sum(-1)
         if self.cfg.stage == "dpo":
             pref = dpo_loss(logp[:, 0], logp[:, 1], ref_logp[:, 0], ref_logp[:, 1], beta=p.beta)
