@@ -10,14 +10,15 @@
 #   1. pip install --no-build-isolation --no-deps -e .   (offline; builds gflowgr_core._C, with the CUDA
 #      ops when torch has CUDA). GPU_CHECK_SKIP_INSTALL=1 skips it.
 #   2. pytest on the kernel test files (they parametrize on CUDA at full size when a GPU is present).
-#   3. benchmarks/bench_decode.py and benchmarks/bench_gfn_loss.py (when present) at full size.
+#   3. benchmarks/bench_decode.py, bench_gfn_loss.py, bench_hf_processor.py and bench_train_step.py at full
+#      size (the JSON files under benchmarks/results/).
 # Without a GPU the GPU-only parts are skipped with a message: the tests run on CPU (Triton in the
 # interpreter) and the benchmarks in --quick mode, which checks the script end to end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 RESULTS=benchmarks/results
-LOGS=${OUT:-$(mktemp -d)}/gpu_check_logs
+LOGS=$(mktemp -d)/gpu_check_logs
 mkdir -p "$RESULTS" "$LOGS"
 echo "stage logs: $LOGS"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -58,8 +59,8 @@ fi
 
 if [ "$HAS_CUDA" = "1" ]; then
   unset TRITON_INTERPRET
-  TESTS=(tests/test_constrained_step_kernels.py)
-  [ -f tests/test_gfn_loss_kernel.py ] && TESTS+=(tests/test_gfn_loss_kernel.py)
+  TESTS=(tests/test_constrained_step_kernels.py tests/test_gfn_loss_kernel.py tests/test_trie.py
+         tests/test_hf_processor.py tests/test_functional.py)
   stage gpu_tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider "${TESTS[@]}"
   QUICK=()
 else
@@ -76,6 +77,9 @@ if [ -f benchmarks/bench_gfn_loss.py ]; then
 else
   echo "=== benchmarks/bench_gfn_loss.py not present: skipped"
 fi
+# Runs after bench_decode: it adds its summary keys to decode.json.
+stage bench_hf_proc 90 "$PY" benchmarks/bench_hf_processor.py "${QUICK[@]}"
+stage bench_train 120 "$PY" benchmarks/bench_train_step.py "${QUICK[@]}"
 
 echo
 echo "=== summary"
@@ -106,13 +110,17 @@ show("decode", ["hf_constrained_users_per_s", "ours_users_per_s", "ours_backend"
                 "constrained_over_unconstrained", "hf_valid_sid_share", "ours_users_per_s_by_backend",
                 "kernel_us_per_step_5120_rows"])
 show("gfn_loss", None)
+show("train_step", ["gflowgr_over_sft_step_time", "cm_curriculum_over_sft_step_time"])
 EOF
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
-  for f in "$RESULTS"/decode*.json "$RESULTS"/gfn_loss*.json; do
+  for f in "$RESULTS"/decode*.json "$RESULTS"/gfn_loss*.json "$RESULTS"/hf_processor*.json \
+           "$RESULTS"/train_step*.json; do
     [ -f "$f" ] && cp "$f" "$OUT"/
   done
-  echo "results copied to $OUT"
+  # The device tool returns at most 8 files: the stage logs travel as one archive.
+  tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$(dirname "$LOGS")" gpu_check_logs
+  echo "results and gpu_check_logs.tar.gz copied to $OUT"
 fi
 exit $FAILED

@@ -51,6 +51,7 @@ class GFNConfig:
     policy_support: str = "trie"   # "trie" | "level" | "vocab"
     weighting: str = "uniform"     # "uniform" | "reward" (trajectory weights proportional to R within a set)
     flow_lr: float = 1e-2          # learning rate of the log Z / log F heads (GFlowNets like it larger)
+    flow_warmup_steps: int = 0     # first steps in which the balance loss trains only the flow heads
     curriculum_start: float = 0.1  # CM-score quantile picked at the start of training (easy items)
     curriculum_end: float = 0.9    # ... and at the end (hard items, close to the user's taste)
     curriculum_pool: int = 100     # CM top-M items in the curriculum pool

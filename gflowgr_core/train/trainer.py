@@ -378,12 +378,25 @@ class Trainer:
         if g.weighting == "reward":
             r = components["R"].detach()
             weights = (T * r / r.sum(dim=1, keepdim=True)).reshape(-1)
-        out = gfn_loss(h.reshape(B * T, L, -1), self.policy.sid_head_weight(), flat_codes, self.trie,
+        w_sid, bias = self.policy.sid_head_weight(), self.policy.head_bias()
+        flow_warmup = self.step < g.flow_warmup_steps
+        h_gfn = h
+        if flow_warmup:
+            # Only the flow heads learn from the balance loss until log Z has caught up with the
+            # policy: the huge early residuals would otherwise push the LM away from its SFT solution.
+            h_gfn = h.detach()
+            w_sid, bias = w_sid.detach(), None if bias is None else bias.detach()
+            log_z = self.policy.log_z_head(h_gfn[:, 0, 0])
+            log_f = self.policy.log_f_head(h_gfn[:, :, 1:])
+        out = gfn_loss(h_gfn.reshape(B * T, L, -1), w_sid, flat_codes, self.trie,
                        log_f.reshape(B * T, L - 1), log_z.repeat_interleave(T), log_r.reshape(-1),
                        objective=g.objective, lambda_subtb=g.subtb_lambda, weights=weights,
                        support=g.policy_support, codes_per_level=self.codes_per_level,
-                       bias=self.policy.head_bias(), backend=self.cfg.backend, **extra)
-        ce = sft_cross_entropy(out.log_pf.view(B, T, L)[:, 0])
+                       bias=bias, backend=self.cfg.backend, **extra)
+        if flow_warmup:
+            ce = sft_cross_entropy(self._log_pf(h[:, 0], codes[:, 0], g.policy_support))
+        else:
+            ce = sft_cross_entropy(out.log_pf.view(B, T, L)[:, 0])
         loss = ce + g.lambda_gfn * out.loss
         logs = {"loss": loss.item(), "ce": ce.item(), "gfn": out.loss.item(), "log_z": log_z.mean().item(),
                 "backend": out.backend}
