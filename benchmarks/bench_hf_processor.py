@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -44,30 +43,9 @@ from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm  # noqa: E
 from gflowgr_core.sid.tokens import SIDTokenMap  # noqa: E402
 from gflowgr_core.sid.trie import Trie  # noqa: E402
 
-DATA = Path(os.environ.get("GFLOWGR_DATA", HERE.parent.parent / "shared" / "data"))
-CPL = (256, 256, 256, 256)
-BEAUTY_ITEMS = 12101
-
-
-def load_workload(n_users: int, history: int, seed: int = 0):
-    """``(codes[n_items, 4], histories[n_users, history], source)``: Beauty's SIDs and test histories, or
-    random SIDs and histories when the data folder is absent."""
-    folder = DATA / "letter" / "Beauty"
-    if (folder / "Beauty.inter.json").is_file() and (folder / "Beauty.index.json").is_file():
-        from gflowgr_core.data.loaders import load_letter
-        from gflowgr_core.data.split import leave_one_out
-        from gflowgr_core.sid.catalog import Catalog
-
-        inter = load_letter(folder)
-        catalog = Catalog.from_letter_index(folder / "Beauty.index.json", inter.item_ids, codes_per_level=CPL)
-        test = leave_one_out(inter, max_history=history).test
-        reps = -(-n_users // len(test))
-        return catalog.codes, test.history.repeat(reps, 1)[:n_users], f"letter/Beauty ({len(test)} test users)"
-    log(f"{folder} not found: random 4 x 256 SIDs of {BEAUTY_ITEMS} items and random histories")
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 256, (BEAUTY_ITEMS, len(CPL)), generator=gen)
-    hist = torch.randint(0, BEAUTY_ITEMS, (n_users, history), generator=gen)
-    return codes, hist, "random (Beauty folder absent)"
+# The decode benchmark's workload (Beauty SIDs and test histories, or random ones), shared so both measure
+# the same thing.
+from bench_decode import CPL, load_workload  # noqa: E402
 
 
 def dict_trie(tokens: SIDTokenMap, codes: torch.Tensor) -> dict:
