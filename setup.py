@@ -72,7 +72,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["gflowgr_core", "gflowgr_core.*"]) + ["gflowgr_core.kernels"],
     package_dir={"gflowgr_core.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "transformers>=4.46", "matplotlib"],
+    install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "pyyaml", "transformers>=4.46", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.6"],
         "pretrained": ["peft>=0.17", "accelerate", "gguf"],
