@@ -24,7 +24,7 @@ TABLE_METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10")
 DEMO_SETTINGS = {
     "model.hidden": 64, "model.layers": 2, "model.heads": 2, "model.kv_heads": 2, "model.intermediate": 128,
     "model.flow_hidden": 64, "batch_size": 256, "lr": 3e-3, "warmup_steps": 20, "eval_beams": 20,
-    "valid_max_users": 300, "log_every": 5, "cm.max_epochs": 3, "cm.patience": 1, "cm.verbose": False,
+    "valid_max_users": None, "log_every": 5, "cm.max_epochs": 3, "cm.patience": 1, "cm.verbose": False,
 }
 SFT_SETTINGS = {"stage": "sft", "epochs": 10, "patience": 2, "max_train_examples": 30000}
 GFLOWGR_SETTINGS = {"stage": "gflowgr", "epochs": 2, "patience": 2, "lr": 1e-3, "warmup_steps": 10,
@@ -38,7 +38,9 @@ def _overrides(*dicts: dict) -> list[str]:
     merged: dict = {}
     for d in dicts:
         merged.update(d)
-    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in merged.items()]
+    # JSON is valid YAML: null, true/false, lists and mappings parse back to what they were.
+    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict, bool, type(None))) else v}"
+            for k, v in merged.items()]
 
 
 def run_demo(out: str | Path = "runs/demo", device: str = "auto", quick: bool = False) -> dict:
