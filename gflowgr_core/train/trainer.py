@@ -338,6 +338,7 @@ class Trainer:
             log_pf = self._log_pf(h[:, 0], codes[:, 0], self.cfg.sft_support)
             loss = sft_cross_entropy(log_pf)
             return loss, {"loss": loss.item(), "ce": loss.item()}
+        candidates = self.draw_candidates(index) if candidates is None else candidates.to(self.device)
         if stage == "gflowgr":
             return self._gflowgr_loss(example_idx, history, target, candidates)
         return self._preference_loss(example_idx, history, target, candidates)
@@ -351,14 +352,9 @@ class Trainer:
         batch = SamplerBatch(example_idx=example_idx, history=history, positive=target)
         return self.sampler.sample(batch, self._num_candidates(), self.generator).to(self.device)
 
-    def _gflowgr_loss(self, example_idx, history, target, candidates=None) -> tuple[torch.Tensor, dict]:
+    def _gflowgr_loss(self, example_idx, history, target, augmented) -> tuple[torch.Tensor, dict]:
         g = self.cfg.gfn
-        if candidates is None:
-            batch = SamplerBatch(example_idx=example_idx, history=history, positive=target)
-            aug = self.sampler.sample(batch, g.n_aug, self.generator).to(self.device)
-        else:
-            aug = candidates.to(self.device)
-        cands = torch.cat([target.unsqueeze(1), aug], dim=1)                       # [B, T]
+        cands = torch.cat([target.unsqueeze(1), augmented], dim=1)                 # [B, T]
         B, T = cands.shape
         codes = self.item_codes[cands]                                            # [B, T, L]
         h, log_z, log_f = self.policy.trajectory_hidden(history, codes)
@@ -403,14 +399,9 @@ class Trainer:
         logs.update(reward_summary({k: v for k, v in components.items() if k in ("r_a", "r_cm", "r_sim", "R")}))
         return loss, logs
 
-    def _preference_loss(self, example_idx, history, target, candidates=None) -> tuple[torch.Tensor, dict]:
+    def _preference_loss(self, example_idx, history, target, negatives) -> tuple[torch.Tensor, dict]:
         p = self.cfg.pref
-        if candidates is None:
-            batch = SamplerBatch(example_idx=example_idx, history=history, positive=target)
-            neg = self.sampler.sample(batch, p.n_neg, self.generator).to(self.device)
-        else:
-            neg = candidates.to(self.device)
-        cands = torch.cat([target.unsqueeze(1), neg], dim=1)
+        cands = torch.cat([target.unsqueeze(1), negatives], dim=1)
         B, T = cands.shape
         codes = self.item_codes[cands]
         L = codes.shape[-1]
