@@ -53,7 +53,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gflowgr", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="load interactions, split, build SIDs and the trie; write DIR")
@@ -100,7 +100,21 @@ def main(argv: list[str] | None = None) -> int:
         level = logging.WARNING
     logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        if args.verbose:
+            raise
+        # A bad file, folder, value or config key: the message says what and where; no traceback.
+        print(f"gflowgr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from gflowgr_core.data.loaders import DataError
+    from gflowgr_core.train.config import ConfigError
+
+    return (ConfigError, DataError, FileNotFoundError, NotADirectoryError, ValueError)
 
 
 if __name__ == "__main__":

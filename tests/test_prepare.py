@@ -89,3 +89,13 @@ def test_prepare_rejects_unknown_options():
         prepare("parquet", "x")
     with pytest.raises(ValueError, match="collision policy"):
         prepare("letter", BEAUTY, collisions="merge")
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
+    assert main(["train", f"data={tmp_path / 'missing'}"]) == 2
+    err = capsys.readouterr().err
+    assert "gflowgr train: error:" in err and "is not a prepared dataset folder" in err and "Traceback" not in err
+    assert main(["train", "data=x", "gfn.n_agu=3"]) == 2
+    assert "unknown key 'n_agu'" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):  # -v shows the full error
+        main(["-v", "train", f"data={tmp_path / 'missing'}"])
