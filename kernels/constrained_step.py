@@ -40,7 +40,7 @@ import os
 import torch
 
 from gflowgr_core import backends
-from gflowgr_core.decoding.step import (BeamStep, SampleStep, _check_inputs, constrained_step_torch, noise_key,
+from gflowgr_core.decoding.step import (BeamStep, SampleStep, _check_inputs, beam_shape, constrained_step_torch, noise_key,
                                         register_backend)
 
 try:
@@ -85,19 +85,6 @@ def _level_bounds(trie, level: int) -> tuple[int, int]:
     """``[lo, hi)``: the node ids of trie level ``level``."""
     lo = sum(trie.nodes_per_level[:level])
     return lo, lo + trie.nodes_per_level[level]
-
-
-def _beam_shape(scores, beams, rows: int) -> tuple[int, int, int]:
-    """``(B, beams_in, beams)`` with the reference's checks and messages."""
-    if scores is None or scores.dim() != 2:
-        raise ValueError("beam mode needs running scores [B, beams_in]")
-    b, beams_in = scores.shape
-    if b * beams_in != rows:
-        raise ValueError(f"scores {tuple(scores.shape)} do not match R = {rows} rows (need B * beams_in = R)")
-    beams = beams_in if beams is None else int(beams)
-    if beams < 1:
-        raise ValueError(f"beams must be >= 1, got {beams}")
-    return b, beams_in, beams
 
 
 def _check_temperature(temperature: float) -> None:
@@ -404,7 +391,7 @@ def constrained_step_triton(h: torch.Tensor, w_level: torch.Tensor, node: torch.
     if mode == "sample":
         _check_temperature(temperature)
     else:
-        B, beams_in, beams = _beam_shape(scores, beams, R)
+        B, beams_in, beams = beam_shape(scores, beams, R)
     if K > MAX_TRITON_CODES:
         if not _warned_wide:
             log.warning("constrained_step: level %d has %d codes > %d, the Triton kernel's limit; using the "
@@ -502,7 +489,7 @@ def _compiled_step(device_type: str, h, w_level, node, level, trie, mode, scores
         code, nxt, logp = op(h, w_level, bias, node, trie.indptr, trie.child_code, trie.child_node, lo, hi,
                              key, int(level), float(temperature), bool(renormalize))
         return SampleStep(code=code, next_node=nxt, logp=logp)
-    _, _, beams = _beam_shape(scores, beams, h.shape[0])
+    _, _, beams = beam_shape(scores, beams, h.shape[0])
     parent, code, nxt, score = op(h, w_level, bias, node, trie.indptr, trie.child_code, trie.child_node, lo, hi,
                                   scores, beams, bool(renormalize))
     return BeamStep(parent=parent, code=code, next_node=nxt, score=score)

@@ -23,6 +23,7 @@ from gflowgr_core import backends
 from gflowgr_core.decoding import step as step_mod
 from gflowgr_core.decoding.step import constrained_step, constrained_step_torch, gumbel_noise, noise_key
 from gflowgr_core.sid.trie import Trie
+from catalogues import random_catalogue  # noqa: E402  (tests/ is on sys.path under pytest)
 
 backends.load_providers(*step_mod._PROVIDERS)
 cs = pytest.importorskip("gflowgr_core.kernels.constrained_step", reason="kernel module not importable")
@@ -81,18 +82,6 @@ class Problem:
     bias: torch.Tensor     # [K] fp32
     node: torch.Tensor     # [R]
     scores: torch.Tensor   # [B, beams_in]
-
-
-def random_catalogue(gen: torch.Generator, cpl, n_items: int) -> torch.Tensor:
-    """SIDs with skewed code frequencies (nodes with one child next to nodes with many) and items sharing
-    a SID."""
-    cols = []
-    for k in cpl:
-        probs = torch.rand(k, generator=gen) ** 4 + 1e-3
-        cols.append(torch.multinomial(probs, n_items, replacement=True, generator=gen))
-    codes = torch.stack(cols, dim=1)
-    dup = codes[torch.randint(0, n_items, (max(1, n_items // 8),), generator=gen)]
-    return torch.cat([codes, dup])
 
 
 def make_problem(seed: int, cpl, n_items: int, level: int, d: int, B: int, beams_in: int, device,

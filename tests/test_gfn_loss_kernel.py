@@ -24,6 +24,7 @@ from gflowgr_core.objectives import fused  # noqa: E402
 from gflowgr_core.objectives import (constrained_log_pf, gfn_loss, gfn_loss_reference,  # noqa: E402
                                      registered_gfn_loss_backends, sft_cross_entropy, trie_walk)
 from gflowgr_core.sid.trie import Trie  # noqa: E402
+from catalogues import random_catalogue  # noqa: E402  (tests/ is on sys.path under pytest)
 
 gfn_loss_module = importlib.import_module("gflowgr_core.objectives.gfn_loss")
 kern = fused._kernel_module()
@@ -62,18 +63,6 @@ class Problem:
     log_f: torch.Tensor      # [T, L-1]
     log_r: torch.Tensor      # [T]
     weights: torch.Tensor    # [T]
-
-
-def random_catalogue(gen: torch.Generator, cpl, n_items: int) -> torch.Tensor:
-    """SIDs with skewed code frequencies (nodes with one child next to nodes with many) and repeated rows
-    (items sharing a SID)."""
-    cols = []
-    for k in cpl:
-        probs = torch.rand(k, generator=gen) ** 4 + 1e-3
-        cols.append(torch.multinomial(probs, n_items, replacement=True, generator=gen))
-    codes = torch.stack(cols, dim=1)
-    dup = codes[torch.randint(0, n_items, (max(1, n_items // 8),), generator=gen)]
-    return torch.cat([codes, dup])
 
 
 def make_problem(seed: int, cpl, t: int, d: int, dtype: torch.dtype, device: str, scale: float = 1.0) -> Problem:

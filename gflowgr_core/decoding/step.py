@@ -152,6 +152,19 @@ def _check_inputs(h, w_level, node, level, trie, mode, bias):
         raise ValueError(f"bias must be [K] = [{k}], got {tuple(bias.shape)}")
 
 
+def beam_shape(scores: torch.Tensor | None, beams: int | None, rows: int) -> tuple[int, int, int]:
+    """``(B, beams_in, beams)`` of a beam step over ``rows = B * beams_in`` rows; raises on a mismatch."""
+    if scores is None or scores.dim() != 2:
+        raise ValueError("beam mode needs running scores [B, beams_in]")
+    b, beams_in = scores.shape
+    if b * beams_in != rows:
+        raise ValueError(f"scores {tuple(scores.shape)} do not match R = {rows} rows (need B * beams_in = R)")
+    beams = beams_in if beams is None else int(beams)
+    if beams < 1:
+        raise ValueError(f"beams must be >= 1, got {beams}")
+    return b, beams_in, beams
+
+
 def constrained_step_torch(h: torch.Tensor, w_level: torch.Tensor, node: torch.Tensor, level: int, trie: Trie,
                            mode: str = "beam", *, scores: torch.Tensor | None = None, beams: int | None = None,
                            temperature: float = 1.0, generator: torch.Generator | None = None,
@@ -195,14 +208,7 @@ def constrained_step_torch(h: torch.Tensor, w_level: torch.Tensor, node: torch.T
         nxt = trie.next_node(node, code, level=level)
         return SampleStep(code=code, next_node=nxt, logp=lp)
 
-    if scores is None or scores.dim() != 2:
-        raise ValueError("beam mode needs running scores [B, beams_in]")
-    B, beams_in = scores.shape
-    if B * beams_in != R:
-        raise ValueError(f"scores {tuple(scores.shape)} do not match R = {R} rows (need B * beams_in = R)")
-    beams = beams_in if beams is None else int(beams)
-    if beams < 1:
-        raise ValueError(f"beams must be >= 1, got {beams}")
+    B, beams_in, beams = beam_shape(scores, beams, R)
     cand = (scores.float().reshape(R, 1) + logp).reshape(B, beams_in * K)
     if beams > beams_in * K:
         cand = torch.cat([cand, cand.new_full((B, beams - beams_in * K), _NEG_INF)], dim=1)
