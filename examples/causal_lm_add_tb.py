@@ -34,7 +34,7 @@ from torch import nn
 import gflowgr_core.functional as F
 from gflowgr_core.data.prepared import prepare
 from gflowgr_core.decoding import leaves_to_items
-from gflowgr_core.metrics import ndcg_at_k, recall_at_k
+from gflowgr_core.metrics import evaluate_rankings
 from gflowgr_core.model.policy import build_tiny_causal_lm
 from gflowgr_core.reward import Reward, RewardConfig
 from gflowgr_core.samplers import RandomSampler, SamplerBatch
@@ -75,10 +75,8 @@ def evaluate(model, data, item_tokens, users: int, beams: int, batch: int) -> di
                                         tokens=data.tokens)
         ranked.append(leaves_to_items(data.trie, out.leaves, out.scores, 10)[0])
     ranked = torch.cat(ranked)
-    target = split.target[:n]
-    return {"recall@5": float(recall_at_k(ranked, target, 5)), "recall@10": float(recall_at_k(ranked, target, 10)),
-            "ndcg@5": float(ndcg_at_k(ranked, target, 5)), "ndcg@10": float(ndcg_at_k(ranked, target, 10)),
-            "eval_users": n}
+    metrics = evaluate_rankings(ranked, split.target[:n], data.popularity, ks=(5, 10))
+    return {**{k: metrics[k] for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10")}, "eval_users": n}
 
 
 def main(argv=None) -> dict:
