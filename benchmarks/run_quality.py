@@ -263,10 +263,11 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
     from gflowgr_core.train.config import load_config
 
     if train_fn is None:
-        from gflowgr_core.train.trainer import resolve_device, run_training
+        from gflowgr_core.devices import resolve_device
+        from gflowgr_core.train.trainer import run_training
         train_fn = run_training
     else:
-        from gflowgr_core.train.trainer import resolve_device
+        from gflowgr_core.devices import resolve_device
     start = time.time()
     report = {"trained": [], "skipped": [], "not_started": []}
     seen: set[Path] = set()

@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from gflowgr_core.train.trainer import evaluate_checkpoint
+    from gflowgr_core.evaluation import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, split=args.split, data=args.data, beams=args.beams,
                                   device=args.device)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from gflowgr_core import metrics
+from gflowgr_core.devices import resolve_device
 
 __all__ = ["SASRecConfig", "SASRec", "train_sasrec", "rank_items", "evaluate_sasrec", "CMScorer",
            "split_fingerprint"]
@@ -121,15 +122,6 @@ class SASRecConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"SASRecConfig.device={name!r} but CUDA is not available here")
-    return device
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -372,7 +364,7 @@ def train_sasrec(split_data, config: Optional[SASRecConfig] = None) -> SASRec:
     embedding gradient's atomic adds can make the last bits differ between runs.
     """
     config = config or SASRecConfig()
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     num_items, max_history = int(split_data.num_items), int(split_data.max_history)
     for name in ("train", "valid", "test"):
         _check_split(name, getattr(split_data, name), num_items, max_history)

@@ -314,7 +314,7 @@ class GFlowGRTrainer(Trainer):
             if not isinstance(eval_dataset, SplitIndexDataset):
                 raise TypeError(f"eval_dataset must be a SplitIndexDataset of validation rows, got "
                                 f"{type(eval_dataset).__name__}")
-            from .train.trainer import evaluate_policy
+            from .evaluation import evaluate_policy
 
             metrics = evaluate_policy(core.policy, core.data, "valid", index=eval_dataset.index,
                                       beams=core.cfg.eval_beams, batch_size=core.cfg.eval_batch_size,

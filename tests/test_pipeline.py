@@ -12,7 +12,8 @@ import torch
 
 from gflowgr_core.data.prepared import PreparedData, prepare
 from gflowgr_core.train.config import load_config
-from gflowgr_core.train.trainer import Trainer, evaluate_checkpoint
+from gflowgr_core.evaluation import evaluate_checkpoint
+from gflowgr_core.train.trainer import Trainer
 
 DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 BEAUTY = DATA / "letter" / "Beauty"

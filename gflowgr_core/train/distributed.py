@@ -21,6 +21,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from gflowgr_core.devices import resolve_device
+
 log = logging.getLogger("gflowgr")
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -72,8 +74,6 @@ class DistContext:
             mode: ``"auto"`` (distributed when ``WORLD_SIZE > 1``) or ``"off"`` (always one process).
             timeout_s: collective timeout.
         """
-        from gflowgr_core.train.trainer import resolve_device
-
         if mode not in ("auto", "off"):
             raise DistributedError(f"distributed={mode!r} is not one of ('auto', 'off')")
         if mode == "off" or not launched_distributed():
