@@ -12,15 +12,18 @@ does not depend on them). Methods, all in the same run:
 * ``hf_constrained``: ``model.generate`` beam search with a dict trie through ``prefix_allowed_tokens_fn``;
 * ``hf_unconstrained``: the same ``generate`` call without the constraint.
 
-``constrained_over_unconstrained`` is the time per user of ``ours[auto]`` over ``ours_unconstrained`` (what
-the constraint costs our loop). ``hf_valid_sid_share`` checks the baseline: the share of SIDs returned by
-``hf_constrained`` that are catalogue SIDs (must be 1). The two constrained searches rank differently by
-design: HF masks log-probabilities normalised over the whole vocabulary, ours renormalises over the trie
-children (``renormalize=True``, the library default).
+``summary.end_to_end`` holds the sizes run (users, batch, beams, history, items, model) with
+``speedup_vs_hf_constrained`` (our users/s over HF's) and ``constrained_over_unconstrained`` (time per user
+of ``ours[auto]`` over ``ours_unconstrained``: what the constraint costs our loop). ``hf_valid_sid_share``
+checks the baseline: the share of SIDs returned by ``hf_constrained`` that are catalogue SIDs (must be 1).
+The two constrained searches rank differently by design: HF masks log-probabilities normalised over the
+whole vocabulary, ours renormalises over the trie children (``renormalize=True``, the library default).
 
-Kernel-only: one :func:`~gflowgr_core.decoding.constrained_step` (beam 20 and sample) at 5,120 rows
-(256 users x 20 beams) per level, for Beauty's catalogue and random 4 x 256 catalogues of 1M and 10M items,
-on every backend; ``kernel_us_per_step_5120_rows`` holds the beam step's mean over the 4 levels.
+Kernel-only: one :func:`~gflowgr_core.decoding.constrained_step` (modes beam and sample) per level at
+``users x beams`` rows (default 256 x 20 = 5,120), for Beauty's catalogue and random 4 x 256 catalogues
+(default 1M and 10M items), on every backend. ``summary.kernel_step`` holds the sizes run (rows, users,
+beams, d, dtype, items per catalogue) and, per catalogue and backend, the mean over the levels of each
+level's median time of one step.
 
     python benchmarks/bench_decode.py            # GPU: writes benchmarks/results/decode.json
     python benchmarks/bench_decode.py --quick    # CPU smoke test, tiny sizes (decode_quick.json)
@@ -108,38 +111,47 @@ def ours_unconstrained(policy: SIDPolicy, history: torch.Tensor, beams: int) -> 
     return codes
 
 
-def dict_trie(policy: SIDPolicy, codes: torch.Tensor) -> dict:
+def dict_trie(tokens: SIDTokenMap, codes: torch.Tensor) -> dict:
     """``{prefix of SID token ids: allowed next token ids}`` over the catalogue (the usual HF recipe)."""
-    tokens = policy.token_map.encode(codes.cpu()).tolist()
+    rows = tokens.encode(codes.cpu()).tolist()
     allowed: dict[tuple, set] = {}
-    for row in tokens:
+    for row in rows:
         for level in range(len(row)):
             allowed.setdefault(tuple(row[:level]), set()).add(row[level])
-    eos = [policy.token_map.eos_id]
     table = {k: sorted(v) for k, v in allowed.items()}
-    table.update({tuple(row): eos for row in tokens})
+    table.update({tuple(row): [tokens.eos_id] for row in rows})
     return table
 
 
 @torch.no_grad()
-def hf_generate(policy: SIDPolicy, history: torch.Tensor, beams: int, trie_dict: dict | None) -> torch.Tensor:
-    """``model.generate`` beam search for the next SID; returns the generated tokens ``[B, beams, L]``."""
-    ids, mask, _ = policy.build_prompt(history)
+def generate(model, ids: torch.Tensor, mask: torch.Tensor, tokens: SIDTokenMap, beams: int, L: int,
+             processor=None, table: dict | None = None) -> torch.Tensor:
+    """Stock ``model.generate`` beam search of ``L`` new tokens after the prompts ``ids``, constrained by a
+    logits ``processor``, by ``prefix_allowed_tokens_fn`` over a :func:`dict_trie` ``table``, or not at all.
+    Returns the whole sequences ``[B * beams, P + L]``."""
     prompt = ids.shape[1]
-    L = policy.num_levels
     kwargs = {}
-    if trie_dict is not None:
-        eos = [policy.token_map.eos_id]
+    if processor is not None:
+        kwargs["logits_processor"] = [processor]
+    if table is not None:
+        eos = [tokens.eos_id]
 
         def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
-            return trie_dict.get(tuple(input_ids[prompt:].tolist()), eos)
+            return table.get(tuple(input_ids[prompt:].tolist()), eos)
 
         kwargs["prefix_allowed_tokens_fn"] = allowed
-    out = policy.model.generate(input_ids=ids, attention_mask=mask, num_beams=beams, num_return_sequences=beams,
-                                max_new_tokens=L, min_new_tokens=L, do_sample=False, early_stopping=True,
-                                pad_token_id=policy.token_map.pad_id, eos_token_id=policy.token_map.eos_id,
-                                **kwargs)
-    return out[:, prompt:prompt + L].reshape(history.shape[0], beams, L)
+    return model.generate(input_ids=ids, attention_mask=mask, num_beams=beams, num_return_sequences=beams,
+                          max_new_tokens=L, min_new_tokens=L, do_sample=False, early_stopping=True,
+                          pad_token_id=tokens.pad_id, eos_token_id=tokens.eos_id, **kwargs)
+
+
+def hf_generate(policy: SIDPolicy, history: torch.Tensor, beams: int, table: dict | None) -> torch.Tensor:
+    """:func:`generate` for the next SID from the histories (prompt building included, as in our loop);
+    returns the generated tokens ``[B, beams, L]``."""
+    ids, mask, _ = policy.build_prompt(history)
+    L = policy.num_levels
+    out = generate(policy.model, ids, mask, policy.token_map, beams, L, table=table)
+    return out[:, ids.shape[1]:ids.shape[1] + L].reshape(history.shape[0], beams, L)
 
 
 def valid_share(policy: SIDPolicy, trie: Trie, hf_tokens: torch.Tensor) -> float:
@@ -164,7 +176,8 @@ def end_to_end(args, device: torch.device) -> tuple[list[dict], dict]:
              and b in {"cpu": ("torch", "cpp"), "cuda": ("torch", "triton", "cuda")}[device.type]]
     auto = resolve_backend("auto", device)
     rows, extra = [], {"workload": source, "items": int(codes.shape[0]), "model_params": n_params,
-                       "auto_backend": auto}
+                       "auto_backend": auto, "vocab": policy.token_map.vocab_size,
+                       "dtype": str(next(policy.model.parameters()).dtype).replace("torch.", "")}
     users = history.shape[0]
 
     def record(method, fn, reps, warmup=1):
@@ -183,7 +196,7 @@ def end_to_end(args, device: torch.device) -> tuple[list[dict], dict]:
             ours_unconstrained(policy, history[s:s + args.users], args.beams)
     record("ours_unconstrained", unconstrained, args.reps)
 
-    table = dict_trie(policy, codes)
+    table = dict_trie(policy.token_map, codes)
     hf_users = min(users, args.users)  # HF is timed on one batch: it is the slow path
     hist_hf = history[:hf_users]
     extra["hf_valid_sid_share"] = valid_share(policy, trie, hf_generate(policy, hist_hf, args.beams, table))
@@ -223,7 +236,8 @@ def kernel_rows(args, device: torch.device, catalogues: dict[str, Trie]) -> list
                     fn = lambda b=b, kw=kw, mode=mode: constrained_step(h, w, node, level, trie, mode, backend=b, **kw)
                     t = time_call(fn, device, warmup=args.warmup, reps=args.kernel_reps)
                     rows.append({"part": "kernel", "catalogue": name, "items": trie.num_items, "level": level,
-                                 "mode": mode, "backend": b, "rows": R, "d": d,
+                                 "mode": mode, "backend": b, "rows": R, "users": B, "beams": beams, "d": d,
+                                 "dtype": str(h.dtype).replace("torch.", ""),
                                  "us_per_step": t["median_ms"] * 1e3, **t})
             del node, h, w, scores
         release(device)
@@ -231,24 +245,40 @@ def kernel_rows(args, device: torch.device, catalogues: dict[str, Trie]) -> list
 
 
 def summarise(rows: list[dict], extra: dict) -> dict:
+    """Headline ratios, each group with the sizes it was measured at (never sizes fixed in a key name)."""
     e2e = {r["method"]: r for r in rows if r["part"] == "end_to_end"}
-    ours = e2e["ours[auto]"]["users_per_s"]
-    hf = e2e["hf_constrained"]["users_per_s"]
-    kern: dict[str, dict[str, float]] = {}
-    for r in rows:
-        if r["part"] == "kernel" and r["mode"] == "beam":
-            kern.setdefault(r["catalogue"], {}).setdefault(r["backend"], []).append(r["us_per_step"])
+    ours = e2e["ours[auto]"]
+    hf = e2e["hf_constrained"]
+    kernel = [r for r in rows if r["part"] == "kernel"]
+    per: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for r in kernel:
+        per.setdefault(r["mode"], {}).setdefault(r["catalogue"], {}).setdefault(r["backend"], []).append(
+            r["us_per_step"])
+    first = kernel[0] if kernel else {}
     return {
-        "hf_constrained_users_per_s": hf,
-        "hf_unconstrained_users_per_s": e2e["hf_unconstrained"]["users_per_s"],
-        "ours_users_per_s": ours,
-        "ours_backend": extra["auto_backend"],
-        "ours_users_per_s_by_backend": {m[5:-1]: r["users_per_s"] for m, r in e2e.items() if m.startswith("ours[")},
-        "speedup_vs_hf_constrained": ours / hf,
-        "constrained_over_unconstrained": e2e["ours_unconstrained"]["users_per_s"] / ours,
-        "hf_valid_sid_share": extra["hf_valid_sid_share"],
-        "kernel_us_per_step_5120_rows": {c: {b: statistics.fmean(v) for b, v in per.items()}
-                                         for c, per in kern.items()},
+        "end_to_end": {
+            "users": ours["users"], "batch": ours["batch"], "hf_users": hf["users"], "beams": ours["beams"],
+            "items": extra["items"], "model_params": extra["model_params"], "vocab": extra["vocab"],
+            "dtype": extra["dtype"], "workload": extra["workload"],
+            "ours_backend": extra["auto_backend"],
+            "ours_users_per_s": ours["users_per_s"],
+            "ours_users_per_s_by_backend": {m[5:-1]: r["users_per_s"] for m, r in e2e.items()
+                                            if m.startswith("ours[")},
+            "ours_unconstrained_users_per_s": e2e["ours_unconstrained"]["users_per_s"],
+            "hf_constrained_users_per_s": hf["users_per_s"],
+            "hf_unconstrained_users_per_s": e2e["hf_unconstrained"]["users_per_s"],
+            "speedup_vs_hf_constrained": ours["users_per_s"] / hf["users_per_s"],
+            "constrained_over_unconstrained": e2e["ours_unconstrained"]["users_per_s"] / ours["users_per_s"],
+            "hf_valid_sid_share": extra["hf_valid_sid_share"],
+        },
+        "kernel_step": {
+            "rows": first.get("rows"), "users": first.get("users"), "beams": first.get("beams"),
+            "d": first.get("d"), "dtype": first.get("dtype"),
+            "items": {r["catalogue"]: r["items"] for r in kernel},
+            "statistic": "mean over the levels of each level's median microseconds per step",
+            "us_per_step": {mode: {c: {b: statistics.fmean(v) for b, v in by_b.items()} for c, by_b in by_c.items()}
+                            for mode, by_c in per.items()},
+        },
     }
 
 
@@ -302,6 +332,7 @@ def main(argv=None) -> dict:
                           "layers": args.layers, "kernel_rows": args.kernel_rows, "catalogues":
                           {k: t.num_items for k, t in catalogues.items()}, "codes_per_level": list(CPL),
                           "workload": extra["workload"], "model_params": extra["model_params"],
+                          "vocab": extra["vocab"], "dtype": extra["dtype"],
                           "device": str(device), "registered_backends": list(registered_backends()),
                           "available_backends": list(backends.available_backends())},
                "rows": rows, "summary": summarise(rows, extra)}

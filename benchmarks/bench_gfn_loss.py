@@ -149,7 +149,8 @@ def measure(method: str, p: Problem, device: torch.device, warmup: int, reps: in
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Ratios at 16,384 rows and d = 1,536 (or the largest size where all three methods ran)."""
+    """Ratios at 16,384 rows and d = 1,536 (or the largest size where all three methods ran); ``at`` holds the
+    sizes they were measured at (rows, trajectories, d, vocabulary, SID rows, dtype)."""
     ok = {(r["rows"], r["d"], r["method"]): r for r in rows if r["status"] == "ok"}
     sizes = sorted({(r["rows"], r["d"]) for r in rows if all((r["rows"], r["d"], m) in ok for m in METHODS)})
     if not sizes:
@@ -161,7 +162,8 @@ def summarise(rows: list[dict]) -> dict:
     mem = None
     if fused["extra_peak_bytes"] and full["extra_peak_bytes"] is not None:
         mem = full["extra_peak_bytes"] / fused["extra_peak_bytes"]
-    return {"at": {"rows": at[0], "d": at[1]},
+    sizes = ("rows", "trajectories", "d", "vocab", "sid_rows", "levels", "dtype")
+    return {"at": {k: fused[k] for k in sizes},
             "speedup_vs_eager_full_vocab": full["median_ms"] / fused["median_ms"],
             "memory_ratio_vs_eager_full_vocab": mem,
             "speedup_vs_eager_sid_rows": sid["median_ms"] / fused["median_ms"],

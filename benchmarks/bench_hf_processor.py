@@ -10,12 +10,14 @@ random weights). All three methods run the same ``model.generate`` call (``num_b
 * ``hf_prefix_fn``: ``prefix_allowed_tokens_fn`` over a Python dict trie (the usual recipe);
 * ``hf_unconstrained``: no constraint.
 
-Summary: ``hf_processor_speedup_vs_prefix_fn`` (prefix-fn time over processor time),
-``hf_processor_over_unconstrained`` (processor time over unconstrained time: what the constraint costs
-inside ``generate``), ``hf_processor_matches_prefix_fn`` (the two constrained runs returned identical
-sequences). Results go to ``results/hf_processor.json`` (``--quick``: ``hf_processor_quick.json``); a full
-run also merges the summary keys into the ``summary`` of ``results/decode.json`` when that file exists (run
-this after bench_decode.py, which rewrites it), ``--decode-json PATH`` names another file.
+Processor only: one logits-processor call per level at ``users x beams`` rows, ours against HF's
+``PrefixConstrainedLogitsProcessor`` over the dict trie (the constraint's own cost, without the model).
+
+Summary (with the sizes run: users, beams, processor rows, items, vocabulary, dtype):
+``hf_processor_speedup_vs_prefix_fn`` (prefix-fn time over processor time), ``hf_processor_over_unconstrained``
+(processor time over unconstrained time: what the constraint costs inside ``generate``),
+``hf_processor_matches_prefix_fn`` (the two constrained runs returned identical sequences). Results go to
+``results/hf_processor.json`` (``--quick``: ``hf_processor_quick.json``).
 
     python benchmarks/bench_hf_processor.py            # GPU
     python benchmarks/bench_hf_processor.py --quick    # CPU smoke test, tiny sizes
@@ -23,7 +25,6 @@ this after bench_decode.py, which rewrites it), ``--decode-json PATH`` names ano
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -43,39 +44,9 @@ from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm  # noqa: E
 from gflowgr_core.sid.tokens import SIDTokenMap  # noqa: E402
 from gflowgr_core.sid.trie import Trie  # noqa: E402
 
-# The decode benchmark's workload (Beauty SIDs and test histories, or random ones), shared so both measure
-# the same thing.
-from bench_decode import CPL, load_workload  # noqa: E402
-
-
-def dict_trie(tokens: SIDTokenMap, codes: torch.Tensor) -> dict:
-    """``{prefix of SID token ids: allowed next token ids}`` over the catalogue."""
-    rows = tokens.encode(codes.cpu()).tolist()
-    allowed: dict[tuple, set] = {}
-    for row in rows:
-        for level in range(len(row)):
-            allowed.setdefault(tuple(row[:level]), set()).add(row[level])
-    table = {k: sorted(v) for k, v in allowed.items()}
-    table.update({tuple(row): [tokens.eos_id] for row in rows})
-    return table
-
-
-@torch.no_grad()
-def generate(model, ids, mask, tokens: SIDTokenMap, beams: int, L: int, processor=None, table=None):
-    prompt = ids.shape[1]
-    kwargs = {}
-    if processor is not None:
-        kwargs["logits_processor"] = [processor]
-    if table is not None:
-        eos = [tokens.eos_id]
-
-        def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
-            return table.get(tuple(input_ids[prompt:].tolist()), eos)
-
-        kwargs["prefix_allowed_tokens_fn"] = allowed
-    return model.generate(input_ids=ids, attention_mask=mask, num_beams=beams, num_return_sequences=beams,
-                          max_new_tokens=L, min_new_tokens=L, do_sample=False, early_stopping=True,
-                          pad_token_id=tokens.pad_id, eos_token_id=tokens.eos_id, **kwargs)
+# The decode benchmark's workload (Beauty SIDs and test histories, or random ones) and its HF calls, shared
+# so both measure the same thing.
+from bench_decode import CPL, dict_trie, generate, load_workload  # noqa: E402
 
 
 def processor_only(processor, table, tokens: SIDTokenMap, codes: torch.Tensor, prompt: int, args,
@@ -97,18 +68,9 @@ def processor_only(processor, table, tokens: SIDTokenMap, codes: torch.Tensor, p
         input_ids = torch.cat([base, sid_tokens[:, :level]], dim=1)
         for method, proc in (("hf_processor", processor), ("hf_prefix_fn", ref)):
             t = time_call(lambda proc=proc: proc(input_ids, scores), device, warmup=1, reps=max(args.reps, 3))
-            out.append({"part": "processor", "method": method, "level": level, "rows": rows_n, **t})
+            out.append({"part": "processor", "method": method, "level": level, "rows": rows_n,
+                        "users": args.users, "beams": args.beams, "vocab": tokens.vocab_size, **t})
     return out
-
-
-def merge_summary(path: Path, summary: dict) -> bool:
-    """Read-modify-write of ``summary`` keys into an existing results file; ``False`` when it is absent."""
-    if not path.is_file():
-        return False
-    payload = json.loads(path.read_text())
-    payload.setdefault("summary", {}).update(summary)
-    write_json(path, payload)
-    return True
 
 
 def parse_args(argv=None):
@@ -124,17 +86,12 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, help="JSON path (default results/hf_processor.json; quick: "
                                              "results/hf_processor_quick.json)")
-    ap.add_argument("--decode-json", type=Path, help="results file whose summary gets the keys (default "
-                                                     "results/decode.json; quick: none)")
     args = ap.parse_args(argv)
     q = args.quick
     for name, (full, quick) in {"users": (256, 8), "beams": (20, 5), "warmup": (1, 1), "reps": (3, 1)}.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
     args.out = args.out or RESULTS_DIR / ("hf_processor_quick.json" if q else "hf_processor.json")
-    if args.decode_json is None and not q:  # quick runs keep their numbers out of the GPU results file
-        args.decode_json = RESULTS_DIR / "decode.json"
-
     return args
 
 
@@ -164,16 +121,18 @@ def main(argv=None) -> dict:
         t = time_call(lambda kw=kw: generate(policy.model, ids, mask, tokens, args.beams, L, **kw), device,
                       warmup=args.warmup, reps=args.reps)
         rows.append({"part": "generate", "method": method, "users": args.users, "beams": args.beams,
-                     "users_per_s": args.users / (t["median_ms"] / 1e3), **t})
+                     "new_tokens": L, "users_per_s": args.users / (t["median_ms"] / 1e3), **t})
         release(device)
     rows += processor_only(processor, table, tokens, codes, ids.shape[1], args, device)
     ms = {r["method"]: r["median_ms"] for r in rows if r.get("part") == "generate"}
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     summary = {
+        "users": args.users, "beams": args.beams, "processor_rows": args.users * args.beams,
+        "items": int(codes.shape[0]), "vocab": tokens.vocab_size, "dtype": dtype,
         "hf_processor_speedup_vs_prefix_fn": ms["hf_prefix_fn"] / ms["hf_processor"],
         "hf_processor_over_unconstrained": ms["hf_processor"] / ms["hf_unconstrained"],
         "hf_processor_users_per_s": args.users / (ms["hf_processor"] / 1e3),
         "hf_processor_matches_prefix_fn": matches,
-        "hf_processor_device": environment(device)["device"],
         "processor_call_ms_by_level": {r["level"]: r["median_ms"] for r in rows
                                        if r.get("part") == "processor" and r["method"] == "hf_processor"},
         "prefix_fn_call_ms_by_level": {r["level"]: r["median_ms"] for r in rows
@@ -184,7 +143,8 @@ def main(argv=None) -> dict:
                "config": {"quick": args.quick, "users": args.users, "beams": args.beams, "history": args.history,
                           "hidden": args.hidden, "layers": args.layers, "codes_per_level": list(CPL),
                           "items": int(codes.shape[0]), "workload": source, "model_params": n_params,
-                          "prompt_tokens": int(ids.shape[1]), "device": str(device)},
+                          "prompt_tokens": int(ids.shape[1]), "vocab": tokens.vocab_size, "dtype": dtype,
+                          "device": str(device)},
                "rows": rows, "summary": summary}
     print(format_table([r for r in rows if r["part"] == "generate"],
                        ["method", "users", "beams", "median_ms", "users_per_s"]))
@@ -192,8 +152,6 @@ def main(argv=None) -> dict:
     print(summary)
     path = write_json(args.out, payload)
     log(f"wrote {path}")
-    if args.decode_json is not None and merge_summary(args.decode_json, summary):
-        log(f"merged the summary keys into {args.decode_json}")
     if not matches:
         log("WARNING: the processor and prefix_allowed_tokens_fn returned different sequences")
     return payload

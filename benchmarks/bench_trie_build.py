@@ -2,7 +2,9 @@
 
 Random 4-level SIDs with 256 codes per level at several catalogue sizes (and the LETTER Beauty SIDs when
 the shared data is present), plus the time of ``contains`` (a full root-to-leaf walk) with dense first
-levels against pure CSR search. Prints a table and writes ``benchmarks/results/trie_build.json``.
+levels against pure CSR search. Prints a table and writes ``benchmarks/results/trie_build.json``: the common
+header (``device``, ``versions`` with the git commit, ``torch_threads``, ``load_average``) and one entry of
+``rows`` per (catalogue, thread count) with its sizes and both builders' times.
 
     python benchmarks/bench_trie_build.py [--sizes 10000 100000 1000000] [--repeats 5]
 """
@@ -11,31 +13,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-import gflowgr_core
-from gflowgr_core import backends
-from gflowgr_core.sid.trie import Trie
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+try:
+    import gflowgr_core  # noqa: F401
+except ImportError:  # a source checkout that is not pip-installed
+    sys.path.insert(0, str(HERE.parent))
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS_DIR, environment, write_json  # noqa: E402
+
+from gflowgr_core import backends  # noqa: E402
+from gflowgr_core.sid.trie import Trie  # noqa: E402
+
+ROOT = HERE.parent
 DATA = Path(os.environ.get("GFLOWGR_DATA", ROOT.parent / "shared" / "data"))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
@@ -89,7 +87,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed builds per case (>= 3; 1M rows: <= 3)")
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="torch/OpenMP thread counts to measure (default: 1 and torch's default)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trie_build.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "trie_build.json")
     args = parser.parse_args()
 
     has_cpp = backends.extension_op("trie_build") is not None
@@ -107,6 +105,7 @@ def main() -> None:
     if beauty is not None:
         cases.append(("LETTER Beauty", beauty))
 
+    env = environment("cpu")  # before the runs: its load average is the one they started under
     rows = []
     for threads in thread_counts:
         torch.set_num_threads(threads)
@@ -126,23 +125,20 @@ def main() -> None:
               f"{r['contains_sparse_median_s']:>10.4f}")
 
     ext = backends.extension()
+    env["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     result = {
+        **env,
         "benchmark": "trie_build",
-        "device": {"kind": "cpu", "name": cpu_name(), "torch_default_threads": default_threads,
-                   "os_cpu_count": os.cpu_count(),
-                   # a shared machine's load inflates the times; record it next to them
-                   "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "gflowgr": gflowgr_core.__version__,
-                     "extension": ext.version() if ext is not None else None,
-                     "extension_openmp": ext.has_openmp() if ext is not None else None},
+        "extension": {"version": ext.version() if ext is not None else None,
+                      "openmp": ext.has_openmp() if ext is not None else None},
+        "config": {"sizes": args.sizes, "repeats": args.repeats, "threads": thread_counts,
+                   "codes_per_level": list(per_level), "torch_default_threads": default_threads},
         "baseline": "torch builder (vectorised PyTorch), same process and inputs",
         "timing": "median (and min) wall-clock seconds after one warm-up build, per thread count; includes "
                   "input validation and the derived tables (edges, dense levels)",
-        "results": rows,
+        "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -1,8 +1,10 @@
 """Shared benchmark harness: environment report, median timing, extra peak memory, tables and JSON.
 
 Every benchmark script measures its baseline in the same run and writes one JSON file holding the
-``device``, the library ``versions``, every measurement (``rows``) and a ``summary``. Use from a script in
-this folder as ``from common import ...`` (the scripts put their own folder on ``sys.path``).
+``device``, the library ``versions`` (with the git commit measured), every measurement (``rows``, each with
+the sizes it ran at) and a ``summary`` whose entries carry their own sizes. ``benchmarks/report.py`` turns
+these files into the tables of the README and docs. Use from a script in this folder as
+``from common import ...`` (the scripts put their own folder on ``sys.path``).
 
 Timing: ``warmup`` untimed calls (compilation, caches, allocator), then ``reps`` timed calls; on CUDA each
 call is bracketed by CUDA events (device time, no host overhead between calls counted twice), on CPU by
@@ -55,20 +57,33 @@ def _module_version(name: str) -> Optional[str]:
         return None
 
 
-def _git_commit() -> Optional[str]:
+REPO = Path(__file__).resolve().parents[1]
+# What a measurement depends on: uncommitted changes here mean the commit alone does not reproduce it.
+MEASURED_CODE = ("gflowgr_core", "kernels", "csrc", "benchmarks", "setup.py")
+
+
+def _git(*args: str) -> Optional[str]:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _git_commit() -> Optional[str]:
+    out = _git("rev-parse", "--short", "HEAD")
+    return (out.strip() or None) if out is not None else None
+
+
+def _git_uncommitted() -> Optional[list[str]]:
+    """Tracked files under :data:`MEASURED_CODE` that differ from the commit (``None`` outside git)."""
+    out = _git("status", "--porcelain", "--untracked-files=no", "--", *MEASURED_CODE)
+    return None if out is None else sorted(line[3:] for line in out.splitlines() if line.strip())
 
 
 def versions() -> dict[str, Optional[str]]:
-    """Versions of Python, torch (and its CUDA), triton, transformers, numpy, gflowgr and the git commit;
-    ``None`` for what is not installed."""
+    """Versions of Python, torch (and its CUDA), triton, transformers, numpy, gflowgr, the git commit and
+    the measured code's files that differ from that commit (``git_uncommitted``, ``[]`` when none); ``None`` for what is not there."""
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -78,13 +93,21 @@ def versions() -> dict[str, Optional[str]]:
         "numpy": _module_version("numpy"),
         "gflowgr": _module_version("gflowgr_core"),
         "git_commit": _git_commit(),
+        "git_uncommitted": _git_uncommitted(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
     }
 
 
 def environment(device: DeviceLike) -> dict[str, Any]:
-    """``{"device": ..., "versions": ...}``, the header of every results file."""
-    return {"device": device_name(device), "versions": versions()}
+    """The header of every results file: ``device`` (its name), ``device_kind`` (``"cpu"`` / ``"cuda"``),
+    ``versions``, ``torch_threads`` and, on a CPU, the 1/5/15-minute ``load_average`` when the header is
+    taken (other processes on a shared machine slow every measurement)."""
+    device = torch.device(device)
+    env = {"device": device_name(device), "device_kind": device.type, "versions": versions(),
+           "torch_threads": torch.get_num_threads()}
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        env["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return env
 
 
 def synchronize(device: DeviceLike) -> None:
