@@ -355,6 +355,24 @@ class SIDPolicy(nn.Module):
                             use_cache=True, **{self._cache_kwarg: cache})
         return out.last_hidden_state
 
+    def _check_history(self, history: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``(history as long on the device, most real items in a row)``; raises naming a bad row/column."""
+        history = torch.as_tensor(history, device=self.device)
+        if history.dim() != 2 or history.dtype.is_floating_point or history.dtype == torch.bool:
+            raise ValueError(f"history must be an integer tensor [B, H], got {history.dtype} "
+                             f"{tuple(history.shape)}")
+        if history.shape[0] == 0:
+            raise ValueError("history has no rows")
+        history = history.long()
+        bad = (history < -1) | (history >= self.num_items)
+        # One host sync per prompt: validation and the prompt width together.
+        bad_any, max_valid = torch.stack([bad.any().long(), (history >= 0).sum(1).max()]).tolist()
+        if bad_any:
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"history row {row}, column {col}: item id {int(history[row, col])} is outside "
+                             f"[-1, {self.num_items}) (-1 is padding)")
+        return history, int(max_valid)
+
     def build_prompt(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token ids of ``[BOS] + prefix + history SIDs + suffix + [SEP]`` per row, left-padded.
 
@@ -370,24 +388,11 @@ class SIDPolicy(nn.Module):
         Raises:
             ValueError naming the row and column of an id outside ``[-1, n_items)``.
         """
-        history = torch.as_tensor(history, device=self.device)
-        if history.dim() != 2 or history.dtype.is_floating_point or history.dtype == torch.bool:
-            raise ValueError(f"history must be an integer tensor [B, H], got {history.dtype} "
-                             f"{tuple(history.shape)}")
-        if history.shape[0] == 0:
-            raise ValueError("history has no rows")
-        history = history.long()
+        history, max_valid = self._check_history(history)
         B, H = history.shape
         L = self.num_levels
         valid = history >= 0
         n_valid = valid.sum(1)
-        bad = (history < -1) | (history >= self.num_items)
-        # One host sync per prompt: validation and the prompt width together.
-        bad_any, max_valid = torch.stack([bad.any().long(), n_valid.max()]).tolist()
-        if bad_any:
-            row, col = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"history row {row}, column {col}: item id {int(history[row, col])} is outside "
-                             f"[-1, {self.num_items}) (-1 is padding)")
         tok = self.item_tokens[history.clamp_min(0)].reshape(B, H * L)
         n_fixed = self.prompt_prefix.numel() + self.prompt_suffix.numel()
         ones = torch.ones(B, 1, dtype=torch.bool, device=self.device)
@@ -476,22 +481,8 @@ class SIDPolicy(nn.Module):
             ``h[B, T, L, d]`` (``h[:, :, 0]`` is the ``SEP`` state shared by a user's trajectories),
             ``log_z[B]`` = log Z(U), ``log_f[B, T, L-1]`` = log F(s_1)..log F(s_{L-1}).
         """
-        codes = torch.as_tensor(codes, device=self.device)
-        L = self.num_levels
-        if codes.dim() != 3 or codes.shape[2] != L or codes.dtype.is_floating_point:
-            raise ValueError(f"codes must be an integer tensor [B, T, {L}], got {codes.dtype} {tuple(codes.shape)}")
-        history = torch.as_tensor(history, device=self.device)
-        if history.dim() != 2 or codes.shape[0] != history.shape[0]:
-            raise ValueError(f"codes {tuple(codes.shape)} and history {tuple(history.shape)} disagree on B")
-        codes = codes.long()
-        B, T, _ = codes.shape
-        if T == 0:
-            raise ValueError("codes has no trajectories (T = 0)")
-        bad = (codes < 0) | (codes >= torch.tensor(self.codes_per_level, device=self.device))
-        if bool(bad.any()):
-            b, t, level = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"trajectory codes[{b}, {t}] has code {int(codes[b, t, level])} at level {level}, "
-                             f"outside [0, {self.codes_per_level[level]})")
+        history, codes = self._check_trajectories(history, codes)
+        B, T, L = codes.shape
         state = self.encode_prompt(history)
         root = state.last_hidden
         log_z = self.log_z_head(root)
@@ -508,8 +499,101 @@ class SIDPolicy(nn.Module):
         log_f = self.log_f_head(hidden)
         return h, log_z, log_f
 
-    def forward(self, history: torch.Tensor, codes: torch.Tensor):
-        """Same as :meth:`trajectory_hidden` (so wrappers such as DDP see a forward)."""
+    def _check_trajectories(self, history: torch.Tensor, codes: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = torch.as_tensor(codes, device=self.device)
+        L = self.num_levels
+        if codes.dim() != 3 or codes.shape[2] != L or codes.dtype.is_floating_point:
+            raise ValueError(f"codes must be an integer tensor [B, T, {L}], got {codes.dtype} {tuple(codes.shape)}")
+        history = torch.as_tensor(history, device=self.device)
+        if history.dim() != 2 or codes.shape[0] != history.shape[0]:
+            raise ValueError(f"codes {tuple(codes.shape)} and history {tuple(history.shape)} disagree on B")
+        codes = codes.long()
+        if codes.shape[1] == 0:
+            raise ValueError("codes has no trajectories (T = 0)")
+        bad = (codes < 0) | (codes >= torch.tensor(self.codes_per_level, device=self.device))
+        if bool(bad.any()):
+            b, t, level = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"trajectory codes[{b}, {t}] has code {int(codes[b, t, level])} at level {level}, "
+                             f"outside [0, {self.codes_per_level[level]})")
+        history, _ = self._check_history(history)
+        return history, codes
+
+    def packed_trajectory_hidden(self, history: torch.Tensor, codes: torch.Tensor,
+                                 window: torch.Tensor | None = None, *, row_tokens: int = 256,
+                                 rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`trajectory_hidden` computed from one packed forward (:mod:`gflowgr_core.model.packing`).
+
+        Examples with equal ``window`` ids share one encoding of their common history (each history must be a
+        prefix of the window's longest); every hidden state equals the per-prefix one up to float rounding.
+
+        Args:
+            history, codes: as for :meth:`trajectory_hidden`.
+            window: ``LongTensor[B]`` trunk-window ids (:func:`gflowgr_core.data.windows.trunk_windows`), or
+                ``None`` (no sharing: the batch is still packed without padding).
+            row_tokens, rows: row capacity and an optional fixed row count (static shapes).
+        Returns:
+            ``(h[B, T, L, d], log_z[B], log_f[B, T, L-1])`` as :meth:`trajectory_hidden`.
+        Raises:
+            PackingUnsupported when the model's attention implementation takes no 4D mask.
+        """
+        from .packing import attention_mask_for, pack_trajectories
+
+        history, codes = self._check_trajectories(history, codes)
+        B, T, L = codes.shape
+        layout = pack_trajectories(history, codes, item_tokens=self.item_tokens, level_tokens=self.level_tokens,
+                                   bos_id=self.token_map.bos_id, sep_id=self.token_map.sep_id,
+                                   pad_id=self.token_map.pad_id, prefix=self.prompt_prefix,
+                                   suffix=self.prompt_suffix, window=window, row_tokens=row_tokens, rows=rows)
+        dtype = next(self.backbone.parameters()).dtype
+        mask = attention_mask_for(self.model, layout.allowed, dtype)
+        out = self.backbone(input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids,
+                            use_cache=False)
+        flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+        root = flat[layout.sep_index]
+        log_z = self.log_z_head(root)
+        first = root[:, None, None, :].expand(B, T, 1, root.shape[-1])
+        if L == 1:
+            return first.contiguous(), log_z, root.new_zeros(B, T, 0, dtype=log_z.dtype)
+        branch = flat[layout.branch_index]                       # [B, T, L-1, d]
+        return torch.cat([first, branch], dim=2), log_z, self.log_f_head(branch)
+
+    @torch.no_grad()
+    def check_packing(self, tolerance: float = 1e-3) -> None:
+        """Check on a tiny batch that this model's packed forward equals its per-prefix forward.
+
+        A model that ignores 4D attention masks or explicit position ids would silently train on other
+        prompts than it is evaluated on.
+
+        Raises:
+            PackingUnsupported naming the model class, with the ``packing: false`` remedy.
+        """
+        from .packing import PackingUnsupported
+
+        n = min(self.num_items, 3)
+        history = torch.tensor([[-1, -1, 0], [-1, 0, n - 1], [0, n - 1, n // 2]], device=self.device)
+        codes = self.item_codes[torch.tensor([[n - 1, 0], [0, n // 2], [n // 2, 0]])].to(self.device)
+        window = torch.zeros(3, dtype=torch.long, device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            ref, _, _ = self.trajectory_hidden(history, codes)
+            packed, _, _ = self.packed_trajectory_hidden(history, codes, window)
+        finally:
+            self.train(was_training)
+        err = float((packed.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+        if not err <= tolerance:
+            raise PackingUnsupported(
+                f"{type(self.model).__name__} gives other hidden states in a packed forward than per prompt "
+                f"(relative difference {err:.3g}): it does not honour 4D attention masks or explicit position "
+                f"ids; train it with packing: false")
+
+    def forward(self, history: torch.Tensor, codes: torch.Tensor, window: torch.Tensor | None = None,
+                packing: bool = False):
+        """:meth:`packed_trajectory_hidden` when ``packing``, else :meth:`trajectory_hidden` (so wrappers such
+        as DDP see a forward)."""
+        if packing:
+            return self.packed_trajectory_hidden(history, codes, window)
         return self.trajectory_hidden(history, codes)
 
     # ------------------------------------------------------------------ construction / persistence

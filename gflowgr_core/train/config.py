@@ -90,6 +90,8 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     sft_support: str = "trie"      # support of the SFT cross-entropy: "trie" | "level" | "vocab"
+    packing: bool = True           # one packed forward per batch (shared histories); false: per-prefix prompts
+    pack_row_tokens: int = 256     # token capacity of a packed row (raised to the longest user window)
     max_train_examples: Optional[int] = None   # use only the most recent N training examples (fixed, seeded)
     eval_every: int = 1            # epochs between validation runs
     eval_beams: int = 20
@@ -127,6 +129,8 @@ class TrainConfig:
             raise ConfigError(f"gfn.n_aug={self.gfn.n_aug} must be >= 0")
         if self.save_every_steps < 0:
             raise ConfigError(f"save_every_steps={self.save_every_steps} must be >= 0 (0 = off)")
+        if self.pack_row_tokens < 1:
+            raise ConfigError(f"pack_row_tokens={self.pack_row_tokens} must be >= 1")
         if not self.data:
             raise ConfigError("data is empty: set it to a folder written by `gflowgr prepare`")
         return self

@@ -1,13 +1,13 @@
 """One training loop for every stage: ``sft``, ``gflowgr``, and the baselines ``sft_continue``, ``dpo``, ``sdpo``.
 
-A step reads a batch of pre-built training tensors (history, target), builds the stage's trajectories and
-computes its loss from the policy's hidden states at the decision positions:
+The loop, checkpoints, data parallelism and evaluation live here; each stage's trajectories, sampler and
+loss live in :mod:`gflowgr_core.train.stages`. A step reads a batch of training rows (history, target, trunk
+window) and hands it to the stage, which reads the policy's hidden states at the decision positions from one
+packed forward (``packing: true``, the default: a user's examples share one encoding of their history) or
+from per-prefix prompts (``packing: false``, the reference).
 
-* ``sft`` / ``sft_continue``: cross-entropy of the positive's SID codes (support ``sft_support``).
-* ``gflowgr``: ``CE(positive) + lambda_gfn * GFN`` where GFN is TB / DB / SubTB over the positive plus
-  ``n_aug`` augmented items from the sampler, rewarded by :class:`gflowgr_core.reward.Reward`.
-* ``dpo`` / ``sdpo``: preference loss of the positive against sampled negatives, the frozen starting
-  checkpoint as reference, plus ``pref.sft_weight`` times the CE anchor.
+With packing, an epoch visits the trunk windows (:func:`gflowgr_core.data.windows.trunk_windows`) in random
+order, each window's examples together, and cuts batches of ``batch_size`` examples from that order.
 
 Model selection uses the validation split only (trie-constrained beam search); the test split is read once,
 with the best checkpoint, at the end of the run.
@@ -40,15 +40,16 @@ from gflowgr_core.debug import oom_hint
 from gflowgr_core.decoding.search import beam_search
 from gflowgr_core.evaluation import evaluate_policy
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
-from gflowgr_core.objectives.gfn_loss import gfn_loss, sid_log_probs
-from gflowgr_core.objectives.preference import dpo_loss, sdpo_loss, sft_cross_entropy
-from gflowgr_core.reward import Reward, cm_component, lm_generation_prob, summary as reward_summary
-from gflowgr_core.samplers import SamplerBatch, make_sampler
+from gflowgr_core.data.windows import trunk_windows, window_order
+from gflowgr_core.reward import Reward
+from gflowgr_core.samplers import make_sampler
 from gflowgr_core.train.checkpoint import (TRAINER_STATE_FILE, CheckpointError, capture_rng, is_complete,
                                            load_extra, load_policy, recover_checkpoint, restore_rng, save_policy)
 from gflowgr_core.train.config import ConfigError, TrainConfig, save_config
 from gflowgr_core.train.distributed import DistContext
 from gflowgr_core.train.signals import StopRequest
+from gflowgr_core.train.stages import (ExampleBatch, GFlowGRStage, PreferenceStage, SFTStage, Stage,
+                                       StageContext)
 
 log = logging.getLogger("gflowgr")
 
@@ -147,7 +148,16 @@ class Trainer:
                 self.cm_scorer = self._collaborative_scorer()
             self.sampler = self._make_sampler(config.gfn.sampler, config.gfn.n_aug)
         elif config.stage in ("dpo", "sdpo"):
+            if self._needs_cm():
+                self.cm_scorer = self._collaborative_scorer()
             self.sampler = self._make_sampler(config.pref.sampler, config.pref.n_neg)
+
+        self.stage = self._build_stage()
+        self.windows = trunk_windows(self.data.split.train.history) if config.packing else None
+        self.ctx = StageContext(trie=self.trie, item_codes=self.item_codes, codes_per_level=self.codes_per_level,
+                                backend=config.backend, packing=config.packing, row_tokens=config.pack_row_tokens)
+        if config.packing:
+            self.policy.check_packing()
 
         self.steps_per_epoch = math.ceil(len(self.train_index) / config.batch_size)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
@@ -195,9 +205,20 @@ class Trainer:
         return None
 
     def _needs_cm(self) -> bool:
+        """Whether this stage's sampler or reward reads the collaborative model."""
         g = self.cfg.gfn
-        uses_sampler = g.sampler == "cm_curriculum" or (g.sampler == "mixture" and "cm_curriculum" in g.mixture)
-        return uses_sampler or (g.reward.use_cm and g.reward.cm_source == "cm")
+        name = g.sampler if self.cfg.stage == "gflowgr" else self.cfg.pref.sampler
+        uses_sampler = name == "cm_curriculum" or (name == "mixture" and "cm_curriculum" in g.mixture)
+        uses_reward = self.cfg.stage == "gflowgr" and g.reward.use_cm and g.reward.cm_source == "cm"
+        return uses_sampler or uses_reward
+
+    def _build_stage(self) -> Stage:
+        cfg = self.cfg
+        if cfg.stage == "gflowgr":
+            return GFlowGRStage(cfg.gfn, cfg.sft_support, self.reward, self.cm_scorer, self.sampler)
+        if cfg.stage in ("dpo", "sdpo"):
+            return PreferenceStage(cfg.stage, cfg.pref, cfg.sft_support, self.reference, self.sampler)
+        return SFTStage(cfg.stage, cfg.sft_support)
 
     def _collaborative_scorer(self):
         """SASRec trained on the same split (cached beside the prepared data) and its score cache."""
@@ -290,124 +311,33 @@ class Trainer:
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     # ------------------------------------------------------------------------------------------ loss
-    def _log_pf(self, h: torch.Tensor, codes: torch.Tensor, support: str,
-                policy: Optional[SIDPolicy] = None) -> torch.Tensor:
-        """Per-step log P_F ``[N, L]`` of ``codes[N, L]`` from hidden states ``h[N, L, d]`` of ``policy``.
-
-        Runs the fused kernel on GPU (``sid_log_probs``); ``backend`` values that name no log P_F
-        implementation (``cuda``, ``cpp``) leave the choice to ``auto``.
-        """
-        policy = self.policy if policy is None else policy
-        extra = {}
-        if support == "vocab":
-            extra = dict(w_full=policy.full_head_weight(), sid_token_ids=policy.sid_token_ids)
-        backend = self.cfg.backend if self.cfg.backend in ("torch", "triton") else "auto"
-        return sid_log_probs(h, policy.sid_head_weight(), codes, self.trie, support,
-                             codes_per_level=self.codes_per_level, bias=policy.head_bias(), backend=backend,
-                             **extra)
-
-    def _batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, index: torch.Tensor) -> ExampleBatch:
+        """The training rows ``index[B]`` on the device, with their trunk windows when packing."""
         train = self.data.split.train
-        return (index.to(self.device), train.history[index].to(self.device), train.target[index].to(self.device))
+        window = self.windows[index].to(self.device) if self.windows is not None else None
+        return ExampleBatch(index=index.to(self.device), history=train.history[index].to(self.device),
+                            target=train.target[index].to(self.device), window=window)
 
-    def compute_loss(self, index: torch.Tensor, candidates: Optional[torch.Tensor] = None
-                     ) -> tuple[torch.Tensor, dict]:
+    def compute_loss(self, index: torch.Tensor, candidates: Optional[torch.Tensor] = None,
+                     step: Optional[int] = None) -> tuple[torch.Tensor, dict]:
         """The stage's loss (mean over the examples) on training examples ``index[B]`` and the values to log.
 
         Args:
             index: ``LongTensor[B]`` rows of the training split.
             candidates: optional ``LongTensor[B, n]`` sampler output for these rows (``gfn.n_aug``
                 augmentations, or ``pref.n_neg`` negatives), already drawn; drawn here when omitted.
+            step: the optimisation step (flow warm-up reads it); default this trainer's own counter.
         """
-        example_idx, history, target = self._batch(index)
-        stage = self.cfg.stage
-        if stage in ("sft", "sft_continue"):
-            codes = self.item_codes[target].unsqueeze(1)
-            h, _, _ = self.policy.trajectory_hidden(history, codes)
-            log_pf = self._log_pf(h[:, 0], codes[:, 0], self.cfg.sft_support)
-            loss = sft_cross_entropy(log_pf)
-            return loss, {"loss": loss.item(), "ce": loss.item()}
-        candidates = self.draw_candidates(index) if candidates is None else candidates.to(self.device)
-        if stage == "gflowgr":
-            return self._gflowgr_loss(example_idx, history, target, candidates)
-        return self._preference_loss(example_idx, history, target, candidates)
+        batch = self.batch(index)
+        if candidates is None:
+            candidates = self.stage.draw(batch, self.generator)
+        else:
+            candidates = candidates.to(self.device)
+        return self.stage.loss(self.ctx, self.policy, batch, candidates, self.step if step is None else step)
 
-    def _num_candidates(self) -> int:
-        return self.cfg.gfn.n_aug if self.cfg.stage == "gflowgr" else self.cfg.pref.n_neg
-
-    def draw_candidates(self, index: torch.Tensor) -> torch.Tensor:
+    def draw_candidates(self, index: torch.Tensor) -> Optional[torch.Tensor]:
         """The sampler's ``LongTensor[B, n]`` augmentations (or negatives) for training rows ``index[B]``."""
-        example_idx, history, target = self._batch(index)
-        batch = SamplerBatch(example_idx=example_idx, history=history, positive=target)
-        return self.sampler.sample(batch, self._num_candidates(), self.generator).to(self.device)
-
-    def _gflowgr_loss(self, example_idx, history, target, augmented) -> tuple[torch.Tensor, dict]:
-        g = self.cfg.gfn
-        cands = torch.cat([target.unsqueeze(1), augmented], dim=1)                 # [B, T]
-        B, T = cands.shape
-        codes = self.item_codes[cands]                                            # [B, T, L]
-        h, log_z, log_f = self.policy.trajectory_hidden(history, codes)
-        L = codes.shape[-1]
-        flat_codes = codes.reshape(B * T, L)
-        extra = {}
-        if g.policy_support == "vocab":
-            extra = dict(w_full=self.policy.full_head_weight(), sid_token_ids=self.policy.sid_token_ids)
-        if g.reward.use_cm and g.reward.cm_source == "lm":
-            with torch.no_grad():
-                step_logp = self._log_pf(h.detach().reshape(B * T, L, -1), flat_codes, "trie")
-            cm_norm = lm_generation_prob(step_logp).view(B, T)
-        else:
-            cm_norm = cm_component(g.reward, self.cm_scorer, example_idx, cands)
-        log_r, components = self.reward(target, cands, cm_norm, self.item_codes)
-        weights = None
-        if g.weighting == "reward":
-            r = components["R"].detach()
-            weights = (T * r / r.sum(dim=1, keepdim=True)).reshape(-1)
-        w_sid, bias = self.policy.sid_head_weight(), self.policy.head_bias()
-        flow_warmup = self.step < g.flow_warmup_steps
-        h_gfn = h
-        if flow_warmup:
-            # Only the flow heads learn from the balance loss until log Z has caught up with the
-            # policy: the huge early residuals would otherwise push the LM away from its SFT solution.
-            h_gfn = h.detach()
-            w_sid, bias = w_sid.detach(), None if bias is None else bias.detach()
-            log_z = self.policy.log_z_head(h_gfn[:, 0, 0])
-            log_f = self.policy.log_f_head(h_gfn[:, :, 1:])
-        out = gfn_loss(h_gfn.reshape(B * T, L, -1), w_sid, flat_codes, self.trie,
-                       log_f.reshape(B * T, L - 1), log_z.repeat_interleave(T), log_r.reshape(-1),
-                       objective=g.objective, lambda_subtb=g.subtb_lambda, weights=weights,
-                       support=g.policy_support, codes_per_level=self.codes_per_level,
-                       bias=bias, backend=self.cfg.backend, **extra)
-        if flow_warmup:
-            ce = sft_cross_entropy(self._log_pf(h[:, 0], codes[:, 0], g.policy_support))
-        else:
-            ce = sft_cross_entropy(out.log_pf.view(B, T, L)[:, 0])
-        loss = ce + g.lambda_gfn * out.loss
-        logs = {"loss": loss.item(), "ce": ce.item(), "gfn": out.loss.item(), "log_z": log_z.mean().item(),
-                "backend": out.backend}
-        logs.update(reward_summary({k: v for k, v in components.items() if k in ("r_a", "r_cm", "r_sim", "R")}))
-        return loss, logs
-
-    def _preference_loss(self, example_idx, history, target, negatives) -> tuple[torch.Tensor, dict]:
-        p = self.cfg.pref
-        cands = torch.cat([target.unsqueeze(1), negatives], dim=1)
-        B, T = cands.shape
-        codes = self.item_codes[cands]
-        L = codes.shape[-1]
-        h, _, _ = self.policy.trajectory_hidden(history, codes)
-        log_pf = self._log_pf(h.reshape(B * T, L, -1), codes.reshape(B * T, L), self.cfg.sft_support).view(B, T, L)
-        with torch.no_grad():
-            h_ref, _, _ = self.reference.trajectory_hidden(history, codes)
-            ref = self._log_pf(h_ref.reshape(B * T, L, -1), codes.reshape(B * T, L), self.cfg.sft_support,
-                               policy=self.reference).view(B, T, L)
-        logp, ref_logp = log_pf.sum(-1), ref.sum(-1)
-        if self.cfg.stage == "dpo":
-            pref = dpo_loss(logp[:, 0], logp[:, 1], ref_logp[:, 0], ref_logp[:, 1], beta=p.beta)
-        else:
-            pref = sdpo_loss(logp[:, 0], logp[:, 1:], ref_logp[:, 0], ref_logp[:, 1:], beta=p.beta)
-        ce = sft_cross_entropy(log_pf[:, 0])
-        loss = pref + p.sft_weight * ce
-        return loss, {"loss": loss.item(), "ce": ce.item(), "pref": pref.item()}
+        return self.stage.draw(self.batch(index), self.generator)
 
     def train_step(self, index: torch.Tensor) -> dict:
         """One optimisation step on the global batch of training examples ``index[B]``; returns logged values.
@@ -416,9 +346,8 @@ class Trainer:
         the shared generator (so augmentations are those one process would draw), then each rank computes the
         loss of its block of rows, scaled so DDP's gradient average is the gradient of the global mean.
         """
-        per_user = {"gflowgr": 1 + self.cfg.gfn.n_aug, "dpo": 1 + self.cfg.pref.n_neg,
-                    "sdpo": 1 + self.cfg.pref.n_neg}.get(self.cfg.stage, 1)
-        with oom_hint(len(index), f"{self.cfg.stage} training step {self.step}", trajectories=per_user):
+        with oom_hint(len(index), f"{self.cfg.stage} training step {self.step}",
+                      trajectories=self.stage.trajectories):
             return self._train_step(index)
 
     def _train_step(self, index: torch.Tensor) -> dict:
@@ -542,7 +471,10 @@ class Trainer:
         while not st.finished and st.epoch < max_epochs:
             self.policy.train()
             if st.perm is None:
-                st.perm = self.train_index[torch.randperm(len(self.train_index), generator=self.generator)]
+                if self.windows is not None:
+                    st.perm = window_order(self.train_index, self.windows, self.generator)
+                else:
+                    st.perm = self.train_index[torch.randperm(len(self.train_index), generator=self.generator)]
                 st.batch, st.running, st.epoch_seconds = 0, [], 0.0
             epoch_clock = time.time() - st.epoch_seconds
             bar = tqdm(total=self.steps_per_epoch, initial=st.batch, desc=f"{cfg.stage} epoch {st.epoch + 1}",

@@ -1,0 +1,211 @@
+"""One small class per training stage: its trajectories per example, its sampler and its loss.
+
+* :class:`SFTStage` (``sft``, ``sft_continue``): cross-entropy of the positive's SID codes.
+* :class:`GFlowGRStage` (``gflowgr``): ``CE(positive) + lambda_gfn * GFN`` where GFN is TB / DB / SubTB
+  over the positive plus ``n_aug`` augmented items from the sampler, rewarded by
+  :class:`gflowgr_core.reward.Reward`.
+* :class:`PreferenceStage` (``dpo``, ``sdpo``): preference loss of the positive against sampled negatives,
+  the frozen starting checkpoint as reference, plus ``pref.sft_weight`` times the CE anchor.
+
+Every stage reads the policy's hidden states through :meth:`StageContext.hidden`, which runs the packed
+forward (:meth:`SIDPolicy.packed_trajectory_hidden`) or the per-prefix one: packing is an execution
+strategy, the losses are the same. The library :class:`~gflowgr_core.train.trainer.Trainer` and the
+Hugging Face :class:`~gflowgr_core.hf_trainer.GFlowGRTrainer` both call :meth:`Stage.loss`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from gflowgr_core.model.policy import SIDPolicy
+from gflowgr_core.objectives.gfn_loss import gfn_loss, sid_log_probs
+from gflowgr_core.objectives.preference import dpo_loss, sdpo_loss, sft_cross_entropy
+from gflowgr_core.reward import Reward, cm_component, lm_generation_prob, summary as reward_summary
+from gflowgr_core.samplers import SamplerBatch
+
+__all__ = ["ExampleBatch", "StageContext", "Stage", "SFTStage", "GFlowGRStage", "PreferenceStage"]
+
+
+@dataclass
+class ExampleBatch:
+    """Training examples of one step, on the training device.
+
+    Attributes:
+        index: ``LongTensor[B]`` rows of the training split.
+        history: ``LongTensor[B, H]`` item ids (``-1`` = no item); ``target``: ``LongTensor[B]``.
+        window: ``LongTensor[B]`` trunk-window ids (:func:`gflowgr_core.data.windows.trunk_windows`), used
+            by the packed forward to share a user's history; ``None`` shares nothing.
+    """
+
+    index: torch.Tensor
+    history: torch.Tensor
+    target: torch.Tensor
+    window: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+
+@dataclass
+class StageContext:
+    """What every stage reads: the trie and SID layout, the kernel backend and the forward strategy."""
+
+    trie: object
+    item_codes: torch.Tensor
+    codes_per_level: Sequence[int]
+    backend: str = "auto"
+    packing: bool = True
+    row_tokens: int = 256
+
+    def hidden(self, policy: SIDPolicy, batch: ExampleBatch, codes: torch.Tensor):
+        """``(h[B, T, L, d], log_z[B], log_f[B, T, L-1])`` of ``codes[B, T, L]`` after each example's prompt."""
+        if self.packing:
+            return policy.packed_trajectory_hidden(batch.history, codes, batch.window, row_tokens=self.row_tokens)
+        return policy.trajectory_hidden(batch.history, codes)
+
+    def log_pf(self, policy: SIDPolicy, h: torch.Tensor, codes: torch.Tensor, support: str) -> torch.Tensor:
+        """Per-step log P_F ``[N, L]`` of ``codes[N, L]`` from hidden states ``h[N, L, d]`` of ``policy``."""
+        extra = {}
+        if support == "vocab":
+            extra = dict(w_full=policy.full_head_weight(), sid_token_ids=policy.sid_token_ids)
+        return sid_log_probs(h, policy.sid_head_weight(), codes, self.trie, support,
+                             codes_per_level=self.codes_per_level, bias=policy.head_bias(), backend=self.backend,
+                             **extra)
+
+
+class Stage:
+    """A training stage: ``loss(ctx, policy, batch, candidates, step)`` and the sampler of its candidates.
+
+    Attributes:
+        name: the stage's name in :class:`~gflowgr_core.train.config.TrainConfig`.
+        sampler: the candidate sampler (augmentations or negatives), ``None`` for stages without one.
+        n_candidates: candidates drawn per example; ``trajectories`` = ``1 + n_candidates``.
+    """
+
+    name = ""
+    sampler = None
+    n_candidates = 0
+
+    @property
+    def trajectories(self) -> int:
+        return 1 + self.n_candidates
+
+    def draw(self, batch: ExampleBatch, generator: torch.Generator) -> Optional[torch.Tensor]:
+        """The sampler's ``LongTensor[B, n_candidates]`` for ``batch`` (``None`` without a sampler)."""
+        if self.sampler is None:
+            return None
+        sb = SamplerBatch(example_idx=batch.index, history=batch.history, positive=batch.target)
+        return self.sampler.sample(sb, self.n_candidates, generator).to(batch.index.device)
+
+    def loss(self, ctx: StageContext, policy: SIDPolicy, batch: ExampleBatch,
+             candidates: Optional[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+
+class SFTStage(Stage):
+    """``sft`` / ``sft_continue``: cross-entropy of the positive's codes over ``support``."""
+
+    def __init__(self, name: str, support: str):
+        self.name, self.support = name, support
+
+    def loss(self, ctx, policy, batch, candidates, step):
+        codes = ctx.item_codes[batch.target].unsqueeze(1)
+        h, _, _ = ctx.hidden(policy, batch, codes)
+        loss = sft_cross_entropy(ctx.log_pf(policy, h[:, 0], codes[:, 0], self.support))
+        return loss, {"loss": loss.item(), "ce": loss.item()}
+
+
+class GFlowGRStage(Stage):
+    """``gflowgr``: ``CE(positive) + lambda_gfn * balance loss`` over the positive and ``n_aug`` augmentations.
+
+    Args:
+        gfn: the run's :class:`~gflowgr_core.train.config.GFNConfig`.
+        sft_support: support of the CE anchor (the same as stage ``sft``'s, so the anchor does not change
+            with the GFlowNet's ``policy_support`` ablation).
+        reward: the :class:`Reward`; ``cm_scorer``: the collaborative model's scores (or ``None``).
+        sampler: the augmentation sampler.
+    """
+
+    name = "gflowgr"
+
+    def __init__(self, gfn, sft_support: str, reward: Reward, cm_scorer, sampler):
+        self.gfn, self.sft_support, self.reward, self.cm_scorer = gfn, sft_support, reward, cm_scorer
+        self.sampler, self.n_candidates = sampler, gfn.n_aug
+
+    def loss(self, ctx, policy, batch, candidates, step):
+        g = self.gfn
+        cands = torch.cat([batch.target.unsqueeze(1), candidates], dim=1)            # [B, T]
+        B, T = cands.shape
+        codes = ctx.item_codes[cands]                                                # [B, T, L]
+        h, log_z, log_f = ctx.hidden(policy, batch, codes)
+        L = codes.shape[-1]
+        flat_codes = codes.reshape(B * T, L)
+        extra = {}
+        if g.policy_support == "vocab":
+            extra = dict(w_full=policy.full_head_weight(), sid_token_ids=policy.sid_token_ids)
+        if g.reward.use_cm and g.reward.cm_source == "lm":
+            with torch.no_grad():
+                step_logp = ctx.log_pf(policy, h.detach().reshape(B * T, L, -1), flat_codes, "trie")
+            cm_norm = lm_generation_prob(step_logp).view(B, T)
+        else:
+            cm_norm = cm_component(g.reward, self.cm_scorer, batch.index, cands)
+        log_r, components = self.reward(batch.target, cands, cm_norm, ctx.item_codes)
+        weights = None
+        if g.weighting == "reward":
+            r = components["R"].detach()
+            weights = (T * r / r.sum(dim=1, keepdim=True)).reshape(-1)
+        w_sid, bias = policy.sid_head_weight(), policy.head_bias()
+        flow_warmup = step < g.flow_warmup_steps
+        h_gfn = h
+        if flow_warmup:
+            # Only the flow heads learn from the balance loss until log Z has caught up with the
+            # policy: the huge early residuals would otherwise push the LM away from its SFT solution.
+            h_gfn = h.detach()
+            w_sid, bias = w_sid.detach(), None if bias is None else bias.detach()
+            log_z = policy.log_z_head(h_gfn[:, 0, 0])
+            log_f = policy.log_f_head(h_gfn[:, :, 1:])
+        out = gfn_loss(h_gfn.reshape(B * T, L, -1), w_sid, flat_codes, ctx.trie,
+                       log_f.reshape(B * T, L - 1), log_z.repeat_interleave(T), log_r.reshape(-1),
+                       objective=g.objective, lambda_subtb=g.subtb_lambda, weights=weights,
+                       support=g.policy_support, codes_per_level=ctx.codes_per_level,
+                       bias=bias, backend=ctx.backend, **extra)
+        if flow_warmup or g.policy_support != self.sft_support:
+            ce = sft_cross_entropy(ctx.log_pf(policy, h[:, 0], codes[:, 0], self.sft_support))
+        else:
+            ce = sft_cross_entropy(out.log_pf.view(B, T, L)[:, 0])
+        loss = ce + g.lambda_gfn * out.loss
+        logs = {"loss": loss.item(), "ce": ce.item(), "gfn": out.loss.item(), "log_z": log_z.mean().item(),
+                "backend": out.backend}
+        logs.update(reward_summary({k: v for k, v in components.items() if k in ("r_a", "r_cm", "r_sim", "R")}))
+        return loss, logs
+
+
+class PreferenceStage(Stage):
+    """``dpo`` (first negative) / ``sdpo`` (all negatives) against a frozen ``reference`` policy."""
+
+    def __init__(self, name: str, pref, support: str, reference: SIDPolicy, sampler):
+        self.name, self.pref, self.support, self.reference = name, pref, support, reference
+        self.sampler, self.n_candidates = sampler, pref.n_neg
+
+    def loss(self, ctx, policy, batch, candidates, step):
+        p = self.pref
+        cands = torch.cat([batch.target.unsqueeze(1), candidates], dim=1)
+        B, T = cands.shape
+        codes = ctx.item_codes[cands]
+        L = codes.shape[-1]
+        flat = codes.reshape(B * T, L)
+        h, _, _ = ctx.hidden(policy, batch, codes)
+        log_pf = ctx.log_pf(policy, h.reshape(B * T, L, -1), flat, self.support).view(B, T, L)
+        with torch.no_grad():
+            h_ref, _, _ = ctx.hidden(self.reference, batch, codes)
+            ref = ctx.log_pf(self.reference, h_ref.reshape(B * T, L, -1), flat, self.support).view(B, T, L)
+        logp, ref_logp = log_pf.sum(-1), ref.sum(-1)
+        if self.name == "dpo":
+            pref = dpo_loss(logp[:, 0], logp[:, 1], ref_logp[:, 0], ref_logp[:, 1], beta=p.beta)
+        else:
+            pref = sdpo_loss(logp[:, 0], logp[:, 1:], ref_logp[:, 0], ref_logp[:, 1:], beta=p.beta)
+        ce = sft_cross_entropy(log_pf[:, 0])
+        loss = pref + p.sft_weight * ce
+        return loss, {"loss": loss.item(), "ce": ce.item(), "pref": pref.item()}
