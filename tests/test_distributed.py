@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from gflowgr_core.data.prepared import prepare
@@ -18,8 +17,6 @@ from gflowgr_core.train.config import load_config
 from gflowgr_core.train.distributed import DistContext
 from gflowgr_core.train.trainer import Trainer
 
-DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-BEAUTY = DATA / "letter" / "Beauty"
 REPO = Path(__file__).resolve().parents[1]
 
 # Relative tolerance between the 1-process and 2-process logged values: the two runs differ only in the
@@ -65,10 +62,9 @@ def _log_records(out: Path) -> tuple[list[dict], list[dict]]:
     return steps, evals
 
 
-@pytest.mark.skipif(not (BEAUTY / "Beauty.inter.json").exists(), reason=f"shared Beauty data not found at {BEAUTY}")
-def test_torchrun_two_processes_match_one_process(tmp_path):
+def test_torchrun_two_processes_match_one_process(tmp_path, beauty_tiny):
     data_dir = tmp_path / "data"
-    prepared = prepare("letter", BEAUTY, data_dir, max_users=16)
+    prepared = prepare("letter", beauty_tiny, data_dir, max_users=16)
     # A starting checkpoint for stage gflowgr: the freshly initialised policy.
     init = Trainer(load_config(None, [f"data={data_dir}", f"out={tmp_path / 'init'}", "stage=sft", *RUN[1:]]),
                    prepared)

@@ -1,19 +1,13 @@
-"""The worked examples run end to end on a Beauty slice with --smoke (a handful of steps)."""
+"""The worked examples run end to end on the bundled Beauty slice with --smoke (a handful of steps)."""
 from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("GFLOWGR_DATA", ROOT.parent / "shared" / "data"))
-BEAUTY = DATA / "letter" / "Beauty"
-
-pytestmark = pytest.mark.skipif(not (BEAUTY / "Beauty.inter.json").is_file(),
-                                reason=f"Beauty data not found at {BEAUTY}")
 
 
 def load_example(name: str):
@@ -25,8 +19,8 @@ def load_example(name: str):
 
 @pytest.mark.parametrize("name, loss_keys", [("t5_tiger_tb", ("final_loss", "final_sft", "final_tb")),
                                              ("causal_lm_add_tb", ("final_loss", "final_ce"))])
-def test_example_smoke(name, loss_keys, capsys):
-    metrics = load_example(name).main(["--smoke", "--data", str(BEAUTY)])
+def test_example_smoke(name, loss_keys, capsys, beauty_tiny):
+    metrics = load_example(name).main(["--smoke", "--data", str(beauty_tiny)])
     for key in loss_keys:
         assert math.isfinite(metrics[key]) and metrics[key] > 0
     for key in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"):
@@ -36,7 +30,7 @@ def test_example_smoke(name, loss_keys, capsys):
     assert "test metrics:" in capsys.readouterr().out
 
 
-def test_plain_ce_variant_runs():
+def test_plain_ce_variant_runs(beauty_tiny):
     """--lambda-gfn 0 is the untouched plain-HF script (no augmented rows, CE only)."""
-    metrics = load_example("causal_lm_add_tb").main(["--smoke", "--data", str(BEAUTY), "--lambda-gfn", "0"])
+    metrics = load_example("causal_lm_add_tb").main(["--smoke", "--data", str(beauty_tiny), "--lambda-gfn", "0"])
     assert math.isfinite(metrics["final_ce"]) and metrics["final_loss"] == metrics["final_ce"]

@@ -1,33 +1,25 @@
-"""Hugging Face Trainer interop: GFlowGRConfig / GFlowGRTrainer on a Beauty slice (CPU, tiny model)."""
+"""Hugging Face Trainer interop: GFlowGRConfig / GFlowGRTrainer on the bundled Beauty slice (CPU, tiny model)."""
 from __future__ import annotations
 
 import importlib.util
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-BEAUTY = DATA / "letter" / "Beauty"
-
-pytestmark = [
-    pytest.mark.skipif(not (BEAUTY / "Beauty.inter.json").exists(), reason=f"shared Beauty data not found at {BEAUTY}"),
-    pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
-                       reason="transformers' Trainer needs accelerate (pip install accelerate)"),
-]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
+                                reason="transformers' Trainer needs accelerate (pip install accelerate)")
 
 TINY = ["model.hidden=32", "model.layers=1", "model.heads=2", "model.kv_heads=2", "model.intermediate=64",
         "model.flow_hidden=16"]
 
 
 @pytest.fixture(scope="module")
-def beauty(tmp_path_factory):
+def beauty(tmp_path_factory, beauty_tiny):
     from gflowgr_core.data.prepared import prepare
 
     out = tmp_path_factory.mktemp("beauty120")
-    return out, prepare("letter", BEAUTY, out, max_users=120)
+    return out, prepare("letter", beauty_tiny, out, max_users=120)
 
 
 def _config(beauty, out, **kw):

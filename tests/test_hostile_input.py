@@ -26,8 +26,6 @@ from gflowgr_core.sid.tokens import SIDTokenMap
 from gflowgr_core.sid.trie import Trie
 from gflowgr_core.train.config import ConfigError, apply_overrides, load_config
 
-DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-BEAUTY = DATA / "letter" / "Beauty"
 ROOT = Path(__file__).resolve().parents[1]
 
 CODES = torch.tensor([[0, 1], [1, 0], [1, 1], [2, 0]])
@@ -259,13 +257,12 @@ def test_oom_hint_names_the_batch_size_to_try():
             raise RuntimeError("unrelated")
 
 
-@pytest.mark.skipif(not (BEAUTY / "Beauty.inter.json").exists(), reason=f"shared Beauty data not found at {BEAUTY}")
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="transformers' Trainer needs accelerate")
-def test_hf_training_step_oom_and_non_finite_loss(tmp_path, monkeypatch):
+def test_hf_training_step_oom_and_non_finite_loss(tmp_path, monkeypatch, beauty_tiny):
     from gflowgr_core.data.prepared import prepare
     from gflowgr_core.hf_trainer import GFlowGRConfig, GFlowGRTrainer
 
-    prepare("letter", BEAUTY, tmp_path / "data", max_users=40)
+    prepare("letter", beauty_tiny, tmp_path / "data", max_users=40)
     args = GFlowGRConfig(output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), stage="sft",
                          max_steps=1, per_device_train_batch_size=12, report_to="none", use_cpu=True,
                          save_strategy="no", disable_tqdm=True,

@@ -228,6 +228,21 @@ def test_amazon_p5_counts(name, users):
     assert len(np.unique(flat)) == data.num_items
 
 
+@needs_data
+def test_bundled_beauty_slice_is_the_scripted_slice_of_the_shared_files(beauty_tiny, tmp_path):
+    """The committed fixture is byte for byte what its script cuts from the full files."""
+    spec = importlib.util.spec_from_file_location("make_beauty_tiny", beauty_tiny / "make_beauty_tiny.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(DATA / "letter" / "Beauty", tmp_path)
+    for name in ("Beauty.inter.json", "Beauty.index.json"):
+        assert (tmp_path / name).read_bytes() == (beauty_tiny / name).read_bytes(), name
+    full, tiny = load_letter(DATA / "letter" / "Beauty"), load_letter(beauty_tiny)
+    assert tiny.user_ids[:300] == full.user_ids[:300]
+    assert [[full.item_ids[i] for i in s] for s in full.sequences[:300]] == \
+        [[tiny.item_ids[i] for i in s] for s in tiny.sequences[:300]]
+
+
 def test_ml100k_counts():
     try:
         path = loaders._ml100k_path()

