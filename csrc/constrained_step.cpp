@@ -27,6 +27,7 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "constrained_step_hash.h"
 
 namespace gflowgr {
@@ -71,12 +72,17 @@ StepInputs prepare(const at::Tensor& h, const at::Tensor& w, const c10::optional
   TORCH_CHECK(node.dim() == 1 && node.size(0) == h.size(0) && node.scalar_type() == at::kLong, op,
               ": node must be int64 [R] = [", h.size(0), "], got ", node.scalar_type(), " ", node.sizes());
   for (const at::Tensor* t : {&indptr, &child_code, &child_node}) {
-    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->is_contiguous(), op,
-                ": trie tables must be contiguous int64 vectors");
+    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong, op, ": trie tables must be int64 vectors");
   }
   TORCH_CHECK(child_code.size(0) == child_node.size(0) && indptr.size(0) >= level_hi + 1 && level_lo >= 0 &&
                   level_lo <= level_hi,
               op, ": inconsistent trie tables or level bounds [", level_lo, ", ", level_hi, ")");
+  check_contiguous(h, op, "h");
+  check_contiguous(w, op, "w");
+  check_contiguous(node, op, "node");
+  check_contiguous(indptr, op, "indptr");
+  check_contiguous(child_code, op, "child_code");
+  check_contiguous(child_node, op, "child_node");
   StepInputs in;
   in.h = h.to(at::kFloat).contiguous();
   in.w = w.to(at::kFloat).contiguous();
@@ -86,6 +92,7 @@ StepInputs prepare(const at::Tensor& h, const at::Tensor& w, const c10::optional
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == in.K, op, ": bias must be [K] = [", in.K, "], got ",
                 bias->sizes());
+    check_contiguous(*bias, op, "bias");
     in.bias = bias->to(at::kFloat).contiguous();
   }
   if (!renormalize && in.R > 0) {
@@ -161,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> constrained_step_beam
       prepare(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, renormalize, op);
   const int64_t B = scores.size(0), beams_in = scores.size(1);
   TORCH_CHECK(B * beams_in == in.R, op, ": scores ", scores.sizes(), " do not match R = ", in.R, " rows");
+  check_contiguous(scores, op, "scores");
   const at::Tensor sc = scores.to(at::kFloat).contiguous();
   const float* score = sc.data_ptr<float>();
   const int64_t K = in.K, topk = std::min(beams, K);
@@ -232,6 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> constrained_step_sample_cpu(
   TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
   TORCH_CHECK(key.numel() == 1 && key.scalar_type() == at::kLong, op, ": key must be one int64, got ",
               key.scalar_type(), " ", key.sizes());
+  check_contiguous(key, op, "key");
   const StepInputs in =
       prepare(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, renormalize, op);
   const uint32_t level_state = noise_level_state(key.cpu().item<int64_t>(), level);

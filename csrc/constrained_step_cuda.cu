@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "checks.h"
 #include "constrained_step_hash.h"
 
 namespace gflowgr {
@@ -247,12 +248,17 @@ CudaInputs prepare(const at::Tensor& h, const at::Tensor& w, const c10::optional
                 t->device());
   }
   for (const at::Tensor* t : {&indptr, &child_code, &child_node}) {
-    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->is_contiguous(), op,
-                ": trie tables must be contiguous int64 vectors");
+    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong, op, ": trie tables must be int64 vectors");
   }
   TORCH_CHECK(child_code.size(0) == child_node.size(0) && indptr.size(0) >= level_hi + 1 && level_lo >= 0 &&
                   level_lo <= level_hi,
               op, ": inconsistent trie tables or level bounds [", level_lo, ", ", level_hi, ")");
+  check_contiguous(h, op, "h");
+  check_contiguous(w, op, "w");
+  check_contiguous(node, op, "node");
+  check_contiguous(indptr, op, "indptr");
+  check_contiguous(child_code, op, "child_code");
+  check_contiguous(child_node, op, "child_node");
   CudaInputs in;
   in.R = h.size(0);
   in.K = w.size(0);
@@ -262,9 +268,10 @@ CudaInputs prepare(const at::Tensor& h, const at::Tensor& w, const c10::optional
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == in.K && bias->device() == h.device(), op,
                 ": bias must be [K] = [", in.K, "] on ", h.device(), ", got ", bias->sizes(), " on ",
                 bias->device());
+    check_contiguous(*bias, op, "bias");
     in.bias = bias->to(at::kFloat).contiguous();
   }
-  in.node = node.contiguous();
+  in.node = node;
   return in;
 }
 
@@ -284,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> constrained_step_beam
   const CudaInputs in = prepare(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, op);
   const int64_t B = scores.size(0), beams_in = scores.size(1);
   TORCH_CHECK(B * beams_in == in.R, op, ": scores ", scores.sizes(), " do not match R = ", in.R, " rows");
+  check_contiguous(scores, op, "scores");
   const at::Tensor sc = scores.to(at::kFloat).contiguous();
   const int64_t topk = std::min(beams, in.K);
   auto opts = h.options();
@@ -321,18 +329,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> constrained_step_sample_cuda(
   TORCH_CHECK(key.numel() == 1 && key.scalar_type() == at::kLong && key.device() == h.device(), op,
               ": key must be one int64 on ", h.device(), ", got ", key.scalar_type(), " ", key.sizes(), " on ",
               key.device());
+  check_contiguous(key, op, "key");
   const CudaInputs in = prepare(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, op);
   auto opts = h.options();
   at::Tensor code = at::empty({in.R}, opts.dtype(at::kLong));
   at::Tensor next = at::empty({in.R}, opts.dtype(at::kLong));
   at::Tensor logp = at::empty({in.R}, opts.dtype(at::kFloat));
   if (in.R == 0) return {code, next, logp};
-  const at::Tensor k = key.contiguous();
   const float inv_temp = 1.f / static_cast<float>(temperature);
   sample_kernel<<<blocks_for(in.R), kWarp * kWarpsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
       in.logits.data_ptr<float>(), in.bias.defined() ? in.bias.data_ptr<float>() : nullptr,
       in.node.data_ptr<int64_t>(), indptr.data_ptr<int64_t>(), child_code.data_ptr<int64_t>(),
-      child_node.data_ptr<int64_t>(), k.data_ptr<int64_t>(), level, inv_temp, in.R, in.K, level_lo, level_hi,
+      child_node.data_ptr<int64_t>(), key.data_ptr<int64_t>(), level, inv_temp, in.R, in.K, level_lo, level_hi,
       renormalize, code.data_ptr<int64_t>(), next.data_ptr<int64_t>(), logp.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {code, next, logp};

@@ -22,6 +22,8 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
+
 namespace gflowgr {
 namespace {
 
@@ -168,6 +170,7 @@ void check_codes(const at::Tensor& codes, const std::vector<int64_t>& K) {
   TORCH_CHECK(codes.scalar_type() == at::kLong, "trie_build: codes must be int64, got ",
               codes.scalar_type());
   TORCH_CHECK(codes.dim() == 2, "trie_build: codes must be [n_items, L], got ", codes.dim(), " dims");
+  check_contiguous(codes, "trie_build", "codes");
   TORCH_CHECK(codes.size(0) > 0, "trie_build: codes has no rows (an empty catalogue has no trie)");
   TORCH_CHECK(codes.size(1) == static_cast<int64_t>(K.size()), "trie_build: codes has ", codes.size(1),
               " levels per row but codes_per_level has ", K.size());
@@ -277,9 +280,8 @@ TrieTensors number_nodes(const Sorted& sorted, int64_t n, int64_t L, int chunks,
   return {level_offsets, parent, node_code, indptr, leaf_ptr, leaf_items, item_leaf};
 }
 
-TrieTensors trie_build_cpu(const at::Tensor& codes_in, at::IntArrayRef codes_per_level) {
+TrieTensors trie_build_cpu(const at::Tensor& codes, at::IntArrayRef codes_per_level) {
   const std::vector<int64_t> K(codes_per_level.begin(), codes_per_level.end());
-  const at::Tensor codes = codes_in.contiguous();
   check_codes(codes, K);
   const int64_t n = codes.size(0), L = codes.size(1);
   const int64_t* c = codes.data_ptr<int64_t>();

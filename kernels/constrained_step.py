@@ -411,6 +411,8 @@ def constrained_step_triton(h: torch.Tensor, w_level: torch.Tensor, node: torch.
     max_branch = trie.max_branch[level]
     lo, hi = _level_bounds(trie, level)
     node = node.long().contiguous()
+    # h and w_level are read through their strides; the bias is read as a packed vector.
+    bias = None if bias is None else bias.contiguous()
     dot_f32 = (_interpreting() or h.dtype == torch.float32 or w_level.dtype == torch.float32
                or h.dtype != w_level.dtype)
     block_k = max(16, _next_pow2(K))
@@ -482,7 +484,9 @@ def _compiled_step(device_type: str, h, w_level, node, level, trie, mode, scores
         raise ValueError(f"the '{backend}' constrained_step backend runs on {device_type} tensors, got h on "
                          f"{h.device}")
     lo, hi = _level_bounds(trie, level)
-    node = node.long()
+    # The ops read every tensor through its data pointer: strided views (e.g. ``nodes[:, 0]``) are packed here.
+    h, w_level, node = h.contiguous(), w_level.contiguous(), node.long().contiguous()
+    bias = None if bias is None else bias.contiguous()
     if mode == "sample":
         _check_temperature(temperature)
         key = noise_key(seed, generator, h.device)
@@ -491,7 +495,7 @@ def _compiled_step(device_type: str, h, w_level, node, level, trie, mode, scores
         return SampleStep(code=code, next_node=nxt, logp=logp)
     _, _, beams = beam_shape(scores, beams, h.shape[0])
     parent, code, nxt, score = op(h, w_level, bias, node, trie.indptr, trie.child_code, trie.child_node, lo, hi,
-                                  scores, beams, bool(renormalize))
+                                  scores.contiguous(), beams, bool(renormalize))
     return BeamStep(parent=parent, code=code, next_node=nxt, score=score)
 
 

@@ -334,6 +334,9 @@ def _check_inputs(h: torch.Tensor, w_sid: torch.Tensor, codes: torch.Tensor,
         raise ValueError(f"codes must be [T, L] = {(t, n_levels)}, got {tuple(codes.shape)}")
     if bias is not None and bias.shape != (w_sid.shape[0],):
         raise ValueError(f"bias must be [sum K_l] = [{w_sid.shape[0]}], got {tuple(bias.shape)}")
+    if bias is not None and bias.numel() > 1 and bias.stride(0) != 1:
+        raise ValueError(f"bias must be contiguous (the kernels read it as a packed vector), got stride "
+                         f"{bias.stride(0)}; pass bias.contiguous()")
     dev = h.device
     for x in (w_sid, codes, bias) + others:
         if x is not None and x.device != dev:

@@ -417,6 +417,73 @@ def test_errors_and_empty_inputs(backend, device):
     assert empty.code.shape == (0,)
 
 
+# ------------------------------------------------------------------------------------------ strided inputs
+
+def interleaved(x: torch.Tensor, junk) -> torch.Tensor:
+    """``x`` as a non-contiguous view (every element followed by ``junk``), like ``nodes[:, 0]`` of a
+    ``[R, 2]`` table: a backend that reads it as packed memory picks up the junk."""
+    view = torch.stack([x, torch.full_like(x, junk)], dim=-1)[..., 0]
+    assert torch.equal(view, x) and (x.numel() <= 1 or not view.is_contiguous())
+    return view
+
+
+STRIDED_CASES = [pytest.param("torch", "cpu", id="torch-cpu")] + CASES
+
+
+@pytest.mark.parametrize("backend,device", STRIDED_CASES)
+@pytest.mark.parametrize("mode", ["beam", "sample"])
+def test_strided_inputs_give_the_contiguous_result(backend, device, mode):
+    """Every tensor argument as a strided view (node with junk node ids, h / bias / scores with NaN between
+    the values, w transposed in memory) gives exactly the reference's result on contiguous inputs."""
+    for p in small_problems(device)[:2]:
+        lo = sum(p.trie.nodes_per_level[:p.level])
+        h, node, bias = interleaved(p.h, float("nan")), interleaved(p.node, lo), interleaved(p.bias, float("nan"))
+        w = p.w.t().contiguous().t()
+        what = f"{backend} {mode} level {p.level}"
+        if mode == "beam":
+            scores = interleaved(p.scores, float("nan"))
+            got = constrained_step(h, w, node, p.level, p.trie, "beam", scores=scores, beams=5, bias=bias,
+                                   backend=backend)
+            ref = constrained_step_torch(p.h, p.w, p.node, p.level, p.trie, "beam", scores=p.scores, beams=5,
+                                         bias=p.bias)
+            check_beam(p, got, ref, what, bias=p.bias, exact=device == "cpu")
+        else:
+            got = constrained_step(h, w, node, p.level, p.trie, "sample", seed=11, bias=bias, backend=backend)
+            ref = constrained_step_torch(p.h, p.w, p.node, p.level, p.trie, "sample", seed=11, bias=p.bias)
+            check_sample(p, got, ref, what, key=noise_key(11, None, torch.device(device)), bias=p.bias,
+                         exact=device == "cpu")
+        assert step_mod.last_backend() == backend
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CPP, reason=NO_CPP)),
+                                    pytest.param("cuda", marks=pytest.mark.skipif(
+                                        not HAS_CUDA_OP, reason="needs CUDA and the extension's CUDA ops"))])
+def test_compiled_ops_reject_strided_tensors(device):
+    """Direct callers of the compiled ops get an error naming the strided argument, never wrong codes."""
+    p = small_problems(device)[0]
+    lo, hi = cs._level_bounds(p.trie, p.level)
+    t = p.trie
+    beam = backends.extension_op("constrained_step_beam")
+    sample = backends.extension_op("constrained_step_sample")
+    key = noise_key(1, None, torch.device(device))
+    args = dict(h=p.h, w=p.w, bias=p.bias, node=p.node)
+    for name, view in (("node", interleaved(p.node, lo)), ("h", interleaved(p.h, 0.0)),
+                       ("w", p.w.t().contiguous().t()), ("bias", interleaved(p.bias, 0.0))):
+        a = dict(args, **{name: view})
+        with pytest.raises(RuntimeError, match=f"{name} must be contiguous"):
+            beam(a["h"], a["w"], a["bias"], a["node"], t.indptr, t.child_code, t.child_node, lo, hi, p.scores, 5,
+                 True)
+        with pytest.raises(RuntimeError, match=f"{name} must be contiguous"):
+            sample(a["h"], a["w"], a["bias"], a["node"], t.indptr, t.child_code, t.child_node, lo, hi, key,
+                   p.level, 1.0, True)
+    with pytest.raises(RuntimeError, match="scores must be contiguous"):
+        beam(p.h, p.w, p.bias, p.node, t.indptr, t.child_code, t.child_node, lo, hi,
+             interleaved(p.scores, 0.0), 5, True)
+    with pytest.raises(RuntimeError, match="child_code must be contiguous"):
+        beam(p.h, p.w, p.bias, p.node, t.indptr, interleaved(t.child_code, 0), t.child_node, lo, hi, p.scores, 5,
+             True)
+
+
 @pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="needs the Triton interpreter (no GPU here)")
 def test_triton_wide_level_uses_the_reference(caplog, monkeypatch):
     monkeypatch.setattr(cs, "_warned_wide", False)

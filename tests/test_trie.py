@@ -225,6 +225,19 @@ def test_cpp_op_checks_inputs_itself():
         op(torch.tensor([[0, 1]]), [4])
     with pytest.raises(RuntimeError, match="int64"):
         op(torch.tensor([[0, 1]], dtype=torch.int32), [4, 4])
+    with pytest.raises(RuntimeError, match="codes must be contiguous"):
+        op(torch.tensor([[0, 1, 7], [1, 0, 7]])[:, :2], [4, 4])
+
+
+@pytest.mark.parametrize("backend", BUILDERS)
+def test_strided_codes_build_the_same_trie(backend):
+    """A strided view of the codes (every other column of a wider table) builds the contiguous codes' trie."""
+    g = torch.Generator().manual_seed(11)
+    codes = torch.randint(0, 5, (300, 3), generator=g)
+    wide = torch.stack([codes, torch.randint(0, 5, (300, 3), generator=g)], dim=-1).reshape(300, 6)
+    view = wide[:, 0::2]
+    assert torch.equal(view, codes) and not view.is_contiguous()
+    assert_same_trie(Trie.build(view, (5, 5, 5), backend=backend), Trie.build(codes, (5, 5, 5), backend="torch"))
 
 
 def test_auto_uses_cpp_exactly_when_available():

@@ -58,14 +58,18 @@ def trie_child_bits(trie) -> torch.Tensor:
         return hit[2]
     n_internal = sum(trie.nodes_per_level[:trie.num_levels])
     words = (trie.max_codes + 31) // 32
-    src = trie.parent[trie.child_node]
     code = trie.child_code
-    # Codes are distinct within a node, so summing the bits of its edges is their bitwise OR.
-    bits = torch.bitwise_left_shift(torch.ones_like(code), code & 31)
-    table = torch.zeros(n_internal * words, dtype=torch.int64, device=trie.device)
-    table.index_add_(0, src * words + (code >> 5), bits)
-    # Words hold 32 bits: reinterpret values >= 2^31 as negative int32 (the kernel only tests bits).
-    table = torch.where(table >= 2 ** 31, table - 2 ** 32, table).to(torch.int32).view(n_internal, words)
+    # Built in int32 throughout: at 10M items an int64 table (and its conversion copies) would be several
+    # hundred MB. child_node[e] == e + 1, so parent[1:] is the source node of every edge.
+    index = trie.parent[1:] * words
+    index += code >> 5
+    bits = torch.bitwise_left_shift(torch.ones(code.shape, dtype=torch.int32, device=trie.device),
+                                    (code & 31).to(torch.int32))
+    # Codes are distinct within a node, so summing the bits of its edges is their bitwise OR; bit 31 is the
+    # int32 sign bit (-2**31), and sums of distinct bits never overflow, so the words come out exact.
+    table = torch.zeros(n_internal * words, dtype=torch.int32, device=trie.device)
+    table.index_add_(0, index, bits)
+    table = table.view(n_internal, words)
     _BITS_CACHE[id(trie)] = (weakref.ref(trie), key, table)
     weakref.finalize(trie, _BITS_CACHE.pop, id(trie), None)
     return table
@@ -181,6 +185,8 @@ def fused_constrained_log_pf(h: torch.Tensor, w_sid: torch.Tensor, codes: torch.
         h = h.contiguous()
     if w_sid.stride(-1) != 1:
         w_sid = w_sid.contiguous()
+    if bias is not None:  # read by the kernels as a packed vector
+        bias = bias.contiguous()
     return _FusedLogPF.apply(h, w_sid, bias, codes, nodes, child_bits, cpl, config)
 
 
@@ -238,9 +244,17 @@ def _dispatch_impl(h, w_sid, codes, trie, log_f, log_z, log_r, *, objective, wei
                           support=support, codes_per_level=codes_per_level, bias=bias)
 
 
+def _dispatch_log_pf(h, w_sid, codes, trie, support, *, codes_per_level, w_full, sid_token_ids, bias):
+    """The :func:`~.gfn_loss.sid_log_probs` calling convention, forwarded to :func:`fused_constrained_log_pf`
+    (``w_full`` / ``sid_token_ids`` belong to the ``"vocab"`` support, which :func:`_dispatch_supports`
+    keeps off this path)."""
+    return fused_constrained_log_pf(h, w_sid, codes, trie, support, codes_per_level=codes_per_level, bias=bias)
+
+
 def _dispatch_supports(*, support, **_options) -> bool:
     return support in FUSED_SUPPORTS
 
 
 if backends.triton_available():
-    register_gfn_loss_backend("triton", _dispatch_impl, device_types=("cuda",), supports=_dispatch_supports)
+    register_gfn_loss_backend("triton", _dispatch_impl, supports=_dispatch_supports)
+    backends.register("sid_log_probs", "triton", _dispatch_log_pf, supports=_dispatch_supports)
