@@ -119,7 +119,9 @@ def constrained_log_probs(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes:
         codes_per_level, w_full, sid_token_ids, bias: as in
             :func:`gflowgr_core.objectives.constrained_log_pf` (``bias`` ``[sum K_l]``, or ``[V]`` for vocab).
         backend: ``"auto"`` (the fused Triton kernel for CUDA tensors when triton is installed and the
-            support is ``"trie"``/``"level"``, else the PyTorch reference), ``"torch"`` or ``"triton"``.
+            support is ``"trie"``/``"level"``, else the PyTorch reference) or any backend name; one this op
+            has no usable implementation of falls back to the ``"auto"`` choice
+            (:func:`gflowgr_core.backends.resolve_backend`).
 
     Returns:
         ``[T, L]`` float32 for half-precision inputs, else the inputs' dtype; differentiable w.r.t. ``h``,

@@ -291,7 +291,8 @@ def test_auto_backend_on_cpu_is_the_reference(small_trie):
 
 def test_registered_backend_is_dispatched_and_recorded(small_trie, monkeypatch):
     _, trie = small_trie
-    monkeypatch.setattr(step, "_IMPLEMENTATIONS", dict(step._IMPLEMENTATIONS))
+    entry = backends._op("constrained_step")
+    monkeypatch.setattr(entry, "impls", {"torch": entry.impls["torch"]})
     monkeypatch.setattr(backends, "available_backends", lambda: ("torch", "cpp"))
     calls = []
 
@@ -303,13 +304,21 @@ def test_registered_backend_is_dispatched_and_recorded(small_trie, monkeypatch):
     args = (torch.randn(2, 4), torch.randn(6, 4), torch.zeros(2, dtype=torch.long), 0, trie, "beam")
     constrained_step(*args, scores=torch.zeros(2, 1), beams=3)
     assert calls == [0] and last_backend() == "cpp"
+    assert backends.last_resolution("constrained_step").reason == "auto on cpu chose 'cpp'"
     constrained_step(*args, scores=torch.zeros(2, 1), beams=3, backend="torch")
     assert calls == [0] and last_backend() == "torch"
-    with pytest.raises(RuntimeError, match="not available"):
-        constrained_step(*args, scores=torch.zeros(2, 1), backend="triton")
-    monkeypatch.setattr(backends, "available_backends", lambda: ("torch", "cuda"))
-    with pytest.raises(RuntimeError, match="no constrained_step implementation"):
-        constrained_step(*args, scores=torch.zeros(2, 1), backend="cuda")
+    # Named backends that cannot run here fall back to the auto choice and say why.
+    constrained_step(*args, scores=torch.zeros(2, 1), backend="triton")
+    assert calls == [0, 0] and last_backend() == "cpp"
+    assert "'triton' requested but constrained_step has no 'triton' implementation" in \
+        backends.last_resolution("constrained_step").reason
+    monkeypatch.setattr(backends, "available_backends", lambda: ("torch",))
+    constrained_step(*args, scores=torch.zeros(2, 1), backend="cpp")
+    assert last_backend() == "torch"
+    reason = backends.last_resolution("constrained_step").reason
+    assert "'cpp' requested but 'cpp' is not available here" in reason and "chose 'torch'" in reason
+    with pytest.raises(ValueError, match="unknown backend"):
+        constrained_step(*args, scores=torch.zeros(2, 1), backend="tpu")
     with pytest.raises(ValueError, match="unknown backend"):
         register_backend("tpu", fake_cpp)
 

@@ -108,11 +108,14 @@ def test_constrained_log_probs_vocab_and_backends():
     got = F.constrained_log_probs(h, None, traj, trie, "vocab", w_full=w_full, sid_token_ids=sid_ids)
     torch.testing.assert_close(got, torch.log_softmax(h @ w_full.t(), -1).gather(
         2, (sid_ids[torch.tensor([0, 4, 7]) + traj])[:, :, None]).squeeze(2))
-    with pytest.raises(ValueError, match="backend must be"):
-        F.constrained_log_probs(h, w_full[:12], traj, trie, backend="cuda")
-    # CPU tensors stay on the reference under "auto": bitwise equal to it
+    # CPU tensors stay on the reference under "auto", and under the backends this op has none of here:
+    # bitwise equal to it
     w_sid = w_full[4:16]
-    assert torch.equal(F.constrained_log_probs(h, w_sid, traj, trie), constrained_log_pf(h, w_sid, traj, trie))
+    for backend in ("auto", "cpp", "cuda"):
+        got = F.constrained_log_probs(h, w_sid, traj, trie, backend=backend)
+        assert torch.equal(got, constrained_log_pf(h, w_sid, traj, trie)), backend
+    with pytest.raises(ValueError, match="unknown backend"):
+        F.constrained_log_probs(h, w_sid, traj, trie, backend="jax")
 
 
 def test_constrained_log_probs_triton_matches_reference():

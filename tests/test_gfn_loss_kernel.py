@@ -20,9 +20,11 @@ from hypothesis import strategies as st
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
+from gflowgr_core import backends  # noqa: E402
 from gflowgr_core.objectives import fused  # noqa: E402
 from gflowgr_core.objectives import (constrained_log_pf, gfn_loss, gfn_loss_reference,  # noqa: E402
                                      registered_gfn_loss_backends, sft_cross_entropy, trie_walk)
+from gflowgr_core.objectives.gfn_loss import sid_log_probs  # noqa: E402
 from gflowgr_core.sid.trie import Trie  # noqa: E402
 from catalogues import random_catalogue  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -286,6 +288,98 @@ def test_child_bits_agree_with_child_mask(device):
         assert torch.equal(got, trie.child_mask(nodes, lvl))
 
 
+def child_bits_int64(trie) -> torch.Tensor:
+    """The bitmap as it was built before (an int64 table, then reinterpreted as int32): the equality target
+    of the int32 builder."""
+    n_internal = sum(trie.nodes_per_level[:trie.num_levels])
+    words = (trie.max_codes + 31) // 32
+    src, code = trie.parent[trie.child_node], trie.child_code
+    table = torch.zeros(n_internal * words, dtype=torch.int64, device=trie.device)
+    table.index_add_(0, src * words + (code >> 5), torch.bitwise_left_shift(torch.ones_like(code), code & 31))
+    return torch.where(table >= 2 ** 31, table - 2 ** 32, table).to(torch.int32).view(n_internal, words)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_child_bits_identical_to_the_int64_construction(seed):
+    device = DEVICES[0]
+    gen = torch.Generator().manual_seed(100 + seed)
+    n_levels = int(torch.randint(1, 5, (1,), generator=gen))
+    # Levels up to 256 codes: every bit of a word is used, the sign bit (codes 31, 63, ...) included.
+    cpl = tuple(int(k) for k in torch.randint(1, 257, (n_levels,), generator=gen))
+    trie = Trie.build(random_catalogue(gen, cpl, int(torch.randint(1, 3000, (1,), generator=gen))), cpl).to(device)
+    got = fused.trie_child_bits(trie)
+    assert got.dtype == torch.int32 and torch.equal(got, child_bits_int64(trie))
+
+
+def _strided_inputs(p: Problem):
+    """``h`` with a non-unit last stride, ``w_sid`` transposed in memory, bias and codes with junk between
+    their values: views equal to the problem's tensors."""
+    h = torch.stack([p.h, torch.full_like(p.h, float("nan"))], dim=-1)[..., 0]
+    w = p.w_sid.t().contiguous().t()
+    bias = torch.stack([p.bias, torch.full_like(p.bias, float("nan"))], dim=-1)[..., 0]
+    codes = torch.stack([p.codes, torch.zeros_like(p.codes)], dim=-1)[..., 0]
+    for x, y in ((h, p.h), (w, p.w_sid), (bias, p.bias), (codes, p.codes)):
+        assert torch.equal(x, y) and not x.is_contiguous()
+    return h, w, bias, codes
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("support", ["trie", "level"])
+def test_strided_inputs_match_contiguous(backend, support):
+    """Both backends of sid_log_probs and gfn_loss give the contiguous inputs' values on strided views."""
+    device = DEVICES[0]
+    cpl, t, d = sizes(device)[0]
+    p = make_problem(21, cpl, t, d, torch.float32, device)
+    h, w, bias, codes = _strided_inputs(p)
+    ref = constrained_log_pf(p.h.double(), p.w_sid.double(), p.codes, p.trie, support, bias=p.bias.double())
+    got = sid_log_probs(h, w, codes, p.trie, support, bias=bias, backend=backend)
+    assert backends.last_resolution("sid_log_probs").name == backend
+    assert rel_err(got, ref) <= 1e-5
+    out = gfn_loss(h, w, codes, p.trie, p.log_f, p.log_z, p.log_r, "subtb", support=support, bias=bias,
+                   backend=backend)
+    ref_loss, _ = gfn_loss_reference(p.h.double(), p.w_sid.double(), p.codes, p.trie, p.log_f.double(),
+                                     p.log_z.double(), p.log_r.double(), "subtb", support=support,
+                                     bias=p.bias.double())
+    assert out.backend == backend and rel_err(out.loss, ref_loss) <= 1e-5
+
+
+def test_kernel_launcher_rejects_a_strided_bias():
+    p = make_problem(22, *sizes(DEVICES[0])[0], torch.float32, DEVICES[0])
+    _, _, bias, _ = _strided_inputs(p)
+    with pytest.raises(ValueError, match="bias must be contiguous"):
+        kern.logpf_forward(p.h, p.w_sid, p.codes, p.cpl, bias=bias)
+
+
+@pytest.mark.parametrize("op", ["gfn_loss", "sid_log_probs"])
+def test_autocast_sends_bf16_operands_to_the_fused_kernel(op, monkeypatch):
+    """Autocast does not cast custom autograd inputs: the dispatcher casts h, the SID rows and the bias."""
+    device = DEVICES[0]
+    p = make_problem(23, *sizes(device)[0], torch.float32, device)
+    seen = []
+    forward = kern.logpf_forward
+
+    def spy(h, w_sid, codes, cpl, nodes=None, child_bits=None, bias=None, config=None):
+        seen.append((h.dtype, w_sid.dtype, bias.dtype))
+        return forward(h, w_sid, codes, cpl, nodes, child_bits, bias, config)
+
+    monkeypatch.setattr(kern, "logpf_forward", spy)
+    h, w, b = leaf(p.h), leaf(p.w_sid), leaf(p.bias)
+    backend = "triton" if device == "cpu" else "auto"
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        if op == "gfn_loss":
+            value = gfn_loss(h, w, p.codes, p.trie, p.log_f, p.log_z, p.log_r, "tb", bias=b, backend=backend).loss
+        else:
+            value = sid_log_probs(h, w, p.codes, p.trie, bias=b, backend=backend)
+    assert seen == [(torch.bfloat16,) * 3]
+    value.sum().backward()
+    assert h.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    if op == "gfn_loss":
+        ref = gfn_loss_reference(p.h, p.w_sid, p.codes, p.trie, p.log_f, p.log_z, p.log_r, "tb", bias=p.bias)[0]
+    else:
+        ref = constrained_log_pf(p.h, p.w_sid, p.codes, p.trie, bias=p.bias)
+    assert rel_err(value, ref) <= 1e-2
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_checked_walk_equals_reference_walk(device):
     p = make_problem(12, (9, 30, 4), 25, 8, torch.float32, device)
@@ -337,16 +431,13 @@ def test_registered_as_triton_backend():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dispatcher_runs_the_fused_path(device, monkeypatch):
-    if device == "cpu":
-        # backend="auto" keeps CPU tensors on the reference; to exercise the dispatcher glue under the
-        # interpreter, register the same implementation for CPU tensors for this test only.
-        impl = gfn_loss_module._IMPLS["triton"]
-        monkeypatch.setitem(gfn_loss_module._IMPLS, "triton",
-                            dataclasses.replace(impl, device_types=("cuda", "cpu")))
+def test_dispatcher_runs_the_fused_path(device):
+    # "auto" keeps CPU tensors on the reference (the interpreter is for tests); naming the backend runs the
+    # fused kernel on them under TRITON_INTERPRET=1.
+    backend = "triton" if device == "cpu" else "auto"
     p = make_problem(15, *sizes(device)[0], torch.float32, device)
     h = leaf(p.h)
-    out = gfn_loss(h, p.w_sid, p.codes, p.trie, p.log_f, p.log_z, p.log_r, "db", backend="auto")
+    out = gfn_loss(h, p.w_sid, p.codes, p.trie, p.log_f, p.log_z, p.log_r, "db", backend=backend)
     assert out.backend == "triton"
     out.loss.backward()
     hr = leaf(p.h, torch.float64)
@@ -354,16 +445,18 @@ def test_dispatcher_runs_the_fused_path(device, monkeypatch):
                                 p.log_r.double(), "db")
     ref.backward()
     assert rel_err(out.loss, ref) <= 1e-5 and rel_err(h.grad, hr.grad) <= 1e-5
-    # "vocab" is not fused: auto falls back to the reference, an explicit request says why not.
+    # "vocab" is not fused: auto and an explicit "triton" both run the reference, and the reason says why.
     vocab = sum(p.cpl) + 13
     w_full = torch.randn(vocab, p.h.shape[-1], device=device)
     ids = torch.randperm(vocab, device=device)[:sum(p.cpl)]
     fallback = gfn_loss(p.h, p.w_sid, p.codes, p.trie, p.log_f, p.log_z, p.log_r, support="vocab",
                         w_full=w_full, sid_token_ids=ids)
     assert fallback.backend == "torch"
-    with pytest.raises(RuntimeError, match="triton"):
-        gfn_loss(p.h, p.w_sid, p.codes, p.trie, p.log_f, p.log_z, p.log_r, support="vocab", w_full=w_full,
-                 sid_token_ids=ids, backend="triton")
+    asked = gfn_loss(p.h, p.w_sid, p.codes, p.trie, p.log_f, p.log_z, p.log_r, support="vocab", w_full=w_full,
+                     sid_token_ids=ids, backend="triton")
+    assert asked.backend == "torch" and torch.equal(asked.loss, fallback.loss)
+    reason = backends.last_resolution("gfn_loss").reason
+    assert "'triton' requested but" in reason and "support='vocab'" in reason
 
 
 def test_auto_keeps_cpu_tensors_on_the_reference():

@@ -436,8 +436,9 @@ def _dispatch_inputs():
 def empty_registry(monkeypatch):
     """The dispatcher with no accelerated implementation registered (providers imported beforehand so they
     do not register into the temporary registry)."""
-    backends.load_providers(*gfn_loss_module._PROVIDERS)
-    monkeypatch.setattr(gfn_loss_module, "_IMPLS", {})
+    for op in ("gfn_loss", "sid_log_probs"):
+        entry = backends._op(op)
+        monkeypatch.setattr(entry, "impls", {"torch": entry.impls["torch"]})
 
 
 def test_dispatcher_keeps_cpu_tensors_on_the_reference():
@@ -471,12 +472,51 @@ def test_dispatcher_prefers_registered_backend_and_falls_back(empty_registry, mo
     args = _dispatch_inputs()
     assert gfn_loss(*args, objective="subtb").backend == "cpp" and calls == ["subtb"]
     assert gfn_loss(*args, support="level").backend == "torch"
-    with pytest.raises(RuntimeError, match="does not implement these options"):
-        gfn_loss(*args, support="level", backend="cpp")
-    with pytest.raises(RuntimeError, match="not available"):
-        gfn_loss(*args, backend="cuda")
-    with pytest.raises(ValueError, match="cannot register"):
+    # A named backend that cannot run the call falls back to the auto choice, and the reason says why.
+    assert gfn_loss(*args, support="level", backend="cpp").backend == "torch"
+    assert "does not implement support='level'" in backends.last_resolution("gfn_loss").reason
+    assert gfn_loss(*args, backend="cuda").backend == "cpp" and calls == ["subtb", "tb"]
+    reason = backends.last_resolution("gfn_loss").reason
+    assert reason.startswith("'cuda' requested but gfn_loss has no 'cuda' implementation") and "chose 'cpp'" in reason
+    with pytest.raises(ValueError, match="the 'torch' backend is the op's reference"):
         gfn_loss_module.register_gfn_loss_backend("torch", fake, ("cpu",))
+
+
+@pytest.mark.parametrize("backend", backends.REQUESTS)
+def test_every_backend_name_runs_gfn_loss_and_sid_log_probs_on_cpu(backend):
+    """A training run may name any backend: ops without it (gfn_loss has no cpp / cuda implementation; no CUDA
+    here) run the auto choice and match the reference."""
+    h, w, codes, trie, log_f, log_z, log_r = _dispatch_inputs()
+    h = h.float().requires_grad_()
+    w, log_f, log_z, log_r = w.float(), log_f.float(), log_z.float(), log_r.float()
+    out = gfn_loss(h, w, codes, trie, log_f, log_z, log_r, "db", backend=backend)
+    ref_loss, ref_lp = gfn_loss_reference(h.double(), w.double(), codes, trie, log_f.double(), log_z.double(),
+                                          log_r.double(), "db")
+    expected = backend if backend == "torch" or (backend == "triton" and "triton" in backends.available_backends()) \
+        else "torch"
+    assert out.backend == expected
+    torch.testing.assert_close(out.loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.log_pf.double(), ref_lp, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+    lp = gfn_loss_module.sid_log_probs(h.detach(), w, codes, trie, backend=backend)
+    assert backends.last_resolution("sid_log_probs").name == expected
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_casts_the_reference_operands_too():
+    """One autocast rule for every backend: under bf16 autocast the reference gets bf16 h / head rows / bias."""
+    h, w, codes, trie, log_f, log_z, log_r = _dispatch_inputs()
+    h, w, log_f, log_z, log_r = h.float(), w.float(), log_f.float(), log_z.float(), log_r.float()
+    bias = torch.randn(sum(CPL), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gfn_loss(h, w, codes, trie, log_f, log_z, log_r, "tb", bias=bias, backend="torch")
+        lp = gfn_loss_module.sid_log_probs(h, w, codes, trie, bias=bias, backend="torch")
+    expected = constrained_log_pf(h.bfloat16(), w.bfloat16(), codes, trie, bias=bias.bfloat16())
+    assert torch.equal(out.log_pf, expected) and torch.equal(lp, expected)
+    ref = constrained_log_pf(h, w, codes, trie, bias=bias)
+    assert float((lp - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+    assert gfn_loss_module.autocast_operands("cpu", h, None, codes) == (h, None, codes)  # autocast off: as is
 
 
 # ---------------------------------------------------------------- real catalogue

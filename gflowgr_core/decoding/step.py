@@ -16,7 +16,6 @@ same hash, so all backends select the same codes for the same key.
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable, NamedTuple
 
 import torch
@@ -27,8 +26,6 @@ from ..sid.trie import Trie
 
 __all__ = ["SampleStep", "BeamStep", "constrained_step", "constrained_step_torch", "register_backend",
            "resolve_backend", "registered_backends", "last_backend", "MODES", "noise_key", "gumbel_noise"]
-
-log = logging.getLogger("gflowgr")
 
 MODES = ("beam", "sample")
 _NEG_INF = float("-inf")
@@ -226,42 +223,34 @@ def constrained_step_torch(h: torch.Tensor, w_level: torch.Tensor, node: torch.T
 
 # --------------------------------------------------------------------------- dispatch
 StepImpl = Callable[..., object]
-_IMPLEMENTATIONS: dict[str, StepImpl] = {"torch": constrained_step_torch}
-# Fastest first, per device type; only registered implementations are considered.
-_PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
-_last_backend: str | None = None
-
+_OP = "constrained_step"
 # Modules that register accelerated implementations when imported (see backends.load_providers).
 _PROVIDERS = ("gflowgr_core.kernels.constrained_step",)
+backends.define_op(_OP, constrained_step_torch, _PROVIDERS)
 
 
 def register_backend(name: str, impl: StepImpl) -> None:
-    """Make ``impl`` (same signature and results as :func:`constrained_step_torch`) the ``name`` backend."""
-    if name not in backends.BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {backends.BACKENDS}")
-    _IMPLEMENTATIONS[name] = impl
+    """Make ``impl`` (same signature and results as :func:`constrained_step_torch`) the ``name`` backend; it
+    runs on the device types of :data:`gflowgr_core.backends.RUNS_ON` for ``name``."""
+    backends.register(_OP, name, impl)
 
 
 def registered_backends() -> tuple[str, ...]:
-    """Backends that have a ``constrained_step`` implementation registered."""
-    backends.load_providers(*_PROVIDERS)
-    return tuple(_IMPLEMENTATIONS)
+    """Backends that have a ``constrained_step`` implementation registered, fastest first."""
+    return backends.registered(_OP)
 
 
 def last_backend() -> str | None:
-    """Backend that ran the most recent :func:`constrained_step` call (``None`` before the first)."""
-    return _last_backend
+    """Backend that ran the most recent :func:`constrained_step` call (``None`` before the first); why it
+    was chosen is ``gflowgr_core.backends.last_resolution("constrained_step").reason``."""
+    last = backends.last_resolution(_OP)
+    return None if last is None else last.name
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend :func:`constrained_step` would use on ``device`` for ``backend``."""
-    backends.load_providers(*_PROVIDERS)
-    preference = tuple(b for b in _PREFERENCE.get(device.type, ("torch",)) if b in _IMPLEMENTATIONS)
-    name = backends.resolve(backend, device, preference)
-    if name not in _IMPLEMENTATIONS:
-        raise RuntimeError(f"backend {name!r} is available but has no constrained_step implementation "
-                           f"(registered: {registered_backends()})")
-    return name
+    """The backend :func:`constrained_step` runs on ``device`` for ``backend`` (the rule of
+    :func:`gflowgr_core.backends.resolve_backend`: an unusable named backend falls back to ``"auto"``)."""
+    return backends.resolve_backend(_OP, backend, device).name
 
 
 def constrained_step(h: torch.Tensor, w_level: torch.Tensor, node: torch.Tensor, level: int, trie: Trie,
@@ -275,16 +264,12 @@ def constrained_step(h: torch.Tensor, w_level: torch.Tensor, node: torch.Tensor,
 
     Args:
         seed: sample mode: the noise key (see :func:`noise_key`); takes precedence over ``generator``.
-        backend: ``"auto"`` or a name from :data:`gflowgr_core.backends.BACKENDS`; the one used is
-            reported by :func:`last_backend`.
+        backend: ``"auto"`` or a name from :data:`gflowgr_core.backends.BACKENDS`, chosen by
+            :func:`gflowgr_core.backends.resolve_backend`; the one used is reported by :func:`last_backend`.
     """
-    global _last_backend
     if _debug.enabled():  # node ids index the kernels' tables: out-of-range ids would read past them
         _debug.check_trie_nodes(node, trie, level, "constrained_step")
     name = resolve_backend(backend, h.device)
-    if name != _last_backend:
-        log.debug("constrained_step backend: %s", name)
-    _last_backend = name
-    return _IMPLEMENTATIONS[name](h, w_level, node, level, trie, mode, scores=scores, beams=beams,
-                                  temperature=temperature, generator=generator, seed=seed,
-                                  renormalize=renormalize, bias=bias)
+    return backends.implementation(_OP, name)(h, w_level, node, level, trie, mode, scores=scores, beams=beams,
+                                              temperature=temperature, generator=generator, seed=seed,
+                                              renormalize=renormalize, bias=bias)

@@ -4,12 +4,11 @@
 contract 2): per-step constrained ``log P_F`` from ``h`` and the SID rows of the head (never ``[T, L, V]``
 logits), then the TB / DB / SubTB residuals and their weighted mean. :func:`gfn_loss` dispatches to the
 best registered implementation for the device (``backend="auto"``) or to the one asked for, and returns
-which one ran. Accelerated implementations register themselves with :func:`register_gfn_loss_backend`
-when their module is imported.
+which one ran (the rule is :func:`gflowgr_core.backends.resolve_backend`). Accelerated implementations
+register themselves with :func:`register_gfn_loss_backend` when their module is imported.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -18,9 +17,6 @@ from .. import backends
 from .. import debug as _debug
 from .balance import BalanceObjective, make_objective
 from .logpf import constrained_log_pf
-
-# Best first; "torch" is always registered and is the last resort.
-_PREFERENCE = ("triton", "cuda", "cpp", "torch")
 
 # Modules that register accelerated implementations when imported (see backends.load_providers).
 _PROVIDERS = ("gflowgr_core.objectives.fused",)
@@ -71,44 +67,11 @@ def gfn_loss_reference(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: to
 
 
 class GFNLossOutput(NamedTuple):
-    """What :func:`gfn_loss` returns: the scalar ``loss``, ``log_pf[T, L]`` and the ``backend`` that ran."""
+    """What :func:`gfn_loss` returns: the scalar ``loss``, ``log_pf[T, L]`` and the ``backend`` that ran (why
+    it was chosen: ``gflowgr_core.backends.last_resolution("gfn_loss").reason``)."""
     loss: torch.Tensor
     log_pf: torch.Tensor
     backend: str
-
-
-@dataclass(frozen=True)
-class _Impl:
-    fn: Callable
-    device_types: tuple[str, ...]
-    supports: Optional[Callable[..., bool]]
-
-
-_IMPLS: dict[str, _Impl] = {}
-
-
-def register_gfn_loss_backend(name: str, fn: Callable, device_types: Sequence[str],
-                              supports: Optional[Callable[..., bool]] = None) -> None:
-    """Register an implementation of the GFlowNet loss for the dispatcher.
-
-    Args:
-        name: one of :data:`gflowgr_core.backends.BACKENDS` other than ``"torch"``.
-        fn: called as ``fn(h, w_sid, codes, trie, log_f, log_z, log_r, objective=<BalanceObjective>,
-            weights=..., support=..., codes_per_level=..., w_full=..., sid_token_ids=..., bias=...)`` and
-            returning ``(loss, log_pf)`` with the semantics of :func:`gfn_loss_reference`.
-        device_types: the ``torch.device.type`` values it runs on (e.g. ``("cuda",)``).
-        supports: optional predicate taking the same keyword arguments as ``fn`` (without the tensors
-            ``h``..``log_r``); ``False`` means this call's options are not implemented. Under
-            ``backend="auto"`` such calls fall through to the next backend; an explicit request raises.
-    """
-    if name not in backends.BACKENDS or name == "torch":
-        raise ValueError(f"cannot register {name!r}: expected one of {backends.BACKENDS[1:]}")
-    _IMPLS[name] = _Impl(fn, tuple(device_types), supports)
-
-
-def registered_gfn_loss_backends() -> tuple[str, ...]:
-    """Names of the registered implementations, ``"torch"`` included."""
-    return tuple(n for n in _PREFERENCE if n == "torch" or n in _IMPLS)
 
 
 def _reference_impl(h, w_sid, codes, trie, log_f, log_z, log_r, *, objective, weights, support,
@@ -118,22 +81,49 @@ def _reference_impl(h, w_sid, codes, trie, log_f, log_z, log_r, *, objective, we
                               sid_token_ids=sid_token_ids, bias=bias)
 
 
-def _usable(name: str, device_type: str, options: dict) -> Optional[str]:
-    """``None`` when backend ``name`` can run this call, otherwise the reason it cannot."""
-    if name == "torch":
-        return None
-    impl = _IMPLS.get(name)
-    if impl is None:
-        return f"no {name!r} implementation of gfn_loss is registered"
-    if device_type not in impl.device_types:
-        return f"the {name!r} gfn_loss runs on {impl.device_types}, not on {device_type!r} tensors"
-    if impl.supports is not None and not impl.supports(**options):
-        return f"the {name!r} gfn_loss does not implement these options ({_describe(options)})"
-    return None
+def _log_pf_reference(h, w_sid, codes, trie, support, *, codes_per_level, w_full, sid_token_ids, bias):
+    return constrained_log_pf(h, w_sid, codes, trie, support, codes_per_level=codes_per_level, w_full=w_full,
+                              sid_token_ids=sid_token_ids, bias=bias)
 
 
-def _describe(options: dict) -> str:
-    return f"objective={options['objective']!r}, support={options['support']!r}"
+backends.define_op("gfn_loss", _reference_impl, _PROVIDERS)
+backends.define_op("sid_log_probs", _log_pf_reference, _PROVIDERS)
+
+
+def register_gfn_loss_backend(name: str, fn: Callable, device_types: Optional[Sequence[str]] = None,
+                              supports: Optional[Callable[..., bool]] = None) -> None:
+    """Register an implementation of the GFlowNet loss for the dispatcher.
+
+    Args:
+        name: one of :data:`gflowgr_core.backends.BACKENDS` other than ``"torch"``.
+        fn: called as ``fn(h, w_sid, codes, trie, log_f, log_z, log_r, objective=<BalanceObjective>,
+            weights=..., support=..., codes_per_level=..., w_full=..., sid_token_ids=..., bias=...)`` and
+            returning ``(loss, log_pf)`` with the semantics of :func:`gfn_loss_reference`.
+        device_types: the ``torch.device.type`` values it runs on (default: those of ``name`` in
+            :data:`gflowgr_core.backends.RUNS_ON`).
+        supports: optional predicate taking the same keyword arguments as ``fn`` (without the tensors
+            ``h``..``log_r``); ``False`` means this call's options are not implemented, and the call runs on
+            the backend ``"auto"`` picks instead.
+    """
+    backends.register("gfn_loss", name, fn, device_types, supports)
+
+
+def registered_gfn_loss_backends() -> tuple[str, ...]:
+    """Names of the registered implementations, ``"torch"`` included, fastest first."""
+    return backends.registered("gfn_loss")
+
+
+def autocast_operands(device_type: str, *tensors: Optional[torch.Tensor]) -> tuple:
+    """The floating-point ``tensors`` in the autocast dtype when autocast is on for ``device_type``.
+
+    Autocast does not cast the inputs of custom autograd functions (the fused kernels), so without this the
+    kernels would get fp32 hidden states and head rows under bf16 autocast. Every backend (the reference
+    too) gets the cast operands, so all of them compute the same thing.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie,
@@ -145,29 +135,27 @@ def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor
              backend: str = "auto") -> GFNLossOutput:
     """GFlowNet loss of SID trajectories from hidden states, on the best available backend.
 
-    Same arguments and semantics as :func:`gfn_loss_reference`, plus ``backend``: ``"auto"`` picks the first
-    registered implementation in ``triton, cuda, cpp, torch`` order that is available here, runs on
-    ``h.device`` and implements these options; a named backend runs that one or raises saying why not.
+    Same arguments and semantics as :func:`gfn_loss_reference`, plus ``backend``: ``"auto"`` or any name of
+    :data:`gflowgr_core.backends.BACKENDS`, chosen by :func:`gflowgr_core.backends.resolve_backend` (a
+    backend without a usable implementation for this call falls back to the ``"auto"`` choice: the fused
+    Triton kernel for CUDA tensors and support ``"trie"``/``"level"``, else the PyTorch reference). Under
+    autocast ``h``, ``w_sid``, ``w_full`` and ``bias`` are cast to the autocast dtype first
+    (:func:`autocast_operands`).
 
     Returns:
         :class:`GFNLossOutput` ``(loss, log_pf[T, L], backend)``, ``backend`` naming the implementation
         that ran.
     """
-    backends.load_providers(*_PROVIDERS)
     if _debug.enabled():
         for name_, value in (("log_r", log_r), ("log_z", log_z), ("log_f", log_f), ("weights", weights)):
             _debug.check_finite(name_, value, "gfn_loss")
     obj = resolve_objective(objective, lambda_subtb)
+    h, w_sid, w_full, bias = autocast_operands(h.device.type, h, w_sid, w_full, bias)
     options = dict(objective=obj, weights=weights, support=support, codes_per_level=codes_per_level,
                    w_full=w_full, sid_token_ids=sid_token_ids, bias=bias)
-    device_type = h.device.type
-    preference = tuple(n for n in _PREFERENCE if _usable(n, device_type, options) is None)
-    name = backends.resolve(backend, h.device, preference)
-    reason = _usable(name, device_type, options)
-    if reason is not None:
-        raise RuntimeError(f"gfn_loss: backend {name!r} was requested but {reason}")
-    fn = _reference_impl if name == "torch" else _IMPLS[name].fn
-    loss, log_pf = fn(h, w_sid, codes, trie, log_f, log_z, log_r, **options)
+    name = backends.resolve_backend("gfn_loss", backend, h.device, options).name
+    loss, log_pf = backends.implementation("gfn_loss", name)(h, w_sid, codes, trie, log_f, log_z, log_r,
+                                                              **options)
     return GFNLossOutput(loss, log_pf, name)
 
 
@@ -177,22 +165,15 @@ def sid_log_probs(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.T
                   bias: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """Per-step ``log P_F[T, L]`` on the best backend: the fused Triton kernel or the reference.
 
-    The same arguments as :func:`~.logpf.constrained_log_pf`. ``backend="auto"`` takes the fused kernel
-    (:func:`~.fused.fused_constrained_log_pf`) for CUDA tensors when triton is available and the support is
-    ``"trie"`` or ``"level"``, else the PyTorch reference; ``"torch"`` and ``"triton"`` force one. This is
-    the path of the SFT cross-entropy and of the DPO / S-DPO log-probabilities.
+    The same arguments as :func:`~.logpf.constrained_log_pf`, plus ``backend``, chosen by the rule of
+    :func:`gflowgr_core.backends.resolve_backend` as in :func:`gfn_loss` (the backend that ran:
+    ``gflowgr_core.backends.last_resolution("sid_log_probs")``), and the same autocast rule. ``"auto"``
+    takes the fused kernel (:func:`~.fused.fused_constrained_log_pf`) for CUDA tensors when triton is
+    available and the support is ``"trie"`` or ``"level"``, else the PyTorch reference. This is the path of
+    the SFT cross-entropy and of the DPO / S-DPO log-probabilities.
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"sid_log_probs: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    fused_ok = support in ("trie", "level") and "triton" in backends.available_backends()
-    if backend == "triton" and not fused_ok:
-        raise RuntimeError(f"sid_log_probs: the 'triton' backend needs triton (with a CUDA device or "
-                           f"TRITON_INTERPRET=1) and support 'trie' or 'level'; got support={support!r}, "
-                           f"available backends {backends.available_backends()}")
-    if backend == "triton" or (backend == "auto" and fused_ok and h.is_cuda):
-        from .fused import fused_constrained_log_pf
-
-        return fused_constrained_log_pf(h, w_sid, codes, trie, support, codes_per_level=codes_per_level,
-                                        bias=bias)
-    return constrained_log_pf(h, w_sid, codes, trie, support, codes_per_level=codes_per_level, w_full=w_full,
-                              sid_token_ids=sid_token_ids, bias=bias)
+    h, w_sid, w_full, bias = autocast_operands(h.device.type, h, w_sid, w_full, bias)
+    options = dict(support=support, codes_per_level=codes_per_level, w_full=w_full, sid_token_ids=sid_token_ids,
+                   bias=bias)
+    name = backends.resolve_backend("sid_log_probs", backend, h.device, options).name
+    return backends.implementation("sid_log_probs", name)(h, w_sid, codes, trie, **options)
