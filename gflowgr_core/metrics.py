@@ -294,26 +294,36 @@ def item_popularity(split_data) -> Tensor:
     validation and test items are excluded so that popularity never leaks held-out interactions). It is
     reconstructed exactly from the split tensors, without double counting the items that recur in many
     prefix histories: every training example ``(v_1..v_{t-1}) -> v_t`` contributes its target ``v_t``
-    (``t = 2..n-2``), and each user's first item ``v_1`` is the single history item of that user's
-    shortest example (the training example with one history item, or, for a user whose training part is
-    one item long, the validation example).
+    (``t = 2..n-2``), and each user's first item ``v_1`` is the single history item of that user's first
+    example: the first training row of the user (``(v_1) -> v_2``), or, for a user whose training part is
+    one item long (no training row), the validation row. The first row is found by position, not by the
+    history length, which cannot tell ``v_1`` apart when ``max_history = 1``.
 
     Args:
         split_data: object with ``.train``, ``.valid`` (each with ``history[N, H]`` left-padded with
-            ``-1`` and ``target[N]``) and ``num_items``, as produced by
+            ``-1``, ``target[N]`` and ``user[N]``; training rows grouped by user in ascending user order and
+            chronological within a user) and ``num_items``, as produced by
             ``gflowgr_core.data.split.leave_one_out``.
+
+    Raises:
+        ValueError: training rows not grouped by user in ascending order, or item indices outside
+            ``[0, num_items)``.
     """
     num_items = int(split_data.num_items)
     train, valid = split_data.train, split_data.valid
-    parts = [train.target.reshape(-1)]
-    for split in (train, valid):
-        hist = split.history
-        one_item = (hist >= 0).sum(1) == 1
-        parts.append(hist[one_item, -1])
-    items = torch.cat([p.to(torch.int64).cpu() for p in parts])
+    train_user = train.user.reshape(-1).cpu()
+    if train_user.numel() > 1 and bool((train_user[1:] < train_user[:-1]).any()):
+        row = int((train_user[1:] < train_user[:-1]).nonzero()[0]) + 1
+        raise ValueError(f"training rows must be grouped by user in ascending order (as leave_one_out makes "
+                         f"them); row {row} has user {int(train_user[row])} after user {int(train_user[row - 1])}")
+    first_row = torch.ones_like(train_user, dtype=torch.bool)
+    first_row[1:] = train_user[1:] != train_user[:-1]
+    no_train = ~torch.isin(valid.user.reshape(-1).cpu(), train_user)
+    parts = [train.target.reshape(-1).cpu(), train.history.cpu()[first_row, -1], valid.history.cpu()[no_train, -1]]
+    items = torch.cat([p.to(torch.int64) for p in parts])
     if items.numel() and (int(items.min()) < 0 or int(items.max()) >= num_items):
-        raise ValueError(f"split holds item indices outside [0, {num_items}) (or a one-item history whose "
-                         "item is not in the last column, i.e. not left-padded)")
+        raise ValueError(f"split holds item indices outside [0, {num_items}) (or a first history whose item is "
+                         "not in the last column, i.e. not left-padded)")
     return torch.bincount(items, minlength=num_items)
 
 

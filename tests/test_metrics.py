@@ -1,4 +1,5 @@
 """Ranking and exposure metrics on hand-made rankings with hand-computed values."""
+import dataclasses
 import math
 import numpy as np
 import pytest
@@ -165,3 +166,35 @@ def test_item_popularity_counts_training_part_once():
     split = leave_one_out(inter, max_history=5)
     expected = np.bincount(np.concatenate([np.asarray(s[:-2], dtype=np.int64) for s in seqs]), minlength=num_items)
     assert M.item_popularity(split).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("max_history", [1, 2, 20])
+def test_item_popularity_is_a_direct_count_at_any_history_length(max_history):
+    """Hand-built sequences: with max_history=1 every history has one item, so the first item of a user must
+    come from the user's first example only (it used to be counted once per training row)."""
+    seqs = [[0, 1, 2],            # training part [0]: no training row, v_1 from the validation row
+            [3, 3, 4, 5],         # [3, 3]
+            [1, 2, 3, 4, 5, 6],   # [1, 2, 3, 4]
+            [6],                  # dropped (too short)
+            [5, 0, 5, 0, 5, 1, 2]]  # [5, 0, 5, 0, 5]
+    num_items = 7
+    inter = Interactions(user_ids=[f"u{i}" for i in range(len(seqs))], item_ids=[str(i) for i in range(num_items)],
+                         sequences=[np.asarray(q, dtype=np.int64) for q in seqs], source="hand-built")
+    split = leave_one_out(inter, max_history=max_history)
+    expected = [0] * num_items
+    for q in seqs:
+        for item in q[:-2]:
+            expected[item] += 1
+    assert expected == [3, 1, 1, 3, 1, 3, 0]
+    assert M.item_popularity(split).tolist() == expected
+
+
+def test_item_popularity_needs_rows_grouped_by_user():
+    seqs = [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]]
+    inter = Interactions(user_ids=["a", "b"], item_ids=[str(i) for i in range(5)],
+                         sequences=[np.asarray(q, dtype=np.int64) for q in seqs], source="hand-built")
+    split = leave_one_out(inter, max_history=1)
+    reversed_rows = torch.arange(len(split.train) - 1, -1, -1)
+    shuffled = dataclasses.replace(split, train=split.train.subset(reversed_rows))
+    with pytest.raises(ValueError, match="grouped by user in ascending order"):
+        M.item_popularity(shuffled)
