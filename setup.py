@@ -3,7 +3,8 @@
 The Python library always installs. The compiled extension ``gflowgr_core._C`` (C++ CPU ops with OpenMP,
 plus CUDA ops when torch was built with CUDA and ``nvcc`` is found) is built when torch and a C++ compiler
 are present; if that build fails the package still installs and falls back to the PyTorch/Triton paths.
-Set ``GFLOWGR_NO_EXT=1`` to skip the extension on purpose.
+Set ``GFLOWGR_NO_EXT=1`` to skip the extension on purpose, and ``GFLOWGR_REQUIRE_EXT=1`` to make a failed (or
+impossible) extension build fail the install instead.
 """
 import glob
 import os
@@ -13,18 +14,39 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+REQUIRE_EXT = os.environ.get("GFLOWGR_REQUIRE_EXT") == "1"
+
+
+def _no_extension(what: str, fix: str) -> None:
+    """Say loudly that the extension is not built, or stop the install under ``GFLOWGR_REQUIRE_EXT=1``."""
+    lines = [
+        "=" * 78,
+        "gflowgr: WARNING: the compiled extension gflowgr_core._C was NOT built.",
+        f"  What failed: {what}",
+        "  Consequence: gflowgr installs and runs, but the 'cpp' and 'cuda' backends are missing; their ops",
+        "  (constrained decoding step, C++ trie builder) use the slower PyTorch fallbacks.",
+        f"  Fix: {fix}",
+        "  Set GFLOWGR_REQUIRE_EXT=1 to make this an install error.",
+        "=" * 78,
+    ]
+    if REQUIRE_EXT:
+        raise SystemExit("\n".join(["gflowgr: GFLOWGR_REQUIRE_EXT=1 and the compiled extension cannot be built:",
+                                     f"  {what}", f"  Fix: {fix}"]))
+    print("\n".join(lines), file=sys.stderr)
 
 
 def _extension_modules():
     if os.environ.get("GFLOWGR_NO_EXT") == "1":
+        if REQUIRE_EXT:
+            raise SystemExit("gflowgr: GFLOWGR_NO_EXT=1 and GFLOWGR_REQUIRE_EXT=1 contradict each other")
         print("gflowgr: GFLOWGR_NO_EXT=1, skipping the compiled extension", file=sys.stderr)
         return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:
-        print("gflowgr: torch is not importable at build time; skipping the compiled extension "
-              "(install torch first, then `pip install --no-build-isolation -e .`)", file=sys.stderr)
+    except ImportError as exc:
+        _no_extension(f"torch is not importable at build time ({exc})",
+                      "install torch first, then `pip install --no-build-isolation -e .`")
         return [], {}
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp_sources:
@@ -49,14 +71,17 @@ def _extension_modules():
             "gflowgr_core._C", cpp_sources, extra_compile_args=cxx_flags, extra_link_args=link_flags)
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
-        """Builds the extension but never fails the install: the library has pure-PyTorch fallbacks."""
+        """Builds the extension; a failure does not fail the install (the library has pure-PyTorch
+        fallbacks) unless ``GFLOWGR_REQUIRE_EXT=1``, but is reported in a block that is hard to miss."""
 
         def run(self):
             try:
                 super().run()
             except Exception as exc:  # noqa: BLE001 - any compiler failure degrades to the fallback
-                print(f"gflowgr: compiled extension not built ({exc}); using the PyTorch fallbacks",
-                      file=sys.stderr)
+                _no_extension(f"compiling {', '.join(ext.sources)} raised {type(exc).__name__}: {exc} (the "
+                              f"compiler output above says why)",
+                              "install a C++17 compiler (and nvcc for the CUDA ops) matching torch "
+                              f"{torch.__version__}, then `pip install --no-build-isolation -v -e .`")
 
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
 
