@@ -5,16 +5,24 @@ catalogue items whose SIDs become the augmented trajectories next to the positiv
 
 - :class:`LogsSampler` ("logs"): items of the user's own history window other than the target, topped up
   with items that co-occur with the positive in training sequences, then with random items;
-- :class:`RandomSampler` ("random"): uniform over catalogue items outside the history and the positive;
+- :class:`RandomSampler` ("random"): uniform over catalogue items the user has not interacted with;
 - :class:`CurriculumSampler` ("cm_curriculum"): a collaborative model ranks a pool (its top-M plus random
   items); the pick quantile moves from easy (low CM score) to hard (high score) with training progress;
-- :class:`OnPolicySampler` ("onpolicy"): the current model's own trie-constrained decoding;
+- :class:`OnPolicySampler` ("onpolicy"): the current model's own trie-constrained decoding (beam search, or
+  sampling at a temperature);
 - :class:`MixtureSampler` ("mixture"): a weighted mixture of the above, per slot or per example.
 
 Guarantees of every sampler's :meth:`Sampler.sample` (checked on every call): each entry is a catalogue
-item ``0 <= item < n_items``; the positive is never among the augmentations; the set (positive +
-augmentations) has no duplicates; the result is a function of the inputs and the ``torch.Generator``
-state (deterministic for a seed on a given device); ``n_aug=0`` returns an empty ``[B, 0]`` tensor.
+item ``0 <= item < n_items``; the positive is never among the augmentations, nor (given ``item_codes``) any
+item whose SID equals the positive's: under ``"share"`` collisions that item *is* the positive's terminal
+state, which would then carry two rewards; the set (positive + augmentations) has no duplicates; the result
+is a function of the inputs and the ``torch.Generator`` state (deterministic for a seed on a given device);
+``n_aug=0`` returns an empty ``[B, 0]`` tensor.
+
+"The user's items" are the history window of the example, and, given ``user_items``
+(:class:`UserItems`, built once from the training split), every item of the user's training part: what the
+random sampler, the random fills and (with ``exclude_history``) the curriculum pool and the on-policy
+sampler keep out.
 
 Everything is vectorised over the batch (no per-example Python loop). Random numbers are drawn on the
 generator's device and moved to the batch's device.
@@ -31,6 +39,7 @@ __all__ = [
     "SamplerError",
     "SamplerBatch",
     "Sampler",
+    "UserItems",
     "LogsSampler",
     "RandomSampler",
     "CurriculumSampler",
@@ -110,7 +119,12 @@ def _first_occurrence(x: torch.Tensor) -> torch.Tensor:
 
 def _distinct_count(x: torch.Tensor) -> torch.Tensor:
     """``LongTensor[B]``: number of distinct items (values >= 0) per row."""
-    return ((x >= 0) & _first_occurrence(x)).sum(dim=1)
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    s = torch.sort(x, dim=1).values
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    return ((s >= 0) & new).sum(dim=1)
 
 
 def _fill_slots(items: torch.Tensor, cand: torch.Tensor, exclude: torch.Tensor | None = None,
@@ -231,6 +245,107 @@ def _check_item_range(name: str, t: torch.Tensor, n_items: int, allow_pad: bool)
 
 
 # --------------------------------------------------------------------------------------------------
+# Per-row item sets: a user's training items, the items sharing a SID
+# --------------------------------------------------------------------------------------------------
+
+class _RowSets:
+    """Sorted, distinct item lists per set id (CSR: ``indptr[n_sets + 1]``, ``items[nnz]``).
+
+    Built from ``(set_id, item)`` pairs in one sort; :meth:`gather` returns the lists of some sets as a
+    -1-padded ``[B, W]`` tensor (``W`` = the longest list among them), ready for the set helpers above.
+    """
+
+    def __init__(self, set_id: torch.Tensor, item: torch.Tensor, n_sets: int):
+        base = int(item.max()) + 1 if item.numel() else 1
+        keys = torch.unique(set_id * base + item)  # sorted by set, then item
+        counts = torch.bincount(keys // base, minlength=n_sets)
+        self.indptr = torch.zeros(n_sets + 1, dtype=torch.long, device=item.device)
+        self.indptr[1:] = torch.cumsum(counts, 0)
+        self.items = keys % base
+
+    def gather(self, sets: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[B, W]``: the items of sets ``sets[B]``, ascending, -1 padded (on ``sets``' device)."""
+        device = sets.device
+        sets = sets.to(self.indptr.device)
+        start = self.indptr[sets]
+        count = self.indptr[sets + 1] - start
+        width = int(count.max()) if sets.numel() else 0
+        offs = torch.arange(width, device=self.indptr.device)
+        inside = offs[None, :] < count[:, None]
+        pos = (start[:, None] + offs[None, :]).clamp(max=max(self.items.numel() - 1, 0))
+        out = torch.where(inside, self.items[pos], torch.full_like(pos, -1)) if width else \
+            torch.empty((sets.shape[0], 0), dtype=torch.long, device=self.indptr.device)
+        return out.to(device)
+
+
+class UserItems:
+    """Every user's items in the training split, looked up by training-example row.
+
+    A user's training items are the targets and history items of all their training examples (under the
+    leave-one-out protocol: the user's whole sequence except the validation and test targets), not only the
+    20-item history window of one example. Built once, vectorised (one sort of the ``(user, item)`` pairs),
+    on the split's device: build it from the split on the training device to keep lookups there.
+
+    Args:
+        split: the training ``Split`` (``history[N, H]``, ``target[N]``, ``user[N]``): the same rows that
+            :attr:`SamplerBatch.example_idx` indexes.
+    """
+
+    def __init__(self, split: Any):
+        history = _as_long("split.history", split.history)
+        target = _as_long("split.target", split.target, history.device)
+        user = _as_long("split.user", split.user, history.device)
+        N = int(target.shape[0])
+        if history.dim() != 2 or history.shape[0] != N or user.shape != (N,):
+            raise SamplerError(f"UserItems needs history[N, H], target[N], user[N], got {tuple(history.shape)}, "
+                               f"{tuple(target.shape)}, {tuple(user.shape)}")
+        if N and int(user.min()) < 0:
+            raise SamplerError(f"UserItems: split.user holds negative ids, e.g. {int(user.min())}")
+        if N and int(torch.cat([history.flatten(), target]).min()) < -1:
+            raise SamplerError("UserItems: split items must be >= 0 (-1 pads the history)")
+        n_users = int(user.max()) + 1 if N else 0
+        pair_user = torch.cat([user[:, None].expand_as(history).reshape(-1), user])
+        pair_item = torch.cat([history.reshape(-1), target])
+        keep = pair_item >= 0
+        self.example_user = user
+        self._sets = _RowSets(pair_user[keep], pair_item[keep], n_users)
+
+    @property
+    def num_examples(self) -> int:
+        """Rows of the training split this was built from."""
+        return int(self.example_user.shape[0])
+
+    def rows(self, example_idx: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[B, W]``: the training items of the user of each example row, ascending, -1 padded."""
+        idx = _as_long("example_idx", example_idx)
+        bad = (idx < 0) | (idx >= self.num_examples)
+        if bool(bad.any()):
+            raise SamplerError(f"UserItems: example_idx must be rows of the training split [0, "
+                               f"{self.num_examples}); got {idx[bad][:5].tolist()}")
+        users = self.example_user[idx.to(self.example_user.device)]
+        return self._sets.gather(users).to(idx.device)
+
+
+class _SidGroups:
+    """Items grouped by identical SID (all levels), for catalogues where some items share one."""
+
+    def __init__(self, item_codes: Any, n_items: int):
+        codes = getattr(item_codes, "codes", item_codes)
+        codes = _as_long("item_codes", codes)
+        if codes.dim() != 2 or codes.shape[0] != n_items:
+            raise SamplerError(f"item_codes must be [n_items={n_items}, L] (Catalog.codes), got "
+                               f"{tuple(codes.shape)}")
+        _, group, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
+        self.shared = bool((counts > 1).any())
+        self.group = group
+        self._sets = _RowSets(group, torch.arange(n_items, device=group.device), int(counts.shape[0]))
+
+    def members(self, positive: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[B, W]``: the items sharing each positive's SID (the positive included), -1 padded."""
+        return self._sets.gather(self.group.to(positive.device)[positive])
+
+
+# --------------------------------------------------------------------------------------------------
 # Base class
 # --------------------------------------------------------------------------------------------------
 
@@ -243,15 +358,38 @@ class Sampler:
 
     Args:
         n_items: catalogue size; items are ``0..n_items-1``.
+        user_items: the users' training items (:class:`UserItems` of the training split), kept out of the
+            random draws; ``None``: only the example's history window is.
+        item_codes: ``LongTensor[n_items, L]`` SIDs (or a Catalog): items whose SID equals the positive's
+            are never offered. ``None``: only the positive item itself is excluded.
     """
 
     name = "base"
 
-    def __init__(self, n_items: int):
+    def __init__(self, n_items: int, *, user_items: UserItems | None = None, item_codes: Any = None):
         if int(n_items) < 1:
             raise SamplerError(f"n_items must be >= 1, got {n_items}")
         self.n_items = int(n_items)
+        if user_items is not None and not isinstance(user_items, UserItems):
+            raise SamplerError(f"user_items must be a UserItems, got {type(user_items).__name__}")
+        self.user_items = user_items
+        groups = _SidGroups(item_codes, self.n_items) if item_codes is not None else None
+        # Without shared SIDs the positive's group is the positive alone.
+        self._sid_groups = groups if groups is not None and groups.shared else None
         self.last_stats: dict[str, int] = {}
+
+    def _forbidden(self, batch: SamplerBatch) -> torch.Tensor:
+        """``LongTensor[B, F]``: the positive and the items that share its SID (-1 padded)."""
+        if self._sid_groups is None:
+            return batch.positive[:, None]
+        return self._sid_groups.members(batch.positive)
+
+    def _seen(self, batch: SamplerBatch, forbidden: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[B, S]``: ``forbidden`` plus the user's items (history window, training items)."""
+        parts = [forbidden, batch.history]
+        if self.user_items is not None:
+            parts.append(self.user_items.rows(batch.example_idx))
+        return torch.cat(parts, dim=1)
 
     def sample(self, batch: SamplerBatch, n_aug: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augmented items for every example.
@@ -324,6 +462,12 @@ class Sampler:
             r = int(dup.any(dim=1).nonzero()[0])
             raise SamplerError(f"{who} returned a repeated item or the positive in batch row {r}: "
                                f"positive {int(batch.positive[r])}, items {items[r].tolist()}")
+        if self._sid_groups is not None:
+            same = _member(items, self._forbidden(batch))
+            if bool(same.any()):
+                r = int(same.any(dim=1).nonzero()[0])
+                raise SamplerError(f"{who} returned an item with the positive's SID in batch row {r}: "
+                                   f"positive {int(batch.positive[r])}, items {items[r].tolist()}")
 
 
 def _check_progress(progress: float) -> float:
@@ -333,26 +477,26 @@ def _check_progress(progress: float) -> float:
     return p
 
 
-def _history_and_positive(batch: SamplerBatch) -> torch.Tensor:
-    return torch.cat([batch.history, batch.positive[:, None]], dim=1)
-
-
 # --------------------------------------------------------------------------------------------------
 # Random
 # --------------------------------------------------------------------------------------------------
 
 class RandomSampler(Sampler):
-    """Uniform sampling without replacement over catalogue items not in the history and not the positive.
+    """Uniform sampling without replacement over the catalogue items the user has not interacted with.
+
+    Excluded: the positive (and its SID group), the history window and, given ``user_items``, all of the
+    user's training items.
 
     Args:
         n_items: catalogue size.
+        user_items, item_codes: see :class:`Sampler`.
     """
 
     name = "random"
 
     def _sample(self, batch, n_aug, generator):
         items = torch.full((batch.size, n_aug), -1, dtype=torch.long, device=batch.device)
-        items, got = _random_fill(items, _history_and_positive(batch), self.n_items, generator,
+        items, got = _random_fill(items, self._seen(batch, self._forbidden(batch)), self.n_items, generator,
                                   what="RandomSampler")
         self.last_stats = {"random": int(got.sum())}
         return items
@@ -424,8 +568,8 @@ class LogsSampler(Sampler):
     the positive are taken (``pick="random"``: a uniform subset; ``"recent"``: the most recent ones). When
     the window holds fewer than ``n_aug`` such items, the remaining slots take the positive's top
     co-occurring items (``cooccurrence[positive]``, in rank order, skipping items already chosen), then
-    uniform random items outside the history. ``last_stats`` reports ``from_history``, ``filled_cooc`` and
-    ``filled_random`` for the batch.
+    uniform random items outside the user's items. Items with the positive's SID are skipped throughout.
+    ``last_stats`` reports ``from_history``, ``filled_cooc`` and ``filled_random`` for the batch.
 
     Args:
         n_items: catalogue size.
@@ -433,13 +577,14 @@ class LogsSampler(Sampler):
             (:func:`build_cooccurrence`), or ``None`` to go straight to random filling.
         window: number of most recent history positions to draw from (``None``: the whole history).
         pick: ``"random"`` or ``"recent"``.
+        user_items, item_codes: see :class:`Sampler`.
     """
 
     name = "logs"
 
     def __init__(self, n_items: int, cooccurrence: torch.Tensor | None = None, window: int | None = None,
-                 pick: str = "random"):
-        super().__init__(n_items)
+                 pick: str = "random", *, user_items: UserItems | None = None, item_codes: Any = None):
+        super().__init__(n_items, user_items=user_items, item_codes=item_codes)
         if pick not in ("random", "recent"):
             raise SamplerError(f"LogsSampler.pick must be 'random' or 'recent', got {pick!r}")
         if window is not None and int(window) < 1:
@@ -466,9 +611,10 @@ class LogsSampler(Sampler):
         B = batch.size
         hist = batch.history if self.window is None else batch.history[:, -self.window:]
         W = hist.shape[1]
-        # Keep the most recent occurrence of each item, never the positive.
+        forbidden = self._forbidden(batch)
+        # Keep the most recent occurrence of each item, never the positive nor an item with its SID.
         last = _first_occurrence(hist.flip(1)).flip(1)
-        ok = (hist >= 0) & (hist != batch.positive[:, None]) & last
+        ok = (hist >= 0) & ~_member(hist, forbidden) & last
         if self.pick == "random":
             keys = _rand((B, W), generator, device)
         else:
@@ -485,9 +631,9 @@ class LogsSampler(Sampler):
         if self.cooccurrence is not None and bool((items < 0).any()):
             # Gather on the table's device, move only the [B, C] rows.
             cooc = self.cooccurrence[batch.positive.to(self.cooccurrence.device)].to(device)
-            items, got = _fill_slots(items, cooc, batch.positive[:, None])
+            items, got = _fill_slots(items, cooc, forbidden)
             filled_cooc = int(got.sum())
-        items, got = _random_fill(items, _history_and_positive(batch), self.n_items, generator,
+        items, got = _random_fill(items, self._seen(batch, forbidden), self.n_items, generator,
                                   what="LogsSampler random fill")
         self.last_stats = {"from_history": from_history, "filled_cooc": filled_cooc,
                            "filled_random": int(got.sum())}
@@ -502,9 +648,9 @@ class CurriculumSampler(Sampler):
     """Collaborative-model curriculum: easy (low CM score) items early, hard (high score) items late.
 
     Per example the pool is the scorer's top-``pool_size`` items plus ``n_random`` uniform random items
-    (the positive, duplicates and, with ``exclude_history``, history items removed), sorted by CM score
-    ascending. The pick quantile ``q = start_quantile + (end_quantile - start_quantile) · p`` moves linearly
-    with training progress ``p`` (:meth:`set_progress`). A window of ``ceil(window_factor · n_aug)``
+    (the positive and its SID group, duplicates and, with ``exclude_history``, the user's items removed),
+    sorted by CM score ascending. The pick quantile ``q = start_quantile + (end_quantile - start_quantile) · p``
+    moves linearly with training progress ``p`` (:meth:`set_progress`). A window of ``ceil(window_factor · n_aug)``
     consecutive pool positions centred at rank ``q · (n_valid - 1)`` (shifted to stay inside the pool) is
     formed, and ``n_aug`` distinct items are drawn uniformly from it. Rows whose pool holds fewer than
     ``n_aug`` items are topped up with random items (``last_stats["filled_random"]``).
@@ -517,18 +663,20 @@ class CurriculumSampler(Sampler):
         n_random: number of random items added to the pool.
         start_quantile, end_quantile: pick quantile at ``p = 0`` and ``p = 1`` (0 = lowest score).
         window_factor: window width as a multiple of ``n_aug`` (>= 1; 1 = exactly the nearest items).
-        exclude_history: keep the user's history items out of the pool.
+        exclude_history: keep the user's items (history window and, given ``user_items``, all training
+            items) out of the pool.
+        user_items, item_codes: see :class:`Sampler`.
     """
 
     name = "cm_curriculum"
 
     def __init__(self, scorer: Any, n_items: int, pool_size: int = 100, n_random: int = 100,
                  start_quantile: float = 0.0, end_quantile: float = 1.0, window_factor: float = 2.0,
-                 exclude_history: bool = True):
-        super().__init__(n_items)
+                 exclude_history: bool = True, *, user_items: UserItems | None = None, item_codes: Any = None):
+        super().__init__(n_items, user_items=user_items, item_codes=item_codes)
         for meth in ("score", "topk_pool"):
             if not callable(getattr(scorer, meth, None)):
-                raise SamplerError(f"CurriculumSampler needs a scorer with a {meth}() method, got "
+                raise SamplerError(f"CurriculumSampler needs a scorer (a CMScorer) with a {meth}() method, got "
                                    f"{type(scorer).__name__}")
         if pool_size < 0 or n_random < 0 or pool_size + n_random < 1:
             raise SamplerError(f"pool_size and n_random must be >= 0 with a non-empty pool, got "
@@ -562,10 +710,9 @@ class CurriculumSampler(Sampler):
         super().load_state_dict(state)
         self.progress = _check_progress(state["progress"])
 
-    def _pool(self, batch: SamplerBatch, generator) -> torch.Tensor:
+    def _pool(self, batch: SamplerBatch, excl: torch.Tensor, generator) -> torch.Tensor:
         device = batch.device
         B = batch.size
-        excl = _history_and_positive(batch) if self.exclude_history else batch.positive[:, None]
         m = min(self.pool_size, self.n_items)
         if m > 0:
             with torch.no_grad():
@@ -585,7 +732,9 @@ class CurriculumSampler(Sampler):
     def _sample(self, batch, n_aug, generator):
         device = batch.device
         B = batch.size
-        pool = self._pool(batch, generator)
+        forbidden = self._forbidden(batch)
+        seen = self._seen(batch, forbidden)
+        pool = self._pool(batch, seen if self.exclude_history else forbidden, generator)
         P = pool.shape[1]
         valid = pool >= 0
         with torch.no_grad():
@@ -617,7 +766,7 @@ class CurriculumSampler(Sampler):
         cand = cand.gather(1, keys.argsort(dim=1, descending=True))
         items = torch.full((B, n_aug), -1, dtype=torch.long, device=device)
         items, got_pool = _fill_slots(items, cand)
-        items, got_rand = _random_fill(items, _history_and_positive(batch), self.n_items, generator,
+        items, got_rand = _random_fill(items, seen, self.n_items, generator,
                                        what="CurriculumSampler random fill")
         self.last_stats = {"from_pool": int(got_pool.sum()), "filled_random": int(got_rand.sum())}
         return items
@@ -628,50 +777,76 @@ class CurriculumSampler(Sampler):
 # --------------------------------------------------------------------------------------------------
 
 class OnPolicySampler(Sampler):
-    """The current model's own recommendations: top items of its trie-constrained decoding.
+    """The current model's own recommendations: its trie-constrained beam search, or samples of it.
 
-    Calls ``decode_fn(history[B, H], k) -> items[B, k]`` (best first, -1 where a slot holds no item) with
-    ``k = n_aug + extra`` under ``torch.no_grad()``, keeps the first ``n_aug`` distinct items that are not the
-    positive (nor, with ``exclude_history``, in the history), and fills any remaining slot with uniform
-    random items outside the history (``last_stats["filled_random"]``).
+    ``mode="beam"`` calls ``decode_fn(history[B, H], k) -> items[B, k]`` (best first, -1 where a slot holds
+    no item); ``mode="sample"`` calls ``sample_fn(history[B, H], k, temperature, generator) -> items[B, k]``
+    (``k`` independent draws per user, repeats allowed, from the policy with its logits divided by
+    ``temperature``; ``generator`` is the one given to :meth:`sample`, so the draws follow the run's seed).
+    Either runs under ``torch.no_grad()`` with ``k = n_aug + extra``. The first ``n_aug`` distinct items that
+    are neither the positive nor share its SID (nor, with ``exclude_history``, are the user's items) are
+    kept, in the returned order, and any remaining slot is filled with uniform random items outside the
+    user's items (``last_stats["filled_random"]``).
 
     Args:
-        decode_fn: the decoding callable (beam search or sampling of the current policy).
+        decode_fn: the beam-search callable (needed with ``mode="beam"``).
         n_items: catalogue size.
-        extra: how many more items than ``n_aug`` to request, so that dropping the positive still leaves
-            enough.
-        exclude_history: also drop decoded items the user already has in the history.
+        extra: how many more items than ``n_aug`` to request (``None``: 1 with ``"beam"``, where only the
+            positive may have to be dropped; ``n_aug`` with ``"sample"``, whose draws repeat).
+        exclude_history: also drop items the user already has (history window and, given ``user_items``,
+            all training items).
+        mode: ``"beam"`` (default) or ``"sample"``.
+        sample_fn: the sampling callable (needed with ``mode="sample"``).
+        temperature: sampling temperature (> 0), passed to ``sample_fn``.
+        user_items, item_codes: see :class:`Sampler`.
     """
 
     name = "onpolicy"
 
-    def __init__(self, decode_fn: Callable[[torch.Tensor, int], torch.Tensor], n_items: int, extra: int = 1,
-                 exclude_history: bool = False):
-        super().__init__(n_items)
-        if not callable(decode_fn):
-            raise SamplerError(f"OnPolicySampler.decode_fn must be callable, got {type(decode_fn).__name__}")
-        if extra < 0:
+    def __init__(self, decode_fn: Callable[[torch.Tensor, int], torch.Tensor] | None, n_items: int,
+                 extra: int | None = None, exclude_history: bool = False, *, mode: str = "beam",
+                 sample_fn: Callable[..., torch.Tensor] | None = None, temperature: float = 1.0,
+                 user_items: UserItems | None = None, item_codes: Any = None):
+        super().__init__(n_items, user_items=user_items, item_codes=item_codes)
+        if mode not in ("beam", "sample"):
+            raise SamplerError(f"OnPolicySampler.mode must be 'beam' or 'sample', got {mode!r}")
+        fn, fn_name = (decode_fn, "decode_fn") if mode == "beam" else (sample_fn, "sample_fn")
+        if not callable(fn):
+            raise SamplerError(f"OnPolicySampler(mode={mode!r}).{fn_name} must be callable, got "
+                               f"{type(fn).__name__}")
+        if extra is not None and int(extra) < 0:
             raise SamplerError(f"OnPolicySampler.extra must be >= 0, got {extra}")
+        if not (math.isfinite(float(temperature)) and float(temperature) > 0):
+            raise SamplerError(f"OnPolicySampler.temperature must be finite and > 0, got {temperature}")
         self.decode_fn = decode_fn
-        self.extra = int(extra)
+        self.sample_fn = sample_fn
+        self.mode = mode
+        self.extra = None if extra is None else int(extra)
+        self.temperature = float(temperature)
         self.exclude_history = bool(exclude_history)
 
     def _sample(self, batch, n_aug, generator):
         device = batch.device
         B = batch.size
-        k = n_aug + self.extra
+        extra = self.extra if self.extra is not None else (1 if self.mode == "beam" else n_aug)
+        k = n_aug + extra
         with torch.no_grad():
-            decoded = self.decode_fn(batch.history, k)
-        decoded = _as_long("decode_fn output", decoded, device)
+            if self.mode == "beam":
+                what = "decode_fn"
+                decoded = self.decode_fn(batch.history, k)
+            else:
+                what = "sample_fn"
+                decoded = self.sample_fn(batch.history, k, self.temperature, generator)
+        decoded = _as_long(f"{what} output", decoded, device)
         if decoded.shape != (B, k):
-            raise SamplerError(f"decode_fn(history[{B}, {batch.history.shape[1]}], {k}) returned "
+            raise SamplerError(f"{what}(history[{B}, {batch.history.shape[1]}], {k}) returned "
                                f"{tuple(decoded.shape)}, expected {(B, k)}")
-        _check_item_range("decode_fn output", decoded, self.n_items, allow_pad=True)
-        excl = _history_and_positive(batch) if self.exclude_history else batch.positive[:, None]
+        _check_item_range(f"{what} output", decoded, self.n_items, allow_pad=True)
+        forbidden = self._forbidden(batch)
+        seen = self._seen(batch, forbidden)
         items = torch.full((B, n_aug), -1, dtype=torch.long, device=device)
-        items, got = _fill_slots(items, decoded, excl)
-        items, got_rand = _random_fill(items, _history_and_positive(batch), self.n_items, generator,
-                                       what="OnPolicySampler random fill")
+        items, got = _fill_slots(items, decoded, seen if self.exclude_history else forbidden)
+        items, got_rand = _random_fill(items, seen, self.n_items, generator, what="OnPolicySampler random fill")
         self.last_stats = {"from_policy": int(got.sum()), "filled_random": int(got_rand.sum())}
         return items
 
@@ -695,11 +870,14 @@ class MixtureSampler(Sampler):
         components: ``[(sampler, weight), ...]`` with weights >= 0 and a positive sum; every sampler must
             have the mixture's ``n_items``.
         mode: ``"slot"`` (default) or ``"example"``.
+        user_items, item_codes: see :class:`Sampler` (for the mixture's own random fill and checks; give
+            the components the same).
     """
 
     name = "mixture"
 
-    def __init__(self, components: Sequence[tuple[Sampler, float]], mode: str = "slot"):
+    def __init__(self, components: Sequence[tuple[Sampler, float]], mode: str = "slot", *,
+                 user_items: UserItems | None = None, item_codes: Any = None):
         comps = list(components)
         if not comps:
             raise SamplerError("MixtureSampler needs at least one (sampler, weight) component")
@@ -717,7 +895,7 @@ class MixtureSampler(Sampler):
         weights = [float(c[1]) for c in comps]
         if sum(weights) <= 0:
             raise SamplerError("MixtureSampler weights must have a positive sum")
-        super().__init__(n_items.pop())
+        super().__init__(n_items.pop(), user_items=user_items, item_codes=item_codes)
         self.samplers = [c[0] for c in comps]
         self.weights = torch.tensor(weights, dtype=torch.float64)
         self.mode = mode
@@ -775,8 +953,8 @@ class MixtureSampler(Sampler):
             sub, got = _fill_slots(items[rows], got_items, limit=want[rows])
             items = items.index_copy(0, rows, sub)
             stats[f"{c}:{s.name}"] = int(got.sum())
-        items, got_rand = _random_fill(items, _history_and_positive(batch), self.n_items, generator,
-                                       what="MixtureSampler random fill")
+        items, got_rand = _random_fill(items, self._seen(batch, self._forbidden(batch)), self.n_items,
+                                       generator, what="MixtureSampler random fill")
         stats["filled_random"] = int(got_rand.sum())
         self.last_stats = stats
         return items
@@ -801,6 +979,7 @@ def make_sampler(name: str, **kw: Any) -> Sampler:
     Keyword arguments go to the class's constructor, e.g. ``make_sampler("random", n_items=n)``,
     ``make_sampler("cm_curriculum", scorer=cm, n_items=n, pool_size=100)``,
     ``make_sampler("onpolicy", decode_fn=f, n_items=n)``, ``make_sampler("mixture", components=[...])``.
+    Every sampler also takes ``user_items=UserItems(train_split)`` and ``item_codes=catalog.codes``.
     ``make_sampler("logs", split=train, n_items=n, top_c=20)`` builds the co-occurrence lists from a
     training split first.
     """

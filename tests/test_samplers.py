@@ -523,3 +523,294 @@ def test_samplers_on_letter_beauty_training_examples():
     stats = logs.last_stats
     assert stats["from_history"] + stats["filled_cooc"] + stats["filled_random"] == 256 * 5
     assert stats["filled_cooc"] > 0
+
+
+# ------------------------------------------------------------------- the user's training items (UserItems)
+
+def make_split(n_users=24, n_items=80, max_history=3, seed=0):
+    """A leave-one-out split of random sequences (distinct items per user), and each user's training items."""
+    import numpy as np
+
+    from gflowgr_core.data.loaders import Interactions
+    from gflowgr_core.data.split import leave_one_out
+
+    rng = np.random.default_rng(seed)
+    seqs = [rng.permutation(n_items)[:int(rng.integers(4, 30))].astype(np.int64) for _ in range(n_users)]
+    inter = Interactions([f"u{u}" for u in range(n_users)], [str(i) for i in range(n_items)], seqs, "synthetic")
+    data = leave_one_out(inter, max_history=max_history)
+    train_items = {u: set(s[:-2].tolist()) for u, s in enumerate(seqs)}
+    return data.train, train_items
+
+
+def test_user_items_rows_are_each_users_whole_training_part():
+    train, train_items = make_split()
+    ui = samplers_mod.UserItems(train)
+    assert ui.num_examples == len(train)
+    idx = torch.arange(len(train))
+    rows = ui.rows(idx)
+    for r, row in zip(idx.tolist(), rows.tolist()):
+        got = [x for x in row if x >= 0]
+        assert got == sorted(train_items[int(train.user[r])])
+        assert row[len(got):] == [-1] * (len(row) - len(got))
+    # Far more than the 3-item history window.
+    assert rows.shape[1] > train.history.shape[1]
+    assert ui.rows(torch.empty(0, dtype=torch.long)).shape == (0, 0)
+    with pytest.raises(SamplerError, match=r"rows of the training split \[0, \d+\); got \[-1\]"):
+        ui.rows(torch.tensor([0, -1]))
+    with pytest.raises(SamplerError, match="UserItems"):
+        make_sampler("random", n_items=80, user_items=object())
+
+
+def _user_item_mask(example_idx, train, train_items):
+    """Reference: Bool[B, n_items], True for the training items of each example's user."""
+    mask = torch.zeros(example_idx.shape[0], 80, dtype=torch.bool)
+    for b, r in enumerate(example_idx.tolist()):
+        mask[b, sorted(train_items[int(train.user[r])])] = True
+    return mask
+
+
+def test_random_and_curriculum_exclude_every_training_item_of_the_user():
+    train, train_items = make_split()
+    ui = samplers_mod.UserItems(train)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(train), (64,), generator=g)
+    batch = SamplerBatch.from_split(train, idx)
+    mask = _user_item_mask(idx, train, train_items)
+    # The scorer ranks the user's own training items highest, so the curriculum pool would take them.
+    scorer = FakeScorer(len(train), 80)
+    scorer.S += 10.0 * _user_item_mask(torch.arange(len(train)), train, train_items)
+    with_ui = [RandomSampler(80, user_items=ui), CurriculumSampler(scorer, 80, pool_size=30, n_random=10,
+                                                                  user_items=ui)]
+    for s in with_ui:
+        s.set_progress(1.0)
+        for _ in range(5):
+            items = s.sample(batch, 4, g)
+            check_guarantees(batch, items, 80, 4)
+            assert not mask.gather(1, items).any(), type(s).__name__
+    # Without user_items only the history window is excluded: older training items do come back.
+    for s in (RandomSampler(80), CurriculumSampler(scorer, 80, pool_size=30, n_random=10)):
+        s.set_progress(1.0)
+        hits = sum(int(mask.gather(1, s.sample(batch, 4, g)).sum()) for _ in range(5))
+        assert hits > 0, type(s).__name__
+
+
+def test_random_with_user_items_is_uniform_over_the_unseen_items():
+    train, train_items = make_split(n_users=4)
+    ui = samplers_mod.UserItems(train)
+    r = int(len(train) - 1)
+    batch = SamplerBatch.from_split(train, torch.full((4000,), r))
+    allowed = sorted(set(range(80)) - train_items[int(train.user[r])] - {int(train.target[r])})
+    items = RandomSampler(80, user_items=ui).sample(batch, 2, torch.Generator().manual_seed(3))
+    counts = Counter(items.flatten().tolist())
+    assert sorted(counts) == allowed
+    expected = 8000 / len(allowed)
+    assert max(abs(c - expected) for c in counts.values()) < 6 * expected ** 0.5
+
+
+def test_every_random_fill_excludes_the_users_training_items():
+    train, train_items = make_split()
+    ui = samplers_mod.UserItems(train)
+    g = torch.Generator().manual_seed(1)
+    batch = SamplerBatch.from_split(train, torch.randint(0, len(train), (32,), generator=g))
+    mask = _user_item_mask(batch.example_idx, train, train_items)
+    # A decoder that returns nothing forces the on-policy sampler to fill every slot at random.
+    empty = OnPolicySampler(lambda h, k: torch.full((h.shape[0], k), -1), 80, user_items=ui)
+    logs = LogsSampler(80, None, window=1, user_items=ui)
+    mix = MixtureSampler([(empty, 1.0)], user_items=ui)
+    for s in (empty, logs, mix):
+        items = s.sample(batch, 5, g)
+        check_guarantees(batch, items, 80, 5)
+        from_history = samplers_mod._member(items, batch.history[:, -1:])
+        assert not (mask.gather(1, items) & ~from_history).any(), type(s).__name__
+
+
+# ---------------------------------------------------------------------------- items sharing the positive's SID
+
+def shared_codes(n_items=60, seed=0):
+    """SIDs where items 2k and 2k+1 share one (every item has a sibling), L = 2."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randperm(n_items // 2 * 7, generator=g)[: n_items // 2]
+    codes = torch.stack([base // 7, base % 7], dim=1).repeat_interleave(2, dim=0)
+    return codes
+
+
+def sibling(items):
+    return items ^ 1
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_no_sampler_offers_an_item_with_the_positives_sid(name):
+    n_items = 60
+    codes = shared_codes(n_items)
+    base = all_samplers(n_items)
+    batch = make_batch(n_items=n_items, seed=5)
+    # Siblings are everywhere the samplers look: in the history, first in the decoded lists, atop the pool,
+    # first among the co-occurring items.
+    batch.history[:, -2] = sibling(batch.positive)
+
+    def decode(history, k):
+        # history[:, -2] holds the positive's sibling (rows may be a mixture's subset).
+        return torch.cat([history[:, -2:-1], fake_decode(n_items)(history, k - 1)], dim=1)
+
+    scorer = FakeScorer(16, n_items)
+    scorer.S[batch.example_idx, sibling(batch.positive)] = 100.0
+    cooc = torch.full((n_items, 3), -1)
+    cooc[:, 0] = sibling(torch.arange(n_items))
+    kw = dict(item_codes=codes)
+    built = {
+        "random": RandomSampler(n_items, **kw),
+        "logs": LogsSampler(n_items, cooc, **kw),
+        "logs_recent_window": LogsSampler(n_items, cooc, window=3, pick="recent", **kw),
+        "logs_no_cooc": LogsSampler(n_items, None, **kw),
+        "cm_curriculum": CurriculumSampler(scorer, n_items, pool_size=20, n_random=20, end_quantile=1.0, **kw),
+        "onpolicy": OnPolicySampler(decode, n_items, **kw),
+    }
+    built["cm_curriculum"].set_progress(1.0)
+    built["mixture_slot"] = MixtureSampler([(built["random"], 1.0), (built["logs"], 1.0),
+                                            (built["cm_curriculum"], 0.5), (built["onpolicy"], 0.5)], **kw)
+    built["mixture_example"] = MixtureSampler([(built["random"], 1.0), (built["logs"], 2.0),
+                                               (built["onpolicy"], 1.0)], mode="example", **kw)
+    assert set(built) == set(base)
+    s = built[name]
+    g = torch.Generator().manual_seed(0)
+    for n_aug in (1, 3, 6):
+        items = s.sample(batch, n_aug, g)
+        check_guarantees(batch, items, n_items, n_aug)
+        assert not (items == sibling(batch.positive)[:, None]).any()
+    # Without item_codes the same sampler does offer the sibling (the case the exclusion is for).
+    if name in ("onpolicy", "logs_recent_window"):
+        plain = OnPolicySampler(decode, n_items) if name == "onpolicy" else \
+            LogsSampler(n_items, cooc, window=3, pick="recent")
+        assert (plain.sample(batch, 3, g) == sibling(batch.positive)[:, None]).any()
+
+
+def test_output_check_rejects_an_item_with_the_positives_sid():
+    codes = shared_codes(40)
+
+    class Offers(Sampler):
+        def __init__(self, n_items, offer, **kw):
+            super().__init__(n_items, **kw)
+            self.offer = offer
+
+        def _sample(self, batch, n_aug, generator):
+            return self.offer(batch)[:, :n_aug]
+
+    batch = SamplerBatch(torch.arange(2), torch.full((2, 3), -1), torch.tensor([4, 9]))
+    bad = Offers(40, lambda b: torch.stack([sibling(b.positive), b.positive + 2], dim=1), item_codes=codes)
+    with pytest.raises(SamplerError, match=r"positive's SID in batch row 0: positive 4, items \[5\]"):
+        bad.sample(batch, 1, torch.Generator())
+    with pytest.raises(SamplerError, match=r"item_codes must be \[n_items=40, L\]"):
+        RandomSampler(40, item_codes=codes[:-1])
+    # Unique SIDs (a "suffix" catalogue): nothing beyond the positive is excluded.
+    unique = torch.arange(40)[:, None]
+    assert Offers(40, lambda b: sibling(b.positive)[:, None], item_codes=unique).sample(batch, 1).tolist() == \
+        [[5], [8]]
+
+
+# ------------------------------------------------------------------------------- on-policy sampling mode
+
+def fake_sample_fn(n_items, calls=None):
+    """Draws with replacement from a fixed distribution sharpened by 1/temperature, using the generator."""
+    logits = torch.linspace(3.0, -3.0, n_items)
+
+    def sample_fn(history, k, temperature, generator):
+        if calls is not None:
+            calls.append((k, temperature))
+        probs = torch.softmax(logits / temperature, 0).expand(history.shape[0], -1)
+        return torch.multinomial(probs, k, replacement=True, generator=generator)
+
+    return sample_fn
+
+
+def test_onpolicy_sample_mode_uses_temperature_generator_and_keeps_distinct_draws():
+    calls = []
+    s = OnPolicySampler(None, 60, mode="sample", sample_fn=fake_sample_fn(60, calls), temperature=0.7)
+    batch = make_batch()
+    a = s.sample(batch, 4, torch.Generator().manual_seed(9))
+    assert calls == [(8, 0.7)]                        # default extra = n_aug: draws repeat
+    check_guarantees(batch, a, 60, 4)
+    assert s.last_stats["from_policy"] + s.last_stats["filled_random"] == 16 * 4
+    b = s.sample(batch, 4, torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+    assert OnPolicySampler(None, 60, extra=0, mode="sample", sample_fn=fake_sample_fn(60, calls)).sample(
+        batch, 4, torch.Generator().manual_seed(9)).shape == (16, 4) and calls[-1] == (4, 1.0)
+
+
+def test_onpolicy_sample_mode_keeps_draws_in_order_and_drops_forbidden_ones():
+    draws = torch.tensor([[7, 7, 3, 5, 3, 9], [2, 2, 2, 2, 2, 2]])
+    batch = SamplerBatch(torch.arange(2), torch.tensor([[0, 5], [1, 4]]), torch.tensor([3, 8]))
+    s = OnPolicySampler(None, 20, mode="sample", sample_fn=lambda h, k, t, g: draws)
+    items = s.sample(batch, 3, torch.Generator().manual_seed(0))
+    assert items[0].tolist() == [7, 5, 9]              # 3 is the positive; 5 is kept (history allowed)
+    assert items[1, 0].item() == 2 and not set(items[1, 1:].tolist()) & {1, 4, 8, 2}
+    assert s.last_stats == {"from_policy": 4, "filled_random": 2}
+    s = OnPolicySampler(None, 20, mode="sample", sample_fn=lambda h, k, t, g: draws, exclude_history=True)
+    assert 5 not in s.sample(batch, 3, torch.Generator().manual_seed(0))[0].tolist()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mode="sample"), r"mode='sample'\)\.sample_fn must be callable"),
+    (dict(mode="greedy", sample_fn=fake_sample_fn(60)), "mode must be 'beam' or 'sample'"),
+    (dict(mode="sample", sample_fn=fake_sample_fn(60), temperature=0.0), "temperature"),
+    (dict(mode="sample", sample_fn=fake_sample_fn(60), temperature=float("inf")), "temperature"),
+    (dict(mode="sample", sample_fn=fake_sample_fn(60), extra=-1), "extra"),
+])
+def test_onpolicy_sample_mode_validation(kw, match):
+    with pytest.raises(SamplerError, match=match):
+        OnPolicySampler(None, 60, **kw)
+
+
+def test_onpolicy_sample_mode_bad_output_is_reported():
+    s = OnPolicySampler(None, 60, mode="sample", sample_fn=lambda h, k, t, g: torch.zeros(h.shape[0], k + 1))
+    with pytest.raises(SamplerError, match="sample_fn output must be an integer tensor"):
+        s.sample(make_batch(), 2, torch.Generator())
+    s = OnPolicySampler(None, 60, mode="sample",
+                        sample_fn=lambda h, k, t, g: torch.zeros(h.shape[0], k + 1, dtype=torch.long))
+    with pytest.raises(SamplerError, match=r"sample_fn\(history\[16, 8\], 4\) returned \(16, 5\)"):
+        s.sample(make_batch(), 2, torch.Generator())
+
+
+def test_user_items_and_shared_sids_on_letter_beauty():
+    root = DATA / "letter" / "Beauty"
+    if not (root / "Beauty.inter.json").exists():
+        pytest.skip(f"shared data absent: {root}")
+    from gflowgr_core.data.loaders import load_letter
+    from gflowgr_core.data.split import leave_one_out
+    from gflowgr_core.sid.catalog import Catalog
+
+    inter = load_letter(root)
+    data = leave_one_out(inter)
+    train, n_items = data.train, data.num_items
+    catalog = Catalog.from_letter_index(root / "Beauty.index.json", inter.item_ids)
+    ui = samplers_mod.UserItems(train)
+    g = torch.Generator().manual_seed(0)
+    # Rows whose positive has a SID sibling, plus random rows.
+    _, group, counts = torch.unique(catalog.codes, dim=0, return_inverse=True, return_counts=True)
+    shared_rows = (counts[group[train.target]] > 1).nonzero().flatten()
+    assert shared_rows.numel() > 0
+    idx = torch.cat([shared_rows[:64], torch.randint(0, len(train), (192,), generator=g)])
+    batch = SamplerBatch.from_split(train, idx)
+    rows = ui.rows(idx)
+    for b in range(0, idx.numel(), 37):
+        u = int(train.user[idx[b]])
+        mine = train.user == u
+        want = set(train.target[mine].tolist()) | set(train.history[mine].flatten().tolist()) - {-1}
+        assert set(rows[b].tolist()) - {-1} == want
+    scorer = LowRankScorer(len(train), n_items)
+    for sampler in (RandomSampler(n_items, user_items=ui, item_codes=catalog),
+                    CurriculumSampler(scorer, n_items, user_items=ui, item_codes=catalog)):
+        items = sampler.sample(batch, 5, g)
+        check_guarantees(batch, items, n_items, 5)
+        assert not samplers_mod._member(items, rows).any()
+        assert not (group[items] == group[batch.positive][:, None]).any()
+
+
+def test_set_helpers_match_python_sets():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(-1, 9, (50, 12), generator=g)
+    s = torch.randint(-1, 9, (50, 5), generator=g)
+    member = samplers_mod._member(x, s)
+    for row, srow, mrow, n in zip(x.tolist(), s.tolist(), member.tolist(), samplers_mod._distinct_count(x).tolist()):
+        assert n == len(set(row) - {-1})
+        assert mrow == [v in srow for v in row]
+    assert samplers_mod._distinct_count(torch.empty(3, 0, dtype=torch.long)).tolist() == [0, 0, 0]
