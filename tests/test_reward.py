@@ -256,8 +256,8 @@ def test_lm_generation_prob_is_per_step_geometric_mean():
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n_items=st.integers(2, 40), n_levels=st.integers(1, 5),
        B=st.integers(1, 6), T=st.integers(1, 7), fusion=st.sampled_from(["sum", "weighted"]),
-       normalize=st.booleans())
-def test_reward_properties(seed, n_items, n_levels, B, T, fusion, normalize):
+       normalize=st.booleans(), drop_levels=st.integers(0, 4))
+def test_reward_properties(seed, n_items, n_levels, B, T, fusion, normalize, drop_levels):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     codes = torch.randint(0, 3, (n_items, n_levels), generator=g)
@@ -266,14 +266,16 @@ def test_reward_properties(seed, n_items, n_levels, B, T, fusion, normalize):
     candidates[:, 0] = positive
     cm = torch.rand(B, T, generator=g)
     cfg = RewardConfig(fusion=fusion, sim_normalize=normalize, weights=(1.0, 0.5, 2.0))
-    log_r, comp = Reward(cfg)(positive, candidates, cm, codes)
+    base = max(1, n_levels - drop_levels)
+    log_r, comp = Reward(cfg, base_levels=base)(positive, candidates, cm, codes)
     assert torch.isfinite(log_r).all()
     assert torch.all(comp["R"] >= cfg.eps) and torch.all(comp["R"] <= cfg.clip_max)
-    top = 1.0 if normalize else float(n_levels)
+    top = 1.0 if normalize else float(base)
     assert torch.all(comp["r_sim"][:, 0] == top)
     assert torch.all((comp["r_sim"] >= 0) & (comp["r_sim"] <= top))
-    # Reference r_sim by explicit comparison.
-    ref = (codes[candidates] == codes[positive][:, None]).sum(-1).float() / (n_levels if normalize else 1)
+    # Reference r_sim by explicit comparison of the first `base` levels.
+    ref = (codes[candidates][..., :base] == codes[positive][:, None, :base]).sum(-1).float() / (
+        base if normalize else 1)
     assert torch.allclose(comp["r_sim"], ref)
     if fusion == "sum":
         assert torch.allclose(comp["R_raw"], comp["r_a"] + comp["r_cm"] + comp["r_sim"])
