@@ -69,12 +69,14 @@ class PackedLayout:
         return tuple(self.input_ids.shape)
 
 
-def _segments(items: torch.Tensor, lengths: torch.Tensor, window: torch.Tensor | None):
+def _segments(items: torch.Tensor, lengths: torch.Tensor, window: torch.Tensor | None, max_members: int):
     """Group a batch's examples into segments sharing a trunk.
 
     Returns ``(order, seg_of_sorted, first_of_seg, trunk_row)``: ``order`` sorts the examples by
     (window, history length); ``seg_of_sorted[j]`` is the segment of sorted example ``j``;
-    ``trunk_row[s]`` the example (original index) whose history is segment ``s``'s trunk.
+    ``trunk_row[s]`` the example (original index) whose history is segment ``s``'s trunk. A window with more
+    than ``max_members`` examples is cut into consecutive segments of at most that many (each with its own
+    trunk), so segments fit a row.
     """
     B = items.shape[0]
     if window is None:
@@ -86,18 +88,21 @@ def _segments(items: torch.Tensor, lengths: torch.Tensor, window: torch.Tensor |
             raise ValueError(f"window must be [B={B}], got {tuple(window.shape)}")
         key = window * (items.shape[1] + 1) + lengths
         order = torch.argsort(key, stable=True)
-        w = window[order]
-        seg = torch.cat([w.new_zeros(1), (w[1:] != w[:-1]).long()]).cumsum(0)
+        w = window.index_select(0, order)
+        starts = torch.cat([torch.ones(1, dtype=torch.bool, device=w.device), w[1:] != w[:-1]])
+        first = torch.cummax(torch.where(starts, torch.arange(B, device=w.device), 0), 0).values
+        chunk = (torch.arange(B, device=w.device) - first) % max(1, max_members) == 0
+        seg = (starts | chunk).long().cumsum(0) - 1
     n_seg = int(seg[-1]) + 1
     last = torch.zeros(n_seg, dtype=torch.long, device=items.device)
     last.scatter_reduce_(0, seg, torch.arange(B, device=items.device), reduce="amax", include_self=False)
-    trunk_row = order[last]
+    trunk_row = order.index_select(0, last)
     # Every member's history must be a prefix of its trunk: a wrong window id would silently change the
     # prompt an example sees.
-    trunk_items = items[trunk_row][seg]
-    member_items = items[order]
+    trunk_items = items.index_select(0, trunk_row.index_select(0, seg))
+    member_items = items.index_select(0, order)
     cols = torch.arange(items.shape[1], device=items.device)
-    within = cols[None, :] < lengths[order][:, None]
+    within = cols[None, :] < lengths.index_select(0, order)[:, None]
     bad = ((trunk_items != member_items) & within).any(1)
     if bool(bad.any()):
         j = int(bad.nonzero()[0])
@@ -137,8 +142,8 @@ def pack_trajectories(history: torch.Tensor, codes: torch.Tensor, *, item_tokens
         bos_id, sep_id, pad_id: special token ids; ``prefix``/``suffix``: template ids (may be empty).
         window: ``LongTensor[B]`` trunk-window id per example (examples with equal ids share one trunk;
             each must be a prefix of the longest); ``None``: every example its own segment.
-        row_tokens: row capacity ``C`` (raised to the longest segment when that is longer, unless ``rows``
-            is given).
+        row_tokens: row capacity ``C``; longer windows are cut into several segments (raised to the longest
+            segment when a single example does not fit, unless ``rows`` is given).
         rows: a fixed number of rows (static shapes); ``None`` uses as many as the packing needs.
     """
     device = history.device
@@ -149,8 +154,10 @@ def pack_trajectories(history: torch.Tensor, codes: torch.Tensor, *, item_tokens
     branch = L - 1
     member_len = n_dec + T * branch
 
-    order, seg_sorted, n_seg, trunk_row = _segments(items, lengths, window)
-    trunk_len = lengths[trunk_row]                                   # [S]
+    # Members per segment such that a segment with the longest possible trunk fits a row.
+    max_members = max(1, (int(row_tokens) - (1 + n_pre + L * items.shape[1])) // member_len)
+    order, seg_sorted, n_seg, trunk_row = _segments(items, lengths, window, max_members)
+    trunk_len = lengths.index_select(0, trunk_row)                   # [S]
     shared_len = 1 + n_pre + L * trunk_len                           # [S]
     members = torch.bincount(seg_sorted, minlength=n_seg)            # [S]
     seg_len = shared_len + members * member_len
@@ -171,33 +178,37 @@ def pack_trajectories(history: torch.Tensor, codes: torch.Tensor, *, item_tokens
     n_shared = int(shared_len.sum())
     sh_seg = torch.repeat_interleave(torch.arange(n_seg, device=device), shared_len)
     sh_first = torch.cumsum(shared_len, 0) - shared_len
-    p = torch.arange(n_shared, device=device) - sh_first[sh_seg]
+    p = torch.arange(n_shared, device=device) - sh_first.index_select(0, sh_seg)
     k = (p - 1 - n_pre).clamp_min(0)
-    trunk_items = items[trunk_row[sh_seg], (k // L).clamp_max(items.shape[1] - 1)].clamp_min(0)
-    sh_ids = item_tokens[trunk_items, k % L]
+    H = items.shape[1]
+    flat_item = trunk_row.index_select(0, sh_seg) * H + (k // L).clamp_max(H - 1)
+    trunk_items = items.reshape(-1).index_select(0, flat_item).clamp_min(0)
+    sh_ids = item_tokens.reshape(-1).index_select(0, trunk_items * L + k % L)
     if n_pre:
-        sh_ids = torch.where((p >= 1) & (p <= n_pre), prefix[(p - 1).clamp(0, n_pre - 1)], sh_ids)
+        sh_ids = torch.where((p >= 1) & (p <= n_pre), prefix.index_select(0, (p - 1).clamp(0, n_pre - 1)), sh_ids)
     sh_ids = torch.where(p == 0, torch.full_like(sh_ids, bos_id), sh_ids)
-    sh_flat = seg_start[sh_seg] + p
+    sh_flat = seg_start.index_select(0, sh_seg) + p
 
     # Decision and branch tokens: sorted example j, token q of its block.
-    rank = torch.arange(B, device=device) - (torch.cumsum(members, 0) - members)[seg_sorted]
-    n_hist = lengths[order]                                                   # [B]
-    block = seg_start[seg_sorted] + shared_len[seg_sorted] + rank * member_len  # [B]
+    rank = torch.arange(B, device=device) - (torch.cumsum(members, 0) - members).index_select(0, seg_sorted)
+    n_hist = lengths.index_select(0, order)                                   # [B]
+    block = (seg_start.index_select(0, seg_sorted) + shared_len.index_select(0, seg_sorted)
+             + rank * member_len)                                             # [B]
     q = torch.arange(member_len, device=device)
     base = 1 + n_pre + L * n_hist[:, None]                                     # [B, 1]
     r = (q - n_dec).clamp_min(0)
     traj = torch.where(q >= n_dec, r // max(branch, 1), torch.full_like(q, -1))   # [member_len]
     lvl = r % max(branch, 1)
-    sorted_codes = codes[order]                                               # [B, T, L]
+    sorted_codes = codes.index_select(0, order).reshape(B, T * L)
     if branch:
-        code = sorted_codes[:, traj.clamp_min(0), lvl]                        # [B, member_len]
-        br_ids = level_tokens[lvl[None, :].expand(B, -1), code]
+        code = sorted_codes.index_select(1, traj.clamp_min(0) * L + lvl)      # [B, member_len]
+        k_max = level_tokens.shape[1]
+        br_ids = level_tokens.reshape(-1).index_select(0, (lvl[None, :] * k_max + code).reshape(-1)).view(B, -1)
     else:
         br_ids = torch.zeros(B, member_len, dtype=torch.long, device=device)
     dec_ids = torch.full((member_len,), sep_id, dtype=torch.long, device=device)
     if n_suf:
-        dec_ids = torch.where(q < n_suf, suffix[q.clamp_max(n_suf - 1)], dec_ids)
+        dec_ids = torch.where(q < n_suf, suffix.index_select(0, q.clamp_max(n_suf - 1)), dec_ids)
     m_ids = torch.where((q >= n_dec)[None, :], br_ids, dec_ids[None, :])
     m_pos = base + torch.where(q >= n_dec, n_dec + lvl, q)[None, :]
     m_flat = block[:, None] + q[None, :]
@@ -211,35 +222,43 @@ def pack_trajectories(history: torch.Tensor, codes: torch.Tensor, *, item_tokens
     limit = torch.zeros(size, dtype=torch.long, device=device)        # trunk tokens visible to this token
     member = torch.full((size,), -1, dtype=torch.long, device=device)
     tr = torch.full((size,), -1, dtype=torch.long, device=device)
-    ids[sh_flat], pos[sh_flat], seg[sh_flat], sidx[sh_flat], limit[sh_flat] = sh_ids, p, sh_seg, p, p + 1
+    # index_copy_ rather than x[i] = v: advanced-index assignment is far slower on the CPU.
+    for dst, src in ((ids, sh_ids), (pos, p), (seg, sh_seg), (sidx, p), (limit, p + 1)):
+        dst.index_copy_(0, sh_flat, src)
     mf = m_flat.reshape(-1)
-    ids[mf] = m_ids.reshape(-1)
-    pos[mf] = m_pos.reshape(-1)
-    seg[mf] = seg_sorted[:, None].expand(B, member_len).reshape(-1)
-    limit[mf] = base.expand(B, member_len).reshape(-1)
-    member[mf] = torch.arange(B, device=device)[:, None].expand(B, member_len).reshape(-1)
-    tr[mf] = traj[None, :].expand(B, member_len).reshape(-1)
+    for dst, src in ((ids, m_ids), (pos, m_pos), (seg, seg_sorted[:, None]), (limit, base),
+                     (member, torch.arange(B, device=device)[:, None]), (tr, traj[None, :])):
+        dst.index_copy_(0, mf, src.expand(B, member_len).reshape(-1))
 
     def grid(x):
         return x.view(n_rows, capacity)
 
-    seg_g, sidx_g, lim_g, mem_g, tr_g = (grid(x) for x in (seg, sidx, limit, member, tr))
+    # The mask from two integer keys per token (few [R, C, C] ops: this runs every step):
+    # a trunk token is visible to token j when its key seg*C + trunk position lies in j's range
+    # [seg_j*C, seg_j*C + limit_j); an example's own token when its (example, trajectory) key is j's
+    # decision key (trajectory -1) or j's own trajectory key, and it comes no later than j.
+    i32 = torch.int32
+    on_trunk, in_member = sidx >= 0, member >= 0
+    trunk_key = grid(torch.where(on_trunk, seg * capacity + sidx, -1).to(i32))
+    lo = grid(torch.where(seg >= 0, seg * capacity, 0).to(i32))
+    hi = grid(torch.where(seg >= 0, seg * capacity + limit, 0).to(i32))
+    own_key = grid(torch.where(in_member, member * (T + 1) + tr + 1, -1).to(i32))
+    dec_key = grid(torch.where(in_member, member * (T + 1), -2).to(i32))
+    traj_key = grid(torch.where(in_member & (tr >= 0), member * (T + 1) + tr + 1, -2).to(i32))
+    allowed = (trunk_key[:, None, :] >= lo[:, :, None]) & (trunk_key[:, None, :] < hi[:, :, None])
     qi = torch.arange(capacity, device=device)
     causal = qi[None, :] <= qi[:, None]                                  # [C(j), C(i)]
-    same = (seg_g[:, :, None] == seg_g[:, None, :]) & (seg_g[:, :, None] >= 0)
-    on_trunk = sidx_g[:, None, :] >= 0
-    see_trunk = on_trunk & (sidx_g[:, None, :] < lim_g[:, :, None])
-    see_own = (~on_trunk & (mem_g[:, None, :] == mem_g[:, :, None])
-               & ((tr_g[:, None, :] < 0) | (tr_g[:, None, :] == tr_g[:, :, None])))
-    allowed = same & causal[None] & (see_trunk | see_own)
-    allowed |= torch.eye(capacity, dtype=torch.bool, device=device)[None] & (seg_g < 0)[:, :, None]
+    own = (own_key[:, None, :] == dec_key[:, :, None]) | (own_key[:, None, :] == traj_key[:, :, None])
+    allowed |= own & causal[None]
+    pad = grid(seg < 0)
+    allowed |= torch.eye(capacity, dtype=torch.bool, device=device)[None] & pad[:, :, None]
 
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(B, device=device)
     sep_flat = block + n_suf
     br_flat = (block[:, None] + n_dec + torch.arange(T * branch, device=device)[None, :]).view(B, T, branch)
     return PackedLayout(input_ids=grid(ids), position_ids=grid(pos), allowed=allowed,
-                        sep_index=sep_flat[inverse], branch_index=br_flat[inverse],
+                        sep_index=sep_flat.index_select(0, inverse), branch_index=br_flat.index_select(0, inverse),
                         tokens=int(n_shared + B * member_len))
 
 

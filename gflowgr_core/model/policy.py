@@ -550,12 +550,12 @@ class SIDPolicy(nn.Module):
         out = self.backbone(input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids,
                             use_cache=False)
         flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
-        root = flat[layout.sep_index]
+        root = flat.index_select(0, layout.sep_index)
         log_z = self.log_z_head(root)
         first = root[:, None, None, :].expand(B, T, 1, root.shape[-1])
         if L == 1:
             return first.contiguous(), log_z, root.new_zeros(B, T, 0, dtype=log_z.dtype)
-        branch = flat[layout.branch_index]                       # [B, T, L-1, d]
+        branch = flat.index_select(0, layout.branch_index.reshape(-1)).view(B, T, L - 1, -1)
         return torch.cat([first, branch], dim=2), log_z, self.log_f_head(branch)
 
     @torch.no_grad()

@@ -314,9 +314,10 @@ class Trainer:
     def batch(self, index: torch.Tensor) -> ExampleBatch:
         """The training rows ``index[B]`` on the device, with their trunk windows when packing."""
         train = self.data.split.train
-        window = self.windows[index].to(self.device) if self.windows is not None else None
-        return ExampleBatch(index=index.to(self.device), history=train.history[index].to(self.device),
-                            target=train.target[index].to(self.device), window=window)
+        index = torch.as_tensor(index, dtype=torch.long)
+        window = self.windows.index_select(0, index).to(self.device) if self.windows is not None else None
+        return ExampleBatch(index=index.to(self.device), history=train.history.index_select(0, index).to(self.device),
+                            target=train.target.index_select(0, index).to(self.device), window=window)
 
     def compute_loss(self, index: torch.Tensor, candidates: Optional[torch.Tensor] = None,
                      step: Optional[int] = None) -> tuple[torch.Tensor, dict]:
