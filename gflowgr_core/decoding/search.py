@@ -5,10 +5,15 @@ Each batch runs the prompt once; the cache is then repeated to ``B * beams`` (or
 beam parent on the device. The loops have one Python iteration per SID level, never per beam or per user,
 and the level loop itself does not synchronise with the host (the prompt pass does once per batch, to
 validate the history and size the prompt).
+
+A prompt is as wide as the longest real history of its batch, so beam search batches users of similar
+history length together (``sort_by_length``) and returns the rows in the caller's order: the same
+rankings as batching in the given order, with far less padding.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -16,7 +21,8 @@ from tqdm.auto import tqdm
 from ..sid.trie import Trie
 from .step import constrained_step, resolve_backend
 
-__all__ = ["DecodeResult", "SampleResult", "beam_search", "sample", "recommend", "leaves_to_items"]
+__all__ = ["DecodeResult", "SampleResult", "beam_search", "beam_search_scorings", "sample", "recommend",
+           "leaves_to_items"]
 
 _NEG_INF = float("-inf")
 
@@ -113,11 +119,13 @@ def _check(policy, trie: Trie, history: torch.Tensor) -> torch.Tensor:
     return history
 
 
-def _chunks(n: int, batch_size: int, progress: bool, desc: str):
+def _chunks(n: int, batch_size: int, progress: bool | None, desc: str):
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, n, batch_size)
-    return tqdm(starts, desc=desc, unit="batch", disable=not progress, total=len(starts))
+    # progress=None: tqdm decides (a bar on a terminal, none in a log file).
+    return tqdm(starts, desc=desc, unit="batch", disable=None if progress is None else not progress,
+                total=len(starts))
 
 
 class _EvalMode:
@@ -138,33 +146,48 @@ class _EvalMode:
         return False
 
 
-def _beam_batch(policy, trie: Trie, history: torch.Tensor, beams: int, k: int, renormalize: bool,
-                backend: str) -> tuple[torch.Tensor, ...]:
+def _beam_batch(policy, trie: Trie, history: torch.Tensor, beams: int, k: int, scorings: tuple[bool, ...],
+                backend: str) -> list[tuple[torch.Tensor, ...]]:
+    """One prompt pass, then one beam search per scoring (``renormalize`` flag) in the same level loop.
+
+    Scoring ``s`` owns cache rows ``[s * b * beams, (s + 1) * b * beams)``: the prompt rows are copied into
+    every scoring's beams at level 0, and each level runs one forward over the beams of all scorings.
+    """
     state = policy.encode_prompt(history)
     b = history.shape[0]
-    L = trie.num_levels
+    S, L = len(scorings), trie.num_levels
+    device = policy.device
     # Level 0: one live beam per user (all copies would be identical), expanded by the step to `beams`.
-    node = torch.zeros(b, dtype=torch.long, device=policy.device)
-    scores = torch.zeros(b, 1, device=policy.device)
-    base = torch.arange(b, device=policy.device)[:, None]
+    node = torch.zeros(S, b, dtype=torch.long, device=device)
+    scores = torch.zeros(S, b, 1, device=device)
+    base = torch.arange(b, device=device)[:, None]
     for level in range(L):
-        step = constrained_step(state.last_hidden, policy.level_head_weight(level), node, level, trie, "beam",
-                                scores=scores, beams=beams, renormalize=renormalize,
-                                bias=policy.level_head_bias(level), backend=backend)
-        scores = step.score
-        node = step.next_node.reshape(-1)
+        rows_in = 1 if level == 0 else beams
+        weight, bias = policy.level_head_weight(level), policy.level_head_bias(level)
+        steps = []
+        for s, renormalize in enumerate(scorings):
+            first = 0 if level == 0 else s * b * beams  # level 0: every scoring reads the b prompt rows
+            steps.append(constrained_step(state.last_hidden[first:first + b * rows_in], weight, node[s], level,
+                                          trie, "beam", scores=scores[s], beams=beams, renormalize=renormalize,
+                                          bias=bias, backend=backend))
+        scores = torch.stack([step.score for step in steps])
+        node = torch.stack([step.next_node.reshape(-1) for step in steps])
         if level + 1 < L:
-            rows_in = 1 if level == 0 else beams
-            state = policy.reorder_state(state, (base * rows_in + step.parent).reshape(-1))
-            state = policy.extend_codes(state, step.code.reshape(-1), level)
-    leaves = node.reshape(b, beams)
-    items, item_scores = leaves_to_items(trie, leaves, scores, k)
-    return items, item_scores, leaves, scores
+            rows = [(0 if level == 0 else s * b * beams) + (base * rows_in + step.parent).reshape(-1)
+                    for s, step in enumerate(steps)]
+            state = policy.reorder_state(state, torch.cat(rows))
+            state = policy.extend_codes(state, torch.cat([step.code.reshape(-1) for step in steps]), level)
+    out = []
+    for s in range(S):
+        leaves = node[s].reshape(b, beams)
+        items, item_scores = leaves_to_items(trie, leaves, scores[s], k)
+        out.append((items, item_scores, leaves, scores[s]))
+    return out
 
 
 def beam_search(policy, trie: Trie, history: torch.Tensor, beams: int = 20, topk: int | None = None,
                 batch_size: int = 256, renormalize: bool = True, backend: str = "auto",
-                progress: bool = False) -> DecodeResult:
+                progress: bool | None = False, sort_by_length: bool = True) -> DecodeResult:
     """Trie-constrained beam search: the top-``k`` distinct catalogue items per user.
 
     Args:
@@ -175,14 +198,37 @@ def beam_search(policy, trie: Trie, history: torch.Tensor, beams: int = 20, topk
         topk: items to return per user (default ``beams``; with shared SIDs more than ``beams`` items can
             be returned, since one leaf expands to all its items).
         batch_size: users per prompt batch (the cache holds ``batch_size * beams`` rows).
-        renormalize: score with log-probs renormalised over trie children (``False``: over the level's codes).
+        renormalize: score with log-probs renormalised over the trie children of each prefix (``True``), or
+            with the level's log-probs (log-softmax over all ``K_l`` codes of the level) masked to the
+            children (``False``): the ranking of Hugging Face beam search with a ``prefix_allowed_tokens_fn``
+            over the level's tokens.
         backend: ``constrained_step`` backend (``"auto"``, ``"torch"``, ...).
-        progress: show a tqdm bar over batches.
+        progress: show a tqdm bar over batches (``None``: only on a terminal).
+        sort_by_length: batch users by number of real history items (rows come back in the given order);
+            ``False`` batches them in the given order (the reference: same rankings, more padding).
     Returns:
         :class:`DecodeResult` with ``items/scores [N, k]`` and ``leaves/leaf_scores [N, beams]``. Every
         returned item's SID is in the catalogue; dead beams (fewer SIDs than beams) give ``-1``.
     """
+    return beam_search_scorings(policy, trie, history, (renormalize,), beams=beams, topk=topk,
+                                batch_size=batch_size, backend=backend, progress=progress,
+                                sort_by_length=sort_by_length)[0]
+
+
+def beam_search_scorings(policy, trie: Trie, history: torch.Tensor, renormalize: Sequence[bool] = (False, True),
+                         *, beams: int = 20, topk: int | None = None, batch_size: int = 256,
+                         backend: str = "auto", progress: bool | None = False,
+                         sort_by_length: bool = True) -> list[DecodeResult]:
+    """:func:`beam_search` under several scorings at once: one :class:`DecodeResult` per ``renormalize`` flag.
+
+    Each prompt batch is encoded once and the searches share one forward per level (the cache then holds
+    ``batch_size * beams * len(renormalize)`` rows). Result ``i`` equals
+    ``beam_search(..., renormalize=renormalize[i])``. Other arguments are those of :func:`beam_search`.
+    """
     history = _check(policy, trie, history)
+    scorings = tuple(bool(r) for r in renormalize)
+    if not scorings:
+        raise ValueError("renormalize must name at least one scoring (True or False)")
     if beams < 1:
         raise ValueError(f"beams must be >= 1, got {beams}")
     k = beams if topk is None else int(topk)
@@ -192,18 +238,31 @@ def beam_search(policy, trie: Trie, history: torch.Tensor, beams: int = 20, topk
     trie = trie.to(device)
     name = resolve_backend(backend, device)
     N = history.shape[0]
+    order = None
+    if sort_by_length and N > batch_size:
+        # Stable, so users of equal length keep their relative order.
+        order = torch.sort((history >= 0).sum(1), stable=True).indices
+        history = history[order]
     outs = []
     with _EvalMode(policy):
         for start in _chunks(N, batch_size, progress, "beam search"):
             chunk = history[start:start + batch_size].to(device)
-            outs.append(_beam_batch(policy, trie, chunk, beams, k, renormalize, name))
+            outs.append(_beam_batch(policy, trie, chunk, beams, k, scorings, name))
     if not outs:
         empty_l = torch.empty(0, k, dtype=torch.long, device=device)
-        return DecodeResult(empty_l, torch.empty(0, k, device=device),
-                            torch.empty(0, beams, dtype=torch.long, device=device),
-                            torch.empty(0, beams, device=device), name)
-    items, scores, leaves, leaf_scores = (torch.cat(parts) for parts in zip(*outs))
-    return DecodeResult(items, scores, leaves, leaf_scores, name)
+        return [DecodeResult(empty_l, torch.empty(0, k, device=device),
+                             torch.empty(0, beams, dtype=torch.long, device=device),
+                             torch.empty(0, beams, device=device), name) for _ in scorings]
+    results = []
+    for s in range(len(scorings)):
+        parts = [torch.cat(p) for p in zip(*(batch[s] for batch in outs))]
+        if order is not None:
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(N, device=order.device)
+            inverse = inverse.to(device)
+            parts = [p.index_select(0, inverse) for p in parts]
+        results.append(DecodeResult(*parts, name))
+    return results
 
 
 def _sample_batch(policy, trie: Trie, history: torch.Tensor, n: int, temperature: float,
