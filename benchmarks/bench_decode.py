@@ -45,7 +45,8 @@ try:
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, str(HERE.parent))
 
-from common import RESULTS_DIR, environment, format_table, log, release, time_call, write_json  # noqa: E402
+from common import (RESULTS_DIR, environment, format_table, load_average, log, release, time_call,  # noqa: E402
+                    write_json)
 
 from gflowgr_core import backends  # noqa: E402
 from gflowgr_core.decoding import beam_search, constrained_step, registered_backends, resolve_backend  # noqa: E402
@@ -316,6 +317,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
+    env = environment(device)  # before the runs: the load they start under
     rows, extra = end_to_end(args, device)
 
     codes, _, source = load_workload(1, args.history)
@@ -326,7 +328,8 @@ def main(argv=None) -> dict:
         catalogues[label] = random_trie(n, device, seed=n)
     rows += kernel_rows(args, device, catalogues)
 
-    payload = {**environment(device), "benchmark": "trie-constrained beam search (decode)",
+    payload = {**env, "load_average_end": load_average() if device.type == "cpu" else None,
+               "benchmark": "trie-constrained beam search (decode)",
                "config": {"quick": args.quick, "users_per_batch": args.users, "batches": args.batches,
                           "beams": args.beams, "history": args.history, "hidden": args.hidden,
                           "layers": args.layers, "kernel_rows": args.kernel_rows, "catalogues":

@@ -39,8 +39,8 @@ try:
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, str(HERE.parent))
 
-from common import (RESULTS_DIR, environment, extra_peak_bytes, format_table, is_oom, log,  # noqa: E402
-                    release, time_call, write_json)
+from common import (RESULTS_DIR, environment, extra_peak_bytes, format_table, is_oom, load_average,  # noqa: E402
+                    log, release, time_call, write_json)
 
 from gflowgr_core.objectives.gfn_loss import gfn_loss_reference  # noqa: E402
 from gflowgr_core.sid.trie import Trie  # noqa: E402
@@ -204,6 +204,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
+    env = environment(device)  # before the runs: the load they start under
     cpl = (args.codes,) * args.levels
     methods = list(args.methods)
     skipped = {}
@@ -234,7 +235,8 @@ def main(argv=None) -> dict:
             del p
             release(device)
 
-    payload = {**environment(device), "benchmark": "gfn_loss (trajectory balance), forward + backward",
+    payload = {**env, "load_average_end": load_average() if device.type == "cpu" else None,
+               "benchmark": "gfn_loss (trajectory balance), forward + backward",
                "config": {"quick": args.quick, "rows": args.rows, "d": args.d, "vocab": args.vocab,
                           "codes_per_level": list(cpl), "catalogue_items": args.items, "dtype": args.dtype,
                           "warmup": args.warmup, "reps": args.reps, "device": str(device)},

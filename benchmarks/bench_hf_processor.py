@@ -37,7 +37,8 @@ try:
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, str(HERE.parent))
 
-from common import RESULTS_DIR, environment, format_table, log, release, time_call, write_json  # noqa: E402
+from common import (RESULTS_DIR, environment, format_table, load_average, log, release, time_call,  # noqa: E402
+                    write_json)
 
 from gflowgr_core.hf_processor import SIDTrieLogitsProcessor  # noqa: E402
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm  # noqa: E402
@@ -98,6 +99,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    env = environment(device)  # before the runs: the load they start under
     codes, history, source = load_workload(args.users, args.history)
     tokens = SIDTokenMap.from_scratch(CPL)
     model = build_tiny_causal_lm(tokens.vocab_size, hidden=args.hidden, layers=args.layers, seed=0)
@@ -138,7 +140,8 @@ def main(argv=None) -> dict:
         "prefix_fn_call_ms_by_level": {r["level"]: r["median_ms"] for r in rows
                                        if r.get("part") == "processor" and r["method"] == "hf_prefix_fn"},
     }
-    payload = {**environment(device), "benchmark": "HF generate beam search: SIDTrieLogitsProcessor vs "
+    payload = {**env, "load_average_end": load_average() if device.type == "cpu" else None,
+               "benchmark": "HF generate beam search: SIDTrieLogitsProcessor vs "
                                                     "prefix_allowed_tokens_fn vs unconstrained",
                "config": {"quick": args.quick, "users": args.users, "beams": args.beams, "history": args.history,
                           "hidden": args.hidden, "layers": args.layers, "codes_per_level": list(CPL),

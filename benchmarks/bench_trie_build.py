@@ -27,7 +27,7 @@ try:
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, str(HERE.parent))
 
-from common import RESULTS_DIR, environment, write_json  # noqa: E402
+from common import RESULTS_DIR, environment, load_average, write_json  # noqa: E402
 
 from gflowgr_core import backends  # noqa: E402
 from gflowgr_core.sid.trie import Trie  # noqa: E402
@@ -125,7 +125,7 @@ def main() -> None:
               f"{r['contains_sparse_median_s']:>10.4f}")
 
     ext = backends.extension()
-    env["load_average_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    env["load_average_end"] = load_average()
     result = {
         **env,
         "benchmark": "trie_build",

@@ -83,7 +83,8 @@ def _git_uncommitted() -> Optional[list[str]]:
 
 def versions() -> dict[str, Optional[str]]:
     """Versions of Python, torch (and its CUDA), triton, transformers, numpy, gflowgr, the git commit and
-    the measured code's files that differ from that commit (``git_uncommitted``, ``[]`` when none); ``None`` for what is not there."""
+    the measured code's files that differ from it (``git_uncommitted``, ``[]`` when none); ``None`` for what
+    is not there."""
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -98,15 +99,21 @@ def versions() -> dict[str, Optional[str]]:
     }
 
 
+def load_average() -> Optional[list[float]]:
+    """The 1/5/15-minute load average (``None`` where the OS has none): other processes on a shared machine
+    slow every measurement, so results files record it."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def environment(device: DeviceLike) -> dict[str, Any]:
-    """The header of every results file: ``device`` (its name), ``device_kind`` (``"cpu"`` / ``"cuda"``),
-    ``versions``, ``torch_threads`` and, on a CPU, the 1/5/15-minute ``load_average`` when the header is
-    taken (other processes on a shared machine slow every measurement)."""
+    """The header of every results file, taken before the measurements: ``device`` (its name),
+    ``device_kind`` (``"cpu"`` / ``"cuda"``), ``versions``, ``torch_threads`` and, on a CPU, the
+    ``load_average`` at the start (scripts add ``load_average_end``)."""
     device = torch.device(device)
     env = {"device": device_name(device), "device_kind": device.type, "versions": versions(),
            "torch_threads": torch.get_num_threads()}
-    if device.type == "cpu" and hasattr(os, "getloadavg"):
-        env["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    if device.type == "cpu":
+        env["load_average"] = load_average()
     return env
 
 

@@ -125,17 +125,23 @@ def provenance(payload: dict) -> str:
             if v.get(key)]
     if libs:
         parts.append(", ".join(libs))
-    load_avg = payload.get("load_average")
-    if load_avg:
-        parts.append(f"load average {num(float(load_avg[0]), 2)} (1 min) at the start")
+    start, end = payload.get("load_average"), payload.get("load_average_end")
+    if start:
+        parts.append(f"1-minute load average {num(float(start[0]), 2)} at the start"
+                     + (f", {num(float(end[0]), 2)} at the end" if end else ""))
     if v.get("triton_interpret") == "1":
         parts.append("`TRITON_INTERPRET=1`")
     return f"**`benchmarks/results/{payload['_file']}`**: " + "; ".join(parts) + "."
 
 
-def reps_note(rows: Sequence[dict]) -> str:
+def timed(rows: Sequence[dict]) -> str:
+    """How the figures of ``rows`` were taken: ``the median of N timed calls`` (per row when N differs)."""
     counts = sorted({r["reps"] for r in rows if "reps" in r})
-    return "/".join(str(c) for c in counts) if counts else "?"
+    if not counts:
+        return "timed calls not recorded"
+    if len(counts) > 1:
+        return "the median of each row's timed calls (column `calls`)"
+    return "one timed call" if counts[0] == 1 else f"the median of {counts[0]} timed calls"
 
 
 def full_and_quick(results: Path, stem: str, render: Callable[[dict], str], gpu_how: str = GPU_CHECK) -> str:
@@ -162,10 +168,10 @@ def render_decode_file(p: dict) -> str:
              f"{params(e2e_sum['model_params'])} parameters (hidden {cfg['hidden']}, {cfg['layers']} layers, "
              f"vocabulary {num(e2e_sum['vocab'])}), {e2e_sum['dtype']}; history {cfg['history']}; beam "
              f"{e2e_sum['beams']}; our loop on {e2e_sum['users']} users in batches of {e2e_sum['batch']}, HF on "
-             f"{e2e_sum['hf_users']}; median of {reps_note(e2e)} timed calls.",
+             f"{e2e_sum['hf_users']}; {timed(e2e)}.",
              "",
-             md_table(["method", "users", "batch", "beams", "median ms", "users/s"],
-                      [[f"`{r['method']}`", r["users"], r["batch"], r["beams"], num(r["median_ms"]),
+             md_table(["method", "users", "batch", "beams", "calls", "ms", "users/s"],
+                      [[f"`{r['method']}`", r["users"], r["batch"], r["beams"], r["reps"], num(r["median_ms"]),
                         num(r["users_per_s"])] for r in e2e]),
              "",
              f"Our loop (`auto` = `{e2e_sum['ours_backend']}`) over HF `generate(prefix_allowed_tokens_fn)`: "
@@ -180,7 +186,7 @@ def render_decode_file(p: dict) -> str:
         lines += ["",
                   f"One `constrained_step` at {num(k_sum['rows'])} rows ({k_sum['users']} users × {k_sum['beams']} "
                   f"beams), d = {k_sum['d']}, {k_sum['dtype']}: µs per step, mean over the {levels} levels of each "
-                  f"level's median of {reps_note(kernel)} timed calls.",
+                  f"level's figure, {timed(kernel)}.",
                   "",
                   md_table(["catalogue", "items", "backend", "beam step µs", "sample step µs"],
                            [[cat, num(k_sum["items"][cat]), f"`{b}`",
@@ -203,11 +209,11 @@ def render_hf_processor_file(p: dict) -> str:
              f"Workload ({mode}one run): {cfg.get('workload')}, {num(s['items'])} items; stock `model.generate` "
              f"beam search, {s['users']} users, beam {s['beams']}, prompts of {cfg['prompt_tokens']} tokens; "
              f"Qwen2-style model of {params(cfg['model_params'])} parameters (vocabulary {num(s['vocab'])}), "
-             f"{s['dtype']}; median of {reps_note(gen)} timed calls.",
+             f"{s['dtype']}; {timed(gen)}.",
              "",
-             md_table(["method", "users", "beams", "median ms", "users/s"],
-                      [[f"`{r['method']}`", r["users"], r["beams"], num(r["median_ms"]), num(r["users_per_s"])]
-                       for r in gen]),
+             md_table(["method", "users", "beams", "calls", "ms", "users/s"],
+                      [[f"`{r['method']}`", r["users"], r["beams"], r["reps"], num(r["median_ms"]),
+                        num(r["users_per_s"])] for r in gen]),
              "",
              f"`SIDTrieLogitsProcessor` over `prefix_allowed_tokens_fn`: "
              f"**{times(s['hf_processor_speedup_vs_prefix_fn'])}**; processor over unconstrained: "
@@ -219,7 +225,7 @@ def render_hf_processor_file(p: dict) -> str:
             by.setdefault(r["level"], {})[r["method"]] = r["median_ms"]
         lines += ["",
                   f"One processor call at {num(s['processor_rows'])} rows ({s['users']} users × {s['beams']} beams) "
-                  f"over a vocabulary of {num(s['vocab'])}, without the model: median ms of {reps_note(proc)} calls.",
+                  f"over a vocabulary of {num(s['vocab'])}, without the model: ms, {timed(proc)}.",
                   "",
                   md_table(["level", "`SIDTrieLogitsProcessor` ms", "HF `PrefixConstrainedLogitsProcessor` ms",
                             "prefix fn / ours"],
@@ -240,7 +246,7 @@ def render_gfn_loss_file(p: dict) -> str:
     cpl = cfg["codes_per_level"]
     lines = [provenance(p),
              f"Trajectory balance, forward + backward ({mode}one run): {len(cpl)} × {cpl[0]} codes, catalogue of "
-             f"{num(cfg['catalogue_items'])} items, {cfg['dtype']}; median of {reps_note(rows)} timed calls; extra "
+             f"{num(cfg['catalogue_items'])} items, {cfg['dtype']}; {timed(rows)}; extra "
              f"peak memory measured on CUDA only.",
              "",
              md_table(["rows (T × L)", "d", "V", "dtype", "method", "median ms", "extra peak GiB", "time / fused"],
@@ -312,11 +318,9 @@ def render_trie_build(results: Path) -> str:
         return pending("benchmarks/results/trie_build.json", "run `python benchmarks/bench_trie_build.py`")
     rows = need(p, "rows")
     cfg = need(p, "config")
-    end = p.get("load_average_end")
     lines = [provenance(p),
-             f"One run, {len(cfg['codes_per_level'])} × {cfg['codes_per_level'][0]} codes; median of the timed "
-             f"builds after one warm-up" + (f"; load average {num(float(end[0]), 2)} (1 min) at the end" if end
-                                            else "") + ".",
+             f"One run, {len(cfg['codes_per_level'])} × {cfg['codes_per_level'][0]} codes; the median of the timed "
+             f"builds (column `builds`) after one warm-up build.",
              "",
              md_table(["catalogue", "threads", "items", "trie nodes", "builds", "PyTorch s", "C++ s",
                        "C++ speed-up", "`contains`, dense s", "`contains`, CSR s"],
