@@ -5,10 +5,16 @@ absolute positions and a stack of causal pre-norm transformer blocks; the hidden
 position is the user representation ``u``, and the score of item ``i`` is ``u . E[i]`` with ``E`` the same
 item embedding table that reads the input (weight tying).
 
-Training (:func:`train_sasrec`) uses the leave-one-out split of ``gflowgr_core.data.split``: every training
-row is already one prefix of a user's sequence, so the loss is the full-softmax cross-entropy over the
-catalogue of that row's target given the last position only. Validation NDCG@10 (full-catalogue ranking,
-nothing excluded unless ``exclude_history``) drives early stopping; the best epoch's weights are kept.
+Training (:func:`train_sasrec`) reads the leave-one-out split of ``gflowgr_core.data.split`` as whole
+sequences (:func:`whole_sequence_rows`): one row per user holds the training part of the user's sequence,
+and every position predicts the next item, so one causal pass scores all of that user's training targets
+(full-softmax cross-entropy over the catalogue, averaged over targets). Each target sees exactly the
+items its per-prefix training row holds; a target whose history was truncated to ``max_history`` gets a
+row of its own. Validation NDCG@10 (full-catalogue ranking, nothing excluded unless ``exclude_history``)
+drives early stopping; the best epoch's weights are kept.
+
+:func:`load_or_train_sasrec` trains once per (configuration, split) and caches the model outside the
+data folder (:func:`default_cache_dir`).
 
 :class:`CMScorer` caches, for one split, the user representation of every row and the item embeddings, so
 the score of any (row, item) pair is a gather and a dot product; it also keeps each row's score mean and
@@ -20,7 +26,9 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +42,11 @@ from tqdm.auto import tqdm
 from gflowgr_core import metrics
 from gflowgr_core.devices import resolve_device
 
-__all__ = ["SASRecConfig", "SASRec", "train_sasrec", "rank_items", "evaluate_sasrec", "CMScorer",
+__all__ = ["SASRecConfig", "SASRec", "SequenceRows", "whole_sequence_rows", "train_sasrec", "rank_items",
+           "evaluate_sasrec", "load_or_train_sasrec", "sasrec_cache_name", "default_cache_dir", "CMScorer",
            "split_fingerprint"]
+
+log = logging.getLogger("gflowgr")
 
 PAD = -1
 # Row chunks for [rows, n_items] score matrices are sized to hold about this many floats (64 MiB fp32).
@@ -56,7 +67,8 @@ class SASRecConfig:
         ffn_dim: width of the feed-forward layer; ``None`` means ``dim`` (as in the SASRec paper).
         dropout: dropout on embeddings, attention weights and block outputs.
         lr, weight_decay: AdamW settings.
-        batch_size: training rows per step.
+        batch_size: training rows per step; a row is one user's whole training sequence (or a window of it,
+            see :func:`whole_sequence_rows`), so a step scores several targets per row.
         max_epochs: upper bound on epochs over the training rows.
         patience: stop after this many evaluations without a better validation ``early_stop_metric``.
         early_stop_metric: key of :func:`gflowgr_core.metrics.evaluate_rankings` to maximise.
@@ -246,21 +258,29 @@ class SASRec(nn.Module):
         return self.user_representation(history) @ self.item_embeddings().T
 
     def save(self, path: str | Path) -> Path:
-        """``torch.save`` of the constructor arguments and the weights."""
+        """``torch.save`` of the constructor arguments, the weights and ``train_report`` (if any).
+
+        The file is written under a temporary name and renamed, so a reader never sees half a file.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"hparams": self.hparams, "state_dict": self.state_dict()}, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"hparams": self.hparams, "state_dict": self.state_dict(),
+                    "train_report": getattr(self, "train_report", None)}, tmp)
+        os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "SASRec":
-        """Inverse of :meth:`save`."""
+        """Inverse of :meth:`save` (in eval mode; ``train_report`` restored when the file has one)."""
         blob = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(blob, dict) or "hparams" not in blob or "state_dict" not in blob:
             raise ValueError(f"{path} is not a SASRec checkpoint written by SASRec.save")
         model = cls(**blob["hparams"])
         model.load_state_dict(blob["state_dict"])
-        return model.to(map_location)
+        if blob.get("train_report") is not None:
+            model.train_report = blob["train_report"]
+        return model.to(map_location).eval()
 
 
 # ------------------------------------------------------------------------------------- ranking / metrics
@@ -340,6 +360,71 @@ def _check_split(name: str, split, num_items: int, max_history: int) -> None:
         raise ValueError(f"{name} row {row}: target {int(target[row])} is outside [0, {num_items})")
 
 
+@dataclass
+class SequenceRows:
+    """Training rows that score many targets in one causal pass.
+
+    Attributes:
+        history: ``LongTensor[W, H]`` left-padded item sequences (``-1`` = pad).
+        labels: ``LongTensor[W, H]``: at a scored position ``p``, the item that follows ``history[w, :p+1]``;
+            ``-1`` at positions that are not scored.
+    """
+
+    history: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.history.shape[0])
+
+
+def whole_sequence_rows(split) -> SequenceRows:
+    """The per-prefix rows of ``split`` regrouped into whole-sequence rows, each target scored once.
+
+    Row ``i`` continues row ``i-1`` when both belong to one user and ``history[i]`` is ``history[i-1]``
+    with ``target[i-1]`` appended and nothing dropped (one item longer). A maximal run of continuing rows
+    ``r..e`` becomes one sequence row: its input is ``history[e]``, and the target of row ``i`` is the
+    label at column ``H-1-(e-i)``, where the causal model sees exactly ``history[i]``'s items. A row whose
+    history was truncated (``H`` items and one dropped) continues nothing, so it forms a row of its own
+    and its target still sees only its ``H`` items. On ``leave_one_out`` training rows (grouped by user,
+    chronological) this gives one row per user whose training part fits in ``H + 1`` items, plus one
+    per truncated target; on any other row order or subset it is still exact, only less compact.
+
+    What changes against per-prefix rows is where an item sits, not what is visible: in a shared row,
+    an earlier target's history is not right-aligned, so its items carry other absolute positions (the
+    usual SASRec training, which scores every position of a left-padded sequence).
+
+    Args:
+        split: a :class:`~gflowgr_core.data.split.Split` with ``history[N, H]``, ``target[N]``,
+            ``user[N]``; every history holds at least one item.
+    """
+    hist, target, user = split.history.cpu(), split.target.cpu(), split.user.cpu()
+    n, width = hist.shape
+    length = (hist >= 0).sum(1)
+    if bool((length == 0).any()):
+        raise ValueError(f"split row {int((length == 0).nonzero()[0])} has an empty history; every row needs "
+                         "at least one item")
+    cont = torch.zeros(n, dtype=torch.bool)
+    if n > 1:
+        cont[1:] = ((user[1:] == user[:-1]) & (length[1:] == length[:-1] + 1) & (hist[1:, -1] == target[:-1])
+                    & (hist[1:, :-1] == hist[:-1, 1:]).all(1))
+    window = (~cont).cumsum(0) - 1
+    is_end = torch.ones(n, dtype=torch.bool)
+    is_end[:-1] = ~cont[1:]
+    end_row = is_end.nonzero().squeeze(1)
+    # A run r..e has e-r+1 = length[e] - length[r] + 1 <= H rows, so every column is inside the row.
+    column = width - 1 - (end_row[window] - torch.arange(n))
+    labels = torch.full((len(end_row), width), PAD, dtype=torch.long)
+    labels[window, column] = target
+    return SequenceRows(hist[end_row].contiguous(), labels)
+
+
+def _sequence_loss(model: SASRec, history: Tensor, labels: Tensor) -> Tensor:
+    """Mean full-catalogue cross-entropy over the scored positions of ``history[B, H]``."""
+    scored = labels >= 0
+    hidden = model.encode(history)[scored]
+    return F.cross_entropy(hidden @ model.item_embeddings().T, labels[scored])
+
+
 def _fork_devices(device: torch.device) -> list:
     if device.type == "cuda":
         return [device.index if device.index is not None else torch.cuda.current_device()]
@@ -351,7 +436,9 @@ def train_sasrec(split_data, config: Optional[SASRecConfig] = None) -> SASRec:
 
     Args:
         split_data: ``SplitData`` from ``gflowgr_core.data.split.leave_one_out`` (``train``, ``valid``,
-            ``test`` with ``history[N, H]`` / ``target[N]``; ``num_items``; ``max_history``).
+            ``test`` with ``history[N, H]`` / ``target[N]``; ``num_items``; ``max_history``). The
+            training rows are regrouped by :func:`whole_sequence_rows`, so every training target is
+            learned from exactly the items of its row.
         config: :class:`SASRecConfig` (defaults if ``None``).
 
     Returns:
@@ -371,9 +458,9 @@ def train_sasrec(split_data, config: Optional[SASRecConfig] = None) -> SASRec:
     if max(config.eval_ks) > num_items:
         raise ValueError(f"eval_ks {config.eval_ks} exceed the catalogue size {num_items}")
     popularity = metrics.item_popularity(split_data)
-    train_hist = split_data.train.history.to(device)
-    train_target = split_data.train.target.to(device)
-    n_train = train_target.shape[0]
+    rows = whole_sequence_rows(split_data.train)
+    train_hist, train_labels = rows.history.to(device), rows.labels.to(device)
+    n_train = len(rows)
     log_file = None
     if config.log_path:
         Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -397,7 +484,7 @@ def train_sasrec(split_data, config: Optional[SASRecConfig] = None) -> SASRec:
                            disable=not config.progress, leave=False)
                 for start in bar:
                     idx = order[start:start + config.batch_size]
-                    loss = F.cross_entropy(model(train_hist[idx]), train_target[idx])
+                    loss = _sequence_loss(model, train_hist[idx], train_labels[idx])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if config.grad_clip is not None:
@@ -445,6 +532,97 @@ def train_sasrec(split_data, config: Optional[SASRecConfig] = None) -> SASRec:
         shown = [key for key in ("recall@10", "ndcg@10") if key in valid]
         tqdm.write(f"SASRec best epoch {best_epoch}: " + "  ".join(
             f"valid {key} {valid[key]:.4f}  test {key} {test[key]:.4f}" for key in shown))
+    return model
+
+
+# ------------------------------------------------------------------------------------------- model cache
+
+CACHE_ENV = "GFLOWGR_CACHE"
+# Settings that change how a run is shown or where it runs, not which model it trains.
+_NOT_IN_CACHE_KEY = ("device", "progress", "verbose", "log_path")
+# Bump when train_sasrec learns a different model from the same configuration and split.
+_TRAINING_VERSION = 2
+
+
+def default_cache_dir() -> Path:
+    """Where :func:`load_or_train_sasrec` keeps models by default: ``$GFLOWGR_CACHE/cm`` when that variable
+    is set, else ``$XDG_CACHE_HOME/gflowgr/cm`` (``~/.cache/gflowgr/cm``). Never inside a data folder, which
+    may be read-only and is shared by runs with other settings."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / "cm"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "gflowgr" / "cm"
+
+
+def _split_data_fingerprint(split_data) -> str:
+    digest = hashlib.sha1()
+    digest.update(f"{int(split_data.num_items)}/{int(split_data.max_history)}".encode())
+    for name in ("train", "valid", "test"):
+        digest.update(split_fingerprint(getattr(split_data, name)).encode())
+    return digest.hexdigest()[:16]
+
+
+def sasrec_cache_name(split_data, config: SASRecConfig) -> str:
+    """File name of the cached model: ``sasrec_<config hash>_<split hash>.pt``.
+
+    The config hash covers every :class:`SASRecConfig` field except ``device``, ``progress``, ``verbose``
+    and ``log_path``; the split hash covers the train, valid and test rows (valid drives early stopping)
+    and the catalogue size.
+    """
+    fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_CACHE_KEY}
+    blob = json.dumps({"training_version": _TRAINING_VERSION, "config": fields}, sort_keys=True)
+    return f"sasrec_{hashlib.sha1(blob.encode()).hexdigest()[:12]}_{_split_data_fingerprint(split_data)}.pt"
+
+
+def _metrics_line(report: dict) -> str:
+    return "  ".join(f"{part} {key} {report[part][key]:.4f}" for part in ("valid", "test")
+                     for key in ("recall@10", "ndcg@10") if key in report.get(part, {}))
+
+
+def load_or_train_sasrec(split_data, config: Optional[SASRecConfig] = None, cache_dir: Optional[str | Path] = None,
+                         *, is_main: bool = True, barrier=lambda: None) -> SASRec:
+    """The SASRec of ``config`` on ``split_data``: loaded from ``cache_dir`` when cached, else trained and saved.
+
+    Args:
+        split_data: the ``SplitData`` to train on (see :func:`train_sasrec`).
+        config: :class:`SASRecConfig` (defaults if ``None``); its ``device`` is where the model ends up.
+        cache_dir: folder of cached models (default :func:`default_cache_dir`); the file is
+            :func:`sasrec_cache_name`, so another configuration or split never reuses a model.
+        is_main: in a multi-process run, ``True`` on the one process that trains and writes the file.
+        barrier: called by every process after the main one has the file (e.g. the run's
+            ``dist.barrier``); the other processes then load it.
+
+    Returns:
+        The model in eval mode on ``config.device``, with ``train_report`` (also when loaded).
+
+    Raises:
+        OSError: ``cache_dir`` cannot be created or written (checked before training), naming it.
+    """
+    config = config or SASRecConfig()
+    device = resolve_device(config.device)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache_dir / sasrec_cache_name(split_data, config)
+    model = None
+    if is_main:
+        if path.is_file():
+            model = SASRec.load(path, map_location=device)
+            log.info("collaborative model (SASRec) loaded from %s: %s", path,
+                     _metrics_line(getattr(model, "train_report", {})))
+        else:
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OSError(f"cannot create the SASRec cache folder {cache_dir} ({exc}); pass another "
+                              f"cache_dir or set {CACHE_ENV}") from exc
+            if not os.access(cache_dir, os.W_OK):
+                raise OSError(f"the SASRec cache folder {cache_dir} is not writable; pass another cache_dir "
+                              f"or set {CACHE_ENV}")
+            model = train_sasrec(split_data, config)
+            model.save(path)
+            log.info("collaborative model (SASRec) trained, %s; saved to %s", _metrics_line(model.train_report), path)
+    barrier()
+    if model is None:
+        model = SASRec.load(path, map_location=device)
     return model
 
 

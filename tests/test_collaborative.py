@@ -1,14 +1,20 @@
-"""SASRec and the CM score cache on a tiny synthetic split with a learnable pattern (item i -> i+1)."""
+"""SASRec, its whole-sequence training rows, the model cache and the CM score cache, on a tiny synthetic
+split with a learnable pattern (item i -> i+1) and on the bundled Beauty slice."""
+import dataclasses
 import json
+import os
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from gflowgr_core import metrics
-from gflowgr_core.collaborative import (CMScorer, SASRec, SASRecConfig, evaluate_sasrec, rank_items,
-                                        split_fingerprint, train_sasrec)
-from gflowgr_core.data.loaders import Interactions
+from gflowgr_core import collaborative, metrics
+from gflowgr_core.collaborative import (CMScorer, SASRec, SASRecConfig, default_cache_dir, evaluate_sasrec,
+                                        load_or_train_sasrec, rank_items, sasrec_cache_name, split_fingerprint,
+                                        train_sasrec, whole_sequence_rows)
+from gflowgr_core.data.loaders import Interactions, load_letter
+from gflowgr_core.data.prepared import PreparedData, prepare
 from gflowgr_core.data.split import Split, SplitData, leave_one_out
 
 NUM_ITEMS = 40
@@ -198,3 +204,190 @@ def test_epoch_log_lines(data, tmp_path):
     popularity = metrics.item_popularity(data)
     again = evaluate_sasrec(model, data.valid, popularity, ks=(1, 5, 10))
     assert again == model.train_report["valid"]
+
+
+# ------------------------------------------------------------------------------------ whole-sequence rows
+
+
+def per_prefix_pairs(split):
+    """Multiset of (visible history, target) of the per-prefix rows."""
+    return Counter((tuple(h[h >= 0].tolist()), int(t)) for h, t in zip(split.history, split.target))
+
+
+def whole_sequence_pairs(rows):
+    """Multiset of (items the causal model sees at a scored position, label) of whole-sequence rows."""
+    pairs = Counter()
+    for h, labels in zip(rows.history, rows.labels):
+        for p in (labels >= 0).nonzero().squeeze(1).tolist():
+            seen = h[: p + 1]
+            pairs[(tuple(seen[seen >= 0].tolist()), int(labels[p]))] += 1
+    return pairs
+
+
+def expected_row_count(split_data):
+    """One row per user with training targets, plus one per target whose history was truncated."""
+    per_user = torch.bincount(split_data.train.user, minlength=split_data.num_users)
+    return int((per_user > 0).sum() + (per_user - split_data.max_history).clamp(min=0).sum())
+
+
+def letter_split(path, max_history):
+    return leave_one_out(load_letter(path), max_history=max_history)
+
+
+@pytest.mark.parametrize("source,max_history", [("successor", 5), ("successor", 2), ("beauty_tiny", 20),
+                                                ("beauty_tiny", 4), ("letter_tiny", 1)])
+def test_whole_sequence_rows_train_on_the_per_prefix_pairs(source, max_history, beauty_tiny):
+    if source == "successor":
+        split_data = successor_split(num_users=60, max_history=max_history)
+    elif source == "beauty_tiny":
+        split_data = letter_split(beauty_tiny, max_history)
+    else:
+        split_data = letter_split(os.path.join(os.path.dirname(__file__), "fixtures", "data", "letter",
+                                               "Tiny.inter.json"),
+                                  max_history)
+    rows = whole_sequence_rows(split_data.train)
+    assert rows.history.shape == rows.labels.shape and rows.history.shape[1] == max_history
+    assert whole_sequence_pairs(rows) == per_prefix_pairs(split_data.train)
+    assert len(rows) == expected_row_count(split_data)
+    # Labels sit only where the model reads a real item.
+    assert bool((rows.history[rows.labels >= 0] >= 0).all())
+    # Each case mixes users that fit in one row with users whose histories were truncated.
+    per_user = torch.bincount(split_data.train.user)
+    assert bool((per_user > max_history).any()) and bool(((per_user > 0) & (per_user <= max_history)).any())
+
+
+def test_whole_sequence_rows_of_any_row_order_are_exact(data):
+    # A random subset in random order breaks most runs; every row must still be scored once, as it was.
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:300]
+    subset = data.train.subset(order)
+    rows = whole_sequence_rows(subset)
+    assert whole_sequence_pairs(rows) == per_prefix_pairs(subset)
+    sorted_subset = data.train.subset(order.sort().values)
+    assert len(whole_sequence_rows(sorted_subset)) < len(sorted_subset)
+    with pytest.raises(ValueError, match="split row 1 has an empty history"):
+        bad = data.train.history[:3].clone()
+        bad[1] = -1
+        whole_sequence_rows(Split(bad, data.train.target[:3], data.train.user[:3]))
+
+
+def test_sequence_loss_is_the_mean_over_scored_positions(data):
+    torch.manual_seed(0)
+    model = SASRec(NUM_ITEMS, data.max_history, dim=16, num_blocks=2, num_heads=2, dropout=0.0).eval()
+    rows = whole_sequence_rows(data.train)
+    hist, labels = rows.history[:7], rows.labels[:7]
+    with torch.no_grad():
+        loss = collaborative._sequence_loss(model, hist, labels)
+        terms = []
+        for w in range(hist.shape[0]):
+            hidden = model.encode(hist[w:w + 1])[0]
+            for p in (labels[w] >= 0).nonzero().squeeze(1).tolist():
+                logits = hidden[p] @ model.item_embeddings().T
+                terms.append(torch.logsumexp(logits, 0) - logits[labels[w, p]])
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    # The last column of a row is exactly the per-prefix user representation of its last target.
+    end = labels[:, -1] >= 0
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(hist)[end, -1], model.user_representation(hist[end]))
+
+
+# ------------------------------------------------------------------------------------------- model cache
+
+TINY = dict(SMALL, max_epochs=1)
+
+
+@pytest.fixture
+def count_training(monkeypatch):
+    calls = []
+    real = collaborative.train_sasrec
+
+    def counted(split_data, config=None):
+        calls.append(config)
+        return real(split_data, config)
+
+    monkeypatch.setattr(collaborative, "train_sasrec", counted)
+    return calls
+
+
+def test_cache_name_follows_every_model_setting(data):
+    cfg = SASRecConfig(**TINY)
+    name = sasrec_cache_name(data, cfg)
+    assert name.startswith("sasrec_") and name.endswith(".pt")
+    # Display and placement settings do not change the model, so they share its file.
+    for change in ({"verbose": True}, {"progress": True}, {"device": "auto"}, {"log_path": "x.jsonl"}):
+        assert sasrec_cache_name(data, SASRecConfig(**{**TINY, **change})) == name, change
+    changes = ({"dim": 16}, {"num_blocks": 1}, {"num_heads": 1}, {"ffn_dim": 64}, {"dropout": 0.2}, {"lr": 2e-3},
+               {"weight_decay": 0.1}, {"batch_size": 32}, {"max_epochs": 2}, {"patience": 2},
+               {"early_stop_metric": "recall@10"}, {"eval_ks": (1, 5, 10, 20)}, {"eval_batch_size": 7},
+               {"exclude_history": True}, {"grad_clip": None}, {"seed": 1})
+    shown = {"verbose", "progress", "device", "log_path"}
+    assert {key for change in changes for key in change} | shown == {f.name for f in dataclasses.fields(cfg)}
+    names = {sasrec_cache_name(data, SASRecConfig(**{**TINY, **change})) for change in changes}
+    assert len(names) == len(changes) and name not in names
+    # Another split (here: other valid/test rows on the same training rows) is another model.
+    moved = SplitData(data.train, data.test, data.valid, data.num_users, data.num_items, data.max_history,
+                      data.dropped_users)
+    assert sasrec_cache_name(moved, cfg) != name
+
+
+def test_cache_reuses_and_retrains(data, tmp_path, count_training):
+    cfg = SASRecConfig(**TINY)
+    first = load_or_train_sasrec(data, cfg, tmp_path)
+    assert (tmp_path / sasrec_cache_name(data, cfg)).is_file() and len(count_training) == 1
+    assert not first.training
+    again = load_or_train_sasrec(data, SASRecConfig(**{**TINY, "verbose": True}), tmp_path)
+    assert len(count_training) == 1
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    assert again.train_report["test"] == first.train_report["test"] and not again.training
+    # A changed CM setting trains a new model beside the old one.
+    changed = load_or_train_sasrec(data, SASRecConfig(**{**TINY, "lr": 2e-3}), tmp_path)
+    assert len(count_training) == 2 and len(list(tmp_path.glob("sasrec_*.pt"))) == 2
+    assert not torch.equal(changed.item_emb.weight, first.item_emb.weight)
+
+
+def test_cache_other_processes_load_what_the_main_one_wrote(data, tmp_path, count_training):
+    cfg = SASRecConfig(**TINY)
+    waited = []
+    main = load_or_train_sasrec(data, cfg, tmp_path, is_main=True, barrier=lambda: waited.append("main"))
+    other = load_or_train_sasrec(data, cfg, tmp_path, is_main=False, barrier=lambda: waited.append("other"))
+    assert waited == ["main", "other"] and len(count_training) == 1
+    assert torch.equal(main.item_emb.weight, other.item_emb.weight)
+
+
+def test_cache_folder_errors_before_training(data, tmp_path, count_training):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=f"cannot create the SASRec cache folder {blocker / 'cm'}"):
+        load_or_train_sasrec(data, SASRecConfig(**TINY), blocker / "cm")
+    assert count_training == []
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("GFLOWGR_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c" / "cm"
+    monkeypatch.delenv("GFLOWGR_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "gflowgr" / "cm"
+
+
+def snapshot(folder):
+    return {(str(p.relative_to(folder)), p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+def test_read_only_data_folder(beauty_tiny, tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    prepare("letter", beauty_tiny, folder)
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        before = snapshot(folder)
+        monkeypatch.setenv("GFLOWGR_CACHE", str(tmp_path / "cache"))
+        data = PreparedData.load(folder)
+        cfg = SASRecConfig(**{**TINY, "eval_ks": (5, 10, 20)})
+        model = load_or_train_sasrec(data.split, cfg)
+        assert snapshot(folder) == before
+        assert (tmp_path / "cache" / "cm" / sasrec_cache_name(data.split, cfg)).is_file()
+        assert model.num_items == data.num_items
+    finally:
+        for p in [folder, *folder.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
