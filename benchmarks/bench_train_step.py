@@ -22,16 +22,27 @@ sequences, 4 x 256 random SIDs) when the shared data is absent.
 
     python benchmarks/bench_train_step.py            # GPU, bf16 autocast: results/train_step.json
     python benchmarks/bench_train_step.py --quick    # CPU, small batches: results/train_step_quick.json
+
+``--epoch`` measures packed training (``packing: true``) against per-prefix prompts (``packing: false``) on
+the 1.3M model, batch 1,024, in one run: tokens per epoch (processed, padding included, and real), seconds
+of a whole SFT epoch (steps of the two layouts interleaved, so a change in machine load hits both alike),
+GFlowGR-TB with the CM curriculum over ``--gflowgr-steps`` steps scaled to an epoch, and evaluation users/s
+(beam 20) with users batched by history length against the unsorted order. ``--per-prefix-minutes``
+bounds the per-prefix side: when it runs out, the per-prefix epoch is the measured steps' mean scaled to
+the epoch, and the JSON says how many steps were measured.
+
+    python benchmarks/bench_train_step.py --epoch    # results/train_epoch_<device>.json
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -113,13 +124,13 @@ def load_data(data: Optional[str], work: Path, quick: bool) -> tuple[Path, Prepa
 
 
 def make_trainer(data_dir: Path, data: PreparedData, model: dict, method: str, batch: int, device: str,
-                 dtype: str, out: Path, init_checkpoint: Optional[Path]):
+                 dtype: str, out: Path, init_checkpoint: Optional[Path], extra: Sequence[str] = ()):
     from gflowgr_core.train.config import load_config
     from gflowgr_core.train.trainer import Trainer
 
     overrides = [f"data={data_dir}", f"out={out}", f"device={device}", f"dtype={dtype}", f"batch_size={batch}",
                  "warmup_steps=10", "lr=0.0005", "cm.max_epochs=1", "cm.progress=false", "cm.verbose=false",
-                 *[f"model.{k}={v}" for k, v in model.items()], *METHODS[method]]
+                 *[f"model.{k}={v}" for k, v in model.items()], *METHODS[method], *extra]
     if init_checkpoint is not None:
         overrides.append(f"init_checkpoint={init_checkpoint}")
     return Trainer(load_config(None, overrides), data)
@@ -204,6 +215,131 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def epoch_tokens(trainer, order: torch.Tensor, batch: int, trajectories: int) -> dict:
+    """Tokens one epoch feeds the LM in each layout: ``processed`` (padding included) and ``real``."""
+    from gflowgr_core.model.packing import pack_trajectories
+
+    policy, train = trainer.policy, trainer.data.split.train
+    L = policy.num_levels
+    n_fixed = policy.prompt_prefix.numel() + policy.prompt_suffix.numel()
+    out = {"packed_processed": 0, "packed_real": 0, "per_prefix_processed": 0, "per_prefix_real": 0}
+    for start in range(0, len(order), batch):
+        rows = order[start:start + batch]
+        b = trainer.batch(rows)
+        n = (b.history >= 0).sum(1)
+        out["per_prefix_processed"] += int(len(rows) * (2 + n_fixed + L * int(n.max()))
+                                           + len(rows) * trajectories * (L - 1))
+        out["per_prefix_real"] += int((2 + n_fixed + L * n).sum() + len(rows) * trajectories * (L - 1))
+        codes = policy.item_codes[b.target].unsqueeze(1).expand(-1, trajectories, -1)
+        lay = pack_trajectories(b.history, codes, item_tokens=policy.item_tokens, level_tokens=policy.level_tokens,
+                                bos_id=policy.token_map.bos_id, sep_id=policy.token_map.sep_id,
+                                pad_id=policy.token_map.pad_id, prefix=policy.prompt_prefix,
+                                suffix=policy.prompt_suffix, window=b.window, row_tokens=trainer.cfg.pack_row_tokens)
+        out["packed_processed"] += lay.input_ids.numel()
+        out["packed_real"] += lay.tokens
+    return out
+
+
+def bench_epoch(data_dir: Path, data: PreparedData, batch: int, gflowgr_steps: int, per_prefix_minutes: float,
+                eval_users: int, device: str, dtype: str, work: Path) -> dict:
+    """Packed vs per-prefix training and length-batched vs unsorted evaluation, in one run."""
+    import time
+
+    from gflowgr_core.data.windows import window_order
+    from gflowgr_core.decoding.search import beam_search
+    from gflowgr_core.train.checkpoint import save_policy
+
+    model = MODELS["qwen2_1.3M"]
+    sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
+
+    def trainer(method: str, packing: bool, init: Optional[Path]):
+        t = make_trainer(data_dir, data, model, method, batch, device, dtype,
+                         work / f"{method}_{packing}", init, [f"packing={str(packing).lower()}"])
+        return t
+
+    sft = {True: trainer("sft", True, None), False: trainer("sft", False, None)}
+    init = save_policy(sft[True].policy, work / "init")
+    order = window_order(sft[True].train_index, sft[True].windows, torch.Generator().manual_seed(0))
+    random_order = sft[False].train_index[torch.randperm(len(order), generator=torch.Generator().manual_seed(0))]
+    steps = math.ceil(len(order) / batch)
+    tokens = {"sft": epoch_tokens(sft[True], order, batch, 1),
+              "gflowgr": epoch_tokens(sft[True], order, batch, 1 + 3)}
+    log(f"tokens per epoch: {tokens}")
+
+    def timed(t, rows) -> float:
+        sync()
+        start = time.perf_counter()
+        t.train_step(rows)
+        sync()
+        return time.perf_counter() - start
+
+    def interleaved(trainers: dict, n_steps: int, budget_s: float, what: str) -> dict:
+        """``n_steps`` packed steps, each followed by a per-prefix step while the budget lasts."""
+        times = {True: [], False: []}
+        for i in range(n_steps):
+            lo = (i % steps) * batch
+            times[True].append(timed(trainers[True], order[lo:lo + batch]))
+            if sum(times[False]) < budget_s:
+                times[False].append(timed(trainers[False], random_order[lo:lo + batch]))
+            if i % 10 == 0:
+                log(f"{what} step {i + 1}/{n_steps}: packed {times[True][-1]:.2f} s, per-prefix "
+                    f"{times[False][-1]:.2f} s ({len(times[False])} measured)")
+        return times
+
+    # One warm-up step each (allocator, kernels), not timed.
+    for t in sft.values():
+        t.train_step(order[:batch])
+    sft_times = interleaved(sft, steps, per_prefix_minutes * 60, "sft")
+    gfn = {p: trainer("gflowgr_tb_cm_curriculum", p, init) for p in (True, False)}
+    for t in gfn.values():
+        t.train_step(order[:batch])
+    gfn_times = interleaved(gfn, gflowgr_steps, per_prefix_minutes * 60 / 4, "gflowgr_tb_cm_curriculum")
+
+    def epoch_row(method: str, times: dict, packing: bool) -> dict:
+        ts = times[packing]
+        whole = len(ts) >= steps
+        mean = statistics.mean(ts)
+        return {"method": method, "packing": packing, "batch": batch, "steps_per_epoch": steps,
+                "steps_measured": len(ts), "whole_epoch": whole,
+                "epoch_s": sum(ts) if whole else mean * steps, "mean_step_s": mean,
+                "median_step_s": statistics.median(ts),
+                "tokens_processed_per_epoch": tokens["sft" if method == "sft" else "gflowgr"][
+                    "packed_processed" if packing else "per_prefix_processed"],
+                "tokens_real_per_epoch": tokens["sft" if method == "sft" else "gflowgr"][
+                    "packed_real" if packing else "per_prefix_real"]}
+
+    rows = [epoch_row("sft", sft_times, p) for p in (True, False)]
+    rows += [epoch_row("gflowgr_tb_cm_curriculum", gfn_times, p) for p in (True, False)]
+
+    # Evaluation: the same users, beam 20, one scoring; users batched by history length vs unsorted.
+    policy = sft[True].policy.eval()
+    valid = data.split.valid
+    users = torch.randperm(len(valid), generator=torch.Generator().manual_seed(0))[:eval_users]
+    history = valid.history[users].to(device)
+    evals = []
+    for sort in (True, False):
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            beam_search(policy, sft[True].trie, history, beams=20, topk=20, batch_size=256, sort_by_length=sort)
+        sync()
+        seconds = time.perf_counter() - start
+        evals.append({"sort_by_length": sort, "users": len(users), "beams": 20, "batch_size": 256,
+                      "seconds": seconds, "users_per_s": len(users) / seconds})
+        log(f"evaluation sort_by_length={sort}: {len(users) / seconds:.1f} users/s")
+    by = {(r["method"], r["packing"]): r for r in rows}
+    summary = {
+        "sft_epoch_speedup_packed_vs_per_prefix": by[("sft", False)]["epoch_s"] / by[("sft", True)]["epoch_s"],
+        "gflowgr_tb_epoch_over_packed_sft_epoch": (by[("gflowgr_tb_cm_curriculum", True)]["epoch_s"]
+                                                  / by[("sft", True)]["epoch_s"]),
+        "eval_speedup_sorted_vs_unsorted": evals[0]["users_per_s"] / evals[1]["users_per_s"],
+        "sft_tokens_ratio_per_prefix_over_packed": (tokens["sft"]["per_prefix_processed"]
+                                                    / tokens["sft"]["packed_processed"]),
+    }
+    return {"rows": rows, "eval": evals, "tokens": tokens, "summary": summary,
+            "model": "qwen2_1.3M", "model_config": model, "row_tokens": sft[True].cfg.pack_row_tokens}
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU-sized batches and few repetitions")
@@ -212,9 +348,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--data", default=None, help="a prepared dataset folder (default: Beauty, prepared here)")
     p.add_argument("--work", default=None, help="scratch folder for prepared data and checkpoints")
     p.add_argument("--out", default=None, help="JSON path (default: results/train_step[_quick].json)")
+    p.add_argument("--epoch", action="store_true", help="packed vs per-prefix epochs and evaluation (see above)")
+    p.add_argument("--gflowgr-steps", type=int, default=30, help="--epoch: GFlowGR-TB steps scaled to an epoch")
+    p.add_argument("--per-prefix-minutes", type=float, default=120.0,
+                   help="--epoch: time budget of the per-prefix SFT steps")
+    p.add_argument("--eval-users", type=int, default=2000, help="--epoch: validation users decoded")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    if args.epoch:
+        return main_epoch(args, device, dtype)
     sizes = QUICK if args.quick else FULL
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,6 +383,30 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"1-minute load average: {load['start']:.1f} at start, {load['end']:.1f} at end "
           f"({load['logical_cores']} logical cores)")
     print(f"GFlowGR-TB / SFT step time: {payload['summary']}")
+    print(f"wrote {out}")
+    return payload
+
+
+def main_epoch(args, device: str, dtype: str) -> dict:
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        data_dir, data, data_label = load_data(args.data, work, args.quick)
+        result = bench_epoch(data_dir, data, 1024, args.gflowgr_steps, args.per_prefix_minutes, args.eval_users,
+                             device, dtype, work / "runs")
+    env = environment(device)
+    load = {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()}
+    payload = {**env, "device_kind": torch.device(device).type, "dtype": dtype, "data": data_label,
+               "num_train_examples": len(data.split.train), "load_average_1m": load, **result}
+    kind = torch.device(device).type
+    out = Path(args.out) if args.out else RESULTS_DIR / f"train_epoch_{kind}{'_quick' if args.quick else ''}.json"
+    write_json(out, payload)
+    print(f"{env['device']}; {data_label}; {dtype}")
+    print(format_table(result["rows"], ["method", "packing", "batch", "steps_measured", "whole_epoch", "epoch_s",
+                                        "median_step_s", "tokens_processed_per_epoch"]))
+    print(format_table(result["eval"], ["sort_by_length", "users", "beams", "users_per_s"]))
+    print(f"summary: {result['summary']}")
+    print(f"1-minute load average: {load['start']:.1f} at start, {load['end']:.1f} at end")
     print(f"wrote {out}")
     return payload
 

@@ -253,6 +253,13 @@ class SIDPolicy(nn.Module):
     def device(self) -> torch.device:
         return self.item_tokens.device
 
+    def set_log_z_init(self, value: float) -> None:
+        """Make the ``log Z`` head output ``value`` for every prompt (zero last layer, bias ``value``)."""
+        last = self.log_z_head.net[2]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.fill_(float(value))
+
     def lm_parameters(self):
         """Parameters of the wrapped LM (for an optimizer group)."""
         return self.model.parameters()

@@ -50,13 +50,16 @@ class GFNConfig:
     mixture: dict = field(default_factory=lambda: {"cm_curriculum": 0.5, "random": 0.5})
     policy_support: str = "trie"   # "trie" | "level" | "vocab"
     weighting: str = "uniform"     # "uniform" | "reward" (trajectory weights proportional to R within a set)
-    flow_lr: float = 1e-2          # learning rate of the log Z / log F heads (GFlowNets like it larger)
+    flow_lr: float = 1e-2          # learning rate of the log F head (GFlowNets like it larger)
+    log_z_lr: Optional[float] = None   # learning rate of the log Z head (None: flow_lr)
+    log_z_init: Optional[float] = None  # start of log Z (None: log of the data's expected reward mass)
     flow_warmup_steps: int = 0     # first steps in which the balance loss trains only the flow heads
     curriculum_start: float = 0.1  # CM-score quantile picked at the start of training (easy items)
     curriculum_end: float = 0.9    # ... and at the end (hard items, close to the user's taste)
     curriculum_pool: int = 100     # CM top-M items in the curriculum pool
     curriculum_random: int = 50    # random items added to the pool
-    onpolicy_temperature: float = 1.0
+    onpolicy_mode: str = "beam"    # "beam": top beams of the current policy | "sample": ancestral samples
+    onpolicy_temperature: float = 1.0  # sampling temperature of onpolicy_mode="sample"
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 
@@ -117,6 +120,7 @@ class TrainConfig:
         choices = {"gfn.objective": (self.gfn.objective, ("tb", "db", "subtb")),
                    "gfn.sampler": (self.gfn.sampler, ("logs", "random", "cm_curriculum", "onpolicy", "mixture")),
                    "gfn.policy_support": (self.gfn.policy_support, ("trie", "level", "vocab")),
+                   "gfn.onpolicy_mode": (self.gfn.onpolicy_mode, ("beam", "sample")),
                    "gfn.weighting": (self.gfn.weighting, ("uniform", "reward")),
                    "sft_support": (self.sft_support, ("trie", "level", "vocab")),
                    "dtype": (self.dtype, ("float32", "bfloat16")),
@@ -129,6 +133,11 @@ class TrainConfig:
             raise ConfigError(f"gfn.n_aug={self.gfn.n_aug} must be >= 0")
         if self.save_every_steps < 0:
             raise ConfigError(f"save_every_steps={self.save_every_steps} must be >= 0 (0 = off)")
+        if self.gfn.onpolicy_temperature <= 0:
+            raise ConfigError(f"gfn.onpolicy_temperature={self.gfn.onpolicy_temperature} must be > 0")
+        if self.gfn.reward.r_pos_mode == "catalogue" and self.gfn.reward.use_cm and self.gfn.reward.cm_source == "lm":
+            raise ConfigError("gfn.reward.r_pos_mode='catalogue' needs the CM score of every item, which "
+                              "cm_source='lm' does not give: use cm_source='cm' or r_pos_mode='fixed'")
         if self.pack_row_tokens < 1:
             raise ConfigError(f"pack_row_tokens={self.pack_row_tokens} must be >= 1")
         if not self.data:

@@ -130,9 +130,33 @@ class GFlowGRStage(Stage):
 
     name = "gflowgr"
 
-    def __init__(self, gfn, sft_support: str, reward: Reward, cm_scorer, sampler):
+    def __init__(self, gfn, sft_support: str, reward: Reward, cm_scorer, sampler, diagnostics_every: int = 1):
         self.gfn, self.sft_support, self.reward, self.cm_scorer = gfn, sft_support, reward, cm_scorer
         self.sampler, self.n_candidates = sampler, gfn.n_aug
+        self.diagnostics_every = max(1, int(diagnostics_every))
+
+    def _catalogue_cm(self, batch: ExampleBatch) -> Optional[torch.Tensor]:
+        """Normalised CM score of every catalogue item for every example, ``float[B, n_items]``."""
+        cfg = self.gfn.reward
+        if not cfg.use_cm:
+            return None
+        with torch.no_grad():
+            if cfg.cm_norm == "sigmoid_z":
+                s = self.cm_scorer.full_scores(batch.index)
+                # The catalogue moments of each row, as CMScorer.normalized uses them.
+                mean, std = s.mean(1, keepdim=True), s.std(1, unbiased=False, keepdim=True)
+                z = (s - mean) / std.clamp_min(torch.finfo(torch.float32).tiny)
+                return torch.where(std > 0, torch.sigmoid(z), torch.full_like(z, 0.5))
+            items = torch.arange(self.cm_scorer.num_items, device=batch.index.device)
+            return self.cm_scorer.normalized(batch.index, items.expand(len(batch), -1), method=cfg.cm_norm)
+
+    def catalogue_mass(self, ctx: StageContext, batch: ExampleBatch):
+        """:meth:`Reward.catalogue_mass` of ``batch``: the reward of every catalogue item per example
+        (``None`` when the reward reads the LM's own probabilities, which exist only for candidates)."""
+        cfg = self.gfn.reward
+        if cfg.use_cm and cfg.cm_source == "lm":
+            return None
+        return self.reward.catalogue_mass(batch.target, self._catalogue_cm(batch), ctx.item_codes)
 
     def loss(self, ctx, policy, batch, candidates, step):
         g = self.gfn
@@ -151,7 +175,13 @@ class GFlowGRStage(Stage):
             cm_norm = lm_generation_prob(step_logp).view(B, T)
         else:
             cm_norm = cm_component(g.reward, self.cm_scorer, batch.index, cands)
-        log_r, components = self.reward(batch.target, cands, cm_norm, ctx.item_codes)
+        # The catalogue-wide reward mass sets r_pos in "catalogue" mode and is logged (the positive's implied
+        # target share) every diagnostics_every steps.
+        mass = None
+        if g.reward.r_pos_mode == "catalogue" or step % self.diagnostics_every == 0:
+            mass = self.catalogue_mass(ctx, batch)
+        log_r, components = self.reward(batch.target, cands, cm_norm, ctx.item_codes,
+                                        log_rest=None if mass is None else mass.log_rest)
         weights = None
         if g.weighting == "reward":
             r = components["R"].detach()
@@ -179,6 +209,15 @@ class GFlowGRStage(Stage):
         logs = {"loss": loss.item(), "ce": ce.item(), "gfn": out.loss.item(), "log_z": log_z.mean().item(),
                 "backend": out.backend}
         logs.update(reward_summary({k: v for k, v in components.items() if k in ("r_a", "r_cm", "r_sim", "R")}))
+        with torch.no_grad():
+            # Whole-trajectory balance residual log Z + sum log P_F - log R (TB's; DB/SubTB report it too).
+            residual = log_z.detach().repeat_interleave(T) + out.log_pf.detach().sum(-1) - log_r.detach().reshape(-1)
+            logs["tb_residual"] = residual.mean().item()
+            if mass is not None:
+                log_pos = log_r.detach()[:, 0].float()
+                share = torch.exp(log_pos - torch.logaddexp(log_pos, mass.log_rest.float()))
+                logs["target_share"] = share.mean().item()
+                logs["log_reward_mass"] = torch.logaddexp(log_pos, mass.log_rest.float()).mean().item()
         return loss, logs
 
 

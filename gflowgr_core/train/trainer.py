@@ -37,12 +37,12 @@ from tqdm.auto import tqdm
 
 from gflowgr_core.data.prepared import PreparedData
 from gflowgr_core.debug import oom_hint
-from gflowgr_core.decoding.search import beam_search
+from gflowgr_core.decoding.search import beam_search, sample
 from gflowgr_core.evaluation import evaluate_policy
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
 from gflowgr_core.data.windows import trunk_windows, window_order
 from gflowgr_core.reward import Reward
-from gflowgr_core.samplers import make_sampler
+from gflowgr_core.samplers import UserItems, make_sampler
 from gflowgr_core.train.checkpoint import (TRAINER_STATE_FILE, CheckpointError, capture_rng, is_complete,
                                            load_extra, load_policy, recover_checkpoint, restore_rng, save_policy)
 from gflowgr_core.train.config import ConfigError, TrainConfig, save_config
@@ -138,12 +138,15 @@ class Trainer:
             self.reference.requires_grad_(False)
 
         self.train_index = self._train_index()
+        self.user_items = None
+        if config.stage in ("gflowgr", "dpo", "sdpo"):
+            self.user_items = UserItems(self.data.split.train.to(self.device))
         self.item_key = self._item_key()
         self.reward: Optional[Reward] = None
         self.cm_scorer = None
         self.sampler = None
         if config.stage == "gflowgr":
-            self.reward = Reward(config.gfn.reward).to(self.device)
+            self.reward = Reward(config.gfn.reward, base_levels=self.data.catalog.base_levels).to(self.device)
             if self._needs_cm():
                 self.cm_scorer = self._collaborative_scorer()
             self.sampler = self._make_sampler(config.gfn.sampler, config.gfn.n_aug)
@@ -156,6 +159,8 @@ class Trainer:
         self.windows = trunk_windows(self.data.split.train.history) if config.packing else None
         self.ctx = StageContext(trie=self.trie, item_codes=self.item_codes, codes_per_level=self.codes_per_level,
                                 backend=config.backend, packing=config.packing, row_tokens=config.pack_row_tokens)
+        if config.stage == "gflowgr":
+            self._init_log_z()
         if config.packing:
             self.policy.check_packing()
 
@@ -215,7 +220,8 @@ class Trainer:
     def _build_stage(self) -> Stage:
         cfg = self.cfg
         if cfg.stage == "gflowgr":
-            return GFlowGRStage(cfg.gfn, cfg.sft_support, self.reward, self.cm_scorer, self.sampler)
+            return GFlowGRStage(cfg.gfn, cfg.sft_support, self.reward, self.cm_scorer, self.sampler,
+                                diagnostics_every=cfg.log_every)
         if cfg.stage in ("dpo", "sdpo"):
             return PreferenceStage(cfg.stage, cfg.pref, cfg.sft_support, self.reference, self.sampler)
         return SFTStage(cfg.stage, cfg.sft_support)
@@ -248,23 +254,28 @@ class Trainer:
         return CMScorer.build(model, self.data.split.train, device=self.device)
 
     def _make_sampler(self, name: str, n: int):
-        """The augmentation (or negative) sampler ``name`` with this run's settings."""
+        """The augmentation (or negative) sampler ``name`` with this run's settings.
+
+        Every sampler excludes all of the user's training items and every item with the positive's SID.
+        """
         g, n_items = self.cfg.gfn, self.data.num_items
+        common = dict(n_items=n_items, user_items=self.user_items, item_codes=self.item_codes)
         if name == "mixture":
             parts = [(self._make_sampler(part, n), float(w)) for part, w in g.mixture.items()]
             return make_sampler("mixture", components=parts)
         if name == "random":
-            return make_sampler("random", n_items=n_items)
+            return make_sampler("random", **common)
         if name == "logs":
-            return make_sampler("logs", split=self.data.split.train, n_items=n_items)
+            return make_sampler("logs", split=self.data.split.train, **common)
         if name == "cm_curriculum":
-            return make_sampler("cm_curriculum", scorer=self.cm_scorer, n_items=n_items,
-                                pool_size=g.curriculum_pool, n_random=g.curriculum_random,
-                                start_quantile=g.curriculum_start, end_quantile=g.curriculum_end)
-        return make_sampler("onpolicy", decode_fn=self._decode_for_sampler, n_items=n_items)
+            return make_sampler("cm_curriculum", scorer=self.cm_scorer, pool_size=g.curriculum_pool,
+                                n_random=g.curriculum_random, start_quantile=g.curriculum_start,
+                                end_quantile=g.curriculum_end, **common)
+        return make_sampler("onpolicy", decode_fn=self._decode_for_sampler, sample_fn=self._sample_for_sampler,
+                            mode=g.onpolicy_mode, temperature=g.onpolicy_temperature, **common)
 
-    def _decode_for_sampler(self, history: torch.Tensor, k: int) -> torch.Tensor:
-        """On-policy candidates: the current policy's trie-constrained beam search, top-``k`` items.
+    def _on_policy(self, history: torch.Tensor, k: int, decode) -> torch.Tensor:
+        """``decode(policy, history_block) -> items[b, <=k]`` on the current policy in eval mode.
 
         While every rank samples the same global batch (data-parallel training), each decodes its own block
         of rows and the blocks are gathered, so the decoding work is split rather than repeated.
@@ -277,8 +288,7 @@ class Trainer:
         self.policy.eval()
         if hi > lo:
             with torch.no_grad():
-                items = beam_search(self.policy, self.trie, history[lo:hi], beams=max(k, 2), topk=k,
-                                    backend=self.cfg.backend).items
+                items = decode(history[lo:hi])
             if items.shape[1] < k:
                 items = torch.cat([items, items.new_full((items.shape[0], k - items.shape[1]), -1)], dim=1)
         else:
@@ -288,19 +298,48 @@ class Trainer:
             items = self.dist.gather_rows(items)
         return items
 
+    def _decode_for_sampler(self, history: torch.Tensor, k: int) -> torch.Tensor:
+        """On-policy candidates: the current policy's trie-constrained beam search, top-``k`` items."""
+        return self._on_policy(history, k, lambda h: beam_search(self.policy, self.trie, h, beams=max(k, 2),
+                                                                 topk=k, backend=self.cfg.backend).items)
+
+    def _sample_for_sampler(self, history: torch.Tensor, k: int, temperature: float,
+                            generator: torch.Generator) -> torch.Tensor:
+        """On-policy candidates: ``k`` trie-constrained ancestral samples at ``temperature`` per row."""
+        # The sampler's generator lives on the CPU; decoding wants one on the policy's device.
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        device_gen = torch.Generator(device=self.device).manual_seed(seed)
+        return self._on_policy(history, k, lambda h: sample(self.policy, self.trie, h, n=k, temperature=temperature,
+                                                            generator=device_gen, backend=self.cfg.backend).items)
+
+    def _init_log_z(self) -> None:
+        """Start log Z at ``gfn.log_z_init``, or at the log of the expected reward mass of a sample of
+        training examples (TB's fixed point is log Z(U) = log sum_x R(x); starting at 0 gives huge early
+        residuals that fight the CE term)."""
+        value = self.cfg.gfn.log_z_init
+        if value is None:
+            g = torch.Generator().manual_seed(self.cfg.seed)
+            rows = self.train_index[torch.randperm(len(self.train_index), generator=g)[:512]]
+            mass = self.stage.catalogue_mass(self.ctx, self.batch(rows))
+            if mass is None:
+                log.info("log Z starts at 0: the reward reads the LM's own probabilities (cm_source='lm'), so "
+                         "there is no catalogue-wide reward mass to start from")
+                return
+            value = float(mass.log_mean_total())
+        self.policy.set_log_z_init(value)
+        log.info("log Z starts at %.3f (%s)", value, "configured" if self.cfg.gfn.log_z_init is not None
+                 else "log of the expected reward mass of 512 training examples")
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        flow_params = list(self.policy.flow_parameters())
-        flow_ids = {id(p) for p in flow_params}
+        log_z = list(self.policy.log_z_head.parameters())
+        log_f = list(self.policy.log_f_head.parameters())
+        flow_ids = {id(p) for p in log_z + log_f}
         lm_params = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in flow_ids]
-        groups = [{"params": lm_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-        if flow_params:
-            groups.append({"params": flow_params, "lr": cfg.gfn.flow_lr, "weight_decay": 0.0})
-        if self.reward is not None:
-            reward_params = [p for p in self.reward.parameters() if p.requires_grad]
-            if reward_params:
-                groups.append({"params": reward_params, "lr": cfg.gfn.flow_lr, "weight_decay": 0.0})
-        return torch.optim.AdamW(groups)
+        log_z_lr = cfg.gfn.flow_lr if cfg.gfn.log_z_lr is None else cfg.gfn.log_z_lr
+        return torch.optim.AdamW([{"params": lm_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+                                  {"params": log_z, "lr": log_z_lr, "weight_decay": 0.0},
+                                  {"params": log_f, "lr": cfg.gfn.flow_lr, "weight_decay": 0.0}])
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 10% of the peak over the run."""
