@@ -176,7 +176,7 @@ class SplitIndexCollator:
 
 
 class GFlowGRModel(nn.Module):
-    """The module Hugging Face's trainer optimises: the policy and the reward (its learnable weights).
+    """The module Hugging Face's trainer optimises: the policy (the reward has no parameters).
 
     ``forward(index[B])`` returns ``{"loss": scalar, "logs": dict}`` from the library trainer's
     ``compute_loss``; a DDP wrapper around this module therefore sees every parameter the loss touches.
@@ -185,12 +185,12 @@ class GFlowGRModel(nn.Module):
     def __init__(self, core: CoreTrainer):
         super().__init__()
         self.policy = core.policy
-        self.reward = core.reward if core.reward is not None else nn.Module()
-        self.__dict__["core"] = core  # not a module: only its policy and reward hold parameters
+        self.__dict__["core"] = core  # not a module: only its policy holds parameters
 
-    def forward(self, index: torch.Tensor) -> dict:
+    def forward(self, index: torch.Tensor, step: Optional[int] = None) -> dict:
         # The split tensors live on the CPU; the library trainer moves the gathered rows to the device.
-        loss, logs = self.core.compute_loss(index.detach().cpu())
+        # ``step`` is Hugging Face's global step: the library's own counter does not advance here.
+        loss, logs = self.core.compute_loss(index.detach().cpu(), step=step)
         return {"loss": loss, "logs": logs}
 
 
@@ -243,7 +243,7 @@ class GFlowGRTrainer(Trainer):
         sampler = self.core.sampler
         if sampler is not None and hasattr(sampler, "set_progress") and self.state.max_steps:
             sampler.set_progress(min(1.0, self.state.global_step / max(1, self.state.max_steps - 1)))
-        outputs = model(index=inputs["index"])
+        outputs = model(index=inputs["index"], step=self.state.global_step)
         logs = outputs["logs"]
         if not math.isfinite(logs["loss"]):
             raise FloatingPointError(f"non-finite loss {logs['loss']} at step {self.state.global_step} on split rows "
@@ -260,9 +260,8 @@ class GFlowGRTrainer(Trainer):
 
     def training_step(self, model, inputs, *args, **kwargs):
         """Hugging Face's step (forward, backward); an out-of-memory error names the batch size to try."""
-        n_traj = 1 + (self.core.cfg.gfn.n_aug if self.core.cfg.stage == "gflowgr" else
-                      self.core.cfg.pref.n_neg if self.core.cfg.stage in ("dpo", "sdpo") else 0)
-        with oom_hint(len(inputs["index"]), "GFlowGRTrainer training step", "per_device_train_batch_size", n_traj):
+        with oom_hint(len(inputs["index"]), "GFlowGRTrainer training step", "per_device_train_batch_size",
+                      self.core.stage.trajectories):
             return super().training_step(model, inputs, *args, **kwargs)
 
     def log(self, logs: dict, start_time: Optional[float] = None) -> None:
@@ -275,21 +274,24 @@ class GFlowGRTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------- optimizer
     def create_optimizer(self, model=None):
-        """Hugging Face's optimizer with a separate group for the flow heads and reward weights at ``flow_lr``."""
+        """Hugging Face's optimizer with separate groups for the log Z head (``gfn.log_z_lr``, default
+        ``flow_lr``) and the log F head (``flow_lr``)."""
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
-        flow_ids = {id(p) for p in self.core.policy.flow_parameters()}
-        if self.core.reward is not None:
-            flow_ids |= {id(p) for p in self.core.reward.parameters()}
+        gfn = self.core.cfg.gfn
+        z_ids = {id(p) for p in self.core.policy.log_z_head.parameters()}
+        f_ids = {id(p) for p in self.core.policy.log_f_head.parameters()}
+        flow_ids = z_ids | f_ids
         decay = set(self.get_decay_parameter_names(opt_model))
         named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
         groups = [
             {"params": [p for n, p in named if id(p) not in flow_ids and n in decay],
              "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named if id(p) not in flow_ids and n not in decay], "weight_decay": 0.0},
-            {"params": [p for n, p in named if id(p) in flow_ids], "weight_decay": 0.0,
-             "lr": self.core.cfg.gfn.flow_lr},
+            {"params": [p for n, p in named if id(p) in z_ids], "weight_decay": 0.0,
+             "lr": gfn.flow_lr if gfn.log_z_lr is None else gfn.log_z_lr},
+            {"params": [p for n, p in named if id(p) in f_ids], "weight_decay": 0.0, "lr": gfn.flow_lr},
         ]
         groups = [g for g in groups if g["params"]]
         cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)

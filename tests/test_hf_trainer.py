@@ -100,8 +100,9 @@ def test_gflowgr_stage_with_flow_lr_group_and_resume(beauty, sft_run, tmp_path):
     assert trainer.loss_backend == "torch"
     flow_ids = {id(p) for p in trainer.policy.flow_parameters()}
     flow_groups = [g for g in trainer.optimizer.param_groups if any(id(p) in flow_ids for p in g["params"])]
-    assert len(flow_groups) == 1 and flow_groups[0]["lr"] == pytest.approx(5e-2)
-    assert all(id(p) in flow_ids for p in flow_groups[0]["params"])
+    # log Z (gfn.log_z_lr, default flow_lr) and log F (flow_lr) have a group each, holding flow heads only.
+    assert len(flow_groups) == 2 and all(g["lr"] == pytest.approx(5e-2) for g in flow_groups)
+    assert all(id(p) in flow_ids for g in flow_groups for p in g["params"])
 
     # Resume from the step-3 checkpoint: the exact module state comes back.
     ckpt = tmp_path / "gfn" / "checkpoint-3"
@@ -145,3 +146,24 @@ def test_collator_and_dataset_errors():
         collate([])
     with pytest.raises(IndexError, match="split index entry 2 is -1"):
         SplitIndexDataset(torch.tensor([0, 1, -1]), 5)
+
+
+def test_flow_warmup_follows_the_hugging_face_step(beauty, sft_run, tmp_path):
+    """The stage reads Hugging Face's global step, so gfn.flow_warmup_steps ends under GFlowGRTrainer."""
+    from gflowgr_core.hf_trainer import GFlowGRTrainer
+
+    _, sft_out = sft_run
+    args = _config(beauty, tmp_path, stage="gflowgr", init_checkpoint=str(sft_out / "final"), max_steps=4,
+                   gfn_sampler="random", gflowgr_overrides=[*TINY, "gfn.flow_warmup_steps=2",
+                                                           "gfn.reward.use_cm=false"])
+    trainer = GFlowGRTrainer(args, beauty[1])
+    seen = []
+    loss = trainer.core.stage.loss
+
+    def recording(ctx, policy, batch, candidates, step):
+        seen.append(step)
+        return loss(ctx, policy, batch, candidates, step)
+
+    trainer.core.stage.loss = recording
+    trainer.train()
+    assert seen == [0, 1, 2, 3]
