@@ -12,17 +12,23 @@ from that seed's SFT checkpoint. Finished runs are skipped, so the grid can be r
 (``--max-minutes``: no new run starts once the budget is spent; a started run finishes). A run folder
 without result.json (an interrupted run) is removed and trained again.
 
-The aggregate ``benchmarks/results/quality_<dataset>.json`` holds ``device``, ``versions``, ``seeds``,
-``epochs`` and ``steps`` (per method, per finished seed), and ``methods``: each method's ``recall@5``,
-``recall@10``, ``ndcg@5``, ``ndcg@10``, ``coverage@10``, ``tail_share@10``, ``mean_pop@10`` and
-``train_seconds`` as ``{"mean", "std"}`` over its finished seeds (sample std; 0 for one seed), with
-``seeds_done``. For Beauty the table prints the paper's numbers (METHOD.md §6) beside ours, and gains over
+The aggregate ``benchmarks/results/quality_<dataset>.json`` (rewritten after every finished run) holds
+``device``, ``versions``, ``seeds``, ``epochs`` and ``steps`` (per method, per finished seed), ``methods``:
+each method's test metrics (:data:`METRICS`: the headline scoring, i.e. HF's level log-probs, and the
+``renorm/`` scoring renormalised over trie children, with their top-20 agreement) and ``train_seconds``
+as ``{"mean", "std"}`` over its finished seeds (sample std; 0 for one seed), with ``seeds_done``;
+``runs``: one entry per finished run (epochs, steps, best epoch, train and wall seconds, the validation
+curve, the run's whole config); ``reference``: the collaborative model's (SASRec's) own test metrics for
+each seed whose runs trained one. A PNG beside it plots validation NDCG@10 per epoch per method and the
+final test bars. For Beauty the table prints the paper's numbers (METHOD.md §6) beside ours, and gains over
 SFT for both. ``--ablations`` runs the Beauty ablations (one seed) into ``ablations_beauty.json``.
 
     python benchmarks/run_quality.py --dataset beauty --dry-run          # what would run
     python benchmarks/run_quality.py --dataset beauty --max-minutes 120  # a chunk of the grid
     python benchmarks/run_quality.py --dataset beauty --ablations
     python benchmarks/run_quality.py --dataset beauty --quick            # CPU end-to-end check (minutes)
+    python benchmarks/run_quality.py --dataset beauty --data DIR         # raw files from DIR (Beauty: the
+                                                                         # folder of Beauty.inter/index.json)
 
 ``--quick`` trains a tiny model for a few steps on the first 300 users, one seed, under
 ``<root>/quick`` and writes ``quality_<dataset>_quick.json``: it checks the script, not the method.
@@ -49,14 +55,19 @@ try:
 except ImportError:  # a source checkout that is not pip-installed
     sys.path.insert(0, str(REPO))
 
-from common import RESULTS_DIR, environment, format_table, log  # noqa: E402
+from common import RESULTS_DIR, environment, format_table, log, write_json  # noqa: E402
 
 CONFIGS = REPO / "configs"
 DATASETS = ("beauty", "sports", "toys")
 METHODS = ("sft", "sft_continue", "dpo", "sdpo", "gflowgr_tb", "gflowgr_db", "gflowgr_subtb")
 SEEDS = (42, 43, 44)
-METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10", "tail_share@10", "mean_pop@10")
-TABLE_METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10", "tail_share@10")
+HEADLINE_METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10", "tail_share@10", "mean_pop@10")
+# The evaluation's second scoring (log-probs renormalised over trie children) and the agreement of the two.
+RENORM_METRICS = ("renorm/recall@5", "renorm/recall@10", "renorm/ndcg@5", "renorm/ndcg@10", "renorm/coverage@10")
+METRICS = HEADLINE_METRICS + RENORM_METRICS + ("scoring_agreement@20",)
+TABLE_METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10", "tail_share@10",
+                 "renorm/recall@10", "renorm/ndcg@10")
+CURVE_METRICS = ("ndcg@10", "renorm/ndcg@10")
 PAPER_KEYS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 # Amazon Beauty, LETTER SIDs (METHOD.md §6): the paper's table, R@5 / R@10 / N@5 / N@10.
@@ -167,7 +178,21 @@ def _base_overrides(root: Path, dataset: str, method: str, seed: int, out: Path,
         overrides += QUICK_OVERRIDES + (QUICK_SFT if method == "sft" else QUICK_STAGE2)
         if method.startswith("gflowgr"):
             overrides += QUICK_GFN
-    return overrides + list(extra)
+    return overrides + scoped_overrides(extra, method)
+
+
+def scoped_overrides(extra: Sequence[str], method: str) -> list[str]:
+    """The overrides of ``extra`` that apply to ``method``: ``key=value`` to every run, ``sft:key=value``
+    to SFT only and ``stage2:key=value`` to every run after SFT (the scope prefix is removed)."""
+    out = []
+    for item in extra:
+        scope, sep, rest = item.partition(":")
+        if sep and scope in ("sft", "stage2") and "=" in rest and "=" not in scope:
+            if (scope == "sft") == (method == "sft"):
+                out.append(rest)
+        else:
+            out.append(item)
+    return out
 
 
 def plan_grid(dataset: str, methods: Sequence[str], seeds: Sequence[int], root: Path, quick: bool = False,
@@ -226,22 +251,24 @@ def _check_names(dataset: str, methods: Sequence[str]) -> None:
         raise SystemExit(f"unknown method(s) {unknown}; expected some of {METHODS}")
 
 
-def ensure_data(dataset: str, root: Path, quick: bool = False):
-    """Load ``<root>/data/<dataset>`` or prepare it from the shared data (``gflowgr prepare`` settings of
-    the dataset's YAML header); ``quick`` keeps the first 300 users (and 32 codes per built level)."""
+def ensure_data(dataset: str, root: Path, quick: bool = False, source: Optional[Path] = None):
+    """Load ``<root>/data/<dataset>`` or prepare it (``gflowgr prepare`` settings of the dataset's YAML
+    header) from ``source``, the folder of the dataset's raw files (Beauty: ``Beauty.inter.json`` and
+    ``Beauty.index.json``; Sports/Toys: ``user_sequence.txt``), by default the one under the shared data;
+    ``quick`` keeps the first 300 users (and 32 codes per built level)."""
     from gflowgr_core.data.prepared import PreparedData, prepare
 
     root = Path(root) / "quick" if quick else Path(root)
     out = data_dir(root, dataset, quick)
     if (out / "stats.json").exists():
         return PreparedData.load(out)
-    src = shared_data_dir()
     max_users = QUICK_USERS if quick else None
     if dataset == "beauty":
-        path = src / "letter" / "Beauty"
+        path = Path(source) if source is not None else shared_data_dir() / "letter" / "Beauty"
         _require(path / "Beauty.inter.json")
+        _require(path / "Beauty.index.json")
         return prepare("letter", path, out, max_users=max_users)
-    path = src / "amazon14" / dataset.capitalize()
+    path = Path(source) if source is not None else shared_data_dir() / "amazon14" / dataset.capitalize()
     _require(path / "user_sequence.txt")
     return prepare("p5", path, out, levels=3, codes=32 if quick else 256, collisions="suffix", seed=0,
                    max_users=max_users)
@@ -249,28 +276,32 @@ def ensure_data(dataset: str, root: Path, quick: bool = False):
 
 def _require(path: Path) -> None:
     if not path.exists():
-        raise SystemExit(f"{path} not found: set GFLOWGR_DATA to the folder holding letter/ and amazon14/, "
-                         f"or prepare the data yourself into <root>/data/ with `gflowgr prepare`")
+        raise SystemExit(f"{path} not found: pass --data with the folder of the dataset's files, set "
+                         f"GFLOWGR_DATA to the folder holding letter/ and amazon14/, or prepare the data "
+                         f"yourself into <root>/data/ with `gflowgr prepare`")
 
 
 def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] = None,
-              train_fn: Optional[Callable] = None, device: str = "auto") -> dict:
+              train_fn: Optional[Callable] = None, device: str = "auto",
+              on_finished: Optional[Callable[[RunSpec], None]] = None) -> dict:
     """Train the unfinished runs in order, within ``max_minutes`` (no new run starts after it).
 
     Returns ``{"trained": [...], "skipped": [...], "not_started": [...]}`` (run folders as strings).
     ``train_fn(config, data) -> result`` defaults to :func:`gflowgr_core.train.trainer.run_training`.
+    Each run's ``env.json`` gets the device and versions before it trains and its ``wall_seconds`` after;
+    ``on_finished(spec)`` is called after each run that finished (e.g. to rewrite the aggregate). A run
+    stopped by a signal (``status == "interrupted"``, resumable from its ``last/``) ends the loop.
     """
+    from gflowgr_core.devices import resolve_device
     from gflowgr_core.train.config import load_config
 
     if train_fn is None:
-        from gflowgr_core.devices import resolve_device
         from gflowgr_core.train.trainer import run_training
         train_fn = run_training
-    else:
-        from gflowgr_core.devices import resolve_device
     start = time.time()
     report = {"trained": [], "skipped": [], "not_started": []}
     seen: set[Path] = set()
+    stopped = False
     for spec in specs:
         if spec.out in seen:  # an ablation that reuses a run of the grid
             continue
@@ -278,7 +309,7 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
         if spec.done():
             report["skipped"].append(str(spec.out))
             continue
-        if max_minutes is not None and time.time() - start > 60 * max_minutes:
+        if stopped or (max_minutes is not None and time.time() - start > 60 * max_minutes):
             report["not_started"].append(str(spec.out))
             continue
         missing = [str(n) for n in spec.needs if not (n / "result.json").exists()]
@@ -294,8 +325,18 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
         env = environment(resolve_device(config.device))
         (spec.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
         log(f"[{time.time() - start:7.0f}s] training {spec.name} seed {spec.seed} -> {spec.out}")
-        train_fn(config, data)
+        t0 = time.time()
+        result = train_fn(config, data) or {}
+        env["wall_seconds"] = time.time() - t0
+        (spec.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+        if result.get("status") == "interrupted":
+            log(f"{spec.out} was interrupted ({result.get('reason')}); no new run starts")
+            report["not_started"].append(str(spec.out))
+            stopped = True
+            continue
         report["trained"].append(str(spec.out))
+        if on_finished is not None and spec.done():
+            on_finished(spec)
     return report
 
 
@@ -306,11 +347,68 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "std": std}
 
 
-def aggregate(specs: Sequence[RunSpec], seeds: Sequence[int]) -> dict:
+def _run_config(spec: RunSpec) -> Optional[dict]:
+    """The whole config the run trained with (its ``config.yaml``), ``None`` when it was not written."""
+    import yaml
+
+    path = spec.out / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def _run_entry(spec: RunSpec, res: dict, env: dict) -> dict:
+    """Epochs, steps, times, validation curve and config of one finished run."""
+    curve = [{"epoch": r["epoch"], **{m: r["valid"][m] for m in CURVE_METRICS if m in r["valid"]}}
+             for r in res.get("history", []) if isinstance(r.get("valid"), dict)]
+    return {"name": spec.name, "seed": spec.seed, "out": str(spec.out), "epochs": res.get("epochs"),
+            "steps": res.get("steps"), "best_epoch": res.get("best_epoch"),
+            "train_seconds": res.get("train_seconds"), "wall_seconds": env.get("wall_seconds"),
+            "valid_curve": curve, "config": _run_config(spec)}
+
+
+def sasrec_report(spec: RunSpec, data=None) -> Optional[dict]:
+    """The own report (``train_report``: valid/test metrics, epochs, seconds) of the collaborative model a
+    finished run trained with, read from the cached model file; ``None`` when the run used none.
+
+    Looks where :func:`gflowgr_core.collaborative.load_or_train_sasrec` caches (``$GFLOWGR_CACHE/cm``) and
+    where the trainer has kept it beside the prepared data (``<data>/cm/sasrec_seed<S>_<split hash>.pt``).
+    A file saved without its report is evaluated on the test split instead.
+    """
+    import dataclasses
+
+    from gflowgr_core.collaborative import (SASRec, default_cache_dir, evaluate_sasrec, sasrec_cache_name,
+                                            split_fingerprint)
+    from gflowgr_core.data.prepared import PreparedData
+    from gflowgr_core.train.config import load_config
+
+    if not (spec.out / "config.yaml").exists():
+        return None
+    cfg = load_config(spec.out / "config.yaml")
+    if data is None:
+        if not (Path(cfg.data) / "stats.json").exists():
+            return None
+        data = PreparedData.load(cfg.data)
+    cm = dataclasses.replace(cfg.cm, seed=cfg.seed)
+    candidates = [default_cache_dir() / sasrec_cache_name(data.split, cm),
+                  Path(cfg.data) / "cm" / f"sasrec_seed{cfg.seed}_{split_fingerprint(data.split.train)[:12]}.pt"]
+    path = next((c for c in candidates if c.exists()), None)
+    if path is None:
+        return None
+    model = SASRec.load(path)
+    report = getattr(model, "train_report", None)
+    if report is None:
+        report = {"test": evaluate_sasrec(model, data.split.test, data.popularity, cm.eval_ks,
+                                          cm.eval_batch_size, cm.exclude_history)}
+    return {**report, "file": str(path)}
+
+
+def aggregate(specs: Sequence[RunSpec], seeds: Sequence[int], data=None) -> dict:
     """Mean and std over the finished seeds of each run name in ``specs`` (test split of each run's best
-    checkpoint). Names without a finished run are left out of ``methods`` and listed in ``missing``."""
+    checkpoint). Names without a finished run are left out of ``methods`` and listed in ``missing``.
+    ``runs`` describes every finished run; ``reference.sasrec`` holds the collaborative model's own test
+    metrics over the seeds whose runs trained one (``data``: the prepared dataset, loaded when omitted)."""
     results: dict[str, dict[int, dict]] = {}
     devices, versions = set(), None
+    runs, sasrec = [], {}
     for spec in specs:
         results.setdefault(spec.name, {})
         if not spec.done():
@@ -318,12 +416,19 @@ def aggregate(specs: Sequence[RunSpec], seeds: Sequence[int]) -> dict:
         res = json.loads((spec.out / "result.json").read_text())
         results[spec.name][spec.seed] = res
         env_path = spec.out / "env.json"
-        if env_path.exists():
-            env = json.loads(env_path.read_text())
+        env = json.loads(env_path.read_text()) if env_path.exists() else {}
+        if env:
             devices.add(env["device"])
             versions = versions or env.get("versions")
         else:
             devices.add(str(res.get("device", "unknown")))
+        if any(r["out"] == str(spec.out) for r in runs):  # an ablation reusing a run of the grid
+            continue
+        runs.append(_run_entry(spec, res, env))
+        if spec.seed not in sasrec:
+            report = sasrec_report(spec, data)
+            if report is not None:
+                sasrec[spec.seed] = report
     methods, epochs, steps, missing = {}, {}, {}, []
     for name, per_seed in results.items():
         if not per_seed:
@@ -340,9 +445,19 @@ def aggregate(specs: Sequence[RunSpec], seeds: Sequence[int]) -> dict:
         methods[name] = entry
         epochs[name] = [per_seed[s]["epochs"] for s in done]
         steps[name] = [per_seed[s]["steps"] for s in done]
+    reference = {}
+    if sasrec:
+        done = sorted(sasrec)
+        entry = {metric: _mean_std([sasrec[s]["test"][metric] for s in done])
+                 for metric in HEADLINE_METRICS if all(metric in sasrec[s].get("test", {}) for s in done)}
+        entry["train_seconds"] = _mean_std([float(sasrec[s].get("seconds", float("nan"))) for s in done])
+        entry["epochs"] = [sasrec[s].get("epochs_run") for s in done]
+        entry["config"] = sasrec[done[0]].get("config")
+        entry["seeds_done"] = done
+        reference["sasrec"] = entry
     device = sorted(devices)[0] if len(devices) == 1 else (sorted(devices) or None)
     return {"device": device, "versions": versions, "seeds": list(seeds), "epochs": epochs, "steps": steps,
-            "methods": methods, "missing": missing}
+            "methods": methods, "missing": missing, "reference": reference, "runs": runs}
 
 
 def quality_table(agg: dict, paper: Optional[dict] = None) -> str:
@@ -365,11 +480,67 @@ def quality_table(agg: dict, paper: Optional[dict] = None) -> str:
                 row["paper N@10 vs SFT"] = f"{100 * (p['ndcg@10'] / paper['sft']['ndcg@10'] - 1):+.1f}%"
         row["train_s"] = entry["train_seconds"]["mean"]
         rows.append(row)
+    for name, entry in agg.get("reference", {}).items():
+        row = {"method": f"{name} (reference)", "seeds": len(entry["seeds_done"]),
+               "train_s": entry["train_seconds"]["mean"]}
+        row.update({m: f"{entry[m]['mean']:.4f}±{entry[m]['std']:.4f}" for m in TABLE_METRICS if m in entry})
+        rows.append(row)
     columns = ["method", "seeds", *TABLE_METRICS]
     if paper is not None:
         columns += ["paper recall@10", "paper ndcg@10", "ours N@10 vs SFT", "paper N@10 vs SFT"]
     columns.append("train_s")
     return format_table(rows, columns)
+
+
+def plot_quality(agg: dict, path: Path) -> Optional[Path]:
+    """PNG of the grid: validation NDCG@10 per epoch per method (stage-2 runs drawn from the SFT epoch they
+    start at), and the test bars (R@10 and N@10 under both scorings, the collaborative model beside them).
+    ``None`` (with a message) when matplotlib is not installed or nothing finished."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no PNG (pip install matplotlib)")
+        return None
+    if not agg["methods"]:
+        return None
+    seed = agg["seeds"][0]
+    runs = {r["name"]: r for r in agg["runs"] if r["seed"] == seed}
+    sft_curve = {c["epoch"]: c["ndcg@10"] for c in runs["sft"]["valid_curve"] if "ndcg@10" in c} \
+        if "sft" in runs else {}
+    start = max(runs["sft"]["best_epoch"] or 0, 0) if "sft" in runs else 0
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
+    for name, run in runs.items():
+        points = [(c["epoch"], c["ndcg@10"]) for c in run["valid_curve"] if "ndcg@10" in c]
+        if name != "sft":  # drawn from the SFT checkpoint it starts from
+            points = ([(0, sft_curve[start])] if start in sft_curve else []) + points
+            points = [(start + e, v) for e, v in points]
+        if points:
+            left.plot(*zip(*points), marker=".", label=name)
+    left.set_xlabel("epoch (stage-2 runs start at the best SFT epoch)")
+    left.set_ylabel("validation NDCG@10 (HF scoring)")
+    left.set_title(f"validation, seed {seed}")
+    left.legend(fontsize=8)
+    bars = [("recall@10", "R@10"), ("ndcg@10", "N@10"), ("renorm/recall@10", "R@10 renorm"),
+            ("renorm/ndcg@10", "N@10 renorm")]
+    rows = list(agg["methods"].items()) + [(f"{n} (ref.)", e) for n, e in agg.get("reference", {}).items()]
+    width = 0.8 / len(bars)
+    for i, (key, label) in enumerate(bars):
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(rows))]
+        means = [e[key]["mean"] if key in e else 0.0 for _, e in rows]
+        stds = [e[key]["std"] if key in e else 0.0 for _, e in rows]
+        right.bar(xs, means, width, yerr=stds, label=label)
+    right.set_xticks(range(len(rows)))
+    right.set_xticklabels([n for n, _ in rows], rotation=30, ha="right", fontsize=8)
+    right.set_title(f"test (best validation checkpoint), seeds {', '.join(map(str, agg['seeds']))}")
+    right.legend(fontsize=8)
+    fig.suptitle(f"{'--quick pipeline check, not results: ' if agg.get('quick') else ''}{agg['device']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def output_path(dataset: str, quick: bool, ablations: bool, results_dir: Path = RESULTS_DIR) -> Path:
@@ -390,8 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the Beauty ablations (all, or the NAMEs given) instead of the grid")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, few steps, 300 users, one seed, CPU: an end-to-end check of this script")
-    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the JSON goes")
-    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run (after the YAML)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="folder of the dataset's raw files, used when <root>/data/<dataset> is not prepared yet "
+                        "(Beauty: Beauty.inter.json and Beauty.index.json; default: under $GFLOWGR_DATA or "
+                        "../shared/data)")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the JSON and the PNG go")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value overrides applied to every run (after the YAML); sft:key=value only to SFT, "
+                        "stage2:key=value only to the runs after SFT")
     return p
 
 
@@ -420,30 +597,38 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
                 printed.add(s.out)
                 print(s.command())
         return {}
+    paper = PAPER_BEAUTY if args.dataset == "beauty" and not ablations else None
+    path = output_path(args.dataset, args.quick, ablations, Path(args.results_dir))
+
+    def write_outputs(data=None) -> dict:
+        agg = aggregate(specs, seeds, data)
+        agg["quick"] = args.quick
+        agg["root"] = str(root)
+        agg["overrides"] = list(args.overrides)
+        if paper is not None:
+            agg["paper"] = {"gflowgr_paper_letter_sids": PAPER_BEAUTY, "tiger_paper": TIGER_BEAUTY}
+        if ablations:
+            agg["ablations"] = {name: {"base": ABLATIONS[name][0], "overrides": ABLATIONS[name][1]}
+                                for name in agg["methods"]}
+        write_json(path, agg)
+        plot_quality(agg, path.with_suffix(".png"))
+        return agg
+
+    data = None
     if not args.aggregate_only:
-        data = ensure_data(args.dataset, root, args.quick)
-        report = run_specs(specs, data, args.max_minutes, train_fn)
+        data = ensure_data(args.dataset, root, args.quick, None if args.data is None else Path(args.data))
+        # The aggregate is rewritten after every finished run, so a grid cut short still leaves its results.
+        report = run_specs(specs, data, args.max_minutes, train_fn, on_finished=lambda spec: write_outputs(data))
         log(f"trained {len(report['trained'])}, skipped (finished) {len(report['skipped'])}, "
             f"not started {len(report['not_started'])}")
-    agg = aggregate(specs, seeds)
-    agg["quick"] = args.quick
-    agg["root"] = str(root)
-    paper = PAPER_BEAUTY if args.dataset == "beauty" and not ablations else None
-    if paper is not None:
-        agg["paper"] = {"gflowgr_paper_letter_sids": PAPER_BEAUTY, "tiger_paper": TIGER_BEAUTY}
-    if ablations:
-        agg["ablations"] = {name: {"base": ABLATIONS[name][0], "overrides": ABLATIONS[name][1]}
-                            for name in agg["methods"]}
-    path = output_path(args.dataset, args.quick, ablations, Path(args.results_dir))
-    from common import write_json
-    write_json(path, agg)
+    agg = write_outputs(data)
     if agg["methods"]:
         print(f"{args.dataset}: test split, best validation checkpoint, mean±std over finished seeds "
               f"({agg['device']})")
         print(quality_table(agg, paper))
     if agg["missing"]:
         print(f"not finished yet: {', '.join(agg['missing'])}")
-    print(f"wrote {path}")
+    print(f"wrote {path} and {path.with_suffix('.png').name}")
     return agg
 
 
