@@ -603,6 +603,9 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
     def write_outputs(data=None) -> dict:
         agg = aggregate(specs, seeds, data)
         agg["quick"] = args.quick
+        if args.quick:
+            agg["note"] = ("--quick: a 1-layer 32-wide model, a few steps, the first 300 users; a check that the "
+                           "script runs end to end, not a result")
         agg["root"] = str(root)
         agg["overrides"] = list(args.overrides)
         if paper is not None:
