@@ -80,7 +80,8 @@ mkdir -p "$LOGS"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 # SASRec models are cached under the run root (read back for the reference row), not in the home folder.
-export GFLOWGR_CACHE=${GFLOWGR_CACHE:-$REPO/$ROOT/cache}
+case "$ROOT" in /*) ROOT_ABS=$ROOT ;; *) ROOT_ABS=$REPO/$ROOT ;; esac
+export GFLOWGR_CACHE=${GFLOWGR_CACHE:-$ROOT_ABS/cache}
 
 "$PY" - <<'EOF' 2>&1 | tee "$LOGS/setup.log"
 import importlib, sys
