@@ -87,12 +87,28 @@ def test_gflowgr_each_objective(beauty_slice, sft_checkpoint, tmp_path, objectiv
     _assert_decreases(_losses_on_fixed_batch(Trainer(cfg, data), 6), f"gflowgr/{objective}")
 
 
-@pytest.mark.parametrize("stage", ["sft_continue", "dpo", "sdpo"])
-def test_baselines_train(beauty_slice, sft_checkpoint, tmp_path, stage):
+@pytest.mark.parametrize("stage,sampler", [("sft_continue", "random"), ("dpo", "random"), ("sdpo", "random"),
+                                           ("dpo", "cm_curriculum"), ("sdpo", "cm_curriculum")])
+def test_baselines_train(beauty_slice, sft_checkpoint, tmp_path, stage, sampler):
     data_dir, data = beauty_slice
-    cfg = load_config(None, [f"data={data_dir}", f"out={tmp_path}", f"stage={stage}",
+    cfg = load_config(None, [f"data={data_dir}", f"out={tmp_path}", f"stage={stage}", f"pref.sampler={sampler}",
                              f"init_checkpoint={sft_checkpoint}", *TINY_MODEL, *FAST])
-    _assert_decreases(_losses_on_fixed_batch(Trainer(cfg, data), 6), stage)
+    _assert_decreases(_losses_on_fixed_batch(Trainer(cfg, data), 6), f"{stage}/{sampler}")
+
+
+@pytest.mark.parametrize("mode", ["beam", "sample"])
+def test_onpolicy_modes_draw_catalogue_items(beauty_slice, sft_checkpoint, tmp_path, mode):
+    data_dir, data = beauty_slice
+    cfg = load_config(None, [f"data={data_dir}", f"out={tmp_path}", "stage=gflowgr", "gfn.sampler=onpolicy",
+                             f"gfn.onpolicy_mode={mode}", "gfn.onpolicy_temperature=1.5",
+                             f"init_checkpoint={sft_checkpoint}", *TINY_MODEL, *FAST])
+    trainer = Trainer(cfg, data)
+    index = torch.arange(16)
+    cands = trainer.draw_candidates(index)
+    assert cands.shape == (16, trainer.cfg.gfn.n_aug)
+    assert bool(((cands >= 0) & (cands < data.num_items)).all())
+    positive_sid = trainer.item_codes[data.split.train.target[index]]
+    assert not bool((trainer.item_codes[cands] == positive_sid[:, None]).all(-1).any())
 
 
 def test_gflowgr_fit_and_evaluate(beauty_slice, sft_checkpoint, tmp_path):

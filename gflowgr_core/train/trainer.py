@@ -144,6 +144,7 @@ class Trainer:
         self.item_key = self._item_key()
         self.reward: Optional[Reward] = None
         self.cm_scorer = None
+        self.cm_report: Optional[dict] = None   # the collaborative model's own valid/test metrics, when built
         self.sampler = None
         if config.stage == "gflowgr":
             self.reward = Reward(config.gfn.reward, base_levels=self.data.catalog.base_levels).to(self.device)
@@ -227,30 +228,14 @@ class Trainer:
         return SFTStage(cfg.stage, cfg.sft_support)
 
     def _collaborative_scorer(self):
-        """SASRec trained on the same split (cached beside the prepared data) and its score cache."""
-        from gflowgr_core.collaborative import CMScorer, SASRec, split_fingerprint, train_sasrec
+        """SASRec trained on the same split (cached by config and split, outside the data folder) and its
+        score cache. Rank 0 trains or loads the model; the other ranks wait, then load the same file."""
+        from gflowgr_core.collaborative import CMScorer, load_or_train_sasrec
 
         cm_cfg = dataclasses.replace(self.cfg.cm, seed=self.cfg.seed, device=str(self.device))
-        cache = Path(self.cfg.data) / "cm" if self.cfg.data else self.out / "cm"
-        cache.mkdir(parents=True, exist_ok=True)
-        fingerprint = split_fingerprint(self.data.split.train)
-        model_path = cache / f"sasrec_seed{self.cfg.seed}_{fingerprint[:12]}.pt"
-        model = None
-        # Rank 0 trains (or finds) the model; the other ranks wait, then load the same file.
-        if model_path.exists() and self.dist.is_main:
-            model = SASRec.load(model_path, map_location=self.device)
-            log.info("collaborative model loaded from %s", model_path)
-        elif self.dist.is_main:
-            model = train_sasrec(self.data.split, cm_cfg)
-            model.save(model_path)
-            report = getattr(model, "train_report", {})
-            log.info("collaborative model (SASRec) valid %s / test %s; saved to %s",
-                     {k: round(v, 4) for k, v in report.get("valid", {}).items() if k in ("recall@10", "ndcg@10")},
-                     {k: round(v, 4) for k, v in report.get("test", {}).items() if k in ("recall@10", "ndcg@10")},
-                     model_path)
-        self.dist.barrier()
-        if model is None:
-            model = SASRec.load(model_path, map_location=self.device)
+        model = load_or_train_sasrec(self.data.split, cm_cfg, is_main=self.dist.is_main,
+                                     barrier=self.dist.barrier)
+        self.cm_report = getattr(model, "train_report", {})
         return CMScorer.build(model, self.data.split.train, device=self.device)
 
     def _make_sampler(self, name: str, n: int):
@@ -600,6 +585,7 @@ class Trainer:
                   "best_valid": st.best_value, "steps": self.step, "epochs": st.epoch,
                   "train_seconds": st.train_seconds, "seconds_per_epoch": st.train_seconds / max(1, st.epoch),
                   "test": test, "history": st.history, "checkpoint": str(best_dir), "device": str(self.device),
+                  "collaborative_model": self.cm_report,
                   "world_size": self.dist.world_size}
         if self.dist.is_main:
             (self.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
