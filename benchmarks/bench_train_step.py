@@ -74,6 +74,11 @@ QUICK = {"qwen2_1.3M": (32, 2, 9), "qwen2_0.1B": (4, 1, 3)}
 
 
 def shared_beauty() -> Path:
+    """The LETTER Beauty folder: ``data_carry/Beauty`` in the checkout (how a GPU machine without
+    ``../shared`` gets it), else ``$GFLOWGR_DATA/letter/Beauty`` (default ``../shared/data``)."""
+    carried = HERE.parent / "data_carry" / "Beauty"
+    if (carried / "Beauty.inter.json").is_file():
+        return carried
     return Path(os.environ.get("GFLOWGR_DATA", HERE.parent.parent / "shared" / "data")) / "letter" / "Beauty"
 
 

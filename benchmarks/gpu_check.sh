@@ -80,6 +80,12 @@ fi
 # Runs after bench_decode: it adds its summary keys to decode.json.
 stage bench_hf_proc 90 "$PY" benchmarks/bench_hf_processor.py "${QUICK[@]}"
 stage bench_train 120 "$PY" benchmarks/bench_train_step.py "${QUICK[@]}"
+if [ "$HAS_CUDA" = "1" ]; then
+  # Packed vs per-prefix Beauty epochs in bf16 (needs data_carry/Beauty: see benchmarks/gpu_quality.sh --help).
+  stage bench_epoch 300 "$PY" benchmarks/bench_train_step.py --epoch --per-prefix-minutes 1 --eval-users 2000
+else
+  echo "=== bench_epoch skipped without CUDA (a CPU run takes hours: python benchmarks/bench_train_step.py --epoch)"
+fi
 
 echo
 echo "=== summary"
@@ -111,12 +117,14 @@ show("decode", ["hf_constrained_users_per_s", "ours_users_per_s", "ours_backend"
                 "kernel_us_per_step_5120_rows"])
 show("gfn_loss", None)
 show("train_step", ["gflowgr_over_sft_step_time", "cm_curriculum_over_sft_step_time"])
+if suffix == "":
+    show("train_epoch_cuda", None)
 EOF
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   for f in "$RESULTS"/decode*.json "$RESULTS"/gfn_loss*.json "$RESULTS"/hf_processor*.json \
-           "$RESULTS"/train_step*.json; do
+           "$RESULTS"/train_step*.json "$RESULTS"/train_epoch_cuda.json; do
     [ -f "$f" ] && cp "$f" "$OUT"/
   done
   # The device tool returns at most 8 files: the stage logs travel as one archive.

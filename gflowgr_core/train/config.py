@@ -94,7 +94,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     sft_support: str = "trie"      # support of the SFT cross-entropy: "trie" | "level" | "vocab"
     packing: bool = True           # one packed forward per batch (shared histories); false: per-prefix prompts
-    pack_row_tokens: int = 256     # token capacity of a packed row (raised to the longest user window)
+    pack_row_tokens: int = 256     # token capacity of a packed row; longer user windows are cut into segments
+    pack_rows: Optional[int] = None    # fixed rows per packed batch (static shapes for CUDA graphs / compile)
     max_train_examples: Optional[int] = None   # use only the most recent N training examples (fixed, seeded)
     eval_every: int = 1            # epochs between validation runs
     eval_beams: int = 20
@@ -140,6 +141,8 @@ class TrainConfig:
                               "cm_source='lm' does not give: use cm_source='cm' or r_pos_mode='fixed'")
         if self.pack_row_tokens < 1:
             raise ConfigError(f"pack_row_tokens={self.pack_row_tokens} must be >= 1")
+        if self.pack_rows is not None and self.pack_rows < 1:
+            raise ConfigError(f"pack_rows={self.pack_rows} must be >= 1 (or null: as many rows as a batch needs)")
         if not self.data:
             raise ConfigError("data is empty: set it to a folder written by `gflowgr prepare`")
         return self

@@ -58,11 +58,13 @@ class StageContext:
     backend: str = "auto"
     packing: bool = True
     row_tokens: int = 256
+    rows: Optional[int] = None
 
     def hidden(self, policy: SIDPolicy, batch: ExampleBatch, codes: torch.Tensor):
         """``(h[B, T, L, d], log_z[B], log_f[B, T, L-1])`` of ``codes[B, T, L]`` after each example's prompt."""
         if self.packing:
-            return policy.packed_trajectory_hidden(batch.history, codes, batch.window, row_tokens=self.row_tokens)
+            return policy.packed_trajectory_hidden(batch.history, codes, batch.window, row_tokens=self.row_tokens,
+                                                   rows=self.rows)
         return policy.trajectory_hidden(batch.history, codes)
 
     def log_pf(self, policy: SIDPolicy, h: torch.Tensor, codes: torch.Tensor, support: str) -> torch.Tensor:

@@ -159,7 +159,8 @@ class Trainer:
         self.stage = self._build_stage()
         self.windows = trunk_windows(self.data.split.train.history) if config.packing else None
         self.ctx = StageContext(trie=self.trie, item_codes=self.item_codes, codes_per_level=self.codes_per_level,
-                                backend=config.backend, packing=config.packing, row_tokens=config.pack_row_tokens)
+                                backend=config.backend, packing=config.packing, row_tokens=config.pack_row_tokens,
+                                rows=config.pack_rows)
         if config.stage == "gflowgr":
             self._init_log_z()
         if config.packing:
