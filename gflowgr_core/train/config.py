@@ -96,7 +96,7 @@ class TrainConfig:
     packing: bool = True           # one packed forward per batch (shared histories); false: per-prefix prompts
     pack_row_tokens: int = 256     # token capacity of a packed row; longer user windows are cut into segments
     pack_rows: Optional[int] = None    # fixed rows per packed batch (static shapes for CUDA graphs / compile)
-    max_train_examples: Optional[int] = None   # use only the most recent N training examples (fixed, seeded)
+    max_train_examples: Optional[int] = None   # train on a fixed seeded random subset of N training examples
     eval_every: int = 1            # epochs between validation runs
     eval_beams: int = 20
     eval_batch_size: int = 256
