@@ -162,7 +162,7 @@ def render_decode_file(p: dict) -> str:
     e2e = [r for r in need(p, "rows") if r["part"] == "end_to_end"]
     kernel = [r for r in p["rows"] if r["part"] == "kernel"]
     mode = "`--quick`, " if cfg.get("quick") else ""
-    lines = [provenance(p),
+    lines = [provenance(p), "",
              f"Workload ({mode}one run): {cfg.get('workload')}, {num(e2e_sum['items'])} items, "
              f"{len(cfg['codes_per_level'])} × {cfg['codes_per_level'][0]} codes; Qwen2-style model of "
              f"{params(e2e_sum['model_params'])} parameters (hidden {cfg['hidden']}, {cfg['layers']} layers, "
@@ -205,7 +205,7 @@ def render_hf_processor_file(p: dict) -> str:
     gen = [r for r in need(p, "rows") if r["part"] == "generate"]
     proc = [r for r in p["rows"] if r["part"] == "processor"]
     mode = "`--quick`, " if cfg.get("quick") else ""
-    lines = [provenance(p),
+    lines = [provenance(p), "",
              f"Workload ({mode}one run): {cfg.get('workload')}, {num(s['items'])} items; stock `model.generate` "
              f"beam search, {s['users']} users, beam {s['beams']}, prompts of {cfg['prompt_tokens']} tokens; "
              f"Qwen2-style model of {params(cfg['model_params'])} parameters (vocabulary {num(s['vocab'])}), "
@@ -244,7 +244,7 @@ def render_gfn_loss_file(p: dict) -> str:
     ok = {(r["rows"], r["d"], r["method"]): r for r in rows if r.get("status") == "ok"}
     mode = "`--quick`, " if cfg.get("quick") else ""
     cpl = cfg["codes_per_level"]
-    lines = [provenance(p),
+    lines = [provenance(p), "",
              f"Trajectory balance, forward + backward ({mode}one run): {len(cpl)} × {cpl[0]} codes, catalogue of "
              f"{num(cfg['catalogue_items'])} items, {cfg['dtype']}; {timed(rows)}; extra "
              f"peak memory measured on CUDA only.",
@@ -286,7 +286,7 @@ def render_train_step_file(p: dict) -> str:
         base = sft.get(r["model"])
         return times(r[key] / base[key]) if base and r.get(key) and r is not base else "–"
 
-    head = [provenance(p)]
+    head = [provenance(p), ""]
     about = [p["data"]] if p.get("data") else []
     load_1m = p.get("load_average_1m")
     if isinstance(load_1m, dict):
@@ -318,7 +318,7 @@ def render_trie_build(results: Path) -> str:
         return pending("benchmarks/results/trie_build.json", "run `python benchmarks/bench_trie_build.py`")
     rows = need(p, "rows")
     cfg = need(p, "config")
-    lines = [provenance(p),
+    lines = [provenance(p), "",
              f"One run, {len(cfg['codes_per_level'])} × {cfg['codes_per_level'][0]} codes; the median of the timed "
              f"builds (column `builds`) after one warm-up build.",
              "",
@@ -342,7 +342,7 @@ def render_quality_file(p: dict) -> str:
     metrics = list(dict.fromkeys(k for m in methods.values() for k, v in m.items()
                                  if isinstance(v, dict) and "mean" in v))
     steps = p.get("steps") or {}
-    head = [provenance(p),
+    head = [provenance(p), "",
             ("`--quick`, " if p.get("quick") else "") + f"seeds {', '.join(map(str, p.get('seeds', [])))}"
             + (f"; optimisation steps per seed: " + ", ".join(f"{m} {'/'.join(map(str, s))}" for m, s in steps.items())
                if steps else "") + "; test split, mean ± sample std over the seeds."]
@@ -387,7 +387,7 @@ def render_demo(results: Path) -> str:
     if wall is not None:
         minutes, seconds = divmod(round(wall), 60)
         about.append(f"whole demo {minutes} min {seconds} s wall")
-    lines = [provenance(p)] + (["One run: " + "; ".join(about) + "."] if about else [])
+    lines = [provenance(p), ""] + (["One run: " + "; ".join(about) + "."] if about else [])
     lines += ["", md_table(["method"] + cols,
                            [[f"`{r['method']}`"] + [metric(r.get(c)) for c in cols]
                             for r in rows])]
