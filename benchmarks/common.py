@@ -59,8 +59,9 @@ def _module_version(name: str) -> Optional[str]:
 
 REPO = Path(__file__).resolve().parents[1]
 # What a measurement depends on: uncommitted changes here mean the commit alone does not reproduce it (the
-# results files themselves are outputs, not code).
-MEASURED_CODE = ("gflowgr_core", "kernels", "csrc", "benchmarks", "setup.py", ":(exclude)benchmarks/results")
+# results files and the report that renders them are not measured code).
+MEASURED_CODE = ("gflowgr_core", "kernels", "csrc", "benchmarks", "setup.py", ":(exclude)benchmarks/results",
+                 ":(exclude)benchmarks/report.py")
 
 
 def _git(*args: str) -> Optional[str]:

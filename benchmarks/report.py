@@ -10,7 +10,8 @@ and this script rewrites the text between them from the JSON files, naming for e
 sizes and the git commit it records. A file is one run: the tables quote that run (the medians over its
 timed repetitions), never the best of several runs. A results file that does not exist yet is shown as
 pending, with the command that produces it. Sections (:data:`SECTIONS`): ``decode``, ``hf_processor``,
-``gfn_loss``, ``train_step``, ``trie_build``, ``quality``, ``demo``; a section may appear in several files.
+``gfn_loss``, ``train_step``, ``train_epoch``, ``trie_build``, ``quality``, ``demo``; a section may appear in
+several files.
 
     python benchmarks/report.py            # rewrite every section in README.md and docs/*.md
     python benchmarks/report.py --check    # exit 1 when a section differs from what the JSON gives
@@ -128,10 +129,18 @@ def provenance(payload: dict) -> str:
     start, end = payload.get("load_average"), payload.get("load_average_end")
     if start:
         parts.append(f"1-minute load average {num(float(start[0]), 2)} at the start"
-                     + (f", {num(float(end[0]), 2)} at the end" if end else ""))
+                     + (f", {num(float(end[0]), 2)} at the end" if end else "") + overloaded(payload, start[0]))
     if v.get("triton_interpret") == "1":
         parts.append("`TRITON_INTERPRET=1`")
     return f"**`benchmarks/results/{payload['_file']}`**: " + "; ".join(parts) + "."
+
+
+def overloaded(payload: dict, load_1m: Optional[float]) -> str:
+    """A warning when other processes kept more runnable threads than the CPU has cores."""
+    cores = re.search(r"\((\d+) logical cores\)", str(payload.get("device", "")))
+    if load_1m is None or cores is None or load_1m <= int(cores.group(1)):
+        return ""
+    return f" (more than its {cores.group(1)} cores: other processes ran, times are inflated and noisy)"
 
 
 def timed(rows: Sequence[dict]) -> str:
@@ -267,10 +276,10 @@ def render_gfn_loss_file(p: dict) -> str:
                      f"{c['relative_difference']:.1e}.")
     at = s.get("at")
     if at:
-        notes.append(f"At {num(at['rows'])} rows, d = {num(at['d'])}, V = {num(at['vocab'])}, {at['dtype']}: fused "
-                     f"over eager full vocabulary {times(s['speedup_vs_eager_full_vocab'])} faster, "
-                     f"{times(s['memory_ratio_vs_eager_full_vocab'])} less extra memory; over eager SID rows "
-                     f"{times(s['speedup_vs_eager_sid_rows'])} faster.")
+        notes.append(f"At {num(at['rows'])} rows, d = {num(at['d'])}, V = {num(at['vocab'])}, {at['dtype']}: speed-up "
+                     f"of the fused kernel over eager full vocabulary {times(s['speedup_vs_eager_full_vocab'])}, "
+                     f"over eager SID rows {times(s['speedup_vs_eager_sid_rows'])}; extra peak memory of eager full "
+                     f"vocabulary over fused {times(s['memory_ratio_vs_eager_full_vocab'])}.")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -291,7 +300,8 @@ def render_train_step_file(p: dict) -> str:
     load_1m = p.get("load_average_1m")
     if isinstance(load_1m, dict):
         about.append(f"1-minute load average {num(load_1m.get('start'), 2)} at the start, "
-                     f"{num(load_1m.get('end'), 2)} at the end ({load_1m.get('logical_cores')} logical cores)")
+                     f"{num(load_1m.get('end'), 2)} at the end ({load_1m.get('logical_cores')} logical cores)"
+                     + overloaded(p, load_1m.get("start")))
     if p.get("notes"):
         about.append(str(p["notes"]).rstrip("."))
     if about:
@@ -330,25 +340,40 @@ def render_trie_build(results: Path) -> str:
     return "\n".join(lines)
 
 
-def _mean_std(entry: Any, fmt: Callable[[Any], str]) -> str:
+def _mean_std(entry: Any) -> str:
     if not isinstance(entry, dict) or "mean" not in entry:
         return "–"
     std = entry.get("std")
-    return fmt(entry["mean"]) + (f" ± {fmt(std)}" if std else "")
+    return metric(entry["mean"]) + (f" ± {metric(std)}" if std else "")
 
 
 def render_quality_file(p: dict) -> str:
-    methods = need(p, "methods")
-    metrics = list(dict.fromkeys(k for m in methods.values() for k, v in m.items()
-                                 if isinstance(v, dict) and "mean" in v))
+    """One quality grid: per method (and reference model) the test metrics as mean ± std over the seeds, one
+    table per scoring (metric names ``prefix/metric`` form their own table), then the published figures the
+    file records."""
+    methods = dict(need(p, "methods"))
+    methods.update({f"{name} (reference)": m for name, m in (p.get("reference") or {}).items()})
+    keys = list(dict.fromkeys(k for m in methods.values() for k, v in m.items() if isinstance(v, dict) and "mean" in v))
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(k.split("/", 1)[0] if "/" in k else "", []).append(k)
     steps = p.get("steps") or {}
-    head = [provenance(p), "",
-            ("`--quick`, " if p.get("quick") else "") + f"seeds {', '.join(map(str, p.get('seeds', [])))}"
-            + (f"; optimisation steps per seed: " + ", ".join(f"{m} {'/'.join(map(str, s))}" for m, s in steps.items())
-               if steps else "") + "; test split, mean ± sample std over the seeds."]
-    body = [[f"`{name}`"] + [_mean_std(m.get(k), metric) for k in metrics]
-            + [", ".join(map(str, m.get("seeds_done", [])))] for name, m in methods.items()]
-    lines = head + ["", md_table(["method"] + metrics + ["seeds"], body)]
+    about = [f"seeds {', '.join(map(str, p.get('seeds', [])))}"]
+    if steps:
+        about.append("optimisation steps per seed: " + ", ".join(f"{m} {'/'.join(map(str, s))}"
+                                                                 for m, s in steps.items()))
+    if p.get("overrides"):
+        about.append("overrides " + " ".join(f"`{o}`" for o in p["overrides"]))
+    about.append("test split, mean ± sample std over the seeds")
+    lines = [provenance(p), "", ("`--quick`, " if p.get("quick") else "") + "; ".join(about) + "."
+             + (f" {p['note'].rstrip('.')}." if p.get("note") else "")]
+    for prefix, cols in groups.items():
+        label = [] if not prefix else ["", f"Scoring `{prefix}/`:"]
+        body = [[f"`{name}`"] + [_mean_std(m.get(k)) for k in cols]
+                + ([", ".join(map(str, m.get("seeds_done", [])))] if not prefix else [])
+                for name, m in methods.items() if any(k in m for k in cols)]
+        header = ["method"] + [k.split("/", 1)[1] if prefix else k for k in cols] + ([] if prefix else ["seeds"])
+        lines += label + ["", md_table(header, body)]
     if p.get("missing"):
         lines += ["", "No finished seed: " + ", ".join(f"`{m}`" for m in p["missing"]) + "."]
     for source, table in (p.get("paper") or {}).items():
@@ -361,14 +386,50 @@ def render_quality_file(p: dict) -> str:
 
 def render_quality(results: Path) -> str:
     out = []
-    datasets = sorted(d.name for d in (results.parents[1] / "configs").iterdir() if d.is_dir()) \
-        if (results.parents[1] / "configs").is_dir() else []
+    root = results.parents[1]
+    datasets = sorted(d.name for d in (root / "configs").iterdir() if d.is_dir()) if (root / "configs").is_dir() else []
     for ds in datasets:
         if not (results / f"quality_{ds}.json").is_file():
-            out.append(pending(f"benchmarks/results/quality_{ds}.json",
-                               f"run `python benchmarks/run_quality.py --dataset {ds}` (a GPU job)"))
+            how = ("run `bash benchmarks/gpu_quality.sh` on a GPU"
+                   if ds == "beauty" and (root / "benchmarks" / "gpu_quality.sh").is_file()
+                   else f"run `python benchmarks/run_quality.py --dataset {ds}` on a GPU")
+            out.append(pending(f"benchmarks/results/quality_{ds}.json", how))
     for path in sorted(results.glob("quality_*.json")) + sorted(results.glob("ablations_*.json")):
         out.append(render_quality_file(load(results, path.name)))
+    return "\n\n".join(out)
+
+
+def records_table(rows: Sequence[dict]) -> str:
+    """A table of ``rows`` (dicts) over every key they hold, in order of first appearance."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    return md_table(cols, [[metric(r.get(c)) for c in cols] for r in rows])
+
+
+def render_train_epoch_file(p: dict) -> str:
+    rows = need(p, "rows")
+    about = [str(p[k]) for k in ("data", "dtype") if p.get(k)]
+    if p.get("num_train_examples") is not None:
+        about.append(f"{num(p['num_train_examples'])} training examples")
+    if p.get("model"):
+        about.append(f"model {p['model']}" + (f", packed rows of {p['row_tokens']} tokens" if p.get("row_tokens")
+                                               else ""))
+    load_1m = p.get("load_average_1m")
+    if isinstance(load_1m, dict):
+        about.append(f"1-minute load average {num(load_1m.get('start'), 2)} at the start, "
+                     f"{num(load_1m.get('end'), 2)} at the end" + overloaded(p, load_1m.get("start")))
+    lines = [provenance(p), "", "One run: " + "; ".join(about) + ".", "", records_table(rows)]
+    if p.get("eval"):
+        lines += ["", "Evaluation:", "", records_table(p["eval"])]
+    if p.get("summary"):
+        lines += ["", "; ".join(f"`{k}`: {metric(v)}" for k, v in p["summary"].items()) + "."]
+    return "\n".join(lines)
+
+
+def render_train_epoch(results: Path) -> str:
+    out = []
+    if not (results / "train_epoch_cuda.json").is_file():
+        out.append(pending("benchmarks/results/train_epoch_cuda.json", f"on a GPU, {GPU_CHECK}"))
+    out += [render_train_epoch_file(load(results, f.name)) for f in sorted(results.glob("train_epoch_*.json"))]
     return "\n\n".join(out)
 
 
@@ -396,8 +457,8 @@ def render_demo(results: Path) -> str:
 
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "decode": render_decode, "hf_processor": render_hf_processor, "gfn_loss": render_gfn_loss,
-    "train_step": render_train_step, "trie_build": render_trie_build, "quality": render_quality,
-    "demo": render_demo,
+    "train_step": render_train_step, "train_epoch": render_train_epoch, "trie_build": render_trie_build,
+    "quality": render_quality, "demo": render_demo,
 }
 
 

@@ -1,0 +1,151 @@
+"""benchmarks/report.py: the documentation's tables are the committed JSON, rendered with the sizes, device
+and commit each file records; --check fails on a stale table; the benchmark summaries carry their sizes."""
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+try:
+    report = importlib.import_module("report")
+    bench_decode = importlib.import_module("bench_decode")
+finally:
+    sys.path.pop(0)
+
+HEADER = {"device": "CPU: Test CPU (2 logical cores)", "device_kind": "cpu", "load_average": [0.5, 0.4, 0.3],
+          "versions": {"python": "3.11.7", "torch": "2.13.0+cpu", "triton": "3.8.0", "transformers": "5.24.0",
+                       "git_commit": "abc1234", "git_uncommitted": []}}
+
+
+def test_repository_tables_match_the_committed_json():
+    """Every generated section of README.md and docs/*.md is what the committed results files give."""
+    assert report.main(["--check"]) == 0, "run: python benchmarks/report.py"
+
+
+def decode_payload(users=8, beams=5, kernel_users=32, speed=331.0) -> dict:
+    """A decode results file as bench_decode.py writes it (its own summarise), at the given sizes."""
+    e2e = [{"part": "end_to_end", "method": m, "users": users, "batch": users, "beams": beams,
+            "users_per_s": ups, "median_ms": users / ups * 1e3, "reps": 2}
+           for m, ups in (("ours[auto]", speed), ("ours[torch]", 210.0), ("ours_unconstrained", 356.0),
+                          ("hf_constrained", 113.0), ("hf_unconstrained", 114.0))]
+    kernel = [{"part": "kernel", "catalogue": "beauty_12k", "items": 12101, "level": lvl, "mode": mode,
+               "backend": b, "rows": kernel_users * beams, "users": kernel_users, "beams": beams, "d": 128,
+               "dtype": "float32", "us_per_step": us, "reps": 3}
+              for lvl in range(4) for mode in ("beam", "sample") for b, us in (("torch", 750.0), ("cpp", 158.0))]
+    extra = {"workload": "letter/Beauty (22363 test users)", "items": 12101, "model_params": 1314432,
+             "auto_backend": "cpp", "vocab": 1028, "dtype": "float32", "hf_valid_sid_share": 1.0}
+    return {**HEADER, "config": {"quick": True, "history": 20, "hidden": 128, "layers": 4,
+                                 "codes_per_level": [256] * 4, "workload": extra["workload"]},
+            "rows": e2e + kernel, "summary": bench_decode.summarise(e2e + kernel, extra)}
+
+
+def make_root(tmp_path: Path, readme: str, results: dict) -> Path:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "README.md").write_text(readme)
+    for name, payload in results.items():
+        (tmp_path / "benchmarks" / "results" / name).write_text(json.dumps(payload))
+    return tmp_path
+
+
+def test_summary_entries_carry_the_sizes_run():
+    summary = decode_payload(users=8, beams=5, kernel_users=32)["summary"]
+    assert summary["kernel_step"]["rows"] == 160 and summary["kernel_step"]["beams"] == 5
+    assert summary["end_to_end"]["users"] == 8 and summary["end_to_end"]["beams"] == 5
+    assert summary["kernel_step"]["us_per_step"]["beam"]["beauty_12k"] == {"torch": 750.0, "cpp": 158.0}
+    assert not any(ch.isdigit() for key in summary for ch in key), "no size fixed in a key name"
+
+
+def test_rewrite_fills_sections_from_the_json_and_check_sees_a_stale_table(tmp_path):
+    readme = "# x\n\nintro\n<!-- report:decode -->\nold text\n<!-- /report:decode -->\ntail\n"
+    root = make_root(tmp_path, readme, {"decode_quick.json": decode_payload()})
+    (root / "docs" / "guide.md").write_text("<!-- report:decode -->\n<!-- /report:decode -->\n")
+    assert report.main(["--check", "--root", str(root)]) == 1
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert text.startswith("# x\n\nintro\n<!-- report:decode -->\n")
+    assert text.endswith("<!-- /report:decode -->\ntail\n")
+    assert "old text" not in text
+    section = text[text.index("<!-- report:decode -->"):]
+    # The sizes, device and commit the file records, and the one run's figures.
+    for expected in ("CPU: Test CPU (2 logical cores)", "commit `abc1234`", "torch 2.13.0+cpu", "beam 5",
+                     "160 rows (32 users × 5 beams)", "| `ours[auto]` | 8 | 8 | 5 | 2 |", "12,101 items",
+                     "**2.93×**", "1.31M parameters",
+                     "pending: full sizes on a GPU, run `bash benchmarks/gpu_check.sh`"):
+        assert expected in section, expected
+    assert "5,120" not in section and "beam 20" not in section
+    assert (root / "docs" / "guide.md").read_text().count("commit `abc1234`") == 1
+    assert report.main(["--check", "--root", str(root)]) == 0
+    # A new run with other figures makes the committed table stale.
+    (root / "benchmarks" / "results" / "decode_quick.json").write_text(json.dumps(decode_payload(speed=300.0)))
+    assert report.main(["--check", "--root", str(root)]) == 1
+    assert (root / "README.md").read_text() == text, "--check writes nothing"
+
+
+def test_uncommitted_changes_and_interpreter_are_named(tmp_path):
+    payload = decode_payload()
+    payload["versions"] = {**payload["versions"], "git_uncommitted": ["gflowgr_core/x.py"], "triton_interpret": "1"}
+    root = make_root(tmp_path, "<!-- report:decode -->\n<!-- /report:decode -->\n", {"decode_quick.json": payload})
+    report.main(["--root", str(root)])
+    text = (root / "README.md").read_text()
+    assert "commit `abc1234` with uncommitted changes to gflowgr_core/x.py" in text
+    assert "`TRITON_INTERPRET=1`" in text
+
+
+def test_absent_results_are_pending(tmp_path):
+    readme = "".join(f"<!-- report:{n} -->\n<!-- /report:{n} -->\n" for n in report.SECTIONS)
+    root = make_root(tmp_path, readme, {})
+    (root / "configs" / "beauty").mkdir(parents=True)
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    for stem in ("decode", "hf_processor", "gfn_loss", "train_step"):
+        assert f"`benchmarks/results/{stem}.json`: pending: full sizes on a GPU, run `bash benchmarks/gpu_check.sh`." \
+               in text
+    assert ("`benchmarks/results/quality_beauty.json`: pending: run "
+            "`python benchmarks/run_quality.py --dataset beauty`") in text
+    assert "Demo result: pending" in text
+
+
+def test_demo_table_is_keyed_by_what_the_file_holds(tmp_path):
+    demo = {**HEADER, "wall_seconds": 287.6, "data": "MovieLens-100K, training subset: the last 20,000 examples",
+            "rows": [{"method": "sft", "recall@10": 0.1113, "ndcg@10": 0.0535, "wall_seconds": 120.5},
+                     {"method": "gflowgr_tb", "recall@10": 0.1082, "ndcg@10": 0.0520, "wall_seconds": 95.0}]}
+    root = make_root(tmp_path, "<!-- report:demo -->\n<!-- /report:demo -->\n", {"demo_cpu.json": demo})
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert "| method | recall@10 | ndcg@10 | wall_seconds |" in text
+    assert "| `sft` | 0.1113 | 0.0535 | 120 |" in text and "| `gflowgr_tb` | 0.1082 | 0.0520 | 95.0 |" in text
+    assert "whole demo 4 min 48 s wall" in text and "training subset: the last 20,000 examples" in text
+    assert "commit `abc1234`" in text
+    bad = {**demo, "rows": [{"recall@10": 0.1}]}
+    (root / "benchmarks" / "results" / "demo_cpu.json").write_text(json.dumps(bad))
+    with pytest.raises(report.ReportError, match=r"demo_cpu.json: rows\[0\] has no 'method'"):
+        report.render_demo(root / "benchmarks" / "results")
+
+
+def test_marker_errors_name_the_file_and_line():
+    with pytest.raises(report.ReportError, match=r"README.md:3: unknown report section 'nope'"):
+        report.rewrite("a\nb\n<!-- report:nope -->\n<!-- /report:nope -->\n", "README.md", lambda n: "")
+    with pytest.raises(report.ReportError, match=r"docs/x.md:1: section 'demo' has no closing"):
+        report.rewrite("<!-- report:demo -->\ntext\n", "docs/x.md", lambda n: "")
+    with pytest.raises(report.ReportError, match=r"docs/x.md:2: closing marker of 'demo' without its opening"):
+        report.rewrite("text\n<!-- /report:demo -->\n", "docs/x.md", lambda n: "")
+
+
+def test_a_results_file_from_an_older_script_is_named(tmp_path):
+    old = decode_payload()
+    old["summary"] = {"kernel_us_per_step_5120_rows": {}}
+    root = make_root(tmp_path, "<!-- report:decode -->\n<!-- /report:decode -->\n", {"decode_quick.json": old})
+    assert report.main(["--root", str(root)]) == 2
+    with pytest.raises(report.ReportError, match=r"decode_quick.json: no 'summary.end_to_end'"):
+        report.render_decode(root / "benchmarks" / "results")
+
+
+def test_numbers():
+    assert [report.num(x) for x in (331.257, 24.15, 0.09979, 1.0766, 12101, 1756.4, None, True)] == \
+        ["331", "24.1", "0.0998", "1.08", "12,101", "1,756", "–", "yes"]
+    assert report.times(2.9236) == "2.92×" and report.params(1314432) == "1.31M"
+    assert report.metric(0.05) == "0.0500" and report.metric(4.567) == "4.57"
