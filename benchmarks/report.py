@@ -347,6 +347,14 @@ def _mean_std(entry: Any) -> str:
     return metric(entry["mean"]) + (f" ± {metric(std)}" if std else "")
 
 
+def by_scoring(keys: Iterable[str]) -> dict[str, list[str]]:
+    """``keys`` grouped by scoring: ``prefix/metric`` names under ``prefix``, the others under ``""``."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(k.split("/", 1)[0] if "/" in k else "", []).append(k)
+    return groups
+
+
 def render_quality_file(p: dict) -> str:
     """One quality grid: per method (and reference model) the test metrics as mean ± std over the seeds, one
     table per scoring (metric names ``prefix/metric`` form their own table), then the published figures the
@@ -354,9 +362,7 @@ def render_quality_file(p: dict) -> str:
     methods = dict(need(p, "methods"))
     methods.update({f"{name} (reference)": m for name, m in (p.get("reference") or {}).items()})
     keys = list(dict.fromkeys(k for m in methods.values() for k, v in m.items() if isinstance(v, dict) and "mean" in v))
-    groups: dict[str, list[str]] = {}
-    for k in keys:
-        groups.setdefault(k.split("/", 1)[0] if "/" in k else "", []).append(k)
+    groups = by_scoring(keys)
     steps = p.get("steps") or {}
     about = [f"seeds {', '.join(map(str, p.get('seeds', [])))}"]
     if steps:
@@ -434,6 +440,7 @@ def render_train_epoch(results: Path) -> str:
 
 
 def render_demo(results: Path) -> str:
+    """The demo's committed ``metrics.json``: one row per method, one table per scoring, keyed by the file."""
     p = load(results, "demo_cpu.json")
     if p is None:
         return ("Demo result: pending (no `benchmarks/results/demo_cpu.json` yet: it is the `metrics.json` of one "
@@ -442,16 +449,19 @@ def render_demo(results: Path) -> str:
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or "method" not in r:
             raise ReportError(f"benchmarks/results/demo_cpu.json: rows[{i}] has no 'method'")
-    cols = list(dict.fromkeys(k for r in rows for k in r if k != "method"))
     about = [str(p[k]) for k in ("data", "eval") if p.get(k)]
     wall = p.get("wall_seconds")
     if wall is not None:
         minutes, seconds = divmod(round(wall), 60)
-        about.append(f"whole demo {minutes} min {seconds} s wall")
+        about.append(f"{minutes} min {seconds} s wall" + (" for the runs not reused" if p.get("reused") else ""))
+    if p.get("reused"):
+        about.append("reused from an earlier call: " + ", ".join(f"`{r}`" for r in p["reused"]))
     lines = [provenance(p), ""] + (["One run: " + "; ".join(about) + "."] if about else [])
-    lines += ["", md_table(["method"] + cols,
-                           [[f"`{r['method']}`"] + [metric(r.get(c)) for c in cols]
-                            for r in rows])]
+    for prefix, cols in by_scoring(k for r in rows for k in dict.fromkeys(r) if k != "method").items():
+        cols = list(dict.fromkeys(cols))
+        lines += ([] if not prefix else ["", f"Scoring `{prefix}/`:"]) + [
+            "", md_table(["method"] + [c.split("/", 1)[1] if prefix else c for c in cols],
+                         [[f"`{r['method']}`"] + [metric(r.get(c)) for c in cols] for r in rows])]
     return "\n".join(lines)
 
 

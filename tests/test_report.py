@@ -110,20 +110,46 @@ def test_absent_results_are_pending(tmp_path):
 
 
 def test_demo_table_is_keyed_by_what_the_file_holds(tmp_path):
-    demo = {**HEADER, "wall_seconds": 287.6, "data": "MovieLens-100K, training subset: the last 20,000 examples",
-            "rows": [{"method": "sft", "recall@10": 0.1113, "ndcg@10": 0.0535, "wall_seconds": 120.5},
-                     {"method": "gflowgr_tb", "recall@10": 0.1082, "ndcg@10": 0.0520, "wall_seconds": 95.0}]}
+    demo = {**HEADER, "wall_seconds": 287.6, "data": "MovieLens-100K, training subset: 8000 seeded random examples",
+            "rows": [{"method": "sft", "recall@10": 0.1113, "ndcg@10": 0.0535, "renorm/recall@10": 0.12,
+                      "train_seconds": 120.5},
+                     {"method": "gflowgr_tb", "recall@10": 0.1082, "ndcg@10": 0.0520, "renorm/recall@10": 0.11,
+                      "train_seconds": 95.0}]}
     root = make_root(tmp_path, "<!-- report:demo -->\n<!-- /report:demo -->\n", {"demo_cpu.json": demo})
     assert report.main(["--root", str(root)]) == 0
     text = (root / "README.md").read_text()
-    assert "| method | recall@10 | ndcg@10 | wall_seconds |" in text
+    assert "| method | recall@10 | ndcg@10 | train_seconds |" in text
     assert "| `sft` | 0.1113 | 0.0535 | 120 |" in text and "| `gflowgr_tb` | 0.1082 | 0.0520 | 95.0 |" in text
-    assert "whole demo 4 min 48 s wall" in text and "training subset: the last 20,000 examples" in text
-    assert "commit `abc1234`" in text
+    assert "Scoring `renorm/`:\n\n| method | recall@10 |\n|---|---|\n| `sft` | 0.1200 |" in text
+    assert "4 min 48 s wall" in text and "training subset: 8000 seeded random examples" in text
+    assert "commit `abc1234`" in text and "CPU: Test CPU" in text
     bad = {**demo, "rows": [{"recall@10": 0.1}]}
     (root / "benchmarks" / "results" / "demo_cpu.json").write_text(json.dumps(bad))
     with pytest.raises(report.ReportError, match=r"demo_cpu.json: rows\[0\] has no 'method'"):
         report.render_demo(root / "benchmarks" / "results")
+
+
+def test_train_epoch_and_quality_files_render_what_they_hold(tmp_path):
+    epoch = {**HEADER, "dtype": "bfloat16", "data": "Beauty", "num_train_examples": 131413, "model": "qwen2_1.3M",
+             "row_tokens": 256,
+             "rows": [{"method": "sft", "packing": True, "batch": 1024, "epoch_s": 1.5},
+                      {"method": "sft", "packing": False, "batch": 1024, "epoch_s": 9.0}],
+             "eval": [{"sort_by_length": True, "users": 2000, "users_per_s": 900.0}],
+             "summary": {"sft_epoch_speedup_packed_vs_per_prefix": 6.0}}
+    quality = {**HEADER, "seeds": [42, 43], "steps": {"sft": [100, 110]}, "quick": False,
+               "methods": {"sft": {"recall@10": {"mean": 0.05, "std": 0.002}, "renorm/recall@10": {"mean": 0.06},
+                                   "seeds_done": [42, 43]}},
+               "reference": {"sasrec": {"recall@10": {"mean": 0.04, "std": 0.0}}}}
+    root = make_root(tmp_path, "<!-- report:train_epoch -->\n<!-- /report:train_epoch -->\n"
+                               "<!-- report:quality -->\n<!-- /report:quality -->\n",
+                     {"train_epoch_cuda.json": epoch, "quality_beauty.json": quality})
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert "| method | packing | batch | epoch_s |" in text and "| sft | yes | 1,024 | 1.50 |" in text
+    assert "`sft_epoch_speedup_packed_vs_per_prefix`: 6.00" in text and "131,413 training examples" in text
+    assert "pending" not in text.split("report:quality")[0]
+    assert "| `sft` | 0.0500 ± 0.0020 | 42, 43 |" in text and "| `sasrec (reference)` | 0.0400 |" in text
+    assert "Scoring `renorm/`:" in text and "optimisation steps per seed: sft 100/110" in text
 
 
 def test_marker_errors_name_the_file_and_line():
