@@ -77,7 +77,6 @@ if [ -f benchmarks/bench_gfn_loss.py ]; then
 else
   echo "=== benchmarks/bench_gfn_loss.py not present: skipped"
 fi
-# Runs after bench_decode: it adds its summary keys to decode.json.
 stage bench_hf_proc 90 "$PY" benchmarks/bench_hf_processor.py "${QUICK[@]}"
 stage bench_train 120 "$PY" benchmarks/bench_train_step.py "${QUICK[@]}"
 if [ "$HAS_CUDA" = "1" ]; then
@@ -112,9 +111,7 @@ def show(name, keys):
         else:
             print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
 
-show("decode", ["hf_constrained_users_per_s", "ours_users_per_s", "ours_backend", "speedup_vs_hf_constrained",
-                "constrained_over_unconstrained", "hf_valid_sid_share", "ours_users_per_s_by_backend",
-                "kernel_us_per_step_5120_rows"])
+show("decode", ["end_to_end", "kernel_step"])
 show("gfn_loss", None)
 show("train_step", ["gflowgr_over_sft_step_time", "cm_curriculum_over_sft_step_time"])
 if suffix == "":

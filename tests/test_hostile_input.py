@@ -270,7 +270,7 @@ def test_hf_training_step_oom_and_non_finite_loss(tmp_path, monkeypatch, beauty_
                                             "model.intermediate=32", "model.flow_hidden=8"])
     trainer = GFlowGRTrainer(args)
 
-    def oom(index):
+    def oom(index, step=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(trainer.core, "compute_loss", oom)
@@ -278,7 +278,7 @@ def test_hf_training_step_oom_and_non_finite_loss(tmp_path, monkeypatch, beauty_
                                                      r"per_device_train_batch_size=6"):
         trainer.train()
 
-    def nan_loss(index):
+    def nan_loss(index, step=None):
         loss = torch.tensor(float("nan"), requires_grad=True)
         return loss, {"loss": float("nan"), "ce": float("nan")}
 
