@@ -278,12 +278,15 @@ def bench_epoch(data_dir: Path, data: PreparedData, batch: int, gflowgr_steps: i
         sync()
         return time.perf_counter() - start
 
-    def interleaved(trainers: dict, n_steps: int, budget_s: float, what: str) -> dict:
-        """``n_steps`` packed steps, each followed by a per-prefix step while the budget lasts."""
-        times = {True: [], False: []}
+    def interleaved(trainers: dict, n_steps: int, budget_s: float, what: str, beside=None) -> dict:
+        """``n_steps`` packed steps, each followed by a per-prefix step while the budget lasts (and by a step
+        of ``beside`` on the same batch, timed under ``"beside"``, when given)."""
+        times = {True: [], False: [], "beside": []}
         for i in range(n_steps):
             lo = (i % steps) * batch
             times[True].append(timed(trainers[True], order[lo:lo + batch]))
+            if beside is not None:
+                times["beside"].append(timed(beside, order[lo:lo + batch]))
             if sum(times[False]) < budget_s:
                 times[False].append(timed(trainers[False], random_order[lo:lo + batch]))
             if i % 10 == 0:
@@ -299,7 +302,9 @@ def bench_epoch(data_dir: Path, data: PreparedData, batch: int, gflowgr_steps: i
     gfn = {p: trainer("gflowgr_tb_cm_curriculum", p, init) for p in (True, False)}
     for t in gfn.values():
         t.train_step(order[:batch])
-    gfn_times = interleaved(gfn, gflowgr_steps, per_prefix_minutes * 60 / 4, "gflowgr_tb_cm_curriculum")
+    # A packed SFT step on the same batch after every GFlowGR step: their ratio is measured under one load.
+    gfn_times = interleaved(gfn, gflowgr_steps, per_prefix_minutes * 60 / 4, "gflowgr_tb_cm_curriculum",
+                            beside=sft[True])
     # Evaluation after a warm-up call, so neither order pays the first call's one-off costs.
 
     def epoch_row(method: str, times: dict, packing: bool) -> dict:
@@ -341,6 +346,9 @@ def bench_epoch(data_dir: Path, data: PreparedData, batch: int, gflowgr_steps: i
         "sft_epoch_speedup_packed_vs_per_prefix": by[("sft", False)]["epoch_s"] / by[("sft", True)]["epoch_s"],
         "gflowgr_tb_epoch_over_packed_sft_epoch": (by[("gflowgr_tb_cm_curriculum", True)]["epoch_s"]
                                                   / by[("sft", True)]["epoch_s"]),
+        # The same ratio from steps interleaved on the same batches (robust to load changes between phases).
+        "gflowgr_tb_step_over_packed_sft_step_interleaved": (statistics.median(gfn_times[True])
+                                                             / statistics.median(gfn_times["beside"])),
         "eval_speedup_sorted_vs_unsorted": evals[0]["users_per_s"] / evals[1]["users_per_s"],
         "sft_tokens_ratio_per_prefix_over_packed": (tokens["sft"]["per_prefix_processed"]
                                                     / tokens["sft"]["packed_processed"]),
