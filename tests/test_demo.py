@@ -1,14 +1,21 @@
-"""`gflowgr demo --quick`: the README's main command, end to end on the embedded MovieLens-100K."""
+"""`gflowgr demo --quick`: the README's main command, end to end on the embedded MovieLens-100K; an
+interrupted demo says what finished, and running it again continues to the same numbers."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import shutil
+import signal
 
 import pytest
 
 from gflowgr_core.cli import main
 from gflowgr_core.data.loaders import load_ml100k
-from gflowgr_core.demo import TABLE_METRICS
+from gflowgr_core.demo import METHODS, TABLE_METRICS, run_demo
+from gflowgr_core.train.checkpoint import is_complete
+from gflowgr_core.train.trainer import Trainer
 
 try:
     load_ml100k()
@@ -16,18 +23,111 @@ try:
 except FileNotFoundError:
     HAS_ML100K = False
 
+pytestmark = pytest.mark.skipif(not HAS_ML100K,
+                                reason="MovieLens-100K not found (pip install --no-deps recbole==1.2.1)")
+ROWS = ["sft", *METHODS]
 
-@pytest.mark.skipif(not HAS_ML100K, reason="MovieLens-100K not found (pip install --no-deps recbole==1.2.1)")
-def test_demo_quick_writes_table_metrics_and_plot(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics) == {"sft", "gflowgr"}
-    for name in ("sft", "gflowgr"):
-        assert set(metrics[name]) == set(TABLE_METRICS)
-        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in metrics[name].values())
-    png = (tmp_path / "demo.png").read_bytes()
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One uninterrupted ``gflowgr demo --quick`` (its own SASRec cache), with what it printed."""
+    root = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setenv("GFLOWGR_CACHE", str(root / "cache"))
+        rc = main(["demo", "--out", str(root / "out"), "--quick"])
+    return root, rc, printed.getvalue()
+
+
+def _without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]
+
+
+def test_demo_quick_writes_table_metrics_and_plot(quick_demo):
+    root, rc, printed = quick_demo
+    out = root / "out"
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["reused"] == []
+    assert [r["method"] for r in metrics["rows"]] == ROWS
+    for row in metrics["rows"]:
+        for prefix in ("", "renorm/"):
+            values = [row[prefix + m] for m in TABLE_METRICS]
+            assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values), row
+        assert row["epochs"] == 1 and row["steps"] >= 1
+    # The control gets exactly GFlowGR's extra steps, on the same subset.
+    runs = metrics["budget"]["runs"]
+    assert runs["sft_continue"]["train_examples"] == runs["gflowgr_tb"]["train_examples"] == 512
+    by_name = {r["method"]: r for r in metrics["rows"]}
+    assert by_name["sft_continue"]["steps"] == by_name["gflowgr_tb"]["steps"] == runs["gflowgr_tb"]["steps_per_epoch"]
+    assert "seeded random subset" in metrics["data"] and "beam 20" in metrics["eval"]
+    assert metrics["budget"]["test_users"] == 200 and metrics["wall_seconds"] > 0
+    png = (out / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    out = capsys.readouterr().out
-    assert "method" in out and "gflowgr" in out and "recall@10" in out
-    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
-    assert stats["num_users"] == 943 and stats["num_items"] == 1682
+    assert "budget:" in printed and "seeded random subset" in printed
+    assert "HF-style level log-probs (headline)" in printed and "renormalised over trie children" in printed
+    assert all(name in printed for name in ROWS) and "recall@10" in printed
+    stats = json.loads((out / "data" / "stats.json").read_text())
+    assert stats["num_users"] == 200 and stats["num_items"] == 1682
+
+
+def _copy_prepared_and_sft(quick_demo, dest):
+    """A demo folder in which data and SFT are already done (as after an earlier call)."""
+    root = quick_demo[0]
+    shutil.copytree(root / "out" / "data", dest / "data")
+    shutil.copytree(root / "out" / "sft", dest / "sft")
+
+
+def test_sigterm_during_a_run_then_rerun_resumes_to_the_same_numbers(quick_demo, tmp_path, monkeypatch, capsys):
+    root = quick_demo[0]
+    monkeypatch.setenv("GFLOWGR_CACHE", str(root / "cache"))
+    _copy_prepared_and_sft(quick_demo, tmp_path)
+    original = Trainer.train_step
+
+    def train_step(self, index):
+        logs = original(self, index)
+        if self.cfg.stage == "sft_continue" and self.step == 2:
+            signal.raise_signal(signal.SIGTERM)  # a real signal, handled by the trainer at the step boundary
+        return logs
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    result = run_demo(tmp_path, device="cpu", quick=True)
+    assert result["status"] == "interrupted" and result["finished"] == ["sft"]
+    assert result["interrupted_run"] == "sft_continue" and result["reason"] == "SIGTERM"
+    message = result["message"]
+    assert "\n" not in message and "during sft_continue" in message and "finished: sft" in message
+    assert f"gflowgr demo --out {tmp_path} --quick --device cpu" in message
+    assert message in capsys.readouterr().err
+    assert is_complete(tmp_path / "sft_continue" / "last") and not (tmp_path / "metrics.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+
+    monkeypatch.setattr(Trainer, "train_step", original)
+    again = run_demo(tmp_path, device="cpu", quick=True)
+    printed = capsys.readouterr().out
+    assert again["status"] == "finished" and again["reused"] == ["sft"]
+    assert "sft: finished earlier" in printed and "sft_continue: resuming from" in printed
+    # An exact resume: every row as in the uninterrupted demo.
+    reference = json.loads((root / "out" / "metrics.json").read_text())
+    assert _without_timing(again["rows"]) == _without_timing(reference["rows"])
+
+
+def test_signal_between_runs_stops_before_the_next_one(quick_demo, tmp_path, monkeypatch, capsys):
+    """SIGTERM outside training (here during SFT's test evaluation): that run finishes, the next never starts."""
+    root = quick_demo[0]
+    monkeypatch.setenv("GFLOWGR_CACHE", str(root / "cache"))
+    _copy_prepared_and_sft(quick_demo, tmp_path)
+    (tmp_path / "sft" / "result.json").unlink()  # SFT trained but not yet tested: the call resumes it
+    original = Trainer.evaluate
+
+    def evaluate(self, split_name="valid", max_users=None):
+        if split_name == "test":
+            signal.raise_signal(signal.SIGTERM)
+        return original(self, split_name, max_users)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    result = run_demo(tmp_path, device="cpu", quick=True)
+    assert result["status"] == "interrupted" and result["finished"] == ["sft"]
+    assert "before sft_continue started" in result["message"]
+    assert (tmp_path / "sft" / "result.json").is_file() and not (tmp_path / "sft_continue").exists()
+    assert result["message"] in capsys.readouterr().err
