@@ -221,6 +221,16 @@ def test_same_seed_same_losses_other_seed_differs(beauty, tmp_path):
 
 
 def test_stop_request_defers_the_first_signal_only():
+    # A process started in the background inherits SIGINT ignored: start from Python's own handler so the
+    # second signal has a handler that raises.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _check_deferral()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _check_deferral():
     before = signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:
         assert not stop.requested
