@@ -14,10 +14,13 @@ CPU cores: each run trains on a seeded random subset of the training examples (`
 validates on a seeded subset of the validation users, and tests on every test user. The demo prints the
 budget and records it in ``metrics.json``.
 
-Interruption: SIGTERM/SIGINT during a run saves its resumable checkpoint (``DIR/<run>/last/``) at the next
-step boundary; between runs the demo stops before the next one. Either way :func:`run_demo` returns
-``status="interrupted"`` with a one-line ``message`` naming what finished, and running the same command
-again continues: finished runs with the same settings are reused, an interrupted one resumes exactly.
+Interruption: SIGTERM/SIGINT during a run's training saves its resumable checkpoint (``DIR/<run>/last/``) at
+the next step boundary; one during a run's set-up (e.g. SASRec training) stops that run after its first step;
+one during data preparation or a final test evaluation lets that finish and stops before the next run.
+Either way :func:`run_demo` returns ``status="interrupted"`` with a one-line ``message`` naming what
+finished, and running the same command again continues: finished runs with the same settings are reused, an
+interrupted one resumes exactly. The demo's own handler sits under the trainer's, so during training a
+second signal only repeats the request and a third one stops the process at once.
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ COMMON = {
     "model.flow_hidden": 64, "packing": True, "batch_size": 128, "eval_beams": 20, "valid_max_users": 300,
     "log_every": 5, "cm.max_epochs": 2, "cm.patience": 1, "cm.lr": 0.01, "cm.verbose": False, "cm.progress": False,
 }
+# SASRec (the curriculum sampler's and r_cm's model) at lr 0.01 for 2 epochs: on validation (N@10 .061) it
+# beats 3 epochs at the default 1e-3 (.049) for two thirds of the time.
 SFT = {"stage": "sft", "epochs": 3, "patience": 1, "lr": 3e-3, "warmup_steps": 40, "max_train_examples": 24000}
 # Stage 2, identical for both methods: one epoch over the same seeded subset, in the same batches.
 STAGE2 = {"epochs": 1, "patience": 1, "lr": 1e-3, "warmup_steps": 6, "max_train_examples": 8000}
