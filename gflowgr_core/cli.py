@@ -47,8 +47,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from gflowgr_core.demo import run_demo
 
-    run_demo(args.out, device=args.device, quick=args.quick)
-    return 0
+    result = run_demo(args.out, device=args.device, quick=args.quick)
+    # An interrupted demo has printed what finished and how to resume; its exit status says it stopped.
+    return 0 if result["status"] == "finished" else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

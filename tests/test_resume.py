@@ -244,3 +244,9 @@ def _check_deferral():
         stop.request("by hand")
         stop.request("later")
         assert stop.reason == "by hand"
+
+
+def test_resume_of_a_run_stopped_before_its_first_log_line(beauty, tmp_path):
+    """A stop before log_every steps leaves no log.jsonl: resuming must not need one."""
+    resumed, result = _interrupted_then_resumed(("stage=sft", "log_every=1000"), beauty, 1, tmp_path / "run")
+    assert result["steps"] == resumed.step and resumed.step > 1

@@ -680,6 +680,8 @@ class Trainer:
     def _truncate_log(self, size: int) -> None:
         """Drop log lines written after the checkpoint (those steps run again), keeping one continuous log."""
         current = self.log_path.stat().st_size if self.log_path.exists() else 0
+        if current == size:  # nothing written after the checkpoint (also: a stop before the first log line)
+            return
         if current < size:
             log.warning("%s has %d bytes but the checkpoint was taken at %d: the log was edited or replaced; "
                         "appending to it as it is", self.log_path, current, size)
