@@ -72,6 +72,7 @@ def main() -> None:
         sizes["train_rows"] = sizes["train_targets"] = len(split.train)
     log(f"{args.label}: {sizes}")
 
+    header = environment("cpu")  # taken before the run: the commit and load it started with
     load_before = os.getloadavg()
     started = time.perf_counter()
     model = module.train_sasrec(split, config)
@@ -80,7 +81,7 @@ def main() -> None:
     run = {
         "label": args.label,
         "implementation": args.reference_module or "gflowgr_core.collaborative (installed)",
-        "commit": args.commit or environment("cpu")["versions"]["git_commit"],
+        "commit": args.commit or header["versions"]["git_commit"],
         "sizes": sizes,
         "config": report["config"],
         "best_epoch": report["best_epoch"],
@@ -101,7 +102,7 @@ def main() -> None:
         "data": str(args.data),
         "what": "SASRec trained with the given SASRecConfig (defaults unless 'config' says otherwise) on the "
                 "leave-one-out split; full-catalogue ranking, nothing excluded; best-validation-epoch weights",
-        **environment("cpu"),
+        **header,
     })
     payload.setdefault("runs", {})[args.label] = run
     write_json(out, payload)

@@ -68,7 +68,8 @@ class SASRecConfig:
         dropout: dropout on embeddings, attention weights and block outputs.
         lr, weight_decay: AdamW settings.
         batch_size: training rows per step; a row is one user's whole training sequence (or a window of it,
-            see :func:`whole_sequence_rows`), so a step scores several targets per row.
+            see :func:`whole_sequence_rows`), so a step scores several targets per row (on Beauty 3.6 on
+            average: 64 rows are about 230 targets, as many updates per epoch as 256 single-target rows).
         max_epochs: upper bound on epochs over the training rows.
         patience: stop after this many evaluations without a better validation ``early_stop_metric``.
         early_stop_metric: key of :func:`gflowgr_core.metrics.evaluate_rankings` to maximise.
@@ -91,7 +92,7 @@ class SASRecConfig:
     dropout: float = 0.3
     lr: float = 1e-3
     weight_decay: float = 0.0
-    batch_size: int = 256
+    batch_size: int = 64
     max_epochs: int = 100
     patience: int = 5
     early_stop_metric: str = "ndcg@10"
