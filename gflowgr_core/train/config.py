@@ -101,6 +101,7 @@ class TrainConfig:
     eval_beams: int = 20
     eval_batch_size: int = 256
     valid_max_users: Optional[int] = None   # validate on a fixed seeded subset (None = whole split)
+    evaluate_test: bool = True     # read the test split once at the end (false: tuning runs never see it)
     patience: int = 3
     select_metric: str = "ndcg@10"
     log_every: int = 20

@@ -581,7 +581,8 @@ class Trainer:
             save_policy(self.policy, best_dir, cfg, info={"step": self.step, "epoch": st.epoch})
         self.dist.barrier()
         self.policy = load_policy(best_dir, device=self.device, recover=self.dist.is_main)
-        test = self.evaluate("test")
+        # Tuning runs select on validation and must not read test at all.
+        test = self.evaluate("test") if cfg.evaluate_test else None
         result = {"status": "finished", "stage": cfg.stage, "best_epoch": st.best_epoch,
                   "best_valid": st.best_value, "steps": self.step, "epochs": st.epoch,
                   "train_seconds": st.train_seconds, "seconds_per_epoch": st.train_seconds / max(1, st.epoch),
