@@ -27,8 +27,7 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
-#include "constrained_step_hash.h"
+#include "common.h"
 
 namespace gflowgr {
 namespace {
@@ -62,39 +61,17 @@ struct StepInputs {
   int64_t R, d, K, lo, hi;
 };
 
+// Arguments already checked by check_step_inputs (common.h).
 StepInputs prepare(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                    const at::Tensor& node, const at::Tensor& indptr, const at::Tensor& child_code,
-                   const at::Tensor& child_node, int64_t level_lo, int64_t level_hi, bool renormalize,
-                   const char* op) {
-  TORCH_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1), op, ": h must be [R, d] and w [K, d] ",
-              "with the same d, got ", h.sizes(), " and ", w.sizes());
-  TORCH_CHECK(h.is_floating_point() && w.is_floating_point(), op, ": h and w must be floating point");
-  TORCH_CHECK(node.dim() == 1 && node.size(0) == h.size(0) && node.scalar_type() == at::kLong, op,
-              ": node must be int64 [R] = [", h.size(0), "], got ", node.scalar_type(), " ", node.sizes());
-  for (const at::Tensor* t : {&indptr, &child_code, &child_node}) {
-    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong, op, ": trie tables must be int64 vectors");
-  }
-  TORCH_CHECK(child_code.size(0) == child_node.size(0) && indptr.size(0) >= level_hi + 1 && level_lo >= 0 &&
-                  level_lo <= level_hi,
-              op, ": inconsistent trie tables or level bounds [", level_lo, ", ", level_hi, ")");
-  check_contiguous(h, op, "h");
-  check_contiguous(w, op, "w");
-  check_contiguous(node, op, "node");
-  check_contiguous(indptr, op, "indptr");
-  check_contiguous(child_code, op, "child_code");
-  check_contiguous(child_node, op, "child_node");
+                   const at::Tensor& child_node, int64_t level_lo, int64_t level_hi, bool renormalize) {
   StepInputs in;
   in.h = h.to(at::kFloat).contiguous();
   in.w = w.to(at::kFloat).contiguous();
   in.R = h.size(0);
   in.d = h.size(1);
   in.K = w.size(0);
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == in.K, op, ": bias must be [K] = [", in.K, "], got ",
-                bias->sizes());
-    check_contiguous(*bias, op, "bias");
-    in.bias = bias->to(at::kFloat).contiguous();
-  }
+  if (is_given(bias)) in.bias = bias->to(at::kFloat).contiguous();
   if (!renormalize && in.R > 0) {
     // The level's log-partition needs every code's logit: one BLAS product, bias added as the reference does.
     in.logits = at::mm(in.h, in.w.t());
@@ -162,13 +139,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> constrained_step_beam
     const at::Tensor& indptr, const at::Tensor& child_code, const at::Tensor& child_node, int64_t level_lo,
     int64_t level_hi, const at::Tensor& scores, int64_t beams, bool renormalize) {
   const char* op = "constrained_step_beam";
-  TORCH_CHECK(scores.dim() == 2, op, ": scores must be [B, beams_in], got ", scores.sizes());
-  TORCH_CHECK(beams >= 1, op, ": beams must be >= 1, got ", beams);
+  check_step_inputs(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, op);
+  check_beam_inputs(scores, beams, h.size(0), h.device(), op);
   const StepInputs in =
-      prepare(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, renormalize, op);
+      prepare(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, renormalize);
   const int64_t B = scores.size(0), beams_in = scores.size(1);
-  TORCH_CHECK(B * beams_in == in.R, op, ": scores ", scores.sizes(), " do not match R = ", in.R, " rows");
-  check_contiguous(scores, op, "scores");
   const at::Tensor sc = scores.to(at::kFloat).contiguous();
   const float* score = sc.data_ptr<float>();
   const int64_t K = in.K, topk = std::min(beams, K);
@@ -237,12 +212,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> constrained_step_sample_cpu(
     const at::Tensor& indptr, const at::Tensor& child_code, const at::Tensor& child_node, int64_t level_lo,
     int64_t level_hi, const at::Tensor& key, int64_t level, double temperature, bool renormalize) {
   const char* op = "constrained_step_sample";
-  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
-  TORCH_CHECK(key.numel() == 1 && key.scalar_type() == at::kLong, op, ": key must be one int64, got ",
-              key.scalar_type(), " ", key.sizes());
-  check_contiguous(key, op, "key");
+  check_step_inputs(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, op);
+  check_sample_inputs(key, temperature, h.device(), op);
   const StepInputs in =
-      prepare(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, renormalize, op);
+      prepare(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, renormalize);
   const uint32_t level_state = noise_level_state(key.cpu().item<int64_t>(), level);
   // The reference divides by the temperature as an fp32 scalar.
   const float temp = static_cast<float>(temperature);

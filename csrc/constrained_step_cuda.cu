@@ -10,7 +10,7 @@
 //      - beam: the row's top min(beams, K) candidates score + logp by (value desc, code asc), found one at a
 //        time as the best candidate strictly after the previous one in that order (no scratch memory);
 //      - sample: argmax of z / temperature + g over the children (ties to the lower code), g the
-//        counter-based Gumbel noise of constrained_step_hash.h;
+//        counter-based Gumbel noise of common.h;
 //   3. beam only: one warp per batch element merges its beams_in * min(beams, K) candidates into the top
 //      `beams` by (value desc, flat index parent * K + code asc); dead slots get parent 0, code -1,
 //      next node -1, score -inf.
@@ -26,8 +26,7 @@
 #include <cstdint>
 #include <tuple>
 
-#include "checks.h"
-#include "constrained_step_hash.h"
+#include "common.h"
 
 namespace gflowgr {
 namespace {
@@ -235,42 +234,15 @@ struct CudaInputs {
   int64_t R, K;
 };
 
+// Arguments already checked by check_step_inputs (common.h).
 CudaInputs prepare(const at::Tensor& h, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                   const at::Tensor& node, const at::Tensor& indptr, const at::Tensor& child_code,
-                   const at::Tensor& child_node, int64_t level_lo, int64_t level_hi, const char* op) {
-  TORCH_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1), op, ": h must be [R, d] and w [K, d] ",
-              "with the same d, got ", h.sizes(), " and ", w.sizes());
-  TORCH_CHECK(h.is_floating_point() && w.is_floating_point(), op, ": h and w must be floating point");
-  TORCH_CHECK(node.dim() == 1 && node.size(0) == h.size(0) && node.scalar_type() == at::kLong, op,
-              ": node must be int64 [R] = [", h.size(0), "], got ", node.scalar_type(), " ", node.sizes());
-  for (const at::Tensor* t : {&w, &node, &indptr, &child_code, &child_node}) {
-    TORCH_CHECK(t->device() == h.device(), op, ": every tensor must be on ", h.device(), ", got one on ",
-                t->device());
-  }
-  for (const at::Tensor* t : {&indptr, &child_code, &child_node}) {
-    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong, op, ": trie tables must be int64 vectors");
-  }
-  TORCH_CHECK(child_code.size(0) == child_node.size(0) && indptr.size(0) >= level_hi + 1 && level_lo >= 0 &&
-                  level_lo <= level_hi,
-              op, ": inconsistent trie tables or level bounds [", level_lo, ", ", level_hi, ")");
-  check_contiguous(h, op, "h");
-  check_contiguous(w, op, "w");
-  check_contiguous(node, op, "node");
-  check_contiguous(indptr, op, "indptr");
-  check_contiguous(child_code, op, "child_code");
-  check_contiguous(child_node, op, "child_node");
+                   const at::Tensor& node) {
   CudaInputs in;
   in.R = h.size(0);
   in.K = w.size(0);
   // fp32 logits from the same product the reference computes (h.float() @ w.float().t()).
   in.logits = at::mm(h.to(at::kFloat), w.to(at::kFloat).t()).contiguous();
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == in.K && bias->device() == h.device(), op,
-                ": bias must be [K] = [", in.K, "] on ", h.device(), ", got ", bias->sizes(), " on ",
-                bias->device());
-    check_contiguous(*bias, op, "bias");
-    in.bias = bias->to(at::kFloat).contiguous();
-  }
+  if (is_given(bias)) in.bias = bias->to(at::kFloat).contiguous();
   in.node = node;
   return in;
 }
@@ -285,13 +257,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> constrained_step_beam
     int64_t level_hi, const at::Tensor& scores, int64_t beams, bool renormalize) {
   const char* op = "constrained_step_beam";
   const c10::cuda::CUDAGuard guard(h.device());
-  TORCH_CHECK(scores.dim() == 2 && scores.device() == h.device(), op, ": scores must be [B, beams_in] on ",
-              h.device(), ", got ", scores.sizes(), " on ", scores.device());
-  TORCH_CHECK(beams >= 1, op, ": beams must be >= 1, got ", beams);
-  const CudaInputs in = prepare(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, op);
+  check_step_inputs(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, op);
+  check_beam_inputs(scores, beams, h.size(0), h.device(), op);
+  const CudaInputs in = prepare(h, w, bias, node);
   const int64_t B = scores.size(0), beams_in = scores.size(1);
-  TORCH_CHECK(B * beams_in == in.R, op, ": scores ", scores.sizes(), " do not match R = ", in.R, " rows");
-  check_contiguous(scores, op, "scores");
   const at::Tensor sc = scores.to(at::kFloat).contiguous();
   const int64_t topk = std::min(beams, in.K);
   auto opts = h.options();
@@ -325,12 +294,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> constrained_step_sample_cuda(
     int64_t level_hi, const at::Tensor& key, int64_t level, double temperature, bool renormalize) {
   const char* op = "constrained_step_sample";
   const c10::cuda::CUDAGuard guard(h.device());
-  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
-  TORCH_CHECK(key.numel() == 1 && key.scalar_type() == at::kLong && key.device() == h.device(), op,
-              ": key must be one int64 on ", h.device(), ", got ", key.scalar_type(), " ", key.sizes(), " on ",
-              key.device());
-  check_contiguous(key, op, "key");
-  const CudaInputs in = prepare(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, op);
+  check_step_inputs(h, w, bias, node, indptr, child_code, child_node, level_lo, level_hi, op);
+  check_sample_inputs(key, temperature, h.device(), op);
+  const CudaInputs in = prepare(h, w, bias, node);
   auto opts = h.options();
   at::Tensor code = at::empty({in.R}, opts.dtype(at::kLong));
   at::Tensor next = at::empty({in.R}, opts.dtype(at::kLong));

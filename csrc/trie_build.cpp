@@ -22,7 +22,7 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
+#include "common.h"
 
 namespace gflowgr {
 namespace {
@@ -166,9 +166,8 @@ Sorted sort_gather(const int64_t* c, int64_t n, int64_t L, const std::vector<int
 }
 
 void check_codes(const at::Tensor& codes, const std::vector<int64_t>& K) {
-  TORCH_CHECK(codes.device().is_cpu(), "trie_build: codes must be a CPU tensor, got ", codes.device());
-  TORCH_CHECK(codes.scalar_type() == at::kLong, "trie_build: codes must be int64, got ",
-              codes.scalar_type());
+  check_device(codes, at::Device(at::kCPU), "trie_build", "codes");
+  check_int64(codes, "trie_build", "codes");
   TORCH_CHECK(codes.dim() == 2, "trie_build: codes must be [n_items, L], got ", codes.dim(), " dims");
   check_contiguous(codes, "trie_build", "codes");
   TORCH_CHECK(codes.size(0) > 0, "trie_build: codes has no rows (an empty catalogue has no trie)");
