@@ -19,7 +19,6 @@ rows of the head (``SIDPolicy.sid_head_weight``), never with the whole vocabular
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import importlib.util
 import json
@@ -33,6 +32,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .model.adapters import merged_copy
 from .model.policy import SIDPolicy
 
 __all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_GGUF", "SMOLLM2_INSTALL", "TEMPLATE_PLACEHOLDER", "LoraSettings",
@@ -277,18 +277,6 @@ def apply_lora(policy: SIDPolicy, settings: Optional[LoraSettings] = None) -> SI
     policy.__dict__["peft_model"] = peft_model
     policy.__dict__["lora_settings"] = settings
     return policy
-
-
-def merged_copy(peft_model) -> nn.Module:
-    """A plain HF model equal to ``peft_model`` with its adapters (LoRA, trainable tokens) merged in.
-
-    The live model is left untouched (the merge runs on a deep copy).
-    """
-    merged = copy.deepcopy(peft_model).merge_and_unload()
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if attr in merged.__dict__:
-            delattr(merged, attr)
-    return merged
 
 
 # ----------------------------------------------------------------------------------- policy loading

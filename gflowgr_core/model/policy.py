@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sid.tokens import SIDTokenMap
+from .adapters import merged_copy
 
 __all__ = ["PromptState", "FlowHead", "SIDPolicy", "build_tiny_causal_lm"]
 
@@ -636,8 +637,6 @@ class SIDPolicy(nn.Module):
         peft_model = self.__dict__.get("peft_model")
         if peft_model is None:
             return self.model
-        from ..pretrained import merged_copy
-
         return merged_copy(peft_model)
 
     def save(self, directory: str | Path) -> None:
