@@ -49,7 +49,7 @@ from common import (RESULTS_DIR, environment, format_table, load_average, log, r
                     write_json)
 
 from gflowgr_core import backends  # noqa: E402
-from gflowgr_core.decoding import beam_search, constrained_step, registered_backends, resolve_backend  # noqa: E402
+from gflowgr_core.decoding import beam_search, constrained_step  # noqa: E402
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm  # noqa: E402
 from gflowgr_core.sid.tokens import SIDTokenMap  # noqa: E402
 from gflowgr_core.sid.trie import Trie  # noqa: E402
@@ -173,9 +173,9 @@ def end_to_end(args, device: torch.device) -> tuple[list[dict], dict]:
     history = history.to(device)
     n_params = sum(p.numel() for p in policy.model.parameters())
     log(f"workload: {source}, {codes.shape[0]} items, trie {trie}, model {n_params / 1e6:.2f}M params")
-    steps = [b for b in registered_backends() if b in backends.available_backends()
+    steps = [b for b in backends.registered("constrained_step") if b in backends.available_backends()
              and b in {"cpu": ("torch", "cpp"), "cuda": ("torch", "triton", "cuda")}[device.type]]
-    auto = resolve_backend("auto", device)
+    auto = backends.resolve_backend("constrained_step", "auto", device).name
     rows, extra = [], {"workload": source, "items": int(codes.shape[0]), "model_params": n_params,
                        "auto_backend": auto, "vocab": policy.token_map.vocab_size,
                        "dtype": str(next(policy.model.parameters()).dtype).replace("torch.", "")}
@@ -218,7 +218,7 @@ def random_trie(n_items: int, device: torch.device, seed: int) -> Trie:
 
 
 def kernel_rows(args, device: torch.device, catalogues: dict[str, Trie]) -> list[dict]:
-    steps = [b for b in registered_backends() if b in backends.available_backends()
+    steps = [b for b in backends.registered("constrained_step") if b in backends.available_backends()
              and b in {"cpu": ("torch", "cpp"), "cuda": ("torch", "triton", "cuda")}[device.type]]
     rows = []
     gen = torch.Generator().manual_seed(1)
@@ -336,7 +336,7 @@ def main(argv=None) -> dict:
                           {k: t.num_items for k, t in catalogues.items()}, "codes_per_level": list(CPL),
                           "workload": extra["workload"], "model_params": extra["model_params"],
                           "vocab": extra["vocab"], "dtype": extra["dtype"],
-                          "device": str(device), "registered_backends": list(registered_backends()),
+                          "device": str(device), "registered_backends": list(backends.registered("constrained_step")),
                           "available_backends": list(backends.available_backends())},
                "rows": rows, "summary": summarise(rows, extra)}
     print(format_table([r for r in rows if r["part"] == "end_to_end"],

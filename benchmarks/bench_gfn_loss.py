@@ -3,8 +3,9 @@
 Methods, all computing TB from hidden states ``h[T, L, d]`` and the gradients of ``h``, the SID head rows
 and ``log Z`` (one ``torch.autograd.grad`` call per step):
 
-* ``fused``: :func:`gflowgr_core.objectives.fused.fused_gfn_loss` (trie support: per-step log-softmax over
-  the valid trie children, logits only for the level's SID rows, never stored).
+* ``fused``: :func:`gflowgr_core.objectives.gfn_loss` with ``backend="triton"`` (the kernels of
+  ``gflowgr_core.kernels.constrained_log_pf``; trie support: per-step log-softmax over the valid trie
+  children, logits only for the level's SID rows, never stored).
 * ``eager_full_vocab``: what a plain implementation pays: logits over the whole vocabulary
   ``[T * L, V]``, ``log_softmax`` in fp32, gather of the SID tokens, TB (the unconstrained "vocab" policy).
 * ``eager_sid_rows``: the PyTorch reference :func:`gflowgr_core.objectives.gfn_loss_reference` (trie
@@ -42,7 +43,8 @@ except ImportError:  # a source checkout that is not pip-installed
 from common import (RESULTS_DIR, environment, extra_peak_bytes, format_table, is_oom, load_average,  # noqa: E402
                     log, release, time_call, write_json)
 
-from gflowgr_core.objectives.gfn_loss import gfn_loss_reference  # noqa: E402
+from gflowgr_core import backends  # noqa: E402
+from gflowgr_core.objectives.gfn_loss import gfn_loss, gfn_loss_reference  # noqa: E402
 from gflowgr_core.sid.trie import Trie  # noqa: E402
 
 METHODS = ("fused", "eager_full_vocab", "eager_sid_rows")
@@ -90,8 +92,11 @@ def build_problem(rows: int, d: int, vocab: int, codes_per_level: tuple[int, ...
 
 
 def loss_fused(p: Problem) -> torch.Tensor:
-    from gflowgr_core.objectives.fused import fused_gfn_loss
-    return fused_gfn_loss(p.h, p.w_sid, p.codes, p.trie, None, p.log_z, p.log_r, "tb")[0]
+    out = gfn_loss(p.h, p.w_sid, p.codes, p.trie, None, p.log_z, p.log_r, "tb", backend="triton")
+    if out.backend != "triton":  # a silent fallback would time the reference under the kernel's name
+        raise RuntimeError(f"the fused loss ran on {out.backend!r}: "
+                           f"{backends.last_resolution('gfn_loss').reason}")
+    return out.loss
 
 
 def loss_eager_sid_rows(p: Problem) -> torch.Tensor:

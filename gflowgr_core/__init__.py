@@ -23,8 +23,7 @@ _EXPORTS = {
     "rq_kmeans": "gflowgr_core.sid.tokenizer", "build_catalog": "gflowgr_core.sid.tokenizer",
     # model, objectives, decoding
     "SIDPolicy": "gflowgr_core.model.policy", "build_tiny_causal_lm": "gflowgr_core.model.policy",
-    "gfn_loss": "gflowgr_core.objectives.gfn_loss", "sid_log_probs": "gflowgr_core.objectives.gfn_loss",
-    "constrained_log_pf": "gflowgr_core.objectives.logpf", "TrajectoryBalance": "gflowgr_core.objectives.balance",
+    "gfn_loss": "gflowgr_core.objectives.gfn_loss", "constrained_log_pf": "gflowgr_core.objectives.logpf", "TrajectoryBalance": "gflowgr_core.objectives.balance",
     "DetailedBalance": "gflowgr_core.objectives.balance",
     "SubTrajectoryBalance": "gflowgr_core.objectives.balance",
     "constrained_step": "gflowgr_core.decoding.step", "beam_search": "gflowgr_core.decoding.search",

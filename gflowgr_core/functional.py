@@ -25,17 +25,19 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from .decoding.step import constrained_step, resolve_backend
+from . import backends
+from .decoding.step import OP as _STEP_OP, constrained_step
 from .hf_processor import SIDTrieLogitsProcessor, sids_from_sequences
 from .objectives import balance as _balance
 from .objectives import preference as _preference
-from .objectives.gfn_loss import GFNLossOutput, gfn_loss as _gfn_loss, sid_log_probs
-from .objectives.logpf import level_offsets as _level_offsets
+from .objectives.gfn_loss import GFNLossOutput, gfn_loss as _gfn_loss
+from .objectives.logpf import code_offsets as _code_offsets, constrained_log_pf
 from .sid.tokens import SIDTokenMap
 from .sid.trie import Trie
 
 __all__ = [
-    "trajectory_balance", "detailed_balance", "subtrajectory_balance", "constrained_log_probs", "gfn_loss",
+    "trajectory_balance", "detailed_balance", "subtrajectory_balance", "constrained_log_pf",
+    "constrained_log_probs", "gfn_loss",
     "sft_cross_entropy", "dpo_loss", "sdpo_loss", "build_trie", "sid_head_rows", "decision_hidden",
     "constrained_beam_search", "BeamSearchOutput",
 ]
@@ -99,36 +101,8 @@ def subtrajectory_balance(log_pf: torch.Tensor, log_z: torch.Tensor, log_f: torc
 
 
 # ------------------------------------------------------------------------------------------ log P_F
-def constrained_log_probs(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor,
-                          trie: Optional[Trie] = None, support: str = "trie", *,
-                          codes_per_level: Optional[Sequence[int]] = None, w_full: Optional[torch.Tensor] = None,
-                          sid_token_ids: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                          backend: str = "auto") -> torch.Tensor:
-    """Per-step ``log P_F(c_{l+1} | s_l)`` of SID trajectories from hidden states, ``[T, L]``.
-
-    Logits are formed only for each level's SID rows of the head (never ``[T, L, V]``) and normalised over
-    the trie children of the prefix (``support="trie"``), all ``K_l`` codes (``"level"``) or the whole
-    vocabulary (``"vocab"``, needs ``w_full[V, d]`` and ``sid_token_ids``).
-
-    Args:
-        h: ``[T, L, d]`` hidden states at the decision positions (see :func:`decision_hidden`).
-        w_sid: ``[sum K_l, d]`` SID rows of the head, level-major (:func:`sid_head_rows`).
-        codes: ``LongTensor[T, L]`` the trajectories' SIDs.
-        trie: the catalogue trie (required for ``"trie"``; gives ``codes_per_level``).
-        support: ``"trie"`` | ``"level"`` | ``"vocab"``.
-        codes_per_level, w_full, sid_token_ids, bias: as in
-            :func:`gflowgr_core.objectives.constrained_log_pf` (``bias`` ``[sum K_l]``, or ``[V]`` for vocab).
-        backend: ``"auto"`` (the fused Triton kernel for CUDA tensors when triton is installed and the
-            support is ``"trie"``/``"level"``, else the PyTorch reference) or any backend name; one this op
-            has no usable implementation of falls back to the ``"auto"`` choice
-            (:func:`gflowgr_core.backends.resolve_backend`).
-
-    Returns:
-        ``[T, L]`` float32 for half-precision inputs, else the inputs' dtype; differentiable w.r.t. ``h``,
-        ``w_sid`` (or ``w_full``) and ``bias``.
-    """
-    return sid_log_probs(h, w_sid, codes, trie, support, codes_per_level=codes_per_level, w_full=w_full,
-                         sid_token_ids=sid_token_ids, bias=bias, backend=backend)
+#: :func:`gflowgr_core.objectives.constrained_log_pf` under the name the examples use (one function, two names).
+constrained_log_probs = constrained_log_pf
 
 
 def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie: Optional[Trie],
@@ -359,12 +333,12 @@ def _step_beam_search(step: StepFn, trie: Trie, beams: int, batch_size: int, w_s
     device = w_sid.device
     trie = trie.to(device)
     L = trie.num_levels
-    offsets = _level_offsets(trie.codes_per_level)
+    offsets = _code_offsets(trie.codes_per_level)
     if w_sid.dim() != 2 or w_sid.shape[0] != offsets[-1]:
         raise ValueError(f"w_sid must be [sum K_l, d] = [{offsets[-1]}, d], got {tuple(w_sid.shape)}")
     if bias is not None and bias.shape != (offsets[-1],):
         raise ValueError(f"bias must be [sum K_l] = [{offsets[-1]}], got {tuple(bias.shape)}")
-    name = resolve_backend(backend, device)
+    name = backends.resolve_backend(_STEP_OP, backend, device).name
     B = batch_size
     node = torch.zeros(B, dtype=torch.long, device=device)
     scores = torch.zeros(B, 1, device=device)

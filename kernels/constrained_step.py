@@ -35,19 +35,20 @@ Compiled ops (``csrc/constrained_step.cpp``, ``csrc/constrained_step_cuda.cu``):
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from gflowgr_core import backends
-from gflowgr_core.decoding.step import (BeamStep, SampleStep, _check_inputs, beam_shape, constrained_step_torch, noise_key,
-                                        register_backend)
+from gflowgr_core.decoding.step import (OP, BeamStep, SampleStep, _check_inputs, beam_shape, constrained_step_torch,
+                                        noise_key)
 
-try:
-    import triton
+from .utils import alloc_output, interpreting, next_pow2
+from .utils import triton  # None when triton is not installed (the compiled backends do not need it)
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # the compiled backends do not need triton
-    triton = None
+
+    from .utils import HASH_INC, HASH_MASK32, HASH_MUL1, HASH_MUL2, logits_tile
 
 __all__ = ["constrained_step_triton", "constrained_step_cpp", "constrained_step_cuda", "TritonConfig",
            "default_config", "MAX_TRITON_CODES", "LOOKUPS", "register"]
@@ -62,34 +63,7 @@ LOOKUPS = ("dense", "scan", "search")
 #: ``max_branch`` up to which the scan lookup is used on levels without a dense table.
 SCAN_MAX_BRANCH = 16
 
-# Tests set this to fill every output (and the candidate scratch) with NaN / a sentinel before the kernels
-# run, so an element a kernel forgets to write cannot pass unnoticed.
-POISON_OUTPUTS = False
-_POISON_INT = -987654321
-
 _warned_wide = False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    if not POISON_OUTPUTS:
-        return torch.empty(shape, dtype=dtype, device=device)
-    fill = float("nan") if dtype.is_floating_point else _POISON_INT
-    return torch.full(shape, fill, dtype=dtype, device=device)
-
-
-def _level_bounds(trie, level: int) -> tuple[int, int]:
-    """``[lo, hi)``: the node ids of trie level ``level``."""
-    lo = sum(trie.nodes_per_level[:level])
-    return lo, lo + trie.nodes_per_level[level]
-
-
-def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
 # ============================================================================================ Triton
@@ -99,54 +73,26 @@ if triton is not None:
     def _mix32(x):
         # The 32-bit mixer of gflowgr_core.decoding.step._mix32 on int64 lanes holding values < 2**32.
         x = x ^ (x >> 16)
-        x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+        x = (x * HASH_MUL1) & HASH_MASK32
         x = x ^ (x >> 15)
-        x = (x * 0x735A2D97) & 0xFFFFFFFF
+        x = (x * HASH_MUL2) & HASH_MASK32
         return x ^ (x >> 15)
 
     @triton.jit
     def _absorb(state, value):
-        return _mix32(((state ^ value) + 0x9E3779B9) & 0xFFFFFFFF)
+        return _mix32(((state ^ value) + HASH_INC) & HASH_MASK32)
 
     @triton.jit
     def _gumbel_tile(KEY, level, rows, ks):
         """``[BLOCK_R, BLOCK_K]`` fp32 Gumbel noise of ``gumbel_noise(key, level, ...)[rows][:, ks]``."""
         key = tl.load(KEY)
-        state = _absorb(key * 0, key & 0xFFFFFFFF)
-        state = _absorb(state, (key >> 32) & 0xFFFFFFFF)
+        state = _absorb(key * 0, key & HASH_MASK32)
+        state = _absorb(state, (key >> 32) & HASH_MASK32)
         state = _absorb(state, key * 0 + level)
         row_state = _absorb(state, rows.to(tl.int64))
         x = _mix32(_absorb(row_state[:, None], ks[None, :].to(tl.int64)))
         u = ((x >> 8) | 1).to(tl.float32) * 5.9604644775390625e-08
         return -tl.log(-tl.log(u))
-
-    @triton.jit
-    def _mm(a, b, acc, DOT_F32: tl.constexpr):
-        """``acc + a @ b`` with fp32 accumulation; ``DOT_F32`` runs the product in IEEE fp32 (fp32 or mixed
-        operands, and the interpreter, which multiplies 16-bit floats as their bit patterns)."""
-        if DOT_F32:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc)
-
-    @triton.jit
-    def _logits_tile(H, W, BIAS, rows, row_ok, ks, k_ok, D, stride_hr, stride_hd, stride_wk, stride_wd,
-                     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """``[BLOCK_R, BLOCK_K]`` fp32 logits ``h[rows] . W[ks] (+ bias[ks])``; 0 where masked."""
-        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_ok = ds < D
-            a = tl.load(H + rows[:, None] * stride_hr + ds[None, :].to(tl.int64) * stride_hd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            # W read transposed, [BLOCK_D, BLOCK_K], straight from its row-major layout.
-            b = tl.load(W + ks[None, :].to(tl.int64) * stride_wk + ds[:, None].to(tl.int64) * stride_wd,
-                        mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-            acc = _mm(a, b, acc, DOT_F32)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        return acc
 
     @triton.jit
     def _child_tile(NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, rows, row_ok, ks, k_ok, lvl_lo, lvl_hi,
@@ -224,8 +170,8 @@ if triton is not None:
         row_ok = rows < R
         ks = tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        z = _logits_tile(H, W, BIAS, rows, row_ok, ks, k_ok, D, stride_hr, stride_hd, stride_wk, stride_wd,
-                         HAS_BIAS, DOT_F32, BLOCK_R, BLOCK_K, BLOCK_D)
+        z = logits_tile(H, W, BIAS, rows * stride_hr, ks.to(tl.int64), row_ok, k_ok, D, stride_hd, stride_wk,
+                        stride_wd, HAS_BIAS, DOT_F32, BLOCK_R, BLOCK_K, BLOCK_D)
         child = _child_tile(NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, rows, row_ok, ks, k_ok, lvl_lo, lvl_hi,
                             stride_dense, LOOKUP, MAX_BRANCH, SEARCH_STEPS, BLOCK_R, BLOCK_K)
         valid = child >= 0
@@ -258,8 +204,8 @@ if triton is not None:
         row_ok = rows < R
         ks = tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        z = _logits_tile(H, W, BIAS, rows, row_ok, ks, k_ok, D, stride_hr, stride_hd, stride_wk, stride_wd,
-                         HAS_BIAS, DOT_F32, BLOCK_R, BLOCK_K, BLOCK_D)
+        z = logits_tile(H, W, BIAS, rows * stride_hr, ks.to(tl.int64), row_ok, k_ok, D, stride_hd, stride_wk,
+                        stride_wd, HAS_BIAS, DOT_F32, BLOCK_R, BLOCK_K, BLOCK_D)
         child = _child_tile(NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, rows, row_ok, ks, k_ok, lvl_lo, lvl_hi,
                             stride_dense, LOOKUP, MAX_BRANCH, SEARCH_STEPS, BLOCK_R, BLOCK_K)
         valid = child >= 0
@@ -305,6 +251,18 @@ if triton is not None:
             v = tl.where(sel, float("-inf"), v)
 
 
+# ============================================================================================ launchers
+def _level_bounds(trie, level: int) -> tuple[int, int]:
+    """``[lo, hi)``: the node ids of trie level ``level``."""
+    lo = sum(trie.nodes_per_level[:level])
+    return lo, lo + trie.nodes_per_level[level]
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
 class TritonConfig:
     """Launch settings of the Triton step: rows per program, the ``d`` tile, warps, pipeline stages."""
 
@@ -320,10 +278,6 @@ class TritonConfig:
                 f"num_stages={self.num_stages})")
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
 def default_config(k: int, d: int, dtype: torch.dtype) -> TritonConfig:
     """Tiles for a level of ``k`` codes and hidden size ``d``.
 
@@ -332,13 +286,13 @@ def default_config(k: int, d: int, dtype: torch.dtype) -> TritonConfig:
     warp per 512 tile elements up to 16 warps, and a ``d`` tile that keeps the pipelined ``W`` tiles in
     shared memory for levels up to :data:`MAX_TRITON_CODES` codes. The smallest tiles under the interpreter.
     """
-    block_k = max(16, _next_pow2(k))
-    if _interpreting():
+    block_k = max(16, next_pow2(k))
+    if interpreting():
         return TritonConfig(16, 16 if d <= 16 else 32, 1, 1)
     block_r = max(16, min(64, 4096 // block_k))
     wide = block_k > 256
     block_d = 16 if wide else (64 if dtype != torch.float32 else 32)
-    block_d = max(16, min(block_d, _next_pow2(d)))
+    block_d = max(16, min(block_d, next_pow2(d)))
     num_warps = max(4, min(16, block_r * block_k // 512))
     return TritonConfig(block_r, block_d, num_warps, 2 if wide else 3)
 
@@ -361,6 +315,101 @@ def _lookup(trie, level: int, lookup: str | None) -> tuple[int, torch.Tensor | N
     return LOOKUPS.index(lookup), None
 
 
+def _check_triton_inputs(h, w_level, node, level, trie, mode, scores, bias) -> None:
+    """The reference's argument checks, plus: every tensor on ``h``'s device, a CUDA device (or the
+    interpreter), node ids that fit the kernels' int32."""
+    if triton is None:
+        raise RuntimeError("triton is not installed: the 'triton' constrained_step backend is unavailable")
+    _check_inputs(h, w_level, node, level, trie, mode, bias)
+    dev = h.device
+    for name, t in (("w_level", w_level), ("node", node), ("bias", bias), ("scores", scores),
+                    ("trie", trie.indptr)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"constrained_step_triton: {name} is on {t.device}, h on {dev}")
+    if dev.type != "cuda" and not interpreting():
+        raise RuntimeError(f"the Triton constrained step runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1),"
+                           f" got tensors on {dev}")
+
+
+def _warn_wide_level(level: int, k: int) -> None:
+    global _warned_wide
+    if not _warned_wide:
+        log.warning("constrained_step: level %d has %d codes > %d, the Triton kernel's limit; using the "
+                    "PyTorch reference for such levels", level, k, MAX_TRITON_CODES)
+        _warned_wide = True
+
+
+def _row_tile_args(h, w_level, node, level, trie, renormalize, bias, config, lookup) -> tuple[tuple, tuple, dict]:
+    """What both row kernels take: ``(leading tensors, the strides, the constexpr and launch keywords)``.
+
+    ``h`` and ``w_level`` are read through their strides; the node ids and the bias as packed vectors.
+    """
+    if trie.num_nodes >= 2 ** 31:
+        raise ValueError(f"the Triton constrained step holds node ids in int32; this trie has {trie.num_nodes} "
+                         f"nodes (use backend='cuda' or 'torch')")
+    K = trie.codes_per_level[level]
+    cfg = config or default_config(K, h.shape[1], h.dtype)
+    lookup_id, dense = _lookup(trie, level, lookup)
+    max_branch = trie.max_branch[level]
+    bias = None if bias is None else bias.contiguous()
+    tensors = (h, w_level, bias if bias is not None else h, node.long().contiguous(),
+               dense if dense is not None else trie.indptr, trie.indptr, trie.child_code, trie.child_node)
+    dot_f32 = (interpreting() or h.dtype == torch.float32 or w_level.dtype == torch.float32
+               or h.dtype != w_level.dtype)
+    constexprs = dict(HAS_BIAS=bias is not None, RENORM=bool(renormalize), DOT_F32=dot_f32, LOOKUP=lookup_id,
+                      MAX_BRANCH=max_branch, SEARCH_STEPS=max(1, max_branch.bit_length()),
+                      BLOCK_R=cfg.block_r, BLOCK_K=max(16, next_pow2(K)), BLOCK_D=cfg.block_d,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    strides = (h.stride(0), h.stride(1), w_level.stride(0), w_level.stride(1),
+               dense.stride(0) if dense is not None else 0)
+    return tensors, strides, constexprs
+
+
+def _sample_triton(tensors, strides, constexprs, level, trie, temperature, generator, seed) -> SampleStep:
+    """Sample mode: one Gumbel-max code per row, with its child and log-probability."""
+    h = tensors[0]
+    R, d, dev = h.shape[0], h.shape[1], h.device
+    key = noise_key(seed, generator, dev)
+    code = alloc_output((R,), torch.long, dev)
+    nxt = alloc_output((R,), torch.long, dev)
+    logp = alloc_output((R,), torch.float32, dev)
+    if R > 0:
+        lo, hi = _level_bounds(trie, level)
+        _sample_kernel[(triton.cdiv(R, constexprs["BLOCK_R"]),)](
+            *tensors, key, code, nxt, logp,
+            R, trie.codes_per_level[level], d, level, lo, hi, 1.0 / float(temperature),
+            *strides, **constexprs)
+    return SampleStep(code=code, next_node=nxt, logp=logp)
+
+
+def _beam_triton(tensors, strides, constexprs, level, trie, scores, B, beams_in, beams) -> BeamStep:
+    """Beam mode: each row's top ``min(beams, K)`` candidates, then one merge program per batch element."""
+    h = tensors[0]
+    R, d, dev = h.shape[0], h.shape[1], h.device
+    K = trie.codes_per_level[level]
+    parent = alloc_output((B, beams), torch.long, dev)
+    code = alloc_output((B, beams), torch.long, dev)
+    nxt = alloc_output((B, beams), torch.long, dev)
+    score = alloc_output((B, beams), torch.float32, dev)
+    if R == 0:
+        return BeamStep(parent=parent, code=code, next_node=nxt, score=score)
+    topk = min(beams, K)
+    cand_v = alloc_output((R, topk), torch.float32, dev)
+    cand_c = alloc_output((R, topk), torch.int32, dev)
+    cand_n = alloc_output((R, topk), torch.long, dev)
+    flat_scores = scores.reshape(R)
+    lo, hi = _level_bounds(trie, level)
+    _beam_rows_kernel[(triton.cdiv(R, constexprs["BLOCK_R"]),)](
+        *tensors, flat_scores, cand_v, cand_c, cand_n,
+        R, K, d, lo, hi,
+        *strides, flat_scores.stride(0), TOPK=topk, **constexprs)
+    n_cand = beams_in * topk
+    _beam_merge_kernel[(B,)](
+        cand_v, cand_c, cand_n, parent, code, nxt, score, K, n_cand, n_cand * K,
+        TOPK=topk, BEAMS=beams, BLOCK_C=max(16, next_pow2(n_cand)), num_warps=4 if n_cand >= 256 else 1)
+    return BeamStep(parent=parent, code=code, next_node=nxt, score=score)
+
+
 def constrained_step_triton(h: torch.Tensor, w_level: torch.Tensor, node: torch.Tensor, level: int, trie,
                             mode: str = "beam", *, scores: torch.Tensor | None = None, beams: int | None = None,
                             temperature: float = 1.0, generator: torch.Generator | None = None, seed=None,
@@ -374,90 +423,22 @@ def constrained_step_triton(h: torch.Tensor, w_level: torch.Tensor, node: torch.
     :func:`default_config` when omitted) and ``lookup`` (force ``"dense"`` / ``"scan"`` / ``"search"``).
     Levels wider than :data:`MAX_TRITON_CODES` codes run on the reference.
     """
-    global _warned_wide
-    if triton is None:
-        raise RuntimeError("triton is not installed: the 'triton' constrained_step backend is unavailable")
-    _check_inputs(h, w_level, node, level, trie, mode, bias)
-    dev = h.device
-    for name, t in (("w_level", w_level), ("node", node), ("bias", bias), ("scores", scores),
-                    ("trie", trie.indptr)):
-        if t is not None and t.device != dev:
-            raise ValueError(f"constrained_step_triton: {name} is on {t.device}, h on {dev}")
-    if dev.type != "cuda" and not _interpreting():
-        raise RuntimeError(f"the Triton constrained step runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1),"
-                           f" got tensors on {dev}")
-    R, d = h.shape
-    K = trie.codes_per_level[level]
+    _check_triton_inputs(h, w_level, node, level, trie, mode, scores, bias)
     if mode == "sample":
         _check_temperature(temperature)
     else:
-        B, beams_in, beams = beam_shape(scores, beams, R)
+        B, beams_in, beams = beam_shape(scores, beams, h.shape[0])
+    K = trie.codes_per_level[level]
     if K > MAX_TRITON_CODES:
-        if not _warned_wide:
-            log.warning("constrained_step: level %d has %d codes > %d, the Triton kernel's limit; using the "
-                        "PyTorch reference for such levels", level, K, MAX_TRITON_CODES)
-            _warned_wide = True
+        _warn_wide_level(level, K)
         return constrained_step_torch(h, w_level, node, level, trie, mode, scores=scores, beams=beams,
                                       temperature=temperature, generator=generator, seed=seed,
                                       renormalize=renormalize, bias=bias)
-
-    if trie.num_nodes >= 2 ** 31:
-        raise ValueError(f"the Triton constrained step holds node ids in int32; this trie has {trie.num_nodes} "
-                         f"nodes (use backend='cuda' or 'torch')")
-    cfg = config or default_config(K, d, h.dtype)
-    lookup_id, dense = _lookup(trie, level, lookup)
-    dense_arg = dense if dense is not None else trie.indptr
-    stride_dense = dense.stride(0) if dense is not None else 0
-    max_branch = trie.max_branch[level]
-    lo, hi = _level_bounds(trie, level)
-    node = node.long().contiguous()
-    # h and w_level are read through their strides; the bias is read as a packed vector.
-    bias = None if bias is None else bias.contiguous()
-    dot_f32 = (_interpreting() or h.dtype == torch.float32 or w_level.dtype == torch.float32
-               or h.dtype != w_level.dtype)
-    block_k = max(16, _next_pow2(K))
-    common = dict(HAS_BIAS=bias is not None, RENORM=bool(renormalize), DOT_F32=dot_f32, LOOKUP=lookup_id,
-                  MAX_BRANCH=max_branch, SEARCH_STEPS=max(1, max_branch.bit_length()),
-                  BLOCK_R=cfg.block_r, BLOCK_K=block_k, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
-    bias_arg = bias if bias is not None else h
-    grid = (triton.cdiv(R, cfg.block_r),)
-
+    tensors, strides, constexprs = _row_tile_args(h, w_level, node, level, trie, renormalize, bias, config,
+                                                  lookup)
     if mode == "sample":
-        key = noise_key(seed, generator, dev)
-        code = _alloc((R,), torch.long, dev)
-        nxt = _alloc((R,), torch.long, dev)
-        logp = _alloc((R,), torch.float32, dev)
-        if R > 0:
-            _sample_kernel[grid](
-                h, w_level, bias_arg, node, dense_arg, trie.indptr, trie.child_code, trie.child_node, key,
-                code, nxt, logp,
-                R, K, d, level, lo, hi, 1.0 / float(temperature),
-                h.stride(0), h.stride(1), w_level.stride(0), w_level.stride(1), stride_dense, **common)
-        return SampleStep(code=code, next_node=nxt, logp=logp)
-
-    topk = min(beams, K)
-    parent = _alloc((B, beams), torch.long, dev)
-    code = _alloc((B, beams), torch.long, dev)
-    nxt = _alloc((B, beams), torch.long, dev)
-    score = _alloc((B, beams), torch.float32, dev)
-    if R == 0:
-        return BeamStep(parent=parent, code=code, next_node=nxt, score=score)
-    cand_v = _alloc((R, topk), torch.float32, dev)
-    cand_c = _alloc((R, topk), torch.int32, dev)
-    cand_n = _alloc((R, topk), torch.long, dev)
-    flat_scores = scores.reshape(R)
-    _beam_rows_kernel[grid](
-        h, w_level, bias_arg, node, dense_arg, trie.indptr, trie.child_code, trie.child_node, flat_scores,
-        cand_v, cand_c, cand_n,
-        R, K, d, lo, hi,
-        h.stride(0), h.stride(1), w_level.stride(0), w_level.stride(1), stride_dense, flat_scores.stride(0),
-        TOPK=topk, **common)
-    n_cand = beams_in * topk
-    _beam_merge_kernel[(B,)](
-        cand_v, cand_c, cand_n, parent, code, nxt, score, K, n_cand, n_cand * K,
-        TOPK=topk, BEAMS=beams, BLOCK_C=max(16, _next_pow2(n_cand)), num_warps=4 if n_cand >= 256 else 1)
-    return BeamStep(parent=parent, code=code, next_node=nxt, score=score)
+        return _sample_triton(tensors, strides, constexprs, level, trie, temperature, generator, seed)
+    return _beam_triton(tensors, strides, constexprs, level, trie, scores, B, beams_in, beams)
 
 
 # ============================================================================================ compiled ops
@@ -523,12 +504,12 @@ def constrained_step_cuda(h: torch.Tensor, w_level: torch.Tensor, node: torch.Te
 def register() -> None:
     """Register the backends this installation provides with the step dispatcher (idempotent)."""
     if triton is not None:
-        register_backend("triton", constrained_step_triton)
+        backends.register(OP, "triton", constrained_step_triton)
     op = _compiled_op("beam")
     if op is not None:
-        register_backend("cpp", constrained_step_cpp)
+        backends.register(OP, "cpp", constrained_step_cpp)
         if _has_cuda_kernel(op):
-            register_backend("cuda", constrained_step_cuda)
+            backends.register(OP, "cuda", constrained_step_cuda)
 
 
 register()

@@ -7,9 +7,9 @@ import torch
 
 from gflowgr_core import backends
 from gflowgr_core.decoding import step  # noqa: F401  (defines constrained_step)
-from gflowgr_core.objectives import gfn_loss  # noqa: F401  (defines gfn_loss and sid_log_probs)
+from gflowgr_core.objectives import gfn_loss  # noqa: F401  (defines gfn_loss and constrained_log_pf)
 
-OPS = ("constrained_step", "gfn_loss", "sid_log_probs")
+OPS = ("constrained_step", "gfn_loss", "constrained_log_pf")
 
 
 def gpu_warnings(caplog):
@@ -37,9 +37,9 @@ def test_missing_gpu_backends_warn_once_at_the_first_cuda_dispatch(fresh_warning
 def test_no_gpu_warning_when_both_gpu_backends_are_there(fresh_warning, monkeypatch, caplog):
     monkeypatch.setattr(backends, "available_backends", lambda: ("torch", "cpp", "cuda", "triton"))
     with caplog.at_level(logging.WARNING, logger="gflowgr"):
-        res = backends.resolve_backend("sid_log_probs", "auto", torch.device("cuda"))
+        res = backends.resolve_backend("constrained_log_pf", "auto", torch.device("cuda"))
     assert not gpu_warnings(caplog)
-    assert res.name == ("triton" if "triton" in backends.registered("sid_log_probs") else "torch")
+    assert res.name == ("triton" if "triton" in backends.registered("constrained_log_pf") else "torch")
 
 
 def test_one_missing_gpu_backend_is_named(fresh_warning, monkeypatch, caplog):

@@ -27,12 +27,13 @@ from catalogues import random_catalogue  # noqa: E402  (tests/ is on sys.path un
 
 backends.load_providers(*step_mod._PROVIDERS)
 cs = pytest.importorskip("gflowgr_core.kernels.constrained_step", reason="kernel module not importable")
+kernel_utils = backends.kernel_module("utils")
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = cs.triton is not None
 HAS_CPP = backends.extension_op("constrained_step_beam") is not None
-HAS_CUDA_OP = HAS_CUDA and "cuda" in step_mod.registered_backends() and "cuda" in backends.available_backends()
+HAS_CUDA_OP = HAS_CUDA and "cuda" in backends.registered("constrained_step") and "cuda" in backends.available_backends()
 NO_CPP = ("the compiled extension gflowgr_core._C is not built or lacks the constrained_step ops "
           "(pip install --no-build-isolation -e .)")
 
@@ -58,7 +59,7 @@ IMPL = {"triton": "constrained_step_triton", "cpp": "constrained_step_cpp", "cud
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(cs, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernel_utils, "POISON_OUTPUTS", True)
 
 
 def run(backend, *args, **kwargs):
@@ -375,21 +376,21 @@ def test_gumbel_noise_samples_the_policy():
 # ------------------------------------------------------------------------------------------ dispatch, errors
 
 def test_backends_are_registered_with_the_dispatcher():
-    names = step_mod.registered_backends()
+    names = backends.registered("constrained_step")
     if HAS_TRITON:
         assert "triton" in names
     assert ("cpp" in names) == HAS_CPP
     if HAS_CPP:
-        assert step_mod.resolve_backend("auto", torch.device("cpu")) == "cpp"
+        assert backends.resolve_backend("constrained_step", "auto", torch.device("cpu")).name == "cpp"
     if HAS_CUDA:
-        assert step_mod.resolve_backend("auto", torch.device("cuda")) in ("triton", "cuda")
+        assert backends.resolve_backend("constrained_step", "auto", torch.device("cuda")).name in ("triton", "cuda")
 
 
 @pytest.mark.parametrize("backend,device", CASES)
 def test_dispatcher_runs_the_backend(backend, device):
     p = small_problems(device)[0]
     got = constrained_step(p.h, p.w, p.node, p.level, p.trie, "beam", scores=p.scores, beams=5, backend=backend)
-    assert step_mod.last_backend() == backend
+    assert backends.last_resolution("constrained_step").name == backend
     ref = constrained_step_torch(p.h, p.w, p.node, p.level, p.trie, "beam", scores=p.scores, beams=5)
     check_beam(p, got, ref, backend, exact=device == "cpu")
     got = constrained_step(p.h, p.w, p.node, p.level, p.trie, "sample", seed=3, backend=backend)
@@ -452,7 +453,7 @@ def test_strided_inputs_give_the_contiguous_result(backend, device, mode):
             ref = constrained_step_torch(p.h, p.w, p.node, p.level, p.trie, "sample", seed=11, bias=p.bias)
             check_sample(p, got, ref, what, key=noise_key(11, None, torch.device(device)), bias=p.bias,
                          exact=device == "cpu")
-        assert step_mod.last_backend() == backend
+        assert backends.last_resolution("constrained_step").name == backend
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CPP, reason=NO_CPP)),
@@ -522,7 +523,7 @@ def _beam_loop(backend, trie, hs, ws, B, beams):
 def test_beam_loop_is_host_sync_free_and_cuda_graph_capturable(backend):
     """The whole 4-level loop runs with host syncs turned into errors, is captured in a CUDA graph, and a
     replay on new inputs (written into the captured buffers) equals an eager run on them bit for bit."""
-    if backend not in backends.available_backends() or backend not in step_mod.registered_backends():
+    if backend not in backends.available_backends() or backend not in backends.registered("constrained_step"):
         pytest.skip(f"backend {backend} is not available on this CUDA machine")
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(3)

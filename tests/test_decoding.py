@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from gflowgr_core import backends
-from gflowgr_core.decoding import (beam_search, constrained_step, constrained_step_torch, last_backend,
-                                   leaves_to_items, recommend, register_backend, registered_backends, sample,
-                                   step)
+from gflowgr_core.decoding import (beam_search, constrained_step, constrained_step_torch, leaves_to_items,
+                                   recommend, sample)
 from gflowgr_core.model import SIDPolicy, build_tiny_causal_lm
 from gflowgr_core.sid.tokens import SIDTokenMap
 from gflowgr_core.sid.trie import Trie
@@ -282,11 +281,13 @@ def test_auto_backend_on_cpu_is_the_reference(small_trie):
     _, trie = small_trie
     out = constrained_step(torch.randn(2, 4), torch.randn(6, 4), torch.zeros(2, dtype=torch.long), 0, trie,
                            "beam", scores=torch.zeros(2, 1), beams=3)
-    fused_cpu = [b for b in ("cpp",) if b in registered_backends() and b in backends.available_backends()]
-    assert last_backend() == (fused_cpu[0] if fused_cpu else "torch") and out.score.shape == (2, 3)
+    fused_cpu = [b for b in ("cpp",)
+                 if b in backends.registered("constrained_step") and b in backends.available_backends()]
+    assert (backends.last_resolution("constrained_step").name == (fused_cpu[0] if fused_cpu else "torch")
+            and out.score.shape == (2, 3))
     constrained_step(torch.randn(2, 4), torch.randn(6, 4), torch.zeros(2, dtype=torch.long), 0, trie,
                      "beam", scores=torch.zeros(2, 1), beams=3, backend="torch")
-    assert last_backend() == "torch"
+    assert backends.last_resolution("constrained_step").name == "torch"
 
 
 def test_registered_backend_is_dispatched_and_recorded(small_trie, monkeypatch):
@@ -300,27 +301,27 @@ def test_registered_backend_is_dispatched_and_recorded(small_trie, monkeypatch):
         calls.append(args[3])
         return constrained_step_torch(*args, **kwargs)
 
-    register_backend("cpp", fake_cpp)
+    backends.register("constrained_step", "cpp", fake_cpp)
     args = (torch.randn(2, 4), torch.randn(6, 4), torch.zeros(2, dtype=torch.long), 0, trie, "beam")
     constrained_step(*args, scores=torch.zeros(2, 1), beams=3)
-    assert calls == [0] and last_backend() == "cpp"
+    assert calls == [0] and backends.last_resolution("constrained_step").name == "cpp"
     assert backends.last_resolution("constrained_step").reason == "auto on cpu chose 'cpp'"
     constrained_step(*args, scores=torch.zeros(2, 1), beams=3, backend="torch")
-    assert calls == [0] and last_backend() == "torch"
+    assert calls == [0] and backends.last_resolution("constrained_step").name == "torch"
     # Named backends that cannot run here fall back to the auto choice and say why.
     constrained_step(*args, scores=torch.zeros(2, 1), backend="triton")
-    assert calls == [0, 0] and last_backend() == "cpp"
+    assert calls == [0, 0] and backends.last_resolution("constrained_step").name == "cpp"
     assert "'triton' requested but constrained_step has no 'triton' implementation" in \
         backends.last_resolution("constrained_step").reason
     monkeypatch.setattr(backends, "available_backends", lambda: ("torch",))
     constrained_step(*args, scores=torch.zeros(2, 1), backend="cpp")
-    assert last_backend() == "torch"
+    assert backends.last_resolution("constrained_step").name == "torch"
     reason = backends.last_resolution("constrained_step").reason
     assert "'cpp' requested but 'cpp' is not available here" in reason and "chose 'torch'" in reason
     with pytest.raises(ValueError, match="unknown backend"):
         constrained_step(*args, scores=torch.zeros(2, 1), backend="tpu")
     with pytest.raises(ValueError, match="unknown backend"):
-        register_backend("tpu", fake_cpp)
+        backends.register("constrained_step", "tpu", fake_cpp)
 
 
 # ------------------------------------------------------------------------------------------ beam search
@@ -336,7 +337,7 @@ def test_full_width_beam_equals_exhaustive_topk(cpl, n_items, collisions, seed, 
     items, vals = exhaustive_topk(policy, codes, history, k, renormalize)
     assert torch.equal(res.items, items)
     torch.testing.assert_close(res.scores, vals, atol=1e-5, rtol=1e-5)
-    assert res.backend == step.resolve_backend("auto", torch.device("cpu"))
+    assert res.backend == backends.resolve_backend("constrained_step", "auto", torch.device("cpu")).name
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

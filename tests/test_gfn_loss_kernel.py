@@ -21,15 +21,14 @@ from hypothesis import strategies as st
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from gflowgr_core import backends  # noqa: E402
-from gflowgr_core.objectives import fused  # noqa: E402
 from gflowgr_core.objectives import (constrained_log_pf, gfn_loss, gfn_loss_reference,  # noqa: E402
-                                     registered_gfn_loss_backends, sft_cross_entropy, trie_walk)
-from gflowgr_core.objectives.gfn_loss import sid_log_probs  # noqa: E402
+                                     resolve_objective, sft_cross_entropy, trie_walk)
 from gflowgr_core.sid.trie import Trie  # noqa: E402
 from catalogues import random_catalogue  # noqa: E402  (tests/ is on sys.path under pytest)
 
 gfn_loss_module = importlib.import_module("gflowgr_core.objectives.gfn_loss")
-kern = fused._kernel_module()
+kern = backends.kernel_module("constrained_log_pf")
+kernel_utils = backends.kernel_module("utils")
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -48,7 +47,7 @@ TINY_TILES = kern.KernelConfig(fwd_block_t=16, fwd_block_k=16, fwd_block_d=16, d
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(kern, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernel_utils, "POISON_OUTPUTS", True)
 
 
 # ------------------------------------------------------------------------------------ problem builders
@@ -114,7 +113,7 @@ def test_log_pf_and_gradients_match_reference(device, dtype, support, with_bias)
         p = make_problem(100 + case, cpl, t, d, dtype, device)
         h, w = leaf(p.h), leaf(p.w_sid)
         b = leaf(p.bias) if with_bias else None
-        log_pf = fused.fused_constrained_log_pf(h, w, p.codes, p.trie, support, bias=b)
+        log_pf = kern.constrained_log_pf_triton(h, w, p.codes, p.trie, support, bias=b)
         assert log_pf.dtype == torch.float32 and log_pf.shape == p.codes.shape
         upstream = torch.randn(log_pf.shape, generator=torch.Generator().manual_seed(case)).to(device)
         grads = torch.autograd.grad(log_pf, [x for x in (h, w, b) if x is not None], upstream)
@@ -136,7 +135,7 @@ def test_fp16_inputs(device):
     cpl, t, d = sizes(device)[0]
     p = make_problem(7, cpl, t, d, torch.float16, device)
     h, w = leaf(p.h), leaf(p.w_sid)
-    log_pf = fused.fused_constrained_log_pf(h, w, p.codes, p.trie)
+    log_pf = kern.constrained_log_pf_triton(h, w, p.codes, p.trie)
     log_pf.sum().backward()
     hr, wr = leaf(p.h, torch.float32), leaf(p.w_sid, torch.float32)
     ref = constrained_log_pf(hr, wr, p.codes, p.trie)
@@ -153,7 +152,7 @@ def test_multi_tile_loops_and_split_weight_gradient(device, dtype):
     cpl, t, d = ((21, 50, 3), 35, 45) if device == "cpu" else ((256, 100, 256), 500, 200)
     p = make_problem(11, cpl, t, d, dtype, device)
     h, w = leaf(p.h), leaf(p.w_sid)
-    log_pf = fused.fused_constrained_log_pf(h, w, p.codes, p.trie, config=TINY_TILES)
+    log_pf = kern.constrained_log_pf_triton(h, w, p.codes, p.trie, config=TINY_TILES)
     upstream = torch.randn(log_pf.shape, generator=torch.Generator().manual_seed(3)).to(device)
     gh, gw = torch.autograd.grad(log_pf, (h, w), upstream)
     rd = ref_dtype(dtype)
@@ -172,7 +171,7 @@ def test_strided_hidden_states(device):
     p = make_problem(5, cpl, t, d, torch.float32, device)
     storage = leaf(p.h.transpose(0, 1).contiguous())       # [L, T, d]
     h = storage.transpose(0, 1)                              # [T, L, d] view, stride(0) = d
-    log_pf = fused.fused_constrained_log_pf(h, p.w_sid, p.codes, p.trie)
+    log_pf = kern.constrained_log_pf_triton(h, p.w_sid, p.codes, p.trie)
     log_pf.sum().backward()
     hr = leaf(p.h, torch.float64)
     ref = constrained_log_pf(hr, p.w_sid.double(), p.codes, p.trie)
@@ -191,7 +190,7 @@ def test_random_shapes_property(seed, n_levels, t, d, dtype):
     cpl = tuple(int(k) for k in torch.randint(1, 40, (n_levels,), generator=gen))
     p = make_problem(seed, cpl, t, d, dtype, device)
     h, w, b = leaf(p.h), leaf(p.w_sid), leaf(p.bias)
-    log_pf = fused.fused_constrained_log_pf(h, w, p.codes, p.trie, bias=b)
+    log_pf = kern.constrained_log_pf_triton(h, w, p.codes, p.trie, bias=b)
     log_pf.sum().backward()
     rd = ref_dtype(dtype)
     hr, wr, br = leaf(p.h, rd), leaf(p.w_sid, rd), leaf(p.bias, rd)
@@ -218,8 +217,8 @@ def test_gfn_loss_and_every_gradient_match_reference(device, dtype, objective, w
     h, w = leaf(p.h), leaf(p.w_sid)
     log_f, log_z, log_r = leaf(p.log_f), leaf(p.log_z), leaf(p.log_r)
     weights = p.weights if weighted else None
-    loss, log_pf = fused.fused_gfn_loss(h, w, p.codes, p.trie, log_f, log_z, log_r, objective,
-                                        lambda_subtb=0.7, weights=weights)
+    loss, log_pf = kern.gfn_loss_triton(h, w, p.codes, p.trie, log_f, log_z, log_r,
+                                        objective=resolve_objective(objective, 0.7), weights=weights)
     grads = torch.autograd.grad(loss, (h, w, log_f, log_z, log_r), allow_unused=True)
 
     rd = ref_dtype(dtype)
@@ -247,7 +246,7 @@ def test_sft_cross_entropy_matches_reference(device, dtype):
     p = make_problem(300, cpl, t, d, dtype, device)
     mask = torch.rand(p.codes.shape, generator=torch.Generator().manual_seed(1)).to(device) > 0.3
     h, w = leaf(p.h), leaf(p.w_sid)
-    loss = fused.fused_sft_cross_entropy(h, w, p.codes, p.trie, mask=mask)
+    loss = sft_cross_entropy(kern.constrained_log_pf_triton(h, w, p.codes, p.trie), mask)
     loss.backward()
     rd = ref_dtype(dtype)
     hr, wr = leaf(p.h, rd), leaf(p.w_sid, rd)
@@ -263,7 +262,7 @@ def test_only_requested_gradients_are_computed(device):
     cpl, t, d = sizes(device)[0]
     p = make_problem(9, cpl, t, d, torch.float32, device)
     w = leaf(p.w_sid)
-    log_pf = fused.fused_constrained_log_pf(p.h, w, p.codes, p.trie)
+    log_pf = kern.constrained_log_pf_triton(p.h, w, p.codes, p.trie)
     log_pf.sum().backward()
     wr = leaf(p.w_sid, torch.float64)
     constrained_log_pf(p.h.double(), wr, p.codes, p.trie).sum().backward()
@@ -277,8 +276,8 @@ def test_child_bits_agree_with_child_mask(device):
     cpl = (70, 33, 5)
     gen = torch.Generator().manual_seed(4)
     trie = Trie.build(random_catalogue(gen, cpl, 200), cpl).to(device)
-    bits = fused.trie_child_bits(trie)
-    assert bits is fused.trie_child_bits(trie), "the bitmap is cached per trie"
+    bits = kern.trie_child_bits(trie)
+    assert bits is kern.trie_child_bits(trie), "the bitmap is cached per trie"
     assert bits.dtype == torch.int32 and bits.shape == (sum(trie.nodes_per_level[:3]), 3)
     offsets = trie.level_offsets.tolist()
     for lvl, k in enumerate(cpl):
@@ -307,7 +306,7 @@ def test_child_bits_identical_to_the_int64_construction(seed):
     # Levels up to 256 codes: every bit of a word is used, the sign bit (codes 31, 63, ...) included.
     cpl = tuple(int(k) for k in torch.randint(1, 257, (n_levels,), generator=gen))
     trie = Trie.build(random_catalogue(gen, cpl, int(torch.randint(1, 3000, (1,), generator=gen))), cpl).to(device)
-    got = fused.trie_child_bits(trie)
+    got = kern.trie_child_bits(trie)
     assert got.dtype == torch.int32 and torch.equal(got, child_bits_int64(trie))
 
 
@@ -326,14 +325,14 @@ def _strided_inputs(p: Problem):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("support", ["trie", "level"])
 def test_strided_inputs_match_contiguous(backend, support):
-    """Both backends of sid_log_probs and gfn_loss give the contiguous inputs' values on strided views."""
+    """Both backends of constrained_log_pf and gfn_loss give the contiguous inputs' values on strided views."""
     device = DEVICES[0]
     cpl, t, d = sizes(device)[0]
     p = make_problem(21, cpl, t, d, torch.float32, device)
     h, w, bias, codes = _strided_inputs(p)
     ref = constrained_log_pf(p.h.double(), p.w_sid.double(), p.codes, p.trie, support, bias=p.bias.double())
-    got = sid_log_probs(h, w, codes, p.trie, support, bias=bias, backend=backend)
-    assert backends.last_resolution("sid_log_probs").name == backend
+    got = constrained_log_pf(h, w, codes, p.trie, support, bias=bias, backend=backend)
+    assert backends.last_resolution("constrained_log_pf").name == backend
     assert rel_err(got, ref) <= 1e-5
     out = gfn_loss(h, w, codes, p.trie, p.log_f, p.log_z, p.log_r, "subtb", support=support, bias=bias,
                    backend=backend)
@@ -350,7 +349,7 @@ def test_kernel_launcher_rejects_a_strided_bias():
         kern.logpf_forward(p.h, p.w_sid, p.codes, p.cpl, bias=bias)
 
 
-@pytest.mark.parametrize("op", ["gfn_loss", "sid_log_probs"])
+@pytest.mark.parametrize("op", ["gfn_loss", "constrained_log_pf"])
 def test_autocast_sends_bf16_operands_to_the_fused_kernel(op, monkeypatch):
     """Autocast does not cast custom autograd inputs: the dispatcher casts h, the SID rows and the bias."""
     device = DEVICES[0]
@@ -369,7 +368,7 @@ def test_autocast_sends_bf16_operands_to_the_fused_kernel(op, monkeypatch):
         if op == "gfn_loss":
             value = gfn_loss(h, w, p.codes, p.trie, p.log_f, p.log_z, p.log_r, "tb", bias=b, backend=backend).loss
         else:
-            value = sid_log_probs(h, w, p.codes, p.trie, bias=b, backend=backend)
+            value = constrained_log_pf(h, w, p.codes, p.trie, bias=b, backend=backend)
     assert seen == [(torch.bfloat16,) * 3]
     value.sum().backward()
     assert h.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
@@ -383,14 +382,14 @@ def test_autocast_sends_bf16_operands_to_the_fused_kernel(op, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_checked_walk_equals_reference_walk(device):
     p = make_problem(12, (9, 30, 4), 25, 8, torch.float32, device)
-    assert torch.equal(fused._checked_walk(p.trie, p.codes), trie_walk(p.trie, p.codes)[:, :-1])
+    assert torch.equal(kern._checked_walk(p.trie, p.codes), trie_walk(p.trie, p.codes)[:, :-1])
 
 
 def test_errors_name_the_problem():
     device = DEVICES[0]
     p = make_problem(13, (9, 30, 4), 6, 8, torch.float32, device)
     with pytest.raises(ValueError, match="vocab"):
-        fused.fused_constrained_log_pf(p.h, p.w_sid, p.codes, p.trie, "vocab")
+        kern.constrained_log_pf_triton(p.h, p.w_sid, p.codes, p.trie, "vocab")
     # Row 4 keeps its first and last codes; its middle code is replaced by one that makes a SID outside
     # the trie.
     candidates = p.codes[4].repeat(30, 1)
@@ -400,17 +399,17 @@ def test_errors_name_the_problem():
     bad = p.codes.clone()
     bad[4] = candidates[absent[0]]
     with pytest.raises(ValueError, match="rows 4 "):
-        fused.fused_constrained_log_pf(p.h, p.w_sid, bad, p.trie)
+        kern.constrained_log_pf_triton(p.h, p.w_sid, bad, p.trie)
     out_of_range = p.codes.clone()
     out_of_range[2, 2] = 4
     with pytest.raises(ValueError, match=r"codes\[:, 2\].*rows 2"):
-        fused.fused_constrained_log_pf(p.h, p.w_sid, out_of_range, p.trie)
+        kern.constrained_log_pf_triton(p.h, p.w_sid, out_of_range, p.trie)
     with pytest.raises(ValueError, match=r"codes\[:, 2\].*rows 2"):
-        fused.fused_constrained_log_pf(p.h, p.w_sid, out_of_range, None, "level", codes_per_level=(9, 30, 4))
+        kern.constrained_log_pf_triton(p.h, p.w_sid, out_of_range, None, "level", codes_per_level=(9, 30, 4))
     with pytest.raises(TypeError, match="dtype"):
-        fused.fused_constrained_log_pf(p.h, p.w_sid.double(), p.codes, p.trie)
+        kern.constrained_log_pf_triton(p.h, p.w_sid.double(), p.codes, p.trie)
     with pytest.raises(ValueError, match="w_sid"):
-        fused.fused_constrained_log_pf(p.h, p.w_sid[:-1], p.codes, p.trie)
+        kern.constrained_log_pf_triton(p.h, p.w_sid[:-1], p.codes, p.trie)
 
 
 def test_empty_batch():
@@ -418,7 +417,7 @@ def test_empty_batch():
     p = make_problem(14, (9, 30, 4), 3, 8, torch.float32, device)
     h = torch.zeros(0, 3, 8, device=device, requires_grad=True)
     w = leaf(p.w_sid)
-    log_pf = fused.fused_constrained_log_pf(h, w, p.codes[:0], p.trie)
+    log_pf = kern.constrained_log_pf_triton(h, w, p.codes[:0], p.trie)
     assert log_pf.shape == (0, 3)
     log_pf.sum().backward()
     assert h.grad.shape == h.shape and torch.equal(w.grad, torch.zeros_like(w))
@@ -427,7 +426,7 @@ def test_empty_batch():
 # ------------------------------------------------------------------------------------ dispatcher
 
 def test_registered_as_triton_backend():
-    assert "triton" in registered_gfn_loss_backends()
+    assert "triton" in backends.registered("gfn_loss")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -472,12 +471,12 @@ def test_forward_keeps_no_logits_in_memory():
     """The forward allocates its [T, L] outputs (and the [T, L] trie walk), never [T, L, K] logits."""
     cpl, t, d = sizes("cuda")[0]
     p = make_problem(17, cpl, t, d, torch.bfloat16, "cuda")
-    fused.fused_constrained_log_pf(p.h, p.w_sid, p.codes, p.trie)  # compile, cache the child bitmap
+    kern.constrained_log_pf_triton(p.h, p.w_sid, p.codes, p.trie)  # compile, cache the child bitmap
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        out = fused.fused_constrained_log_pf(p.h, p.w_sid, p.codes, p.trie)
+        out = kern.constrained_log_pf_triton(p.h, p.w_sid, p.codes, p.trie)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     logits_bytes = t * len(cpl) * max(cpl) * 2

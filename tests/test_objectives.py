@@ -1,5 +1,4 @@
 """Reference objectives: constrained log P_F, TB / DB / SubTB, SFT / DPO / S-DPO, the composed GFlowNet loss."""
-import importlib
 import json
 import math
 import os
@@ -13,13 +12,10 @@ from hypothesis import strategies as st
 
 from gflowgr_core import backends
 from gflowgr_core.objectives import (DetailedBalance, SubTrajectoryBalance, TrajectoryBalance,
-                                     constrained_log_pf, constrained_log_softmax_rows, dpo_loss, gfn_loss,
-                                     gfn_loss_reference, level_offsets, make_objective, sdpo_loss,
-                                     sft_cross_entropy, trie_walk)
+                                     autocast_operands, code_offsets, constrained_log_pf,
+                                     constrained_log_softmax_rows, dpo_loss, gfn_loss, gfn_loss_reference,
+                                     make_objective, sdpo_loss, sft_cross_entropy, trie_walk)
 from gflowgr_core.sid.trie import Trie
-
-# The package re-exports the function gfn_loss under the submodule's name; fetch the module itself.
-gfn_loss_module = importlib.import_module("gflowgr_core.objectives.gfn_loss")
 
 DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 CPL = (3, 4, 2)
@@ -64,7 +60,7 @@ def test_trie_log_pf_matches_direct_renormalisation():
     h, w, b = _random_inputs(rows.shape[0], CPL)
     got = constrained_log_pf(h, w, rows, trie, "trie", codes_per_level=CPL, bias=b)
     kids = _children(codes)
-    off = level_offsets(CPL)
+    off = code_offsets(CPL)
     for t, sid in enumerate(rows.tolist()):
         for lvl in range(len(CPL)):
             z = h[t, lvl] @ w[off[lvl]:off[lvl + 1]].T + b[off[lvl]:off[lvl + 1]]
@@ -77,7 +73,7 @@ def test_constrained_rows_sum_to_one_over_children_and_are_minus_inf_elsewhere()
     codes, trie = _catalogue(seed=3)
     nodes = trie_walk(trie, codes)
     kids = _children(codes)
-    off = level_offsets(CPL)
+    off = code_offsets(CPL)
     h, w, b = _random_inputs(codes.shape[0], CPL, seed=4)
     for lvl in range(len(CPL)):
         logp = constrained_log_softmax_rows(h[:, lvl], w[off[lvl]:off[lvl + 1]], nodes[:, lvl], lvl, trie,
@@ -99,7 +95,7 @@ def test_level_and_vocab_supports_match_direct_log_softmax():
     w_full = torch.randn(vocab, d, generator=g, dtype=DT)
     b_full = torch.randn(vocab, generator=g, dtype=DT)
     sid_tok = torch.randperm(vocab, generator=g)[:sum(CPL)]
-    off = level_offsets(CPL)
+    off = code_offsets(CPL)
 
     level = constrained_log_pf(h, w, codes, None, "level", codes_per_level=CPL)
     vocab_lp = constrained_log_pf(h, None, codes, None, "vocab", codes_per_level=CPL, w_full=w_full,
@@ -186,7 +182,7 @@ def _proportional_policy(seed=11, n_items=9):
     for sid, r in zip(codes.tolist(), reward.tolist()):
         for lvl in range(len(CPL) + 1):
             flow[tuple(sid[:lvl])] = flow.get(tuple(sid[:lvl]), 0.0) + r
-    off = level_offsets(CPL)
+    off = code_offsets(CPL)
     h = torch.randn(n_items, len(CPL), sum(CPL), generator=g, dtype=DT) * 3 + 4
     log_f = torch.empty(n_items, len(CPL) - 1, dtype=DT)
     for t, sid in enumerate(codes.tolist()):
@@ -436,7 +432,7 @@ def _dispatch_inputs():
 def empty_registry(monkeypatch):
     """The dispatcher with no accelerated implementation registered (providers imported beforehand so they
     do not register into the temporary registry)."""
-    for op in ("gfn_loss", "sid_log_probs"):
+    for op in ("gfn_loss", "constrained_log_pf"):
         entry = backends._op(op)
         monkeypatch.setattr(entry, "impls", {"torch": entry.impls["torch"]})
 
@@ -467,8 +463,8 @@ def test_dispatcher_prefers_registered_backend_and_falls_back(empty_registry, mo
         calls.append(objective.name)
         return gfn_loss_reference(h, w_sid, codes, trie, log_f, log_z, log_r, objective, **kw)
 
-    gfn_loss_module.register_gfn_loss_backend("cpp", fake, ("cpu",),
-                                              supports=lambda objective, support, **kw: support == "trie")
+    backends.register("gfn_loss", "cpp", fake, ("cpu",),
+                      supports=lambda objective, support, **kw: support == "trie")
     args = _dispatch_inputs()
     assert gfn_loss(*args, objective="subtb").backend == "cpp" and calls == ["subtb"]
     assert gfn_loss(*args, support="level").backend == "torch"
@@ -479,11 +475,11 @@ def test_dispatcher_prefers_registered_backend_and_falls_back(empty_registry, mo
     reason = backends.last_resolution("gfn_loss").reason
     assert reason.startswith("'cuda' requested but gfn_loss has no 'cuda' implementation") and "chose 'cpp'" in reason
     with pytest.raises(ValueError, match="the 'torch' backend is the op's reference"):
-        gfn_loss_module.register_gfn_loss_backend("torch", fake, ("cpu",))
+        backends.register("gfn_loss", "torch", fake, ("cpu",))
 
 
 @pytest.mark.parametrize("backend", backends.REQUESTS)
-def test_every_backend_name_runs_gfn_loss_and_sid_log_probs_on_cpu(backend):
+def test_every_backend_name_runs_gfn_loss_and_constrained_log_pf_on_cpu(backend):
     """A training run may name any backend: ops without it (gfn_loss has no cpp / cuda implementation; no CUDA
     here) run the auto choice and match the reference."""
     h, w, codes, trie, log_f, log_z, log_r = _dispatch_inputs()
@@ -499,8 +495,8 @@ def test_every_backend_name_runs_gfn_loss_and_sid_log_probs_on_cpu(backend):
     torch.testing.assert_close(out.log_pf.double(), ref_lp, rtol=1e-5, atol=1e-6)
     out.loss.backward()
     assert h.grad is not None and torch.isfinite(h.grad).all()
-    lp = gfn_loss_module.sid_log_probs(h.detach(), w, codes, trie, backend=backend)
-    assert backends.last_resolution("sid_log_probs").name == expected
+    lp = constrained_log_pf(h.detach(), w, codes, trie, backend=backend)
+    assert backends.last_resolution("constrained_log_pf").name == expected
     torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-6)
 
 
@@ -511,12 +507,12 @@ def test_autocast_casts_the_reference_operands_too():
     bias = torch.randn(sum(CPL), generator=torch.Generator().manual_seed(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = gfn_loss(h, w, codes, trie, log_f, log_z, log_r, "tb", bias=bias, backend="torch")
-        lp = gfn_loss_module.sid_log_probs(h, w, codes, trie, bias=bias, backend="torch")
+        lp = constrained_log_pf(h, w, codes, trie, bias=bias, backend="torch")
     expected = constrained_log_pf(h.bfloat16(), w.bfloat16(), codes, trie, bias=bias.bfloat16())
     assert torch.equal(out.log_pf, expected) and torch.equal(lp, expected)
     ref = constrained_log_pf(h, w, codes, trie, bias=bias)
     assert float((lp - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
-    assert gfn_loss_module.autocast_operands("cpu", h, None, codes) == (h, None, codes)  # autocast off: as is
+    assert autocast_operands("cpu", h, None, codes) == (h, None, codes)  # autocast off: as is
 
 
 # ---------------------------------------------------------------- real catalogue

@@ -18,8 +18,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .. import backends
 from ..sid.trie import Trie
-from .step import constrained_step, resolve_backend
+from .step import OP as _STEP_OP, constrained_step
 
 __all__ = ["DecodeResult", "SampleResult", "beam_search", "beam_search_scorings", "sample", "recommend",
            "leaves_to_items"]
@@ -236,7 +237,7 @@ def beam_search_scorings(policy, trie: Trie, history: torch.Tensor, renormalize:
         raise ValueError(f"topk must be >= 1, got {k}")
     device = policy.device
     trie = trie.to(device)
-    name = resolve_backend(backend, device)
+    name = backends.resolve_backend(_STEP_OP, backend, device).name
     N = history.shape[0]
     order = None
     if sort_by_length and N > batch_size:
@@ -324,7 +325,7 @@ def sample(policy, trie: Trie, history: torch.Tensor, n: int = 1, temperature: f
         raise ValueError(f"temperature must be > 0, got {temperature}")
     device = policy.device
     trie = trie.to(device)
-    name = resolve_backend(backend, device)
+    name = backends.resolve_backend(_STEP_OP, backend, device).name
     if generator is None and seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed))

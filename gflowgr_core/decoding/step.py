@@ -4,7 +4,8 @@
 logits only for the level's codes, masked to the trie children of each row's node, log-softmax
 renormalised over those children; then either a seeded Gumbel-max sample per row or one step of beam
 search. The plain-PyTorch version here is the specification; fused backends (Triton, C++/CUDA) register
-themselves with :func:`register_backend` and are picked by :func:`constrained_step` (``backend="auto"``).
+themselves with ``gflowgr_core.backends.register("constrained_step", ...)`` and
+:func:`constrained_step` runs the one :func:`gflowgr_core.backends.resolve_backend` picks.
 
 No function here synchronises with the host or branches on tensor values, and output shapes depend only
 on input shapes and Python ints, so the op can run inside CUDA graphs and device-side decode loops.
@@ -16,7 +17,7 @@ same hash, so all backends select the same codes for the same key.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -24,8 +25,8 @@ from .. import backends
 from .. import debug as _debug
 from ..sid.trie import Trie
 
-__all__ = ["SampleStep", "BeamStep", "constrained_step", "constrained_step_torch", "register_backend",
-           "resolve_backend", "registered_backends", "last_backend", "MODES", "noise_key", "gumbel_noise"]
+__all__ = ["SampleStep", "BeamStep", "constrained_step", "constrained_step_torch", "OP", "MODES", "noise_key",
+           "gumbel_noise"]
 
 MODES = ("beam", "sample")
 _NEG_INF = float("-inf")
@@ -79,22 +80,23 @@ def _step_log_probs(h: torch.Tensor, w_level: torch.Tensor, bias: torch.Tensor |
 
 # The noise hash works on 32-bit unsigned values held in int64; both multipliers are odd and below 2**31,
 # so every product stays below 2**63 and the same arithmetic is exact in torch, Triton, C++ and CUDA.
-_MASK32 = 0xFFFFFFFF
-_HASH_MUL1, _HASH_MUL2, _HASH_INC = 0x21F0AAAD, 0x735A2D97, 0x9E3779B9
+# The Triton kernels read these constants from here (gflowgr_core.kernels.utils).
+HASH_MASK32 = 0xFFFFFFFF
+HASH_MUL1, HASH_MUL2, HASH_INC = 0x21F0AAAD, 0x735A2D97, 0x9E3779B9
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """Bijective avalanche of 32-bit values (xor-shift / multiply rounds)."""
     x = x ^ (x >> 16)
-    x = (x * _HASH_MUL1) & _MASK32
+    x = (x * HASH_MUL1) & HASH_MASK32
     x = x ^ (x >> 15)
-    x = (x * _HASH_MUL2) & _MASK32
+    x = (x * HASH_MUL2) & HASH_MASK32
     return x ^ (x >> 15)
 
 
 def _absorb(state: torch.Tensor, value) -> torch.Tensor:
     """Hash state after absorbing ``value`` (< 2**32); the increment keeps all-zero inputs off zero."""
-    return _mix32(((state ^ value) + _HASH_INC) & _MASK32)
+    return _mix32(((state ^ value) + HASH_INC) & HASH_MASK32)
 
 
 def noise_key(seed, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -124,8 +126,8 @@ def gumbel_noise(key: torch.Tensor, level: int, rows: int, codes: int) -> torch.
     inside (0, 1)) and ``g = -log(-log(u))`` in fp32. Fused backends compute exactly this.
     """
     key = key.reshape(1).long()
-    state = _absorb(torch.zeros_like(key), key & _MASK32)
-    state = _absorb(_absorb(state, (key >> 32) & _MASK32), int(level))
+    state = _absorb(torch.zeros_like(key), key & HASH_MASK32)
+    state = _absorb(_absorb(state, (key >> 32) & HASH_MASK32), int(level))
     row = _absorb(state, torch.arange(rows, device=key.device))[:, None]
     x = _mix32(_absorb(row, torch.arange(codes, device=key.device)[None, :]))
     u = ((x >> 8) | 1).to(torch.float32) * 2.0 ** -24
@@ -222,35 +224,11 @@ def constrained_step_torch(h: torch.Tensor, w_level: torch.Tensor, node: torch.T
 
 
 # --------------------------------------------------------------------------- dispatch
-StepImpl = Callable[..., object]
-_OP = "constrained_step"
+#: The op's name in :mod:`gflowgr_core.backends` (``backends.register(OP, ...)``, ``backends.last_resolution(OP)``).
+OP = "constrained_step"
 # Modules that register accelerated implementations when imported (see backends.load_providers).
 _PROVIDERS = ("gflowgr_core.kernels.constrained_step",)
-backends.define_op(_OP, constrained_step_torch, _PROVIDERS)
-
-
-def register_backend(name: str, impl: StepImpl) -> None:
-    """Make ``impl`` (same signature and results as :func:`constrained_step_torch`) the ``name`` backend; it
-    runs on the device types of :data:`gflowgr_core.backends.RUNS_ON` for ``name``."""
-    backends.register(_OP, name, impl)
-
-
-def registered_backends() -> tuple[str, ...]:
-    """Backends that have a ``constrained_step`` implementation registered, fastest first."""
-    return backends.registered(_OP)
-
-
-def last_backend() -> str | None:
-    """Backend that ran the most recent :func:`constrained_step` call (``None`` before the first); why it
-    was chosen is ``gflowgr_core.backends.last_resolution("constrained_step").reason``."""
-    last = backends.last_resolution(_OP)
-    return None if last is None else last.name
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend :func:`constrained_step` runs on ``device`` for ``backend`` (the rule of
-    :func:`gflowgr_core.backends.resolve_backend`: an unusable named backend falls back to ``"auto"``)."""
-    return backends.resolve_backend(_OP, backend, device).name
+backends.define_op(OP, constrained_step_torch, _PROVIDERS)
 
 
 def constrained_step(h: torch.Tensor, w_level: torch.Tensor, node: torch.Tensor, level: int, trie: Trie,
@@ -265,11 +243,12 @@ def constrained_step(h: torch.Tensor, w_level: torch.Tensor, node: torch.Tensor,
     Args:
         seed: sample mode: the noise key (see :func:`noise_key`); takes precedence over ``generator``.
         backend: ``"auto"`` or a name from :data:`gflowgr_core.backends.BACKENDS`, chosen by
-            :func:`gflowgr_core.backends.resolve_backend`; the one used is reported by :func:`last_backend`.
+            :func:`gflowgr_core.backends.resolve_backend`; which one ran and why is
+            ``gflowgr_core.backends.last_resolution("constrained_step")``.
     """
     if _debug.enabled():  # node ids index the kernels' tables: out-of-range ids would read past them
         _debug.check_trie_nodes(node, trie, level, "constrained_step")
-    name = resolve_backend(backend, h.device)
-    return backends.implementation(_OP, name)(h, w_level, node, level, trie, mode, scores=scores, beams=beams,
+    name = backends.resolve_backend(OP, backend, h.device).name
+    return backends.implementation(OP, name)(h, w_level, node, level, trie, mode, scores=scores, beams=beams,
                                               temperature=temperature, generator=generator, seed=seed,
                                               renormalize=renormalize, bias=bias)

@@ -1,25 +1,27 @@
 """The GFlowNet loss from hidden states: constrained log P_F plus a balance objective, and its dispatcher.
 
-:func:`gfn_loss_reference` is the specification of the fused kernel (docs/ARCHITECTURE.md, kernel
+:func:`gfn_loss_reference` is the specification of the fused path (docs/ARCHITECTURE.md, kernel
 contract 2): per-step constrained ``log P_F`` from ``h`` and the SID rows of the head (never ``[T, L, V]``
-logits), then the TB / DB / SubTB residuals and their weighted mean. :func:`gfn_loss` dispatches to the
-best registered implementation for the device (``backend="auto"``) or to the one asked for, and returns
-which one ran (the rule is :func:`gflowgr_core.backends.resolve_backend`). Accelerated implementations
-register themselves with :func:`register_gfn_loss_backend` when their module is imported.
+logits), then the TB / DB / SubTB residuals and their weighted mean. :func:`gfn_loss` runs the
+implementation :func:`gflowgr_core.backends.resolve_backend` picks for the ``gfn_loss`` op (the fused one,
+``gflowgr_core.kernels.constrained_log_pf.gfn_loss_triton``, registers itself when that module is
+imported) and returns which one ran.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from .. import backends
 from .. import debug as _debug
 from .balance import BalanceObjective, make_objective
-from .logpf import constrained_log_pf
+from .logpf import autocast_operands, constrained_log_pf_torch
 
+#: The op's name in :mod:`gflowgr_core.backends`.
+OP = "gfn_loss"
 # Modules that register accelerated implementations when imported (see backends.load_providers).
-_PROVIDERS = ("gflowgr_core.objectives.fused",)
+_PROVIDERS = ("gflowgr_core.kernels.constrained_log_pf",)
 
 
 def resolve_objective(objective: Union[str, BalanceObjective], lambda_subtb: float = 0.9) -> BalanceObjective:
@@ -40,7 +42,7 @@ def gfn_loss_reference(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: to
                        bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GFlowNet loss of SID trajectories from hidden states (plain PyTorch; the spec of the fused kernel).
 
-    ``log_pf = constrained_log_pf(h, w_sid, codes, trie, support)`` and
+    ``log_pf = constrained_log_pf_torch(h, w_sid, codes, trie, support)`` and
     ``loss = sum_tau w_tau * L_obj(log_pf_tau, log_z_tau, log_f_tau, log_r_tau) / T``.
 
     Args:
@@ -54,15 +56,15 @@ def gfn_loss_reference(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: to
         objective: ``"tb"`` | ``"db"`` | ``"subtb"`` or a :class:`~.balance.BalanceObjective`.
         lambda_subtb: SubTB's ``lambda`` when ``objective="subtb"``.
         weights: optional ``[T]`` non-negative trajectory weights.
-        support: ``"trie"`` | ``"level"`` | ``"vocab"`` (see :func:`~.logpf.constrained_log_pf`).
-        codes_per_level, w_full, sid_token_ids, bias: as in :func:`~.logpf.constrained_log_pf`.
+        support: ``"trie"`` | ``"level"`` | ``"vocab"`` (see :func:`~.logpf.constrained_log_pf_torch`).
+        codes_per_level, w_full, sid_token_ids, bias: as in :func:`~.logpf.constrained_log_pf_torch`.
 
     Returns:
         ``(loss, log_pf)``: the scalar loss and the ``[T, L]`` per-step log-probabilities.
     """
     obj = resolve_objective(objective, lambda_subtb)
-    log_pf = constrained_log_pf(h, w_sid, codes, trie, support, codes_per_level=codes_per_level,
-                                w_full=w_full, sid_token_ids=sid_token_ids, bias=bias)
+    log_pf = constrained_log_pf_torch(h, w_sid, codes, trie, support, codes_per_level=codes_per_level,
+                                      w_full=w_full, sid_token_ids=sid_token_ids, bias=bias)
     return obj.loss(log_pf, log_z, log_f, log_r, weights), log_pf
 
 
@@ -81,49 +83,7 @@ def _reference_impl(h, w_sid, codes, trie, log_f, log_z, log_r, *, objective, we
                               sid_token_ids=sid_token_ids, bias=bias)
 
 
-def _log_pf_reference(h, w_sid, codes, trie, support, *, codes_per_level, w_full, sid_token_ids, bias):
-    return constrained_log_pf(h, w_sid, codes, trie, support, codes_per_level=codes_per_level, w_full=w_full,
-                              sid_token_ids=sid_token_ids, bias=bias)
-
-
-backends.define_op("gfn_loss", _reference_impl, _PROVIDERS)
-backends.define_op("sid_log_probs", _log_pf_reference, _PROVIDERS)
-
-
-def register_gfn_loss_backend(name: str, fn: Callable, device_types: Optional[Sequence[str]] = None,
-                              supports: Optional[Callable[..., bool]] = None) -> None:
-    """Register an implementation of the GFlowNet loss for the dispatcher.
-
-    Args:
-        name: one of :data:`gflowgr_core.backends.BACKENDS` other than ``"torch"``.
-        fn: called as ``fn(h, w_sid, codes, trie, log_f, log_z, log_r, objective=<BalanceObjective>,
-            weights=..., support=..., codes_per_level=..., w_full=..., sid_token_ids=..., bias=...)`` and
-            returning ``(loss, log_pf)`` with the semantics of :func:`gfn_loss_reference`.
-        device_types: the ``torch.device.type`` values it runs on (default: those of ``name`` in
-            :data:`gflowgr_core.backends.RUNS_ON`).
-        supports: optional predicate taking the same keyword arguments as ``fn`` (without the tensors
-            ``h``..``log_r``); ``False`` means this call's options are not implemented, and the call runs on
-            the backend ``"auto"`` picks instead.
-    """
-    backends.register("gfn_loss", name, fn, device_types, supports)
-
-
-def registered_gfn_loss_backends() -> tuple[str, ...]:
-    """Names of the registered implementations, ``"torch"`` included, fastest first."""
-    return backends.registered("gfn_loss")
-
-
-def autocast_operands(device_type: str, *tensors: Optional[torch.Tensor]) -> tuple:
-    """The floating-point ``tensors`` in the autocast dtype when autocast is on for ``device_type``.
-
-    Autocast does not cast the inputs of custom autograd functions (the fused kernels), so without this the
-    kernels would get fp32 hidden states and head rows under bf16 autocast. Every backend (the reference
-    too) gets the cast operands, so all of them compute the same thing.
-    """
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+backends.define_op(OP, _reference_impl, _PROVIDERS)
 
 
 def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie,
@@ -140,7 +100,7 @@ def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor
     backend without a usable implementation for this call falls back to the ``"auto"`` choice: the fused
     Triton kernel for CUDA tensors and support ``"trie"``/``"level"``, else the PyTorch reference). Under
     autocast ``h``, ``w_sid``, ``w_full`` and ``bias`` are cast to the autocast dtype first
-    (:func:`autocast_operands`).
+    (:func:`~.logpf.autocast_operands`).
 
     Returns:
         :class:`GFNLossOutput` ``(loss, log_pf[T, L], backend)``, ``backend`` naming the implementation
@@ -153,27 +113,6 @@ def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor
     h, w_sid, w_full, bias = autocast_operands(h.device.type, h, w_sid, w_full, bias)
     options = dict(objective=obj, weights=weights, support=support, codes_per_level=codes_per_level,
                    w_full=w_full, sid_token_ids=sid_token_ids, bias=bias)
-    name = backends.resolve_backend("gfn_loss", backend, h.device, options).name
-    loss, log_pf = backends.implementation("gfn_loss", name)(h, w_sid, codes, trie, log_f, log_z, log_r,
-                                                              **options)
+    name = backends.resolve_backend(OP, backend, h.device, options).name
+    loss, log_pf = backends.implementation(OP, name)(h, w_sid, codes, trie, log_f, log_z, log_r, **options)
     return GFNLossOutput(loss, log_pf, name)
-
-
-def sid_log_probs(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie=None,
-                  support: str = "trie", *, codes_per_level: Optional[Sequence[int]] = None,
-                  w_full: Optional[torch.Tensor] = None, sid_token_ids: Optional[torch.Tensor] = None,
-                  bias: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
-    """Per-step ``log P_F[T, L]`` on the best backend: the fused Triton kernel or the reference.
-
-    The same arguments as :func:`~.logpf.constrained_log_pf`, plus ``backend``, chosen by the rule of
-    :func:`gflowgr_core.backends.resolve_backend` as in :func:`gfn_loss` (the backend that ran:
-    ``gflowgr_core.backends.last_resolution("sid_log_probs")``), and the same autocast rule. ``"auto"``
-    takes the fused kernel (:func:`~.fused.fused_constrained_log_pf`) for CUDA tensors when triton is
-    available and the support is ``"trie"`` or ``"level"``, else the PyTorch reference. This is the path of
-    the SFT cross-entropy and of the DPO / S-DPO log-probabilities.
-    """
-    h, w_sid, w_full, bias = autocast_operands(h.device.type, h, w_sid, w_full, bias)
-    options = dict(support=support, codes_per_level=codes_per_level, w_full=w_full, sid_token_ids=sid_token_ids,
-                   bias=bias)
-    name = backends.resolve_backend("sid_log_probs", backend, h.device, options).name
-    return backends.implementation("sid_log_probs", name)(h, w_sid, codes, trie, **options)

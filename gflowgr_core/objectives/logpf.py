@@ -1,4 +1,4 @@
-"""Per-step forward-policy log-probabilities log P_F(c_{l+1} | s_l) of semantic-ID trajectories.
+"""Constrained log P_F: per-step forward-policy log-probabilities log P_F(c_{l+1} | s_l) of SID trajectories.
 
 A trajectory is an item's SID ``(c_1, ..., c_L)``; step ``l`` (0-based) chooses code ``c_{l+1}`` in the
 state ``s_l`` (the prefix of length ``l``) from the hidden state ``h[:, l]`` at that decision position.
@@ -11,8 +11,12 @@ Three supports (METHOD.md §2, ``policy_support``):
 * ``"level"``: log-softmax over all ``K_l`` codes of the level;
 * ``"vocab"``: log-softmax over the whole LM vocabulary (needs the full head ``w_full[V, d]``).
 
-This module is the plain-PyTorch specification that fused kernels are tested against; it never builds
-``[T, L, V]`` logits (the ``"vocab"`` path builds ``[T, V]`` one level at a time).
+:func:`constrained_log_pf` is the op: it runs the implementation :func:`gflowgr_core.backends.resolve_backend`
+picks (``backend="auto"``: the fused Triton kernels of ``gflowgr_core.kernels.constrained_log_pf`` for CUDA
+tensors and support ``"trie"``/``"level"``, else the reference) and records which one ran and why
+(``gflowgr_core.backends.last_resolution("constrained_log_pf")``). :func:`constrained_log_pf_torch` is the
+plain-PyTorch reference, the specification the kernels are tested against; it never builds ``[T, L, V]``
+logits (the ``"vocab"`` path builds ``[T, V]`` one level at a time).
 """
 from __future__ import annotations
 
@@ -20,13 +24,17 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import backends
+
 SUPPORTS = ("trie", "level", "vocab")
+#: The op's name in :mod:`gflowgr_core.backends`.
+OP = "constrained_log_pf"
 
 # How many offending rows an error message lists before summarising the rest.
 _MAX_ROWS_IN_ERROR = 8
 
 
-def level_offsets(codes_per_level: Sequence[int]) -> list[int]:
+def code_offsets(codes_per_level: Sequence[int]) -> list[int]:
     """Row offsets of each level's block in a level-major ``w_sid``: ``[0, K_0, K_0 + K_1, ..., sum K]``."""
     offsets = [0]
     for k in codes_per_level:
@@ -161,11 +169,12 @@ def check_trajectory_shapes(h: torch.Tensor, codes: torch.Tensor, cpl: tuple[int
     return codes.long()
 
 
-def constrained_log_pf(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie=None,
-                       support: str = "trie", *, codes_per_level: Optional[Sequence[int]] = None,
-                       w_full: Optional[torch.Tensor] = None, sid_token_ids: Optional[torch.Tensor] = None,
-                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-step forward log-probabilities ``log P_F(c_{l+1} | s_l)`` of given SID trajectories.
+def constrained_log_pf_torch(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie=None,
+                             support: str = "trie", *, codes_per_level: Optional[Sequence[int]] = None,
+                             w_full: Optional[torch.Tensor] = None, sid_token_ids: Optional[torch.Tensor] = None,
+                             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-step forward log-probabilities ``log P_F(c_{l+1} | s_l)`` of given SID trajectories (the
+    plain-PyTorch reference of :func:`constrained_log_pf`).
 
     For step ``l`` with logits ``z_l = h[:, l] @ W^T + b``:
 
@@ -201,7 +210,7 @@ def constrained_log_pf(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: to
     codes = check_trajectory_shapes(h, codes, cpl)
     n_levels, d = h.shape[1], h.shape[2]
     _check_codes(codes, cpl)
-    offsets = level_offsets(cpl)
+    offsets = code_offsets(cpl)
 
     if support == "vocab":
         return _vocab_log_pf(h, codes, offsets, w_full, sid_token_ids, bias)
@@ -251,3 +260,52 @@ def _vocab_log_pf(h, codes, offsets, w_full, sid_token_ids, bias):
         # log_softmax(z)[target] computed as z[target] - logsumexp(z) so only [T, V] is ever alive.
         steps.append(logits.gather(1, target[:, None]) - torch.logsumexp(logits, dim=1, keepdim=True))
     return torch.cat(steps, dim=1)
+
+
+# --------------------------------------------------------------------------- dispatch
+# Modules that register accelerated implementations when imported (see backends.load_providers).
+_PROVIDERS = ("gflowgr_core.kernels.constrained_log_pf",)
+backends.define_op(OP, constrained_log_pf_torch, _PROVIDERS)
+
+
+def autocast_operands(device_type: str, *tensors: Optional[torch.Tensor]) -> tuple:
+    """The floating-point ``tensors`` in the autocast dtype when autocast is on for ``device_type``.
+
+    Autocast does not cast the inputs of custom autograd functions (the fused kernels), so without this the
+    kernels would get fp32 hidden states and head rows under bf16 autocast. Every backend (the reference
+    too) gets the cast operands, so all of them compute the same thing.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def constrained_log_pf(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie=None,
+                       support: str = "trie", *, codes_per_level: Optional[Sequence[int]] = None,
+                       w_full: Optional[torch.Tensor] = None, sid_token_ids: Optional[torch.Tensor] = None,
+                       bias: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """Per-step ``log P_F(c_{l+1} | s_l)`` of given SID trajectories, ``[T, L]``, on the best backend.
+
+    Logits are formed only for each level's SID rows of the head (never ``[T, L, V]``) and normalised over
+    the trie children of the prefix (``support="trie"``), all ``K_l`` codes (``"level"``) or the whole
+    vocabulary (``"vocab"``, needs ``w_full[V, d]`` and ``sid_token_ids``). This is the path of the GFlowNet
+    losses, the SFT cross-entropy and the DPO / S-DPO log-probabilities.
+
+    Arguments, values and errors are those of :func:`constrained_log_pf_torch`, plus ``backend``: ``"auto"``
+    or any name of :data:`gflowgr_core.backends.BACKENDS`, chosen by
+    :func:`gflowgr_core.backends.resolve_backend` (``"auto"``: the fused Triton kernel for CUDA tensors when
+    triton is installed and the support is ``"trie"``/``"level"``, else the reference; a named backend
+    without a usable implementation for this call falls back to that choice). Which one ran and why:
+    ``gflowgr_core.backends.last_resolution("constrained_log_pf")``. Under autocast ``h``, ``w_sid``,
+    ``w_full`` and ``bias`` are cast to the autocast dtype first (:func:`autocast_operands`).
+
+    Returns:
+        ``[T, L]`` log-probabilities, differentiable w.r.t. ``h``, ``w_sid`` (or ``w_full``) and ``bias``:
+        float32 from the fused kernel and for half-precision inputs, else the inputs' dtype.
+    """
+    h, w_sid, w_full, bias = autocast_operands(h.device.type, h, w_sid, w_full, bias)
+    options = dict(support=support, codes_per_level=codes_per_level, w_full=w_full, sid_token_ids=sid_token_ids,
+                   bias=bias)
+    name = backends.resolve_backend(OP, backend, h.device, options).name
+    return backends.implementation(OP, name)(h, w_sid, codes, trie, **options)

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import torch
 
 from gflowgr_core.model.policy import SIDPolicy
-from gflowgr_core.objectives.gfn_loss import gfn_loss, sid_log_probs
+from gflowgr_core.objectives.gfn_loss import gfn_loss
+from gflowgr_core.objectives.logpf import constrained_log_pf
 from gflowgr_core.objectives.preference import dpo_loss, sdpo_loss, sft_cross_entropy
 from gflowgr_core.reward import Reward, cm_component, lm_generation_prob, summary as reward_summary
 from gflowgr_core.samplers import SamplerBatch
@@ -72,9 +73,9 @@ class StageContext:
         extra = {}
         if support == "vocab":
             extra = dict(w_full=policy.full_head_weight(), sid_token_ids=policy.sid_token_ids)
-        return sid_log_probs(h, policy.sid_head_weight(), codes, self.trie, support,
-                             codes_per_level=self.codes_per_level, bias=policy.head_bias(), backend=self.backend,
-                             **extra)
+        return constrained_log_pf(h, policy.sid_head_weight(), codes, self.trie, support,
+                                  codes_per_level=self.codes_per_level, bias=policy.head_bias(),
+                                  backend=self.backend, **extra)
 
 
 class Stage:
