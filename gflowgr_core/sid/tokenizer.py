@@ -342,7 +342,34 @@ def collaborative_item_embeddings(interactions, dim: int = 64, window: int = 5, 
         warnings.warn(f"collaborative embeddings: dim={dim} capped at n_items - 1 = {n_items - 1}", stacklevel=2)
         dim = n_items - 1
 
-    seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in interactions.sequences]
+    flat, owner = _flat_sequences(interactions.sequences, n_items)
+    emb = np.zeros((n_items, dim))
+    sppmi = _sppmi(_cooccurrence_counts(flat, owner, n_items, window, distance_weighting), context_alpha, shift)
+    if sppmi.nnz > 0:
+        u, s = _randomized_svd(sppmi, dim, seed, power_iters=power_iters)
+        signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])])
+        signs[signs == 0] = 1.0
+        emb = u * signs * np.sqrt(s)
+
+    norms = np.linalg.norm(emb, axis=1)
+    lonely = norms <= 1e-12 * max(float(norms.max()), 1e-30)
+    n_lonely = int(lonely.sum())
+    if n_lonely:
+        warnings.warn(f"collaborative embeddings: {n_lonely} of {n_items} item(s) have no positive co-occurrence "
+                      f"signal; they get seeded random directions", stacklevel=2)
+        rng = np.random.default_rng([seed, 1])
+        fallback = rng.standard_normal((n_lonely, dim))
+        fallback /= np.linalg.norm(fallback, axis=1, keepdims=True)
+        scale = float(np.median(norms[~lonely])) if n_lonely < n_items else 1.0
+        emb[lonely] = fallback * scale
+    if normalize:
+        emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    return torch.from_numpy(emb.astype(np.float32))
+
+
+def _flat_sequences(sequences, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """All sequences end to end, and the user index owning each position; item indices are checked."""
+    seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in sequences]
     lengths = np.array([s.size for s in seqs], dtype=np.int64)
     flat = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)
     bad = (flat < 0) | (flat >= n_items)
@@ -351,8 +378,13 @@ def collaborative_item_embeddings(interactions, dim: int = 64, window: int = 5, 
         user = int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
         raise ValueError(f"sequence of user index {user} holds item index {int(flat[pos])}, outside "
                          f"[0, {n_items})")
-    owner = np.repeat(np.arange(len(seqs)), lengths)
+    return flat, np.repeat(np.arange(len(seqs)), lengths)
 
+
+def _cooccurrence_counts(flat: np.ndarray, owner: np.ndarray, n_items: int, window: int,
+                         distance_weighting: bool) -> sp.csr_matrix:
+    """Symmetric ``[n_items, n_items]`` counts of distinct items at most ``window`` positions apart in one
+    user's sequence, each pair weighted ``1/distance`` when ``distance_weighting``."""
     rows, cols, vals = [], [], []
     for offset in range(1, window + 1):
         if flat.size <= offset:
@@ -369,38 +401,24 @@ def collaborative_item_embeddings(interactions, dim: int = 64, window: int = 5, 
     else:
         counts = sp.csr_matrix((n_items, n_items))
     counts.sum_duplicates()
+    return counts
 
+
+def _sppmi(counts: sp.csr_matrix, context_alpha: float, shift: float) -> sp.csr_matrix:
+    """The shifted positive PMI of co-occurrence ``counts`` with context smoothing ``context_alpha``
+    (empty when nothing co-occurs)."""
+    n_items = counts.shape[0]
     row_tot = np.asarray(counts.sum(axis=1)).ravel()
     total = float(row_tot.sum())
-    emb = np.zeros((n_items, dim))
-    if total > 0:
-        ctx = row_tot ** context_alpha
-        ctx_p = ctx / ctx.sum()
-        coo = counts.tocoo()
-        pmi = (np.log(coo.data) + math.log(1.0 / total) - np.log(row_tot[coo.row] / total)
-               - np.log(ctx_p[coo.col]) - math.log(shift))
-        pos = pmi > 0
-        sppmi = sp.csr_matrix((pmi[pos], (coo.row[pos], coo.col[pos])), shape=(n_items, n_items))
-        if sppmi.nnz > 0:
-            u, s = _randomized_svd(sppmi, dim, seed, power_iters=power_iters)
-            signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])])
-            signs[signs == 0] = 1.0
-            emb = u * signs * np.sqrt(s)
-
-    norms = np.linalg.norm(emb, axis=1)
-    lonely = norms <= 1e-12 * max(float(norms.max()), 1e-30)
-    n_lonely = int(lonely.sum())
-    if n_lonely:
-        warnings.warn(f"collaborative embeddings: {n_lonely} of {n_items} item(s) have no positive co-occurrence "
-                      f"signal; they get seeded random directions", stacklevel=2)
-        rng = np.random.default_rng([seed, 1])
-        fallback = rng.standard_normal((n_lonely, dim))
-        fallback /= np.linalg.norm(fallback, axis=1, keepdims=True)
-        scale = float(np.median(norms[~lonely])) if n_lonely < n_items else 1.0
-        emb[lonely] = fallback * scale
-    if normalize:
-        emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    return torch.from_numpy(emb.astype(np.float32))
+    if total <= 0:
+        return sp.csr_matrix((n_items, n_items))
+    ctx = row_tot ** context_alpha
+    ctx_p = ctx / ctx.sum()
+    coo = counts.tocoo()
+    pmi = (np.log(coo.data) + math.log(1.0 / total) - np.log(row_tot[coo.row] / total)
+           - np.log(ctx_p[coo.col]) - math.log(shift))
+    pos = pmi > 0
+    return sp.csr_matrix((pmi[pos], (coo.row[pos], coo.col[pos])), shape=(n_items, n_items))
 
 
 def load_item_embeddings(npy_path: str | Path, num_items: int) -> torch.Tensor:
