@@ -460,67 +460,13 @@ def train_sasrec(split_data, config: Optional[SASRecConfig] = None) -> SASRec:
         raise ValueError(f"eval_ks {config.eval_ks} exceed the catalogue size {num_items}")
     popularity = metrics.item_popularity(split_data)
     rows = whole_sequence_rows(split_data.train)
-    train_hist, train_labels = rows.history.to(device), rows.labels.to(device)
-    n_train = len(rows)
-    log_file = None
-    if config.log_path:
-        Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(config.log_path, "a")
 
     started = time.perf_counter()
     with torch.random.fork_rng(devices=_fork_devices(device)):
         torch.manual_seed(config.seed)
         model = SASRec(num_items, max_history, config.dim, config.num_blocks, config.num_heads,
                        config.ffn_dim, config.dropout).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        shuffle = torch.Generator().manual_seed(config.seed)
-        best_value, best_epoch, best_state, bad_evals = -math.inf, 0, None, 0
-        epochs = []
-        try:
-            for epoch in range(1, config.max_epochs + 1):
-                model.train()
-                order = torch.randperm(n_train, generator=shuffle).to(device)
-                total, steps = torch.zeros((), device=device), 0
-                bar = tqdm(range(0, n_train, config.batch_size), desc=f"SASRec epoch {epoch}",
-                           disable=not config.progress, leave=False)
-                for start in bar:
-                    idx = order[start:start + config.batch_size]
-                    loss = _sequence_loss(model, train_hist[idx], train_labels[idx])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if config.grad_clip is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                    optimizer.step()
-                    total += loss.detach()
-                    steps += 1
-                train_loss = float(total) / steps
-                if not math.isfinite(train_loss):
-                    raise FloatingPointError(f"SASRec training loss became {train_loss} in epoch {epoch}; "
-                                             f"lower lr (now {config.lr}) or enable grad_clip")
-                valid = evaluate_sasrec(model, split_data.valid, popularity, config.eval_ks,
-                                        config.eval_batch_size, config.exclude_history)
-                value = valid[config.early_stop_metric]
-                improved = value > best_value
-                if improved:
-                    best_value, best_epoch, bad_evals = value, epoch, 0
-                    best_state = copy.deepcopy(model.state_dict())
-                else:
-                    bad_evals += 1
-                record = {"epoch": epoch, "train_loss": train_loss, "seconds": time.perf_counter() - started,
-                          **{f"valid_{key}": val for key, val in valid.items() if key != "num_examples"}}
-                epochs.append(record)
-                if log_file is not None:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                if config.verbose:
-                    tqdm.write(f"SASRec epoch {epoch}: loss {train_loss:.4f}  valid {config.early_stop_metric} "
-                               f"{value:.4f}{'  *' if improved else ''}")
-                if bad_evals >= config.patience:
-                    break
-        finally:
-            if log_file is not None:
-                log_file.close()
-    model.load_state_dict(best_state)
+        best_epoch, epochs = _fit(model, rows, split_data.valid, popularity, config, started)
     model.eval()
     valid = evaluate_sasrec(model, split_data.valid, popularity, config.eval_ks, config.eval_batch_size,
                             config.exclude_history)
@@ -534,6 +480,81 @@ def train_sasrec(split_data, config: Optional[SASRecConfig] = None) -> SASRec:
         tqdm.write(f"SASRec best epoch {best_epoch}: " + "  ".join(
             f"valid {key} {valid[key]:.4f}  test {key} {test[key]:.4f}" for key in shown))
     return model
+
+
+def _fit(model: SASRec, rows: SequenceRows, valid_split, popularity: Tensor, config: SASRecConfig,
+         started: float) -> tuple[int, list[dict]]:
+    """Train ``model`` epoch by epoch until validation ``early_stop_metric`` has not improved for
+    ``patience`` epochs (or ``max_epochs``), then load its best weights.
+
+    Returns the best epoch and one record per epoch (also appended to ``config.log_path`` as JSON lines).
+    """
+    device = next(model.parameters()).device
+    history, labels = rows.history.to(device), rows.labels.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    best_value, best_epoch, best_state, bad_evals = -math.inf, 0, None, 0
+    epochs = []
+    log_file = None
+    if config.log_path:
+        Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(config.log_path, "a")
+    try:
+        for epoch in range(1, config.max_epochs + 1):
+            model.train()
+            order = torch.randperm(len(rows), generator=shuffle).to(device)
+            train_loss = _train_epoch(model, optimizer, history, labels, order, config, epoch)
+            valid = evaluate_sasrec(model, valid_split, popularity, config.eval_ks, config.eval_batch_size,
+                                    config.exclude_history)
+            value = valid[config.early_stop_metric]
+            improved = value > best_value
+            if improved:
+                best_value, best_epoch, bad_evals = value, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_evals += 1
+            record = {"epoch": epoch, "train_loss": train_loss, "seconds": time.perf_counter() - started,
+                      **{f"valid_{key}": val for key, val in valid.items() if key != "num_examples"}}
+            epochs.append(record)
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if config.verbose:
+                tqdm.write(f"SASRec epoch {epoch}: loss {train_loss:.4f}  valid {config.early_stop_metric} "
+                           f"{value:.4f}{'  *' if improved else ''}")
+            if bad_evals >= config.patience:
+                break
+    finally:
+        if log_file is not None:
+            log_file.close()
+    model.load_state_dict(best_state)
+    return best_epoch, epochs
+
+
+def _train_epoch(model: SASRec, optimizer: torch.optim.Optimizer, history: Tensor, labels: Tensor,
+                 order: Tensor, config: SASRecConfig, epoch: int) -> float:
+    """One pass over the sequence rows in ``order`` in batches of ``config.batch_size``; the mean loss.
+
+    Raises ``FloatingPointError`` when that loss is not finite (so a diverged run stops at once).
+    """
+    total, steps = torch.zeros((), device=history.device), 0
+    bar = tqdm(range(0, len(order), config.batch_size), desc=f"SASRec epoch {epoch}",
+               disable=not config.progress, leave=False)
+    for start in bar:
+        idx = order[start:start + config.batch_size]
+        loss = _sequence_loss(model, history[idx], labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        total += loss.detach()
+        steps += 1
+    train_loss = float(total) / steps
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(f"SASRec training loss became {train_loss} in epoch {epoch}; "
+                                 f"lower lr (now {config.lr}) or enable grad_clip")
+    return train_loss
 
 
 # ------------------------------------------------------------------------------------------- model cache
