@@ -165,70 +165,22 @@ class Catalog:
         Items present in the index but absent from ``item_ids`` are ignored, with a warning giving their count.
         """
         path = Path(path)
-        try:
-            with open(path) as fh:
-                # Pairs rather than a dict: json would silently keep only the last of duplicated keys.
-                parsed = json.load(fh, object_pairs_hook=_IndexPairs)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(parsed, _IndexPairs):
-            raise ValueError(f"{path}: expected a JSON object mapping item id to a list of SID tokens, "
-                             f"got {type(parsed).__name__}")
-        index: dict = {}
-        for key, value in parsed:
-            if key in index:
-                raise ValueError(f"{path}: item {key!r} appears more than once in the SID index")
-            index[key] = value
+        index = _read_letter_index(path)
         item_ids = [str(x) for x in item_ids]
-        missing = [x for x in item_ids if x not in index]
-        if missing:
-            raise ValueError(f"{path}: {len(missing)} item(s) have no SID, first {missing[0]!r}"
-                             + (f" (also {missing[1:4]})" if len(missing) > 1 else ""))
-
-        rows = []
-        for item in item_ids:
-            sid = index[item]
-            if isinstance(sid, _IndexPairs) or not isinstance(sid, list):
-                raise ValueError(f"{path}: item {item!r}: SID must be a list of tokens, got {sid!r}")
-            rows.append(sid)
+        sids = _item_sids(path, index, item_ids)
         if codes_per_level is not None:
             num_levels = len(codes_per_level)
         else:
             # The most common length is the reference, so one odd item is the one named in the error.
-            lengths = [len(r) for r in rows]
+            lengths = [len(sid) for sid in sids]
             num_levels = max(set(lengths), key=lengths.count) if lengths else 0
-        codes = []
-        for item, sid in zip(item_ids, rows):
-            if len(sid) != num_levels:
-                raise ValueError(f"{path}: item {item!r}: SID {sid} has {len(sid)} token(s), expected {num_levels}")
-            row = []
-            for position, token in enumerate(sid):
-                try:
-                    level, code = parse_sid_token(token)
-                except ValueError as exc:
-                    raise ValueError(f"{path}: item {item!r}: token {position}: {exc}") from None
-                if level != position:
-                    raise ValueError(f"{path}: item {item!r}: token {position} is {token!r}, level letter "
-                                     f"{level_letter(level)!r} out of order (expected {level_letter(position)!r})")
-                row.append(code)
-            codes.append(row)
-
+        codes = [_parse_sid(path, item, sid, num_levels) for item, sid in zip(item_ids, sids)]
         extra = len(index) - len(item_ids)
         if extra > 0:
             warnings.warn(f"{path}: {extra} item(s) in the SID index do not appear in the interactions "
                           f"and are ignored", stacklevel=2)
         codes_t = torch.tensor(codes, dtype=torch.long).reshape(len(item_ids), num_levels)
-        if codes_per_level is None:
-            max_code = codes_t.max(dim=0).values.tolist() if len(item_ids) else [0] * num_levels
-            codes_per_level = tuple(256 if m < 256 else m + 1 for m in max_code)
-        else:
-            codes_per_level = tuple(int(k) for k in codes_per_level)
-            k = torch.tensor(codes_per_level, dtype=torch.long)
-            bad = codes_t >= k
-            if bool(bad.any()):
-                row, level = (int(i) for i in bad.nonzero()[0])
-                raise ValueError(f"{path}: item {item_ids[row]!r}: code {int(codes_t[row, level])} at level "
-                                 f"{level_letter(level)!r} is outside [0, {codes_per_level[level]})")
+        codes_per_level = _letter_codes_per_level(path, codes_t, item_ids, codes_per_level)
         return cls.from_codes(codes_t, codes_per_level, item_ids, collisions=collisions,
                               provenance={"source": "letter_index", "path": str(path)})
 
@@ -328,3 +280,72 @@ class Catalog:
                        provenance=meta.get("provenance", {}))
         except KeyError as exc:
             raise ValueError(f"{meta_path}: missing field {exc}") from exc
+
+
+# ------------------------------------------------------------------ LETTER index reading
+def _read_letter_index(path: Path) -> dict:
+    """The ``{item_id: SID tokens}`` object of a LETTER ``*.index.json``; an item listed twice is an error."""
+    try:
+        with open(path) as fh:
+            # Pairs rather than a dict: json would silently keep only the last of duplicated keys.
+            parsed = json.load(fh, object_pairs_hook=_IndexPairs)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(parsed, _IndexPairs):
+        raise ValueError(f"{path}: expected a JSON object mapping item id to a list of SID tokens, "
+                         f"got {type(parsed).__name__}")
+    index: dict = {}
+    for key, value in parsed:
+        if key in index:
+            raise ValueError(f"{path}: item {key!r} appears more than once in the SID index")
+        index[key] = value
+    return index
+
+
+def _item_sids(path: Path, index: dict, item_ids: list[str]) -> list[list]:
+    """The token list of each of ``item_ids``, in that order; every item must have one."""
+    missing = [x for x in item_ids if x not in index]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} item(s) have no SID, first {missing[0]!r}"
+                         + (f" (also {missing[1:4]})" if len(missing) > 1 else ""))
+    sids = []
+    for item in item_ids:
+        sid = index[item]
+        if isinstance(sid, _IndexPairs) or not isinstance(sid, list):
+            raise ValueError(f"{path}: item {item!r}: SID must be a list of tokens, got {sid!r}")
+        sids.append(sid)
+    return sids
+
+
+def _parse_sid(path: Path, item: str, sid: list, num_levels: int) -> list[int]:
+    """The codes of one item's tokens (``["<a_183>", "<b_70>", ...]``): ``num_levels`` of them, with level
+    letters in order."""
+    if len(sid) != num_levels:
+        raise ValueError(f"{path}: item {item!r}: SID {sid} has {len(sid)} token(s), expected {num_levels}")
+    codes = []
+    for position, token in enumerate(sid):
+        try:
+            level, code = parse_sid_token(token)
+        except ValueError as exc:
+            raise ValueError(f"{path}: item {item!r}: token {position}: {exc}") from None
+        if level != position:
+            raise ValueError(f"{path}: item {item!r}: token {position} is {token!r}, level letter "
+                             f"{level_letter(level)!r} out of order (expected {level_letter(position)!r})")
+        codes.append(code)
+    return codes
+
+
+def _letter_codes_per_level(path: Path, codes: torch.Tensor, item_ids: list[str],
+                            codes_per_level: Sequence[int] | None) -> tuple[int, ...]:
+    """``codes_per_level`` checked against ``codes[n_items, L]``, or by default per level 256 when every
+    code of the level is below 256, else its largest code + 1."""
+    if codes_per_level is None:
+        max_code = codes.max(dim=0).values.tolist() if len(item_ids) else [0] * codes.shape[1]
+        return tuple(256 if m < 256 else m + 1 for m in max_code)
+    codes_per_level = tuple(int(k) for k in codes_per_level)
+    bad = codes >= torch.tensor(codes_per_level, dtype=torch.long)
+    if bool(bad.any()):
+        row, level = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{path}: item {item_ids[row]!r}: code {int(codes[row, level])} at level "
+                         f"{level_letter(level)!r} is outside [0, {codes_per_level[level]})")
+    return codes_per_level
