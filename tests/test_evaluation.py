@@ -1,5 +1,5 @@
-"""Evaluation: length-sorted beam search gives the rankings of the given order, both scorings from one call,
-and the level scoring (``renormalize=False``) ranks SIDs as Hugging Face beam search does.
+"""Evaluation: length-sorted beam search gives the rankings of the given order, the beam tree over one copy of
+each prompt (``shared_prompt``) those of per-beam cache copies, both scorings come from one call, and the level scoring (``renormalize=False``) ranks SIDs as Hugging Face beam search does.
 
 A tiny prepared dataset built in memory: random sequences of 3..14 items (histories from 1 item to past
 ``max_history``), a random 3-level catalogue with shared SIDs, a tiny Qwen2 with peaked logits.
@@ -14,6 +14,7 @@ from transformers import LogitsProcessor
 from gflowgr_core.data.loaders import Interactions
 from gflowgr_core.data.prepared import PreparedData
 from gflowgr_core.data.split import leave_one_out
+from gflowgr_core.decoding import search as search_module
 from gflowgr_core.decoding.search import beam_search, beam_search_scorings
 from gflowgr_core.evaluation import AGREEMENT_KEY, EVAL_KS, evaluate_policy, top_k_agreement
 from gflowgr_core.hf_processor import SIDTrieLogitsProcessor, sids_from_sequences
@@ -84,6 +85,34 @@ def test_length_sorted_beam_search_equals_given_order(setup, renormalize, batch_
     # The sorted path really reorders: the first batch of the given order mixes lengths.
     lengths = (history[:batch_size] >= 0).sum(1)
     assert len(torch.unique(lengths)) > 1
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_beam_tree_equals_per_beam_cache_copies(arch, attn):
+    data = tiny_data(seed=1)
+    model = build_tiny_causal_lm(data.tokens.vocab_size, hidden=32, layers=2, heads=2, arch=arch, seed=3,
+                                 attn_implementation=attn)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    policy = SIDPolicy(model, data.tokens, data.catalog.codes, CPL, flow_hidden=16).eval()
+    history = data.split.valid.history
+    # Beam 7 > 6 first-level children: dead beams at level 0 are carried along; beam 70 > 60 items: dead at the end.
+    for beams in (7, 70):
+        tree = beam_search_scorings(policy, data.trie, history, (False, True), beams=beams, topk=20, batch_size=16)
+        copies = beam_search_scorings(policy, data.trie, history, (False, True), beams=beams, topk=20,
+                                      batch_size=16, shared_prompt=False)
+        for a, b in zip(tree, copies):
+            assert_same_rankings(a, b)
+        assert bool((tree[0].leaves == -1).any()) == (beams == 70)
+
+
+def test_beam_tree_falls_back_for_attention_without_4d_masks(setup, monkeypatch):
+    data, policy = setup
+    assert search_module._beam_cache(policy, True) is search_module._BeamTree
+    assert search_module._beam_cache(policy, False) is search_module._CopiedBeams
+    monkeypatch.setattr(policy.model.config, "_attn_implementation", "flash_attention_2")
+    assert search_module._beam_cache(policy, True) is search_module._CopiedBeams
 
 
 def test_both_scorings_in_one_call_equal_separate_searches(setup):

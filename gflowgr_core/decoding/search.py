@@ -12,6 +12,7 @@ rankings as batching in the given order, with far less padding.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import backends
+from ..model.packing import PackingUnsupported, attention_mask_for
 from ..sid.trie import Trie
 from .step import OP as _STEP_OP, constrained_step
 
@@ -26,6 +28,7 @@ __all__ = ["DecodeResult", "SampleResult", "beam_search", "beam_search_scorings"
            "leaves_to_items"]
 
 _NEG_INF = float("-inf")
+log = logging.getLogger("gflowgr")
 
 
 @dataclass
@@ -147,37 +150,105 @@ class _EvalMode:
         return False
 
 
-def _beam_batch(policy, trie: Trie, history: torch.Tensor, beams: int, k: int, scorings: tuple[bool, ...],
-                backend: str) -> list[tuple[torch.Tensor, ...]]:
-    """One prompt pass, then one beam search per scoring (``renormalize`` flag) in the same level loop.
-
-    Scoring ``s`` owns cache rows ``[s * b * beams, (s + 1) * b * beams)``: the prompt rows are copied into
-    every scoring's beams at level 0, and each level runs one forward over the beams of all scorings.
+class _CopiedBeams:
+    """Beam cache rows the simple way (the reference): every beam owns a copy of its prompt's cache, and the
+    rows are reordered by parent beam at every level. Scoring ``s`` owns rows ``[s * b * beams, (s+1) * b * beams)``.
     """
+
+    def __init__(self, policy, state, b: int, beams: int):
+        self.policy, self.state, self.b, self.beams = policy, state, b, beams
+
+    def hidden(self, s: int, level: int) -> torch.Tensor:
+        if level == 0:  # every scoring reads the b prompt rows
+            return self.state.last_hidden
+        n = self.b * self.beams
+        return self.state.last_hidden[s * n:(s + 1) * n]
+
+    def append(self, level: int, parent: torch.Tensor, code: torch.Tensor) -> None:
+        """Extend every scoring's beams: ``parent`` / ``code`` ``[S, b, beams]``, parents in ``[0, rows_in)``."""
+        S, b, beams = parent.shape
+        rows_in = 1 if level == 0 else beams
+        device = parent.device
+        first = torch.zeros(S, device=device, dtype=torch.long) if level == 0 else \
+            torch.arange(S, device=device) * (b * beams)
+        rows = first[:, None, None] + torch.arange(b, device=device)[None, :, None] * rows_in + parent
+        self.state = self.policy.reorder_state(self.state, rows.reshape(-1))
+        self.state = self.policy.extend_codes(self.state, code.reshape(-1), level)
+
+
+class _BeamTree:
+    """Beam cache rows without copies: each user's row keeps one copy of its prompt and the beams' code tokens
+    are appended side by side, a tree whose 4D mask shows every token the prompt and its own ancestors
+    (:meth:`~gflowgr_core.model.policy.SIDPolicy.extend_beam_tree`). The same hidden states as
+    :class:`_CopiedBeams`, with a cache of ``P + (L-1)·S·beams`` columns per user instead of ``S·beams`` rows
+    of ``P + L - 1``, and no reordering.
+    """
+
+    def __init__(self, policy, state, b: int, beams: int):
+        self.policy, self.state, self.b, self.beams = policy, state, b, beams
+        self.prompt = state.attention_mask.bool()  # [b, P]
+        self.last = state.last_hidden              # level 0: [b, d]; after an append: [b, S, beams, d]
+        self.ancestors = None                      # [b, M, A]: which appended columns each beam descends from
+
+    def hidden(self, s: int, level: int) -> torch.Tensor:
+        if level == 0:
+            return self.last
+        return self.last[:, s].reshape(self.b * self.beams, -1)
+
+    def append(self, level: int, parent: torch.Tensor, code: torch.Tensor) -> None:
+        S, b, beams = parent.shape
+        M, device = S * beams, parent.device
+        own = torch.eye(M, dtype=torch.bool, device=device).expand(b, M, M)
+        if self.ancestors is None:  # level 0: the parents are the prompt itself
+            self.ancestors = own
+        else:  # parent slot of scoring s's beam j among the previous level's M tokens: s * beams + parent
+            slot = (parent + torch.arange(S, device=device)[:, None, None] * beams).permute(1, 0, 2).reshape(b, M)
+            inherited = self.ancestors.gather(1, slot[:, :, None].expand(b, M, self.ancestors.shape[2]))
+            self.ancestors = torch.cat([inherited, own], dim=2)
+        visible = torch.cat([self.prompt[:, None, :].expand(b, M, self.prompt.shape[1]), self.ancestors], dim=2)
+        codes = code.permute(1, 0, 2).reshape(b, M)
+        self.last = self.policy.extend_beam_tree(self.state, codes, level, visible).reshape(b, S, beams, -1)
+
+
+def _beam_cache(policy, shared_prompt: bool):
+    """:class:`_BeamTree` where the model takes 4D masks, else (or when not wanted) :class:`_CopiedBeams`."""
+    if not shared_prompt:
+        return _CopiedBeams
+    try:
+        attention_mask_for(policy.model, torch.ones(1, 1, 1, dtype=torch.bool), torch.float32)
+    except PackingUnsupported as exc:
+        if type(policy.model).__name__ not in _tree_fallback_logged:
+            _tree_fallback_logged.add(type(policy.model).__name__)
+            log.info("beam search copies the prompt cache per beam: %s", exc)
+        return _CopiedBeams
+    return _BeamTree
+
+
+_tree_fallback_logged: set[str] = set()
+
+
+def _beam_batch(policy, trie: Trie, history: torch.Tensor, beams: int, k: int, scorings: tuple[bool, ...],
+                backend: str, shared_prompt: bool = True) -> list[tuple[torch.Tensor, ...]]:
+    """One prompt pass, then one beam search per scoring (``renormalize`` flag) in the same level loop; each
+    level runs one forward over the beams of all scorings (``shared_prompt``: see :class:`_BeamTree`)."""
     state = policy.encode_prompt(history)
     b = history.shape[0]
     S, L = len(scorings), trie.num_levels
     device = policy.device
+    cache = _beam_cache(policy, shared_prompt)(policy, state, b, beams)
     # Level 0: one live beam per user (all copies would be identical), expanded by the step to `beams`.
     node = torch.zeros(S, b, dtype=torch.long, device=device)
     scores = torch.zeros(S, b, 1, device=device)
-    base = torch.arange(b, device=device)[:, None]
     for level in range(L):
-        rows_in = 1 if level == 0 else beams
         weight, bias = policy.level_head_weight(level), policy.level_head_bias(level)
-        steps = []
-        for s, renormalize in enumerate(scorings):
-            first = 0 if level == 0 else s * b * beams  # level 0: every scoring reads the b prompt rows
-            steps.append(constrained_step(state.last_hidden[first:first + b * rows_in], weight, node[s], level,
-                                          trie, "beam", scores=scores[s], beams=beams, renormalize=renormalize,
-                                          bias=bias, backend=backend))
+        steps = [constrained_step(cache.hidden(s, level), weight, node[s], level, trie, "beam", scores=scores[s],
+                                  beams=beams, renormalize=renormalize, bias=bias, backend=backend)
+                 for s, renormalize in enumerate(scorings)]
         scores = torch.stack([step.score for step in steps])
         node = torch.stack([step.next_node.reshape(-1) for step in steps])
         if level + 1 < L:
-            rows = [(0 if level == 0 else s * b * beams) + (base * rows_in + step.parent).reshape(-1)
-                    for s, step in enumerate(steps)]
-            state = policy.reorder_state(state, torch.cat(rows))
-            state = policy.extend_codes(state, torch.cat([step.code.reshape(-1) for step in steps]), level)
+            cache.append(level, torch.stack([step.parent.reshape(b, beams) for step in steps]),
+                         torch.stack([step.code.reshape(b, beams) for step in steps]))
     out = []
     for s in range(S):
         leaves = node[s].reshape(b, beams)
@@ -188,7 +259,8 @@ def _beam_batch(policy, trie: Trie, history: torch.Tensor, beams: int, k: int, s
 
 def beam_search(policy, trie: Trie, history: torch.Tensor, beams: int = 20, topk: int | None = None,
                 batch_size: int = 256, renormalize: bool = True, backend: str = "auto",
-                progress: bool | None = False, sort_by_length: bool = True) -> DecodeResult:
+                progress: bool | None = False, sort_by_length: bool = True,
+                shared_prompt: bool = True) -> DecodeResult:
     """Trie-constrained beam search: the top-``k`` distinct catalogue items per user.
 
     Args:
@@ -207,19 +279,22 @@ def beam_search(policy, trie: Trie, history: torch.Tensor, beams: int = 20, topk
         progress: show a tqdm bar over batches (``None``: only on a terminal).
         sort_by_length: batch users by number of real history items (rows come back in the given order);
             ``False`` batches them in the given order (the reference: same rankings, more padding).
+        shared_prompt: keep one copy of each prompt's KV cache and append the beams' tokens as a tree under a
+            4D mask (models whose attention takes no 4D mask fall back by themselves); ``False`` copies the
+            prompt cache into every beam and reorders it at each level (the reference: same rankings).
     Returns:
         :class:`DecodeResult` with ``items/scores [N, k]`` and ``leaves/leaf_scores [N, beams]``. Every
         returned item's SID is in the catalogue; dead beams (fewer SIDs than beams) give ``-1``.
     """
     return beam_search_scorings(policy, trie, history, (renormalize,), beams=beams, topk=topk,
                                 batch_size=batch_size, backend=backend, progress=progress,
-                                sort_by_length=sort_by_length)[0]
+                                sort_by_length=sort_by_length, shared_prompt=shared_prompt)[0]
 
 
 def beam_search_scorings(policy, trie: Trie, history: torch.Tensor, renormalize: Sequence[bool] = (False, True),
                          *, beams: int = 20, topk: int | None = None, batch_size: int = 256,
                          backend: str = "auto", progress: bool | None = False,
-                         sort_by_length: bool = True) -> list[DecodeResult]:
+                         sort_by_length: bool = True, shared_prompt: bool = True) -> list[DecodeResult]:
     """:func:`beam_search` under several scorings at once: one :class:`DecodeResult` per ``renormalize`` flag.
 
     Each prompt batch is encoded once and the searches share one forward per level (the cache then holds
@@ -248,7 +323,7 @@ def beam_search_scorings(policy, trie: Trie, history: torch.Tensor, renormalize:
     with _EvalMode(policy):
         for start in _chunks(N, batch_size, progress, "beam search"):
             chunk = history[start:start + batch_size].to(device)
-            outs.append(_beam_batch(policy, trie, chunk, beams, k, scorings, name))
+            outs.append(_beam_batch(policy, trie, chunk, beams, k, scorings, name, shared_prompt))
     if not outs:
         empty_l = torch.empty(0, k, dtype=torch.long, device=device)
         return [DecodeResult(empty_l, torch.empty(0, k, device=device),

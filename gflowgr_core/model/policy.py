@@ -474,6 +474,34 @@ class SIDPolicy(nn.Module):
                        attention_mask=state.attention_mask.index_select(0, index),
                        next_position=state.next_position.index_select(0, index))
 
+    def extend_beam_tree(self, state: PromptState, codes: torch.Tensor, level: int,
+                         visible: torch.Tensor) -> torch.Tensor:
+        """Append ``M`` level-``level`` SID tokens to every prompt row at once, as one tree of beams.
+
+        Beam decoding without copies of the prompt: each row's cache keeps a single copy of its prompt, and the
+        beams' code tokens are appended side by side; a 4D mask lets token ``j`` see the prompt and its own
+        ancestors only, and every token of a level takes the position that level has in the per-beam prompt
+        ``[prompt] + c_1..c_level``, so each hidden state equals the one of that beam's own sequence.
+
+        Args:
+            state: the :meth:`encode_prompt` state, its cache extended only by earlier calls of this method.
+            codes: ``LongTensor[R, M]`` codes (``-1`` for dead beams: code 0's token, outputs meaningless).
+            level: the level of the codes (``0 <= level < L-1``).
+            visible: ``BoolTensor[R, M, S + M]``, ``S`` the cache length before the call: which cached columns
+                and which of the new tokens each new token attends to (itself included).
+        Returns:
+            ``hidden[R, M, d]``; ``state.cache`` grows by ``M`` columns in place.
+        Raises:
+            PackingUnsupported when the model's attention implementation takes no 4D mask.
+        """
+        from .packing import attention_mask_for
+
+        self._check_level(level)
+        tokens = self.level_tokens[level, codes.clamp(0, self.codes_per_level[level] - 1)]
+        positions = (state.next_position + level)[:, None].expand_as(tokens)
+        mask = attention_mask_for(self.model, visible, next(self.backbone.parameters()).dtype)
+        return self._forward(tokens, mask, positions, state.cache)
+
     # ------------------------------------------------------------------ GFlowNet path
     def trajectory_hidden(self, history: torch.Tensor, codes: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
