@@ -165,23 +165,42 @@ def full_and_quick(results: Path, stem: str, render: Callable[[dict], str], gpu_
     return "\n\n".join(out)
 
 
+def quick_mode(cfg: dict) -> str:
+    """``"`--quick`, "`` for a run at ``--quick`` sizes (the workload line says so), else nothing."""
+    return "`--quick`, " if cfg.get("quick") else ""
+
+
+def workload_line(payload: dict, items: int, details: str) -> str:
+    """``Workload (one run): <workload>, <items> items<details>``, the line under a section's provenance."""
+    cfg = need(payload, "config")
+    return f"Workload ({quick_mode(cfg)}one run): {cfg.get('workload')}, {num(items)} items{details}"
+
+
+def rows_of(payload: dict, part: str) -> list[dict]:
+    """The rows of ``payload`` measured for one part of a benchmark (``row["part"] == part``)."""
+    return [r for r in need(payload, "rows") if r["part"] == part]
+
+
+def users_per_s_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """One line per timed method: its name, the given workload ``columns``, calls, median ms and users/s."""
+    return md_table(["method", *columns, "calls", "ms", "users/s"],
+                    [[f"`{r['method']}`", *(r[c] for c in columns), r["reps"], num(r["median_ms"]),
+                      num(r["users_per_s"])] for r in rows])
+
+
 # ------------------------------------------------------------------------------------------ sections
 def render_decode_file(p: dict) -> str:
     cfg, e2e_sum, k_sum = need(p, "config"), need(p, "summary", "end_to_end"), need(p, "summary", "kernel_step")
-    e2e = [r for r in need(p, "rows") if r["part"] == "end_to_end"]
-    kernel = [r for r in p["rows"] if r["part"] == "kernel"]
-    mode = "`--quick`, " if cfg.get("quick") else ""
+    e2e, kernel = rows_of(p, "end_to_end"), rows_of(p, "kernel")
     lines = [provenance(p), "",
-             f"Workload ({mode}one run): {cfg.get('workload')}, {num(e2e_sum['items'])} items, "
-             f"{len(cfg['codes_per_level'])} × {cfg['codes_per_level'][0]} codes; Qwen2-style model of "
-             f"{params(e2e_sum['model_params'])} parameters (hidden {cfg['hidden']}, {cfg['layers']} layers, "
-             f"vocabulary {num(e2e_sum['vocab'])}), {e2e_sum['dtype']}; history {cfg['history']}; beam "
-             f"{e2e_sum['beams']}; our loop on {e2e_sum['users']} users in batches of {e2e_sum['batch']}, HF on "
-             f"{e2e_sum['hf_users']}; {timed(e2e)}.",
+             workload_line(p, e2e_sum["items"],
+                           f", {len(cfg['codes_per_level'])} × {cfg['codes_per_level'][0]} codes; Qwen2-style "
+                           f"model of {params(e2e_sum['model_params'])} parameters (hidden {cfg['hidden']}, "
+                           f"{cfg['layers']} layers, vocabulary {num(e2e_sum['vocab'])}), {e2e_sum['dtype']}; "
+                           f"history {cfg['history']}; beam {e2e_sum['beams']}; our loop on {e2e_sum['users']} "
+                           f"users in batches of {e2e_sum['batch']}, HF on {e2e_sum['hf_users']}; {timed(e2e)}."),
              "",
-             md_table(["method", "users", "batch", "beams", "calls", "ms", "users/s"],
-                      [[f"`{r['method']}`", r["users"], r["batch"], r["beams"], r["reps"], num(r["median_ms"]),
-                        num(r["users_per_s"])] for r in e2e]),
+             users_per_s_table(e2e, ["users", "batch", "beams"]),
              "",
              f"Our loop (`auto` = `{e2e_sum['ours_backend']}`) over HF `generate(prefix_allowed_tokens_fn)`: "
              f"**{times(e2e_sum['speedup_vs_hf_constrained'])}** users/s; constrained over unconstrained (our "
@@ -211,18 +230,14 @@ def render_decode(results: Path) -> str:
 
 def render_hf_processor_file(p: dict) -> str:
     cfg, s = need(p, "config"), need(p, "summary")
-    gen = [r for r in need(p, "rows") if r["part"] == "generate"]
-    proc = [r for r in p["rows"] if r["part"] == "processor"]
-    mode = "`--quick`, " if cfg.get("quick") else ""
+    gen, proc = rows_of(p, "generate"), rows_of(p, "processor")
     lines = [provenance(p), "",
-             f"Workload ({mode}one run): {cfg.get('workload')}, {num(s['items'])} items; stock `model.generate` "
-             f"beam search, {s['users']} users, beam {s['beams']}, prompts of {cfg['prompt_tokens']} tokens; "
-             f"Qwen2-style model of {params(cfg['model_params'])} parameters (vocabulary {num(s['vocab'])}), "
-             f"{s['dtype']}; {timed(gen)}.",
+             workload_line(p, s["items"],
+                           f"; stock `model.generate` beam search, {s['users']} users, beam {s['beams']}, prompts "
+                           f"of {cfg['prompt_tokens']} tokens; Qwen2-style model of {params(cfg['model_params'])} "
+                           f"parameters (vocabulary {num(s['vocab'])}), {s['dtype']}; {timed(gen)}."),
              "",
-             md_table(["method", "users", "beams", "calls", "ms", "users/s"],
-                      [[f"`{r['method']}`", r["users"], r["beams"], r["reps"], num(r["median_ms"]),
-                        num(r["users_per_s"])] for r in gen]),
+             users_per_s_table(gen, ["users", "beams"]),
              "",
              f"`SIDTrieLogitsProcessor` over `prefix_allowed_tokens_fn`: "
              f"**{times(s['hf_processor_speedup_vs_prefix_fn'])}**; processor over unconstrained: "
@@ -251,8 +266,7 @@ def render_hf_processor(results: Path) -> str:
 def render_gfn_loss_file(p: dict) -> str:
     cfg, s, rows = need(p, "config"), need(p, "summary"), need(p, "rows")
     ok = {(r["rows"], r["d"], r["method"]): r for r in rows if r.get("status") == "ok"}
-    mode = "`--quick`, " if cfg.get("quick") else ""
-    cpl = cfg["codes_per_level"]
+    mode, cpl = quick_mode(cfg), cfg["codes_per_level"]
     lines = [provenance(p), "",
              f"Trajectory balance, forward + backward ({mode}one run): {len(cpl)} × {cpl[0]} codes, catalogue of "
              f"{num(cfg['catalogue_items'])} items, {cfg['dtype']}; {timed(rows)}; extra "
