@@ -87,17 +87,17 @@ def detailed_balance(log_pf: torch.Tensor, log_z: torch.Tensor, log_f: torch.Ten
 
 
 def subtrajectory_balance(log_pf: torch.Tensor, log_z: torch.Tensor, log_f: torch.Tensor, log_r: torch.Tensor,
-                          lamda: float = 0.9, weights: Optional[torch.Tensor] = None,
+                          subtb_lambda: float = 0.9, weights: Optional[torch.Tensor] = None,
                           reduction: str = "mean") -> torch.Tensor:
     """SubTB(lambda): the ``lambda^(j-i)``-weighted average over all sub-trajectories ``0 <= i < j <= L`` of
     ``(log F(s_i) + sum_{i<=l<j} log_pf[:, l] - log F(s_j))^2``.
 
     Args:
         log_pf: ``[T, L]``; log_z: ``[T]``; log_f: ``[T, L-1]``; log_r: ``[T]``.
-        lamda: ``lambda > 0``.
+        subtb_lambda: ``lambda > 0``.
         weights, reduction: as in :func:`trajectory_balance`.
     """
-    return _reduce_balance(_balance.SubTrajectoryBalance(lamda), log_pf, log_z, log_f, log_r, weights, reduction)
+    return _reduce_balance(_balance.SubTrajectoryBalance(subtb_lambda), log_pf, log_z, log_f, log_r, weights, reduction)
 
 
 # ------------------------------------------------------------------------------------------ log P_F
@@ -107,7 +107,7 @@ constrained_log_probs = constrained_log_pf
 
 def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie: Optional[Trie],
              log_f: Optional[torch.Tensor], log_z: torch.Tensor, log_r: torch.Tensor, objective: str = "tb",
-             lambda_subtb: float = 0.9, weights: Optional[torch.Tensor] = None, support: str = "trie",
+             subtb_lambda: float = 0.9, weights: Optional[torch.Tensor] = None, support: str = "trie",
              **kwargs) -> GFNLossOutput:
     """The GFlowNet loss straight from hidden states, on the best backend: ``(loss, log_pf[T, L], backend)``.
 
@@ -115,7 +115,7 @@ def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor
     ``log_f[T, L-1]`` or ``None`` for TB, ``log_z[T]``, ``log_r[T]``; ``objective`` ``"tb"|"db"|"subtb"``;
     keyword options ``codes_per_level``, ``w_full``, ``sid_token_ids``, ``bias``, ``backend``).
     """
-    return _gfn_loss(h, w_sid, codes, trie, log_f, log_z, log_r, objective, lambda_subtb, weights, support,
+    return _gfn_loss(h, w_sid, codes, trie, log_f, log_z, log_r, objective, subtb_lambda, weights, support,
                      **kwargs)
 
 

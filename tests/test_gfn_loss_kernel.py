@@ -224,7 +224,7 @@ def test_gfn_loss_and_every_gradient_match_reference(device, dtype, objective, w
     rd = ref_dtype(dtype)
     hr, wr = leaf(p.h, rd), leaf(p.w_sid, rd)
     fr, zr, rr = leaf(p.log_f, rd), leaf(p.log_z, rd), leaf(p.log_r, rd)
-    ref_loss, ref_log_pf = gfn_loss_reference(hr, wr, p.codes, p.trie, fr, zr, rr, objective, lambda_subtb=0.7,
+    ref_loss, ref_log_pf = gfn_loss_reference(hr, wr, p.codes, p.trie, fr, zr, rr, objective, subtb_lambda=0.7,
                                               weights=None if weights is None else weights.to(rd))
     ref_grads = torch.autograd.grad(ref_loss, (hr, wr, fr, zr, rr), allow_unused=True)
 

@@ -225,7 +225,7 @@ def test_gfn_loss_reference_zero_for_consistent_flows_and_composes():
         assert loss.abs() < 1e-20 and log_pf.shape == codes.shape
     h2 = h + 0.1 * torch.randn_like(h)
     loss, log_pf = gfn_loss_reference(h2, w, codes, trie, log_f, log_z, log_r, objective="subtb",
-                                      lambda_subtb=1.7)
+                                      subtb_lambda=1.7)
     want = SubTrajectoryBalance(1.7).residuals(constrained_log_pf(h2, w, codes, trie), log_z, log_f, log_r)
     assert torch.allclose(loss, want.mean())
 
@@ -310,13 +310,13 @@ def test_weighted_loss_divides_by_t():
 def test_objective_factory_and_input_checks():
     assert isinstance(make_objective("tb"), TrajectoryBalance)
     assert isinstance(make_objective("DB"), DetailedBalance)
-    sub = make_objective("subtb", lamda=0.7)
-    assert isinstance(sub, SubTrajectoryBalance) and sub.lamda == 0.7
+    sub = make_objective("subtb", subtb_lambda=0.7)
+    assert isinstance(sub, SubTrajectoryBalance) and sub.subtb_lambda == 0.7
     with pytest.raises(ValueError, match="unknown objective"):
         make_objective("fm")
     with pytest.raises(TypeError, match="takes no options"):
-        make_objective("tb", lamda=0.5)
-    with pytest.raises(ValueError, match="lamda must be"):
+        make_objective("tb", subtb_lambda=0.5)
+    with pytest.raises(ValueError, match="subtb_lambda must be"):
         SubTrajectoryBalance(0.0)
     log_pf, log_z, log_f, log_r = _random_flows(seed=25)
     with pytest.raises(ValueError, match="needs the intermediate flows"):

@@ -38,7 +38,7 @@ def test_from_scratch_layout():
     assert torch.equal(m.sid_token_ids, torch.arange(4, 14))
     assert m.level_of_token.tolist() == [-1] * 4 + [0] * 3 + [1] * 5 + [2] * 2
     assert m.code_of_token.tolist() == [-1] * 4 + [0, 1, 2, 0, 1, 2, 3, 4, 0, 1]
-    assert m.level_offsets == [0, 3, 8, 10]
+    assert m.code_offsets == [0, 3, 8, 10]
 
 
 def test_encode_decode_round_trip_with_batch_dims():

@@ -220,7 +220,7 @@ class SIDPolicy(nn.Module):
         for level, ids in enumerate(token_map.level_token_ids):
             table[level, : ids.numel()] = ids
         self.register_buffer("level_tokens", table, persistent=False)
-        self._level_offsets = token_map.level_offsets
+        self._code_offsets = token_map.code_offsets
         # SID rows are usually one contiguous block of the head: a slice is a view (no copy per call).
         self._sid_range = _contiguous_range(token_map.sid_token_ids)
         self._level_ranges = [_contiguous_range(ids) for ids in token_map.level_token_ids]
@@ -300,7 +300,7 @@ class SIDPolicy(nn.Module):
         rng = self._level_ranges[level]
         if rng is not None:
             return w[rng[0]:rng[1]]
-        lo, hi = self._level_offsets[level], self._level_offsets[level + 1]
+        lo, hi = self._code_offsets[level], self._code_offsets[level + 1]
         return w.index_select(0, self.sid_token_ids[lo:hi])
 
     def level_head_bias(self, level: int) -> torch.Tensor | None:
@@ -309,7 +309,7 @@ class SIDPolicy(nn.Module):
         bias = getattr(self.lm_head, "bias", None)
         if bias is None:
             return None
-        lo, hi = self._level_offsets[level], self._level_offsets[level + 1]
+        lo, hi = self._code_offsets[level], self._code_offsets[level + 1]
         return bias.index_select(0, self.sid_token_ids[lo:hi])
 
     def sid_logits(self, h: torch.Tensor, level: int) -> torch.Tensor:

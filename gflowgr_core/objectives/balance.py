@@ -119,26 +119,27 @@ class SubTrajectoryBalance(BalanceObjective):
 
     With ``A_i = log F(s_i) - sum_{l<i} log P_F`` (a cumulative sum), ``delta_ij = A_i - A_j``, so all pairs
     come from one ``[T, L+1, L+1]`` difference. The weights are normalised in log space, so large or small
-    ``lamda`` neither overflows nor underflows. Limits: ``lamda -> 0`` gives ``L_DB / L``; ``lamda -> inf``
+    ``lambda`` neither overflows nor underflows. Limits: ``lambda -> 0`` gives ``L_DB / L``; ``lambda -> inf``
     gives ``L_TB`` (only the pair ``(0, L)`` keeps weight).
 
     Args:
-        lamda: the geometric weight ``lambda > 0`` of a sub-trajectory per transition it spans.
+        subtb_lambda: ``lambda > 0``, the geometric weight of a sub-trajectory per transition it spans (the
+            spelling of the config key ``gfn.subtb_lambda``).
     """
 
     name = "subtb"
 
-    def __init__(self, lamda: float = 0.9):
-        lamda = float(lamda)
-        if not (lamda > 0 and math.isfinite(lamda)):
-            raise ValueError(f"SubTrajectoryBalance: lamda must be finite and > 0, got {lamda}")
-        self.lamda = lamda
+    def __init__(self, subtb_lambda: float = 0.9):
+        subtb_lambda = float(subtb_lambda)
+        if not (subtb_lambda > 0 and math.isfinite(subtb_lambda)):
+            raise ValueError(f"SubTrajectoryBalance: subtb_lambda must be finite and > 0, got {subtb_lambda}")
+        self.subtb_lambda = subtb_lambda
 
     def pair_weights(self, n_levels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Normalised weights ``[L+1, L+1]`` of the pairs ``(i, j)``, zero unless ``i < j``; they sum to 1."""
         idx = torch.arange(n_levels + 1, device=device)
         span = (idx[None, :] - idx[:, None]).to(torch.float64)
-        log_w = (span * math.log(self.lamda)).masked_fill(span <= 0, float("-inf"))
+        log_w = (span * math.log(self.subtb_lambda)).masked_fill(span <= 0, float("-inf"))
         return torch.softmax(log_w.flatten(), dim=0).view_as(log_w).to(dtype)
 
     def residuals(self, log_pf, log_z, log_f, log_r):
@@ -151,7 +152,7 @@ class SubTrajectoryBalance(BalanceObjective):
         return (delta.square() * w).sum(dim=(1, 2))
 
     def __repr__(self) -> str:
-        return f"SubTrajectoryBalance(lamda={self.lamda})"
+        return f"SubTrajectoryBalance(subtb_lambda={self.subtb_lambda})"
 
 
 _OBJECTIVES = {
@@ -162,7 +163,7 @@ _OBJECTIVES = {
 
 
 def make_objective(name: str, **kwargs) -> BalanceObjective:
-    """Build an objective by name: ``"tb"`` | ``"db"`` | ``"subtb"`` (``lamda=...`` for SubTB).
+    """Build an objective by name: ``"tb"`` | ``"db"`` | ``"subtb"`` (``subtb_lambda=...`` for SubTB).
 
     The long names ``trajectory_balance``, ``detailed_balance`` and ``subtrajectory_balance`` are accepted
     too. Keyword arguments an objective does not take raise ``TypeError``.

@@ -24,18 +24,18 @@ OP = "gfn_loss"
 _PROVIDERS = ("gflowgr_core.kernels.constrained_log_pf",)
 
 
-def resolve_objective(objective: Union[str, BalanceObjective], lambda_subtb: float = 0.9) -> BalanceObjective:
-    """An objective instance from a name (``"tb"`` | ``"db"`` | ``"subtb"``, using ``lambda_subtb``) or as is."""
+def resolve_objective(objective: Union[str, BalanceObjective], subtb_lambda: float = 0.9) -> BalanceObjective:
+    """An objective instance from a name (``"tb"`` | ``"db"`` | ``"subtb"``, using ``subtb_lambda``) or as is."""
     if isinstance(objective, BalanceObjective):
         return objective
     if str(objective).lower() in ("subtb", "subtrajectory_balance"):
-        return make_objective(objective, lamda=lambda_subtb)
+        return make_objective(objective, subtb_lambda=subtb_lambda)
     return make_objective(objective)
 
 
 def gfn_loss_reference(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie,
                        log_f: Optional[torch.Tensor], log_z: torch.Tensor, log_r: torch.Tensor,
-                       objective: Union[str, BalanceObjective] = "tb", lambda_subtb: float = 0.9,
+                       objective: Union[str, BalanceObjective] = "tb", subtb_lambda: float = 0.9,
                        weights: Optional[torch.Tensor] = None, support: str = "trie", *,
                        codes_per_level: Optional[Sequence[int]] = None, w_full: Optional[torch.Tensor] = None,
                        sid_token_ids: Optional[torch.Tensor] = None,
@@ -54,7 +54,7 @@ def gfn_loss_reference(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: to
         log_z: ``[T]`` ``log Z(U) = log F(s_0)``.
         log_r: ``[T]`` ``log R(s_L) = log F(s_L)``.
         objective: ``"tb"`` | ``"db"`` | ``"subtb"`` or a :class:`~.balance.BalanceObjective`.
-        lambda_subtb: SubTB's ``lambda`` when ``objective="subtb"``.
+        subtb_lambda: SubTB's ``lambda`` when ``objective="subtb"``.
         weights: optional ``[T]`` non-negative trajectory weights.
         support: ``"trie"`` | ``"level"`` | ``"vocab"`` (see :func:`~.logpf.constrained_log_pf_torch`).
         codes_per_level, w_full, sid_token_ids, bias: as in :func:`~.logpf.constrained_log_pf_torch`.
@@ -62,7 +62,7 @@ def gfn_loss_reference(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: to
     Returns:
         ``(loss, log_pf)``: the scalar loss and the ``[T, L]`` per-step log-probabilities.
     """
-    obj = resolve_objective(objective, lambda_subtb)
+    obj = resolve_objective(objective, subtb_lambda)
     log_pf = constrained_log_pf_torch(h, w_sid, codes, trie, support, codes_per_level=codes_per_level,
                                       w_full=w_full, sid_token_ids=sid_token_ids, bias=bias)
     return obj.loss(log_pf, log_z, log_f, log_r, weights), log_pf
@@ -88,7 +88,7 @@ backends.define_op(OP, _reference_impl, _PROVIDERS)
 
 def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie,
              log_f: Optional[torch.Tensor], log_z: torch.Tensor, log_r: torch.Tensor,
-             objective: Union[str, BalanceObjective] = "tb", lambda_subtb: float = 0.9,
+             objective: Union[str, BalanceObjective] = "tb", subtb_lambda: float = 0.9,
              weights: Optional[torch.Tensor] = None, support: str = "trie", *,
              codes_per_level: Optional[Sequence[int]] = None, w_full: Optional[torch.Tensor] = None,
              sid_token_ids: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
@@ -109,7 +109,7 @@ def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor
     if _debug.enabled():
         for name_, value in (("log_r", log_r), ("log_z", log_z), ("log_f", log_f), ("weights", weights)):
             _debug.check_finite(name_, value, "gfn_loss")
-    obj = resolve_objective(objective, lambda_subtb)
+    obj = resolve_objective(objective, subtb_lambda)
     h, w_sid, w_full, bias = autocast_operands(h.device.type, h, w_sid, w_full, bias)
     options = dict(objective=obj, weights=weights, support=support, codes_per_level=codes_per_level,
                    w_full=w_full, sid_token_ids=sid_token_ids, bias=bias)

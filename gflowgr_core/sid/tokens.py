@@ -207,8 +207,9 @@ class SIDTokenMap:
         return int(self.sid_token_ids.numel())
 
     @property
-    def level_offsets(self) -> list[int]:
-        """Start of each level inside ``sid_token_ids`` (length ``L + 1``)."""
+    def code_offsets(self) -> list[int]:
+        """Start of each level's codes inside ``sid_token_ids`` (length ``L + 1``): row offsets, not the trie's
+        node offsets ``Trie.level_offsets``."""
         out = [0]
         for k in self.codes_per_level:
             out.append(out[-1] + k)

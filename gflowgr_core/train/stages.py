@@ -201,7 +201,7 @@ class GFlowGRStage(Stage):
             log_f = policy.log_f_head(h_gfn[:, :, 1:])
         out = gfn_loss(h_gfn.reshape(B * T, L, -1), w_sid, flat_codes, ctx.trie,
                        log_f.reshape(B * T, L - 1), log_z.repeat_interleave(T), log_r.reshape(-1),
-                       objective=g.objective, lambda_subtb=g.subtb_lambda, weights=weights,
+                       objective=g.objective, subtb_lambda=g.subtb_lambda, weights=weights,
                        support=g.policy_support, codes_per_level=ctx.codes_per_level,
                        bias=bias, backend=ctx.backend, **extra)
         if flow_warmup or g.policy_support != self.sft_support:
