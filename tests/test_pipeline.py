@@ -176,3 +176,23 @@ def test_flow_warmup_keeps_balance_gradients_out_of_the_lm(beauty_slice, sft_che
         torch.testing.assert_close(warm[name], ce_only[name], rtol=1e-5, atol=1e-7, msg=name)
     assert any(not torch.allclose(full[n], ce_only[n]) for n in ce_only), "the balance loss never reached the LM"
     assert warm_head is not None and warm_head.abs().sum() > 0, "log Z head got no gradient during warm-up"
+
+
+def test_evaluate_test_false_never_reads_the_test_split(beauty_slice, sft_checkpoint, tmp_path, monkeypatch):
+    """Tuning runs select on validation: with ``evaluate_test=false`` the test split is not decoded at all."""
+    data_dir, data = beauty_slice
+    cfg = load_config(None, [f"data={data_dir}", f"out={tmp_path}", "stage=sft_continue",
+                             f"init_checkpoint={sft_checkpoint}", "max_steps=2", "valid_max_users=20",
+                             "evaluate_test=false", *TINY_MODEL, *FAST])
+    splits = []
+    original = Trainer.evaluate
+
+    def spy(self, split_name="valid", max_users=None):
+        splits.append(split_name)
+        return original(self, split_name, max_users)
+
+    monkeypatch.setattr(Trainer, "evaluate", spy)
+    result = Trainer(cfg, data).fit()
+    assert result["status"] == "finished" and result["test"] is None
+    assert splits and set(splits) == {"valid"}
+    assert json.loads((tmp_path / "result.json").read_text())["test"] is None
