@@ -278,11 +278,14 @@ def last_resolution(op: str) -> Resolution | None:
 
 
 def kernel_module(name: str) -> ModuleType:
-    """``gflowgr_core.kernels.<name>`` (the Triton kernels), imported on first use.
+    """``gflowgr_core.kernels.<name>`` (an op file of Triton kernels, or ``utils``), imported on first use.
 
-    An installed package maps ``kernels/`` to ``gflowgr_core.kernels``; in a source checkout that was not
-    installed that subpackage does not exist, so it is registered from the ``kernels/`` folder beside
-    ``gflowgr_core/`` under the same name.
+    Installs map the top-level ``kernels/`` folder to ``gflowgr_core.kernels`` (setup.py ``package_dir``:
+    a wheel holds ``gflowgr_core/kernels/``, an editable install's finder maps the name to the folder). A
+    source checkout that is only on ``PYTHONPATH`` (``benchmarks/gpu_quality.sh`` without ``--build``, the
+    benchmarks' fallback when gflowgr is not installed) has no such subpackage, and packaging cannot add one
+    without an install, so there the ``kernels/`` folder beside ``gflowgr_core/`` is registered under that
+    name.
     """
     if "gflowgr_core.kernels" not in sys.modules:
         try:
