@@ -54,6 +54,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from gflowgr_core import backends
+from gflowgr_core.objectives.gfn_loss import OP as GFN_LOSS_OP
 from gflowgr_core.objectives.logpf import (OP, _check_codes, _resolve_codes_per_level, check_trajectory_shapes,
                                            trie_walk)
 
@@ -682,10 +683,11 @@ def gfn_loss_triton(h, w_sid, codes, trie, log_f, log_z, log_r, *, objective, we
     return objective.loss(log_pf, log_z, log_f, log_r, weights), log_pf
 
 
+# ============================================================================================ registration
 def _implements(*, support, **_options) -> bool:
     return support in TRITON_SUPPORTS
 
 
 if triton is not None:
     backends.register(OP, "triton", constrained_log_pf_triton, supports=_implements)
-    backends.register("gfn_loss", "triton", gfn_loss_triton, supports=_implements)
+    backends.register(GFN_LOSS_OP, "triton", gfn_loss_triton, supports=_implements)

@@ -1,8 +1,9 @@
 """Fused trie-constrained decoding step: Triton kernels, and the wrappers of the compiled C++ / CUDA ops.
 
 Every function here computes exactly :func:`gflowgr_core.decoding.step.constrained_step_torch` (the
-specification) and registers itself with the step dispatcher as the ``"triton"``, ``"cpp"`` or ``"cuda"``
-backend when this module is imported (the dispatcher imports it on its first call).
+specification) and registers itself with :mod:`gflowgr_core.backends` as the ``"triton"``, ``"cpp"`` or
+``"cuda"`` backend of the ``constrained_step`` op when this module is imported (the dispatcher imports it on
+its first call).
 
 Triton (GPU; CPU tensors under ``TRITON_INTERPRET=1``). One program owns ``BLOCK_R`` rows of the level:
 
@@ -51,7 +52,7 @@ if triton is not None:
     from .utils import HASH_INC, HASH_MASK32, HASH_MUL1, HASH_MUL2, logits_tile
 
 __all__ = ["constrained_step_triton", "constrained_step_cpp", "constrained_step_cuda", "TritonConfig",
-           "default_config", "MAX_TRITON_CODES", "LOOKUPS", "register"]
+           "default_config", "MAX_TRITON_CODES", "LOOKUPS"]
 
 log = logging.getLogger("gflowgr")
 
@@ -501,15 +502,11 @@ def constrained_step_cuda(h: torch.Tensor, w_level: torch.Tensor, node: torch.Te
                           seed, renormalize, bias)
 
 
-def register() -> None:
-    """Register the backends this installation provides with the step dispatcher (idempotent)."""
-    if triton is not None:
-        backends.register(OP, "triton", constrained_step_triton)
-    op = _compiled_op("beam")
-    if op is not None:
-        backends.register(OP, "cpp", constrained_step_cpp)
-        if _has_cuda_kernel(op):
-            backends.register(OP, "cuda", constrained_step_cuda)
-
-
-register()
+# ============================================================================================ registration
+# What this installation provides: triton importable; the extension's constrained_step ops; their CUDA kernels.
+if triton is not None:
+    backends.register(OP, "triton", constrained_step_triton)
+if _compiled_op("beam") is not None:
+    backends.register(OP, "cpp", constrained_step_cpp)
+    if _has_cuda_kernel(_compiled_op("beam")):
+        backends.register(OP, "cuda", constrained_step_cuda)
