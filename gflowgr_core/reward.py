@@ -35,6 +35,8 @@ from typing import Any, Callable, Mapping, Union
 import torch
 from torch import nn
 
+from gflowgr_core.trajectories import Trajectories
+
 __all__ = [
     "COMPONENTS",
     "CatalogueMass",
@@ -447,6 +449,12 @@ class Reward(nn.Module):
         comps["R_raw"] = r_raw
         comps["R"] = r_raw.clamp(min=cfg.eps, max=cfg.clip_max)
         return log_r, comps
+
+    def score_trajectories(self, trajectories: Trajectories, cm_norm: torch.Tensor | None, codes: Any,
+                           log_rest: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`forward` on the items of :class:`~gflowgr_core.trajectories.Trajectories`: the reward of
+        every trajectory, ``(log_r[B, T], components)``, against its example's positive."""
+        return self(trajectories.positive, trajectories.items, cm_norm, codes, log_rest=log_rest)
 
     @torch.no_grad()
     def catalogue_mass(self, positive: torch.Tensor, cm_all: CatalogueCM | None, codes: Any,

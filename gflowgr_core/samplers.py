@@ -1,7 +1,8 @@
 """Augmented-trajectory samplers (METHOD.md §4).
 
 For a batch of training examples (user prompt, positive item) a sampler returns ``items[B, n_aug]``: whole
-catalogue items whose SIDs become the augmented trajectories next to the positive's. Strategies:
+catalogue items whose SIDs become the augmented trajectories next to the positive's
+(:meth:`Sampler.trajectories` returns them as :class:`~gflowgr_core.trajectories.Trajectories`). Strategies:
 
 - :class:`LogsSampler` ("logs"): items of the user's own history window other than the target, topped up
   with items that co-occur with the positive in training sequences, then with random items;
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+
+from gflowgr_core.trajectories import Trajectories
 
 __all__ = [
     "SamplerError",
@@ -416,6 +419,20 @@ class Sampler:
         items = self._sample(batch, n_aug, generator)
         self._check_output(batch, items, n_aug)
         return items
+
+    def trajectories(self, batch: SamplerBatch, n_aug: int, generator: torch.Generator | None,
+                     item_codes: torch.Tensor, window: torch.Tensor | None = None) -> Trajectories:
+        """:meth:`sample` as :class:`~gflowgr_core.trajectories.Trajectories`: each example's positive, then
+        its ``n_aug`` sampled items.
+
+        Args:
+            batch, n_aug, generator: as for :meth:`sample`.
+            item_codes: ``LongTensor[n_items, L]`` SID codes of the catalogue, on the batch's device.
+            window: the examples' trunk-window ids for the packed forward, or ``None``.
+        """
+        items = self.sample(batch, n_aug, generator)
+        return Trajectories.from_items(batch.example_idx, batch.history, batch.positive, items, item_codes,
+                                       window=window)
 
     def _sample(self, batch: SamplerBatch, n_aug: int, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError

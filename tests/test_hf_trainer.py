@@ -160,9 +160,9 @@ def test_flow_warmup_follows_the_hugging_face_step(beauty, sft_run, tmp_path):
     seen = []
     loss = trainer.core.stage.loss
 
-    def recording(ctx, policy, batch, candidates, step):
+    def recording(ctx, policy, trajectories, step):
         seen.append(step)
-        return loss(ctx, policy, batch, candidates, step)
+        return loss(ctx, policy, trajectories, step)
 
     trainer.core.stage.loss = recording
     trainer.train()

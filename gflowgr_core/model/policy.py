@@ -624,6 +624,20 @@ class SIDPolicy(nn.Module):
                 f"(relative difference {err:.3g}): it does not honour 4D attention masks or explicit position "
                 f"ids; train it with packing: false")
 
+    def encode_trajectories(self, trajectories, *, packing: bool = False, row_tokens: int = 256,
+                            rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden states and flows of :class:`~gflowgr_core.trajectories.Trajectories` after each example's
+        prompt: :meth:`packed_trajectory_hidden` (sharing the examples' windows) when ``packing``, else
+        :meth:`trajectory_hidden`.
+
+        Returns:
+            ``(h[B, T, L, d], log_z[B], log_f[B, T, L-1])``.
+        """
+        if packing:
+            return self.packed_trajectory_hidden(trajectories.history, trajectories.codes, trajectories.window,
+                                                 row_tokens=row_tokens, rows=rows)
+        return self.trajectory_hidden(trajectories.history, trajectories.codes)
+
     def forward(self, history: torch.Tensor, codes: torch.Tensor, window: torch.Tensor | None = None,
                 packing: bool = False):
         """:meth:`packed_trajectory_hidden` when ``packing``, else :meth:`trajectory_hidden` (so wrappers such

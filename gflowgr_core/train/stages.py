@@ -7,10 +7,13 @@
 * :class:`PreferenceStage` (``dpo``, ``sdpo``): preference loss of the positive against sampled negatives,
   the frozen starting checkpoint as reference, plus ``pref.sft_weight`` times the CE anchor.
 
-Every stage reads the policy's hidden states through :meth:`StageContext.hidden`, which runs the packed
-forward (:meth:`SIDPolicy.packed_trajectory_hidden`) or the per-prefix one: packing is an execution
-strategy, the losses are the same. The library :class:`~gflowgr_core.train.trainer.Trainer` and the
-Hugging Face :class:`~gflowgr_core.hf_trainer.GFlowGRTrainer` both call :meth:`Stage.loss`.
+A stage turns an :class:`ExampleBatch` and its sampler's candidates (:meth:`Stage.draw`) into
+:class:`~gflowgr_core.trajectories.Trajectories` (:meth:`Stage.trajectories_for`: the positive, then the
+candidates), and its loss reads them. Every stage reads the policy's hidden states through
+:meth:`StageContext.hidden`, which runs the packed forward (:meth:`SIDPolicy.packed_trajectory_hidden`) or the
+per-prefix one: packing is an execution strategy, the losses are the same. The library
+:class:`~gflowgr_core.train.trainer.Trainer` and the Hugging Face :class:`~gflowgr_core.hf_trainer.GFlowGRTrainer`
+both call :meth:`Stage.loss`.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from gflowgr_core.objectives.logpf import constrained_log_pf
 from gflowgr_core.objectives.preference import dpo_loss, sdpo_loss, sft_cross_entropy
 from gflowgr_core.reward import Reward, cm_component, lm_generation_prob, summary as reward_summary
 from gflowgr_core.samplers import SamplerBatch
+from gflowgr_core.trajectories import Trajectories
 
 __all__ = ["ExampleBatch", "StageContext", "Stage", "SFTStage", "GFlowGRStage", "PreferenceStage"]
 
@@ -61,12 +65,10 @@ class StageContext:
     row_tokens: int = 256
     rows: Optional[int] = None
 
-    def hidden(self, policy: SIDPolicy, batch: ExampleBatch, codes: torch.Tensor):
-        """``(h[B, T, L, d], log_z[B], log_f[B, T, L-1])`` of ``codes[B, T, L]`` after each example's prompt."""
-        if self.packing:
-            return policy.packed_trajectory_hidden(batch.history, codes, batch.window, row_tokens=self.row_tokens,
-                                                   rows=self.rows)
-        return policy.trajectory_hidden(batch.history, codes)
+    def hidden(self, policy: SIDPolicy, trajectories: Trajectories):
+        """``(h[B, T, L, d], log_z[B], log_f[B, T, L-1])`` of ``trajectories`` after each example's prompt."""
+        return policy.encode_trajectories(trajectories, packing=self.packing, row_tokens=self.row_tokens,
+                                          rows=self.rows)
 
     def log_pf(self, policy: SIDPolicy, h: torch.Tensor, codes: torch.Tensor, support: str) -> torch.Tensor:
         """Per-step log P_F ``[N, L]`` of ``codes[N, L]`` from hidden states ``h[N, L, d]`` of ``policy``."""
@@ -79,7 +81,7 @@ class StageContext:
 
 
 class Stage:
-    """A training stage: ``loss(ctx, policy, batch, candidates, step)`` and the sampler of its candidates.
+    """A training stage: ``loss(ctx, policy, trajectories, step)`` and the sampler of its candidates.
 
     Attributes:
         name: the stage's name in :class:`~gflowgr_core.train.config.TrainConfig`.
@@ -93,7 +95,14 @@ class Stage:
 
     @property
     def trajectories(self) -> int:
+        """Trajectories per example: the positive plus ``n_candidates``."""
         return 1 + self.n_candidates
+
+    def trajectories_for(self, ctx: StageContext, batch: ExampleBatch,
+                         candidates: Optional[torch.Tensor]) -> Trajectories:
+        """``batch``'s trajectories: each positive, then its pre-drawn ``candidates[B, n]`` (``None``: none)."""
+        return Trajectories.from_items(batch.index, batch.history, batch.target, candidates, ctx.item_codes,
+                                       window=batch.window)
 
     def draw(self, batch: ExampleBatch, generator: torch.Generator) -> Optional[torch.Tensor]:
         """The sampler's ``LongTensor[B, n_candidates]`` for ``batch`` (``None`` without a sampler)."""
@@ -102,8 +111,10 @@ class Stage:
         sb = SamplerBatch(example_idx=batch.index, history=batch.history, positive=batch.target)
         return self.sampler.sample(sb, self.n_candidates, generator).to(batch.index.device)
 
-    def loss(self, ctx: StageContext, policy: SIDPolicy, batch: ExampleBatch,
-             candidates: Optional[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+    def loss(self, ctx: StageContext, policy: SIDPolicy, trajectories: Trajectories,
+             step: int) -> tuple[torch.Tensor, dict]:
+        """The stage's loss (mean over the examples) on ``trajectories`` at optimisation ``step``, and the
+        values to log."""
         raise NotImplementedError
 
 
@@ -113,10 +124,9 @@ class SFTStage(Stage):
     def __init__(self, name: str, support: str):
         self.name, self.support = name, support
 
-    def loss(self, ctx, policy, batch, candidates, step):
-        codes = ctx.item_codes[batch.target].unsqueeze(1)
-        h, _, _ = ctx.hidden(policy, batch, codes)
-        loss = sft_cross_entropy(ctx.log_pf(policy, h[:, 0], codes[:, 0], self.support))
+    def loss(self, ctx, policy, trajectories, step):
+        h, _, _ = ctx.hidden(policy, trajectories)
+        loss = sft_cross_entropy(ctx.log_pf(policy, h[:, 0], trajectories.codes[:, 0], self.support))
         return loss, {"loss": loss.item(), "ce": loss.item()}
 
 
@@ -138,59 +148,57 @@ class GFlowGRStage(Stage):
         self.sampler, self.n_candidates = sampler, gfn.n_aug
         self.diagnostics_every = max(1, int(diagnostics_every))
 
-    def _catalogue_cm(self, batch: ExampleBatch) -> Optional[torch.Tensor]:
-        """Normalised CM score of every catalogue item for every example, ``float[B, n_items]``."""
+    def _catalogue_cm(self, example: torch.Tensor) -> Optional[torch.Tensor]:
+        """Normalised CM score of every catalogue item for training rows ``example[B]``, ``float[B, n_items]``."""
         cfg = self.gfn.reward
         if not cfg.use_cm:
             return None
         with torch.no_grad():
             if cfg.cm_norm == "sigmoid_z":
-                s = self.cm_scorer.full_scores(batch.index)
+                s = self.cm_scorer.full_scores(example)
                 # The catalogue moments of each row, as CMScorer.normalized uses them.
                 mean, std = s.mean(1, keepdim=True), s.std(1, unbiased=False, keepdim=True)
                 z = (s - mean) / std.clamp_min(torch.finfo(torch.float32).tiny)
                 return torch.where(std > 0, torch.sigmoid(z), torch.full_like(z, 0.5))
-            items = torch.arange(self.cm_scorer.num_items, device=batch.index.device)
-            return self.cm_scorer.normalized(batch.index, items.expand(len(batch), -1), method=cfg.cm_norm)
+            items = torch.arange(self.cm_scorer.num_items, device=example.device)
+            return self.cm_scorer.normalized(example, items.expand(example.shape[0], -1), method=cfg.cm_norm)
 
-    def catalogue_mass(self, ctx: StageContext, batch: ExampleBatch):
-        """:meth:`Reward.catalogue_mass` of ``batch``: the reward of every catalogue item per example
-        (``None`` when the reward reads the LM's own probabilities, which exist only for candidates)."""
+    def catalogue_mass(self, ctx: StageContext, example: torch.Tensor, positive: torch.Tensor):
+        """:meth:`Reward.catalogue_mass` of training rows ``example[B]`` with positives ``positive[B]``: the
+        reward of every catalogue item per example (``None`` when the reward reads the LM's own
+        probabilities, which exist only for candidates)."""
         cfg = self.gfn.reward
         if cfg.use_cm and cfg.cm_source == "lm":
             return None
-        return self.reward.catalogue_mass(batch.target, self._catalogue_cm(batch), ctx.item_codes)
+        return self.reward.catalogue_mass(positive, self._catalogue_cm(example), ctx.item_codes)
 
-    def loss(self, ctx, policy, batch, candidates, step):
-        g = self.gfn
-        cands = torch.cat([batch.target.unsqueeze(1), candidates], dim=1)            # [B, T]
-        B, T = cands.shape
-        codes = ctx.item_codes[cands]                                                # [B, T, L]
-        h, log_z, log_f = ctx.hidden(policy, batch, codes)
-        L = codes.shape[-1]
-        flat_codes = codes.reshape(B * T, L)
+    def loss(self, ctx, policy, trajectories, step):
+        gfn, traj = self.gfn, trajectories
+        B, T = traj.num_examples, traj.per_example
+        h, log_z, log_f = ctx.hidden(policy, traj)
+        flat_codes = traj.flat_codes                                                 # [B*T, L]
         extra = {}
-        if g.policy_support == "vocab":
+        if gfn.policy_support == "vocab":
             extra = dict(w_full=policy.full_head_weight(), sid_token_ids=policy.sid_token_ids)
-        if g.reward.use_cm and g.reward.cm_source == "lm":
+        if gfn.reward.use_cm and gfn.reward.cm_source == "lm":
             with torch.no_grad():
-                step_logp = ctx.log_pf(policy, h.detach().reshape(B * T, L, -1), flat_codes, "trie")
+                step_logp = ctx.log_pf(policy, traj.flat(h.detach()), flat_codes, "trie")
             cm_norm = lm_generation_prob(step_logp).view(B, T)
         else:
-            cm_norm = cm_component(g.reward, self.cm_scorer, batch.index, cands)
+            cm_norm = cm_component(gfn.reward, self.cm_scorer, traj.example, traj.items)
         # The catalogue-wide reward mass sets r_pos in "catalogue" mode and is logged (the positive's implied
         # target share) every diagnostics_every steps.
         mass = None
-        if g.reward.r_pos_mode == "catalogue" or step % self.diagnostics_every == 0:
-            mass = self.catalogue_mass(ctx, batch)
-        log_r, components = self.reward(batch.target, cands, cm_norm, ctx.item_codes,
-                                        log_rest=None if mass is None else mass.log_rest)
+        if gfn.reward.r_pos_mode == "catalogue" or step % self.diagnostics_every == 0:
+            mass = self.catalogue_mass(ctx, traj.example, traj.positive)
+        log_r, components = self.reward.score_trajectories(traj, cm_norm, ctx.item_codes,
+                                                           log_rest=None if mass is None else mass.log_rest)
         weights = None
-        if g.weighting == "reward":
+        if gfn.weighting == "reward":
             r = components["R"].detach()
             weights = (T * r / r.sum(dim=1, keepdim=True)).reshape(-1)
         w_sid, bias = policy.sid_head_weight(), policy.head_bias()
-        flow_warmup = step < g.flow_warmup_steps
+        flow_warmup = step < gfn.flow_warmup_steps
         h_gfn = h
         if flow_warmup:
             # Only the flow heads learn from the balance loss until log Z has caught up with the
@@ -199,22 +207,23 @@ class GFlowGRStage(Stage):
             w_sid, bias = w_sid.detach(), None if bias is None else bias.detach()
             log_z = policy.log_z_head(h_gfn[:, 0, 0])
             log_f = policy.log_f_head(h_gfn[:, :, 1:])
-        out = gfn_loss(h_gfn.reshape(B * T, L, -1), w_sid, flat_codes, ctx.trie,
-                       log_f.reshape(B * T, L - 1), log_z.repeat_interleave(T), log_r.reshape(-1),
-                       objective=g.objective, subtb_lambda=g.subtb_lambda, weights=weights,
-                       support=g.policy_support, codes_per_level=ctx.codes_per_level,
+        out = gfn_loss(traj.flat(h_gfn), w_sid, flat_codes, ctx.trie,
+                       traj.flat(log_f), traj.per_trajectory(log_z), traj.flat(log_r),
+                       objective=gfn.objective, subtb_lambda=gfn.subtb_lambda, weights=weights,
+                       support=gfn.policy_support, codes_per_level=ctx.codes_per_level,
                        bias=bias, backend=ctx.backend, **extra)
-        if flow_warmup or g.policy_support != self.sft_support:
-            ce = sft_cross_entropy(ctx.log_pf(policy, h[:, 0], codes[:, 0], self.sft_support))
+        if flow_warmup or gfn.policy_support != self.sft_support:
+            ce = sft_cross_entropy(ctx.log_pf(policy, h[:, 0], traj.codes[:, 0], self.sft_support))
         else:
-            ce = sft_cross_entropy(out.log_pf.view(B, T, L)[:, 0])
-        loss = ce + g.lambda_gfn * out.loss
+            ce = sft_cross_entropy(out.log_pf.view(B, T, traj.num_levels)[:, 0])
+        loss = ce + gfn.lambda_gfn * out.loss
         logs = {"loss": loss.item(), "ce": ce.item(), "gfn": out.loss.item(), "log_z": log_z.mean().item(),
                 "backend": out.backend}
         logs.update(reward_summary({k: v for k, v in components.items() if k in ("r_a", "r_cm", "r_sim", "R")}))
         with torch.no_grad():
             # Whole-trajectory balance residual log Z + sum log P_F - log R (TB's; DB/SubTB report it too).
-            residual = log_z.detach().repeat_interleave(T) + out.log_pf.detach().sum(-1) - log_r.detach().reshape(-1)
+            residual = (traj.per_trajectory(log_z.detach()) + out.log_pf.detach().sum(-1)
+                        - traj.flat(log_r.detach()))
             logs["tb_residual"] = residual.mean().item()
             if mass is not None:
                 log_pos = log_r.detach()[:, 0].float()
@@ -231,18 +240,15 @@ class PreferenceStage(Stage):
         self.name, self.pref, self.support, self.reference = name, pref, support, reference
         self.sampler, self.n_candidates = sampler, pref.n_neg
 
-    def loss(self, ctx, policy, batch, candidates, step):
-        p = self.pref
-        cands = torch.cat([batch.target.unsqueeze(1), candidates], dim=1)
-        B, T = cands.shape
-        codes = ctx.item_codes[cands]
-        L = codes.shape[-1]
-        flat = codes.reshape(B * T, L)
-        h, _, _ = ctx.hidden(policy, batch, codes)
-        log_pf = ctx.log_pf(policy, h.reshape(B * T, L, -1), flat, self.support).view(B, T, L)
+    def loss(self, ctx, policy, trajectories, step):
+        p, traj = self.pref, trajectories
+        shape = traj.codes.shape                                                     # [B, T, L]
+        flat = traj.flat_codes
+        h, _, _ = ctx.hidden(policy, traj)
+        log_pf = ctx.log_pf(policy, traj.flat(h), flat, self.support).view(shape)
         with torch.no_grad():
-            h_ref, _, _ = ctx.hidden(self.reference, batch, codes)
-            ref = ctx.log_pf(self.reference, h_ref.reshape(B * T, L, -1), flat, self.support).view(B, T, L)
+            h_ref, _, _ = ctx.hidden(self.reference, traj)
+            ref = ctx.log_pf(self.reference, traj.flat(h_ref), flat, self.support).view(shape)
         logp, ref_logp = log_pf.sum(-1), ref.sum(-1)
         if self.name == "dpo":
             pref = dpo_loss(logp[:, 0], logp[:, 1], ref_logp[:, 0], ref_logp[:, 1], beta=p.beta)

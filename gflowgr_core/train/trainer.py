@@ -202,8 +202,8 @@ class Trainer:
         limit = self.cfg.max_train_examples
         if limit is None or limit >= n:
             return torch.arange(n)
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        return torch.randperm(n, generator=g)[:limit].sort().values
+        rng = torch.Generator().manual_seed(self.cfg.seed)
+        return torch.randperm(n, generator=rng)[:limit].sort().values
 
     def _item_key(self) -> Optional[torch.Tensor]:
         """Leaf node per item when SIDs are shared, so that SID-match metrics are reported too."""
@@ -213,10 +213,10 @@ class Trainer:
 
     def _needs_cm(self) -> bool:
         """Whether this stage's sampler or reward reads the collaborative model."""
-        g = self.cfg.gfn
-        name = g.sampler if self.cfg.stage == "gflowgr" else self.cfg.pref.sampler
-        uses_sampler = name == "cm_curriculum" or (name == "mixture" and "cm_curriculum" in g.mixture)
-        uses_reward = self.cfg.stage == "gflowgr" and g.reward.use_cm and g.reward.cm_source == "cm"
+        gfn = self.cfg.gfn
+        name = gfn.sampler if self.cfg.stage == "gflowgr" else self.cfg.pref.sampler
+        uses_sampler = name == "cm_curriculum" or (name == "mixture" and "cm_curriculum" in gfn.mixture)
+        uses_reward = self.cfg.stage == "gflowgr" and gfn.reward.use_cm and gfn.reward.cm_source == "cm"
         return uses_sampler or uses_reward
 
     def _build_stage(self) -> Stage:
@@ -244,21 +244,21 @@ class Trainer:
 
         Every sampler excludes all of the user's training items and every item with the positive's SID.
         """
-        g, n_items = self.cfg.gfn, self.data.num_items
+        gfn, n_items = self.cfg.gfn, self.data.num_items
         common = dict(n_items=n_items, user_items=self.user_items, item_codes=self.item_codes)
         if name == "mixture":
-            parts = [(self._make_sampler(part, n), float(w)) for part, w in g.mixture.items()]
+            parts = [(self._make_sampler(part, n), float(w)) for part, w in gfn.mixture.items()]
             return make_sampler("mixture", components=parts)
         if name == "random":
             return make_sampler("random", **common)
         if name == "logs":
             return make_sampler("logs", split=self.data.split.train, **common)
         if name == "cm_curriculum":
-            return make_sampler("cm_curriculum", scorer=self.cm_scorer, pool_size=g.curriculum_pool,
-                                n_random=g.curriculum_random, start_quantile=g.curriculum_start,
-                                end_quantile=g.curriculum_end, **common)
+            return make_sampler("cm_curriculum", scorer=self.cm_scorer, pool_size=gfn.curriculum_pool,
+                                n_random=gfn.curriculum_random, start_quantile=gfn.curriculum_start,
+                                end_quantile=gfn.curriculum_end, **common)
         return make_sampler("onpolicy", decode_fn=self._decode_for_sampler, sample_fn=self._sample_for_sampler,
-                            mode=g.onpolicy_mode, temperature=g.onpolicy_temperature, **common)
+                            mode=gfn.onpolicy_mode, temperature=gfn.onpolicy_temperature, **common)
 
     def _on_policy(self, history: torch.Tensor, k: int, decode) -> torch.Tensor:
         """``decode(policy, history_block) -> items[b, <=k]`` on the current policy in eval mode.
@@ -304,9 +304,10 @@ class Trainer:
         residuals that fight the CE term)."""
         value = self.cfg.gfn.log_z_init
         if value is None:
-            g = torch.Generator().manual_seed(self.cfg.seed)
-            rows = self.train_index[torch.randperm(len(self.train_index), generator=g)[:512]]
-            mass = self.stage.catalogue_mass(self.ctx, self.batch(rows))
+            rng = torch.Generator().manual_seed(self.cfg.seed)
+            rows = self.train_index[torch.randperm(len(self.train_index), generator=rng)[:512]]
+            batch = self.batch(rows)
+            mass = self.stage.catalogue_mass(self.ctx, batch.index, batch.target)
             if mass is None:
                 log.info("log Z starts at 0: the reward reads the LM's own probabilities (cm_source='lm'), so "
                          "there is no catalogue-wide reward mass to start from")
@@ -359,7 +360,8 @@ class Trainer:
             candidates = self.stage.draw(batch, self.generator)
         else:
             candidates = candidates.to(self.device)
-        return self.stage.loss(self.ctx, self.policy, batch, candidates, self.step if step is None else step)
+        trajectories = self.stage.trajectories_for(self.ctx, batch, candidates)
+        return self.stage.loss(self.ctx, self.policy, trajectories, self.step if step is None else step)
 
     def draw_candidates(self, index: torch.Tensor) -> Optional[torch.Tensor]:
         """The sampler's ``LongTensor[B, n]`` augmentations (or negatives) for training rows ``index[B]``."""
@@ -446,8 +448,8 @@ class Trainer:
         split = getattr(self.data.split, split_name)
         index = torch.arange(len(split))
         if max_users is not None and max_users < len(split):
-            g = torch.Generator().manual_seed(1234)  # the same subset in every run and epoch
-            index = torch.randperm(len(split), generator=g)[:max_users].sort().values
+            rng = torch.Generator().manual_seed(1234)  # the same subset in every run and epoch
+            index = torch.randperm(len(split), generator=rng)[:max_users].sort().values
         return evaluate_policy(self.policy, self.data, split_name, index=index, beams=self.cfg.eval_beams,
                                batch_size=self.cfg.eval_batch_size, device=self.device, backend=self.cfg.backend,
                                item_key=self.item_key, dist=self.dist)
