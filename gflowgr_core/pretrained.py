@@ -282,7 +282,7 @@ def apply_lora(policy: SIDPolicy, settings: Optional[LoraSettings] = None) -> SI
 # ----------------------------------------------------------------------------------- policy loading
 def load_pretrained_policy(path: str | Path, codes_per_level: Sequence[int], item_codes: torch.Tensor, *,
                            template: Optional[str] = None, lora: Optional[LoraSettings] = None,
-                           flow_hidden: int = 128, dtype: Optional[torch.dtype] = None) -> SIDPolicy:
+                           flow_hidden: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> SIDPolicy:
     """A :class:`SIDPolicy` over a local HF checkpoint folder, with SID tokens added.
 
     Args:
@@ -291,12 +291,15 @@ def load_pretrained_policy(path: str | Path, codes_per_level: Sequence[int], ite
         item_codes: ``LongTensor[n_items, L]`` (``Catalog.codes``).
         template: optional prompt template with ``{history}`` (:func:`apply_prompt_template`).
         lora: LoRA settings (:func:`apply_lora`); ``None`` fine-tunes every weight.
-        flow_hidden: width of the ``log Z`` / ``log F`` heads.
+        flow_hidden: width of the ``log Z`` / ``log F`` heads (``None``: the policy's default,
+            :data:`gflowgr_core.model.policy.FLOW_HIDDEN`).
         dtype: weight dtype passed to ``from_pretrained`` (default: the checkpoint's).
     """
     path = check_checkpoint_dir(path)
     kwargs = {} if dtype is None else {"dtype": dtype}
-    policy = SIDPolicy.from_pretrained(path, codes_per_level, item_codes, flow_hidden=flow_hidden, **kwargs)
+    if flow_hidden is not None:
+        kwargs["flow_hidden"] = flow_hidden
+    policy = SIDPolicy.from_pretrained(path, codes_per_level, item_codes, **kwargs)
     if template is not None:
         apply_prompt_template(policy, policy.tokenizer, template)
     if lora is not None:

@@ -27,7 +27,7 @@ from torch import nn
 from ..sid.tokens import SIDTokenMap
 from .adapters import merged_copy
 
-__all__ = ["PromptState", "FlowHead", "SIDPolicy", "build_tiny_causal_lm"]
+__all__ = ["FLOW_HIDDEN", "PromptState", "FlowHead", "SIDPolicy", "build_tiny_causal_lm"]
 
 _FORMAT_VERSION = 1
 _META_FILE = "policy.json"
@@ -35,6 +35,9 @@ _HEADS_FILE = "flow_heads.pt"
 _CODES_FILE = "item_codes.pt"
 _TOKENS_FILE = "sid_tokens.json"
 _LM_DIR = "lm"
+
+#: Default width of the log Z(U) and log F(prefix) MLPs, the one every constructor and config uses.
+FLOW_HIDDEN = 128
 
 # Config attributes of HF models whose logits are not a plain linear map of the last hidden state; the
 # SID-row shortcut would silently compute the wrong distribution for them.
@@ -130,7 +133,7 @@ class FlowHead(nn.Module):
     behaviour is unchanged at the first step of fine-tuning.
     """
 
-    def __init__(self, d: int, hidden: int = 256, init: float = 0.0):
+    def __init__(self, d: int, hidden: int = FLOW_HIDDEN, init: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.net[2].weight)
@@ -171,7 +174,7 @@ class SIDPolicy(nn.Module):
     """
 
     def __init__(self, model: nn.Module, token_map: SIDTokenMap, item_codes: torch.Tensor,
-                 codes_per_level: Sequence[int] | None = None, *, flow_hidden: int = 256,
+                 codes_per_level: Sequence[int] | None = None, *, flow_hidden: int = FLOW_HIDDEN,
                  log_z_init: float = 0.0, log_f_init: float = 0.0):
         super().__init__()
         cpl = tuple(token_map.codes_per_level) if codes_per_level is None else tuple(int(k) for k in codes_per_level)
@@ -649,7 +652,7 @@ class SIDPolicy(nn.Module):
     # ------------------------------------------------------------------ construction / persistence
     @classmethod
     def from_pretrained(cls, path: str | Path, codes_per_level: Sequence[int], item_codes: torch.Tensor, *,
-                        tokenizer=None, flow_hidden: int = 256, **model_kwargs) -> "SIDPolicy":
+                        tokenizer=None, flow_hidden: int = FLOW_HIDDEN, **model_kwargs) -> "SIDPolicy":
         """Wrap a pretrained HF causal LM: add the ``<a_12>``-style SID tokens and resize its embeddings.
 
         Args:

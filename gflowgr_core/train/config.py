@@ -15,6 +15,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from gflowgr_core.collaborative import SASRecConfig
+from gflowgr_core.model.policy import FLOW_HIDDEN
 from gflowgr_core.reward import RewardConfig
 
 STAGES = ("sft", "gflowgr", "sft_continue", "dpo", "sdpo")
@@ -35,7 +36,7 @@ class ModelConfig:
     kv_heads: int = 4
     intermediate: int = 256
     pretrained: Optional[str] = None   # local HF checkpoint directory; SID tokens are added to it
-    flow_hidden: int = 128         # width of the log Z(U) and log F(prefix) MLP heads
+    flow_hidden: int = FLOW_HIDDEN  # width of the log Z(U) and log F(prefix) MLP heads
 
 
 @dataclass
