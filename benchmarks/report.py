@@ -10,7 +10,7 @@ and this script rewrites the text between them from the JSON files, naming for e
 sizes and the git commit it records. A file is one run: the tables quote that run (the medians over its
 timed repetitions), never the best of several runs. A results file that does not exist yet is shown as
 pending, with the command that produces it. Sections (:data:`SECTIONS`): ``decode``, ``hf_processor``,
-``gfn_loss``, ``train_step``, ``train_epoch``, ``trie_build``, ``quality``, ``demo``; a section may appear in
+``gfn_loss``, ``train_step``, ``train_epoch``, ``trie_build``, ``quality``, ``demo``, ``tuning``; a section may appear in
 several files.
 
     python benchmarks/report.py            # rewrite every section in README.md and docs/*.md
@@ -479,10 +479,36 @@ def render_demo(results: Path) -> str:
     return "\n".join(lines)
 
 
+TUNING_COLUMNS = ("ndcg@10", "recall@10", "renorm/ndcg@10", "renorm/recall@10", "coverage@10")
+
+
+def render_tuning(results: Path) -> str:
+    """The validation-only tuning runs of ``benchmarks/tune_demo.py``: every tried setting, in the order run."""
+    p = load(results, "tune_demo_cpu.json")
+    if p is None:
+        return pending("benchmarks/results/tune_demo_cpu.json", "run `python benchmarks/tune_demo.py`")
+    runs = need(p, "runs")
+    for i, r in enumerate(runs):
+        if not isinstance(r, dict) or not isinstance(r.get("valid"), dict):
+            raise ReportError(f"benchmarks/results/tune_demo_cpu.json: runs[{i}] has no 'valid' metrics")
+    sizes = p.get("sizes") or {}
+    about = [f"{sizes.get('dataset', '?')}, validation split ({num(sizes.get('valid_users'))} users, beam "
+             f"{sizes.get('beams', '?')}), test never read",
+             f"stage 2 from `{sizes.get('start', '?')}`: {num(sizes.get('stage2_train_examples'))} examples, "
+             f"{sizes.get('stage2_epochs', '?')} epoch, batch {sizes.get('batch_size', '?')}",
+             "settings changed on top of the demo's `gflowgr_tb` (" +
+             ", ".join(f"`{k}={v}`" for k, v in (p.get("demo_gflowgr_tb") or {}).items()) + ")"]
+    rows = [[r.get("round", ""), r.get("factor", ""), f"`{r['stage']}`", r.get("setting", "")] +
+            [metric(r["valid"].get(c)) for c in TUNING_COLUMNS] for r in runs]
+    header = ["round", "factor", "stage", "setting"] + [f"valid {c}" for c in TUNING_COLUMNS]
+    return "\n".join([provenance(p), "", "One run per setting: " + "; ".join(about) + ".", "",
+                       md_table(header, rows)])
+
+
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "decode": render_decode, "hf_processor": render_hf_processor, "gfn_loss": render_gfn_loss,
     "train_step": render_train_step, "train_epoch": render_train_epoch, "trie_build": render_trie_build,
-    "quality": render_quality, "demo": render_demo,
+    "quality": render_quality, "demo": render_demo, "tuning": render_tuning,
 }
 
 
