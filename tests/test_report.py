@@ -175,3 +175,25 @@ def test_numbers():
         ["331", "24.1", "0.0998", "1.08", "12,101", "1,756", "–", "yes"]
     assert report.times(2.9236) == "2.92×" and report.params(1314432) == "1.31M"
     assert report.metric(0.05) == "0.0500" and report.metric(4.567) == "4.57"
+
+
+def test_tuning_file_renders_every_run_and_names_a_bad_row(tmp_path):
+    valid = {"ndcg@10": 0.0617, "recall@10": 0.12, "renorm/ndcg@10": 0.07, "renorm/recall@10": 0.14,
+             "coverage@10": 0.15}
+    tuning = {**HEADER, "sizes": {"dataset": "MovieLens-100K", "valid_users": 943, "beams": 20,
+                                  "stage2_train_examples": 8000, "stage2_epochs": 1, "batch_size": 128,
+                                  "start": "runs/demo/sft/best"},
+              "demo_gflowgr_tb": {"gfn.n_aug": 3},
+              "runs": [{"round": "reference", "factor": "-", "stage": "sft_continue", "setting": "demo settings",
+                        "valid": valid},
+                       {"round": "1", "factor": "lambda_gfn", "stage": "gflowgr_tb", "setting": "gfn.lambda_gfn=0.1",
+                        "valid": {**valid, "ndcg@10": 0.0620}}]}
+    root = make_root(tmp_path, "<!-- report:tuning -->\n<!-- /report:tuning -->\n", {"tune_demo_cpu.json": tuning})
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert "| reference | - | `sft_continue` | demo settings | 0.0617 |" in text
+    assert "| 1 | lambda_gfn | `gflowgr_tb` | gfn.lambda_gfn=0.1 | 0.0620 |" in text
+    assert "943 users" in text and "test never read" in text and "`gfn.n_aug=3`" in text
+    (root / "benchmarks" / "results" / "tune_demo_cpu.json").write_text(json.dumps({**tuning, "runs": [{"x": 1}]}))
+    with pytest.raises(report.ReportError, match=r"tune_demo_cpu.json: runs\[0\] has no 'valid'"):
+        report.render_tuning(root / "benchmarks" / "results")
