@@ -26,7 +26,7 @@ ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
 # Fields every stage-2 run of a dataset must share so that baselines and GFlowGR get the same budget.
 SHARED_STAGE2 = ("epochs", "max_steps", "batch_size", "max_train_examples", "lr", "weight_decay",
                  "warmup_steps", "grad_clip", "eval_every", "patience", "eval_beams", "valid_max_users",
-                 "select_metric", "dtype", "sft_support", "model")
+                 "select_metric", "dtype", "likelihood_support", "model")
 
 
 def _load_runner():

@@ -1,5 +1,5 @@
-"""Stage classes: the CE anchor of stage gflowgr uses sft_support (so the policy_support ablation does not move
-it), and each stage reports its trajectories per example."""
+"""Stage classes: the CE anchor of stage gflowgr uses likelihood_support (so the policy_support ablation does not
+move it), each stage reports its trajectories per example, and the old key sft_support is still read."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 
 from gflowgr_core.data.prepared import prepare
 from gflowgr_core.train.checkpoint import save_policy
-from gflowgr_core.train.config import load_config
+from gflowgr_core.train.config import ConfigError, load_config, rename_old_keys
 from gflowgr_core.train.trainer import Trainer
 
 TINY = ["model.hidden=32", "model.layers=1", "model.heads=2", "model.kv_heads=2", "model.intermediate=48",
@@ -31,10 +31,10 @@ def _trainer(beauty, tmp_path, *overrides):
 
 
 @pytest.mark.parametrize("policy_support", ["trie", "level", "vocab"])
-def test_gflowgr_ce_anchor_uses_sft_support(beauty, tmp_path, policy_support):
+def test_gflowgr_ce_anchor_uses_likelihood_support(beauty, tmp_path, policy_support):
     rows = torch.arange(24)
-    sft = _trainer(beauty, tmp_path / "sft", "stage=sft_continue", "sft_support=trie")
-    gfn = _trainer(beauty, tmp_path / "gfn", "stage=gflowgr", "sft_support=trie",
+    sft = _trainer(beauty, tmp_path / "sft", "stage=sft_continue", "likelihood_support=trie")
+    gfn = _trainer(beauty, tmp_path / "gfn", "stage=gflowgr", "likelihood_support=trie",
                    f"gfn.policy_support={policy_support}")
     _, sft_logs = sft.compute_loss(rows)
     _, gfn_logs = gfn.compute_loss(rows)
@@ -45,3 +45,14 @@ def test_trajectories_per_example(beauty, tmp_path):
     assert _trainer(beauty, tmp_path / "a", "stage=sft_continue").stage.trajectories == 1
     assert _trainer(beauty, tmp_path / "b", "stage=gflowgr", "gfn.n_aug=5").stage.trajectories == 6
     assert _trainer(beauty, tmp_path / "c", "stage=sdpo", "pref.n_neg=2").stage.trajectories == 3
+
+
+def test_old_sft_support_key_is_read_as_likelihood_support():
+    with pytest.warns(FutureWarning, match="'sft_support' is now 'likelihood_support'"):
+        cfg = load_config(None, ["data=x", "sft_support=level"])
+    assert cfg.likelihood_support == "level"
+    with pytest.raises(ConfigError, match="both 'sft_support' and 'likelihood_support'"):
+        load_config(None, ["data=x", "sft_support=level", "likelihood_support=trie"])
+    # A run saved under the old key compares under the new one when it resumes.
+    with pytest.warns(FutureWarning):
+        assert rename_old_keys({"sft_support": "trie", "seed": 1}) == {"likelihood_support": "trie", "seed": 1}

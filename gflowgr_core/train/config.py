@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -93,7 +94,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    sft_support: str = "trie"      # support of the SFT cross-entropy: "trie" | "level" | "vocab"
+    # Support of the likelihood log P(SID | user) that SFT's cross-entropy, GFlowGR's CE anchor and DPO/S-DPO's
+    # log-probs are normalised over: "trie" | "level" | "vocab" (the balance loss has gfn.policy_support).
+    likelihood_support: str = "trie"
     packing: bool = True           # one packed forward per batch (shared histories); false: per-prefix prompts
     pack_row_tokens: int = 256     # token capacity of a packed row; longer user windows are cut into segments
     pack_rows: Optional[int] = None    # fixed rows per packed batch (static shapes for CUDA graphs / compile)
@@ -125,7 +128,7 @@ class TrainConfig:
                    "gfn.policy_support": (self.gfn.policy_support, ("trie", "level", "vocab")),
                    "gfn.onpolicy_mode": (self.gfn.onpolicy_mode, ("beam", "sample")),
                    "gfn.weighting": (self.gfn.weighting, ("uniform", "reward")),
-                   "sft_support": (self.sft_support, ("trie", "level", "vocab")),
+                   "likelihood_support": (self.likelihood_support, ("trie", "level", "vocab")),
                    "dtype": (self.dtype, ("float32", "bfloat16")),
                    "distributed": (self.distributed, ("auto", "off")),
                    }
@@ -189,10 +192,35 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+#: Old top-level keys of :class:`TrainConfig` that are still read, mapped to their new names.
+RENAMED_KEYS = {"sft_support": "likelihood_support"}
+
+
+def rename_old_keys(raw: dict, where: str = "config") -> dict:
+    """``raw`` (a :class:`TrainConfig` mapping) with the old keys of :data:`RENAMED_KEYS` under their new
+    names, warning once per key; both spellings at once raise :class:`ConfigError`."""
+    if not any(old in raw for old in RENAMED_KEYS):
+        return raw
+    raw = dict(raw)
+    for old, new in RENAMED_KEYS.items():
+        if old not in raw:
+            continue
+        if new in raw:
+            raise ConfigError(f"{where}: both {old!r} and {new!r} are set; {old!r} is the old name of {new!r}, "
+                              f"keep only {new!r}")
+        warnings.warn(f"{where}: config key {old!r} is now {new!r} (it also sets the support of DPO/S-DPO's "
+                      f"log-probs); read as {new}={raw[old]!r}", FutureWarning, stacklevel=3)
+        raw[new] = raw.pop(old)
+    return raw
+
+
 def from_dict(cls, raw: dict, where: str = "config"):
-    """Build dataclass ``cls`` from a nested dict; unknown keys raise :class:`ConfigError`."""
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise :class:`ConfigError` (old
+    :class:`TrainConfig` keys are read under their new names, see :data:`RENAMED_KEYS`)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    if cls is TrainConfig:
+        raw = rename_old_keys(raw, where)
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}

@@ -135,16 +135,17 @@ class GFlowGRStage(Stage):
 
     Args:
         gfn: the run's :class:`~gflowgr_core.train.config.GFNConfig`.
-        sft_support: support of the CE anchor (the same as stage ``sft``'s, so the anchor does not change
-            with the GFlowNet's ``policy_support`` ablation).
+        likelihood_support: support of the CE anchor (the same as stage ``sft``'s, so the anchor does not
+            change with the GFlowNet's ``policy_support`` ablation).
         reward: the :class:`Reward`; ``cm_scorer``: the collaborative model's scores (or ``None``).
         sampler: the augmentation sampler.
     """
 
     name = "gflowgr"
 
-    def __init__(self, gfn, sft_support: str, reward: Reward, cm_scorer, sampler, diagnostics_every: int = 1):
-        self.gfn, self.sft_support, self.reward, self.cm_scorer = gfn, sft_support, reward, cm_scorer
+    def __init__(self, gfn, likelihood_support: str, reward: Reward, cm_scorer, sampler,
+                 diagnostics_every: int = 1):
+        self.gfn, self.likelihood_support, self.reward, self.cm_scorer = gfn, likelihood_support, reward, cm_scorer
         self.sampler, self.n_candidates = sampler, gfn.n_aug
         self.diagnostics_every = max(1, int(diagnostics_every))
 
@@ -212,8 +213,8 @@ class GFlowGRStage(Stage):
                        objective=gfn.objective, subtb_lambda=gfn.subtb_lambda, weights=weights,
                        support=gfn.policy_support, codes_per_level=ctx.codes_per_level,
                        bias=bias, backend=ctx.backend, **extra)
-        if flow_warmup or gfn.policy_support != self.sft_support:
-            ce = sft_cross_entropy(ctx.log_pf(policy, h[:, 0], traj.codes[:, 0], self.sft_support))
+        if flow_warmup or gfn.policy_support != self.likelihood_support:
+            ce = sft_cross_entropy(ctx.log_pf(policy, h[:, 0], traj.codes[:, 0], self.likelihood_support))
         else:
             ce = sft_cross_entropy(out.log_pf.view(B, T, traj.num_levels)[:, 0])
         loss = ce + gfn.lambda_gfn * out.loss

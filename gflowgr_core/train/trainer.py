@@ -45,7 +45,7 @@ from gflowgr_core.reward import Reward
 from gflowgr_core.samplers import UserItems, make_sampler
 from gflowgr_core.train.checkpoint import (TRAINER_STATE_FILE, CheckpointError, capture_rng, is_complete,
                                            load_extra, load_policy, recover_checkpoint, restore_rng, save_policy)
-from gflowgr_core.train.config import ConfigError, TrainConfig, save_config
+from gflowgr_core.train.config import ConfigError, TrainConfig, rename_old_keys, save_config
 from gflowgr_core.train.distributed import DistContext
 from gflowgr_core.train.signals import StopRequest
 from gflowgr_core.train.stages import (ExampleBatch, GFlowGRStage, PreferenceStage, SFTStage, Stage,
@@ -222,11 +222,11 @@ class Trainer:
     def _build_stage(self) -> Stage:
         cfg = self.cfg
         if cfg.stage == "gflowgr":
-            return GFlowGRStage(cfg.gfn, cfg.sft_support, self.reward, self.cm_scorer, self.sampler,
+            return GFlowGRStage(cfg.gfn, cfg.likelihood_support, self.reward, self.cm_scorer, self.sampler,
                                 diagnostics_every=cfg.log_every)
         if cfg.stage in ("dpo", "sdpo"):
-            return PreferenceStage(cfg.stage, cfg.pref, cfg.sft_support, self.reference, self.sampler)
-        return SFTStage(cfg.stage, cfg.sft_support)
+            return PreferenceStage(cfg.stage, cfg.pref, cfg.likelihood_support, self.reference, self.sampler)
+        return SFTStage(cfg.stage, cfg.likelihood_support)
 
     def _collaborative_scorer(self):
         """SASRec trained on the same split (cached by config and split, outside the data folder) and its
@@ -628,8 +628,9 @@ class Trainer:
                 out.update(flat(v, key + ".") if isinstance(v, dict) and k != "mixture" else {key: v})
             return out
 
-        # YAML/JSON round trips turn tuples into lists; compare through JSON.
-        old = json.loads(json.dumps(flat(saved)))
+        # YAML/JSON round trips turn tuples into lists; compare through JSON. A run saved before a key was
+        # renamed compares under the new name.
+        old = json.loads(json.dumps(flat(rename_old_keys(saved, str(where)))))
         new = json.loads(json.dumps(flat(self.cfg.to_dict())))
         changed = sorted(k for k in set(old) | set(new)
                          if k.split(".")[0] not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
