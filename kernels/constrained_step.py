@@ -159,13 +159,13 @@ if triton is not None:
         return tl.where(valid, shifted - tl.log(total)[:, None], neg)
 
     @triton.jit
-    def _sample_kernel(H, W, BIAS, NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, KEY,
-                       OUT_CODE, OUT_NODE, OUT_LOGP,
-                       R, K, D, level, lvl_lo, lvl_hi, inv_temp,
-                       stride_hr, stride_hd, stride_wk, stride_wd, stride_dense,
-                       HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, DOT_F32: tl.constexpr,
-                       LOOKUP: tl.constexpr, MAX_BRANCH: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _row_block(H, W, BIAS, NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, R, K, D, lvl_lo, lvl_hi,
+                   stride_hr, stride_hd, stride_wk, stride_wd, stride_dense,
+                   HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, DOT_F32: tl.constexpr,
+                   LOOKUP: tl.constexpr, MAX_BRANCH: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Steps 1-3 for this program's ``BLOCK_R`` rows, the part both modes share: ``(rows, row_ok, ks,
+        z, child, valid, logp)``, the row and code indices, logits, child nodes, child mask and log-probs."""
         pid = tl.program_id(0)
         rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         row_ok = rows < R
@@ -177,6 +177,20 @@ if triton is not None:
                             stride_dense, LOOKUP, MAX_BRANCH, SEARCH_STEPS, BLOCK_R, BLOCK_K)
         valid = child >= 0
         logp = _log_probs(z, valid, row_ok, k_ok, RENORM)
+        return rows, row_ok, ks, z, child, valid, logp
+
+    @triton.jit
+    def _sample_kernel(H, W, BIAS, NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, KEY,
+                       OUT_CODE, OUT_NODE, OUT_LOGP,
+                       R, K, D, level, lvl_lo, lvl_hi, inv_temp,
+                       stride_hr, stride_hd, stride_wk, stride_wd, stride_dense,
+                       HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, DOT_F32: tl.constexpr,
+                       LOOKUP: tl.constexpr, MAX_BRANCH: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows, row_ok, ks, z, child, valid, logp = _row_block(
+            H, W, BIAS, NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, R, K, D, lvl_lo, lvl_hi,
+            stride_hr, stride_hd, stride_wk, stride_wd, stride_dense, HAS_BIAS, RENORM, DOT_F32,
+            LOOKUP, MAX_BRANCH, SEARCH_STEPS, BLOCK_R, BLOCK_K, BLOCK_D)
         # The reference perturbs logits / temperature (not log-probs): same argmax, same rounding.
         pert = tl.where(valid, z * inv_temp + _gumbel_tile(KEY, level, rows, ks), float("-inf"))
         best = tl.max(pert, axis=1)
@@ -200,17 +214,10 @@ if triton is not None:
                           TOPK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_D: tl.constexpr):
         """Each row's top ``TOPK`` candidates ``score + logp`` (value desc, code asc) into ``[R, TOPK]``."""
-        pid = tl.program_id(0)
-        rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        row_ok = rows < R
-        ks = tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        z = logits_tile(H, W, BIAS, rows * stride_hr, ks.to(tl.int64), row_ok, k_ok, D, stride_hd, stride_wk,
-                        stride_wd, HAS_BIAS, DOT_F32, BLOCK_R, BLOCK_K, BLOCK_D)
-        child = _child_tile(NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, rows, row_ok, ks, k_ok, lvl_lo, lvl_hi,
-                            stride_dense, LOOKUP, MAX_BRANCH, SEARCH_STEPS, BLOCK_R, BLOCK_K)
-        valid = child >= 0
-        logp = _log_probs(z, valid, row_ok, k_ok, RENORM)
+        rows, row_ok, ks, z, child, valid, logp = _row_block(
+            H, W, BIAS, NODE, DENSE, INDPTR, CHILD_CODE, CHILD_NODE, R, K, D, lvl_lo, lvl_hi,
+            stride_hr, stride_hd, stride_wk, stride_wd, stride_dense, HAS_BIAS, RENORM, DOT_F32,
+            LOOKUP, MAX_BRANCH, SEARCH_STEPS, BLOCK_R, BLOCK_K, BLOCK_D)
         score = tl.load(SCORES + rows * stride_s, mask=row_ok, other=float("-inf")).to(tl.float32)
         cand = tl.where(valid, score[:, None] + logp, float("-inf"))
         for j in range(TOPK):
