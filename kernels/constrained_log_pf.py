@@ -89,6 +89,29 @@ if triton is not None:
 
 
     @triton.jit
+    def _level_codes(LOFF, lvl):
+        """``(k_lo, n_k)``: the first row of level ``lvl``'s codes in ``W`` and how many codes it has."""
+        k_lo = tl.load(LOFF + lvl)
+        return k_lo, tl.load(LOFF + lvl + 1) - k_lo
+
+
+    @triton.jit
+    def _step_rows(CODES, NODES, pid_t, lvl, T, stride_ht, stride_hl, stride_ct, stride_cl, stride_nt,
+                   stride_nl, MASK_TRIE: tl.constexpr, BLOCK_T: tl.constexpr):
+        """This program's ``BLOCK_T`` trajectories at level ``lvl``: ``(rows, row_ok, row_off, target, node)``,
+        the row indices and mask, each row's hidden-state offset in ``H``, its taken code and its trie node
+        (0 unless ``MASK_TRIE``)."""
+        rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        row_ok = rows < T
+        row_off = rows * stride_ht + lvl * stride_hl
+        target = tl.load(CODES + rows * stride_ct + lvl * stride_cl, mask=row_ok, other=0)
+        node = tl.zeros([BLOCK_T], dtype=tl.int64)
+        if MASK_TRIE:
+            node = tl.load(NODES + rows * stride_nt + lvl * stride_nl, mask=row_ok, other=0).to(tl.int64)
+        return rows, row_ok, row_off, target, node
+
+
+    @triton.jit
     def _logpf_fwd_kernel(H, W, BIAS, CODES, NODES, BITS, LOFF, LOGPF, LSE,
                           T, D,
                           stride_ht, stride_hl, stride_hd, stride_wk, stride_wd,
@@ -97,16 +120,10 @@ if triton is not None:
                           BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         pid_t = tl.program_id(0)
         lvl = tl.program_id(1)
-        k_lo = tl.load(LOFF + lvl)
-        n_k = tl.load(LOFF + lvl + 1) - k_lo
-
-        rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        row_ok = rows < T
-        row_off = rows * stride_ht + lvl * stride_hl
-        target = tl.load(CODES + rows * stride_ct + lvl * stride_cl, mask=row_ok, other=0)
-        node = tl.zeros([BLOCK_T], dtype=tl.int64)
-        if MASK_TRIE:
-            node = tl.load(NODES + rows * stride_nt + lvl * stride_nl, mask=row_ok, other=0).to(tl.int64)
+        k_lo, n_k = _level_codes(LOFF, lvl)
+        rows, row_ok, row_off, target, node = _step_rows(CODES, NODES, pid_t, lvl, T, stride_ht, stride_hl,
+                                                         stride_ct, stride_cl, stride_nt, stride_nl,
+                                                         MASK_TRIE, BLOCK_T)
 
         run_max = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -141,20 +158,15 @@ if triton is not None:
         pid_t = tl.program_id(0)
         pid_k = tl.program_id(1)
         lvl = tl.program_id(2)
-        k_lo = tl.load(LOFF + lvl)
-        n_k = tl.load(LOFF + lvl + 1) - k_lo
+        k_lo, n_k = _level_codes(LOFF, lvl)
         k0 = pid_k * BLOCK_K
         if k0 < n_k:
-            rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-            row_ok = rows < T
-            row_off = rows * stride_ht + lvl * stride_hl
+            rows, row_ok, row_off, target, node = _step_rows(CODES, NODES, pid_t, lvl, T, stride_ht, stride_hl,
+                                                             stride_ct, stride_cl, stride_nt, stride_nl,
+                                                             MASK_TRIE, BLOCK_T)
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < n_k
             k_glob = (k_lo + ks).to(tl.int64)
-            target = tl.load(CODES + rows * stride_ct + lvl * stride_cl, mask=row_ok, other=0)
-            node = tl.zeros([BLOCK_T], dtype=tl.int64)
-            if MASK_TRIE:
-                node = tl.load(NODES + rows * stride_nt + lvl * stride_nl, mask=row_ok, other=0).to(tl.int64)
             out = rows * stride_ot + lvl * stride_ol
             lse = tl.load(LSE + out, mask=row_ok, other=0.0)
             g = tl.load(GRAD + rows * stride_gt + lvl * stride_gl, mask=row_ok, other=0.0)
@@ -178,8 +190,7 @@ if triton is not None:
         pid_t = tl.program_id(0)
         pid_d = tl.program_id(1)
         lvl = tl.program_id(2)
-        k_lo = tl.load(LOFF + lvl)
-        n_k = tl.load(LOFF + lvl + 1) - k_lo
+        k_lo, n_k = _level_codes(LOFF, lvl)
         rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         row_ok = rows < T
         ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -209,8 +220,7 @@ if triton is not None:
         pid_ls = tl.program_id(2)
         lvl = pid_ls % n_levels
         split = pid_ls // n_levels
-        k_lo = tl.load(LOFF + lvl)
-        n_k = tl.load(LOFF + lvl + 1) - k_lo
+        k_lo, n_k = _level_codes(LOFF, lvl)
         k0 = pid_k * BLOCK_K
         if k0 < n_k:
             ks = k0 + tl.arange(0, BLOCK_K)
