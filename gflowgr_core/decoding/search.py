@@ -123,13 +123,17 @@ def _check(policy, trie: Trie, history: torch.Tensor) -> torch.Tensor:
     return history
 
 
-def _chunks(n: int, batch_size: int, progress: bool | None, desc: str):
+def _per_batch(policy, history: torch.Tensor, batch_size: int, progress: bool | None, desc: str, run_batch) -> list:
+    """``run_batch(chunk)`` for each ``batch_size`` users of ``history`` in turn (moved to the policy's device),
+    with the policy in eval mode and a ``desc`` progress bar over the batches: the list of their results."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    starts = range(0, n, batch_size)
+    starts = range(0, history.shape[0], batch_size)
     # progress=None: tqdm decides (a bar on a terminal, none in a log file).
-    return tqdm(starts, desc=desc, unit="batch", disable=None if progress is None else not progress,
-                total=len(starts))
+    bar = tqdm(starts, desc=desc, unit="batch", disable=None if progress is None else not progress,
+               total=len(starts))
+    with _EvalMode(policy):
+        return [run_batch(history[start:start + batch_size].to(policy.device)) for start in bar]
 
 
 class _EvalMode:
@@ -319,11 +323,8 @@ def beam_search_scorings(policy, trie: Trie, history: torch.Tensor, renormalize:
         # Stable, so users of equal length keep their relative order.
         order = torch.sort((history >= 0).sum(1), stable=True).indices
         history = history[order]
-    outs = []
-    with _EvalMode(policy):
-        for start in _chunks(N, batch_size, progress, "beam search"):
-            chunk = history[start:start + batch_size].to(device)
-            outs.append(_beam_batch(policy, trie, chunk, beams, k, scorings, name, shared_prompt))
+    outs = _per_batch(policy, history, batch_size, progress, "beam search",
+                      lambda chunk: _beam_batch(policy, trie, chunk, beams, k, scorings, name, shared_prompt))
     if not outs:
         empty_l = torch.empty(0, k, dtype=torch.long, device=device)
         return [DecodeResult(empty_l, torch.empty(0, k, device=device),
@@ -404,12 +405,9 @@ def sample(policy, trie: Trie, history: torch.Tensor, n: int = 1, temperature: f
     if generator is None and seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed))
-    N, L = history.shape[0], trie.num_levels
-    outs = []
-    with _EvalMode(policy):
-        for start in _chunks(N, batch_size, progress, "sampling"):
-            chunk = history[start:start + batch_size].to(device)
-            outs.append(_sample_batch(policy, trie, chunk, n, temperature, generator, renormalize, name))
+    L = trie.num_levels
+    outs = _per_batch(policy, history, batch_size, progress, "sampling",
+                      lambda chunk: _sample_batch(policy, trie, chunk, n, temperature, generator, renormalize, name))
     if not outs:
         return SampleResult(torch.empty(0, n, dtype=torch.long, device=device), torch.empty(0, n, device=device),
                             torch.empty(0, n, L, dtype=torch.long, device=device),
