@@ -40,13 +40,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-try:
-    import gflowgr_core  # noqa: F401
-except ImportError:  # a source checkout that is not pip-installed
-    sys.path.insert(0, str(HERE.parent))
-
-from common import (RESULTS_DIR, environment, format_table, load_average, log, release, time_call,  # noqa: E402
-                    write_json)
+from common import (environment, format_table, load_average, log, parse_benchmark_args, release,  # noqa: E402
+                    time_call, write_json)
 
 from gflowgr_core import backends  # noqa: E402
 from gflowgr_core.decoding import beam_search, constrained_step  # noqa: E402
@@ -299,18 +294,10 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int, help="timed end-to-end calls (default 5; quick: 2)")
     ap.add_argument("--hf-reps", type=int, help="timed HF generate calls (default 3; quick: 1)")
     ap.add_argument("--kernel-reps", type=int, help="timed kernel calls (default 20; quick: 3)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", type=Path, help="JSON path (default results/decode.json; quick: results/decode_quick.json)")
-    args = ap.parse_args(argv)
-    q = args.quick
     defaults = {"users": (256, 8), "batches": (4, 1), "beams": (20, 5), "kernel_rows": (5120, 160),
                 "catalogues": ([1_000_000, 10_000_000], [20_000]), "warmup": (3, 1), "reps": (5, 2),
                 "hf_reps": (3, 1), "kernel_reps": (20, 3)}
-    for name, (full, quick) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if q else full)
-    args.out = args.out or RESULTS_DIR / ("decode_quick.json" if q else "decode.json")
-    return args
+    return parse_benchmark_args(ap, argv, "decode", defaults)
 
 
 def main(argv=None) -> dict:

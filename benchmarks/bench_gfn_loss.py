@@ -35,13 +35,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-try:
-    import gflowgr_core  # noqa: F401
-except ImportError:  # a source checkout that is not pip-installed
-    sys.path.insert(0, str(HERE.parent))
-
-from common import (RESULTS_DIR, environment, extra_peak_bytes, format_table, is_oom, load_average,  # noqa: E402
-                    log, release, time_call, write_json)
+from common import (environment, extra_peak_bytes, format_table, is_oom, load_average, log,  # noqa: E402
+                    parse_benchmark_args, release, time_call, write_json)
 
 from gflowgr_core import backends  # noqa: E402
 from gflowgr_core.objectives.gfn_loss import gfn_loss, gfn_loss_reference  # noqa: E402
@@ -189,20 +184,9 @@ def parse_args(argv=None):
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--warmup", type=int, help="untimed calls (default 3; quick: 1)")
     ap.add_argument("--reps", type=int, help="timed calls (default 20; quick: 3)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", type=Path, help="JSON path (default results/gfn_loss.json; quick: "
-                                               "results/gfn_loss_quick.json)")
-    args = ap.parse_args(argv)
-    q = args.quick
-    args.rows = args.rows or ([64] if q else [4096, 16384])
-    args.d = args.d or ([32] if q else [128, 1536, 4096])
-    args.vocab = args.vocab or (2048 if q else 151936)
-    args.codes = args.codes or (16 if q else 256)
-    args.items = args.items or (300 if q else 100_000)
-    args.warmup = 1 if q and args.warmup is None else (3 if args.warmup is None else args.warmup)
-    args.reps = 3 if q and args.reps is None else (20 if args.reps is None else args.reps)
-    args.out = args.out or RESULTS_DIR / ("gfn_loss_quick.json" if q else "gfn_loss.json")
-    return args
+    defaults = {"rows": ([4096, 16384], [64]), "d": ([128, 1536, 4096], [32]), "vocab": (151936, 2048),
+                "codes": (256, 16), "items": (100_000, 300), "warmup": (3, 1), "reps": (20, 3)}
+    return parse_benchmark_args(ap, argv, "gfn_loss", defaults)
 
 
 def main(argv=None) -> dict:

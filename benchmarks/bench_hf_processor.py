@@ -32,13 +32,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-try:
-    import gflowgr_core  # noqa: F401
-except ImportError:  # a source checkout that is not pip-installed
-    sys.path.insert(0, str(HERE.parent))
-
-from common import (RESULTS_DIR, environment, format_table, load_average, log, release, time_call,  # noqa: E402
-                    write_json)
+from common import (environment, format_table, load_average, log, parse_benchmark_args, release,  # noqa: E402
+                    time_call, write_json)
 
 from gflowgr_core.hf_processor import SIDTrieLogitsProcessor  # noqa: E402
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm  # noqa: E402
@@ -84,16 +79,8 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--warmup", type=int, help="untimed calls (default 1; quick: 1)")
     ap.add_argument("--reps", type=int, help="timed calls per method (default 3; quick: 1)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", type=Path, help="JSON path (default results/hf_processor.json; quick: "
-                                             "results/hf_processor_quick.json)")
-    args = ap.parse_args(argv)
-    q = args.quick
-    for name, (full, quick) in {"users": (256, 8), "beams": (20, 5), "warmup": (1, 1), "reps": (3, 1)}.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if q else full)
-    args.out = args.out or RESULTS_DIR / ("hf_processor_quick.json" if q else "hf_processor.json")
-    return args
+    defaults = {"users": (256, 8), "beams": (20, 5), "warmup": (1, 1), "reps": (3, 1)}
+    return parse_benchmark_args(ap, argv, "hf_processor", defaults)
 
 
 def main(argv=None) -> dict:

@@ -48,11 +48,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-try:
-    import gflowgr_core  # noqa: F401
-except ImportError:  # a source checkout that is not pip-installed
-    sys.path.insert(0, str(HERE.parent))
-
 from common import (RESULTS_DIR, environment, format_table, is_oom, log, release, time_call,  # noqa: E402
                     write_json)
 

@@ -22,11 +22,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-try:
-    import gflowgr_core  # noqa: F401
-except ImportError:  # a source checkout that is not pip-installed
-    sys.path.insert(0, str(HERE.parent))
-
 from common import RESULTS_DIR, environment, load_average, write_json  # noqa: E402
 
 from gflowgr_core import backends  # noqa: E402

@@ -4,7 +4,9 @@ Every benchmark script measures its baseline in the same run and writes one JSON
 ``device``, the library ``versions`` (with the git commit measured), every measurement (``rows``, each with
 the sizes it ran at) and a ``summary`` whose entries carry their own sizes. ``benchmarks/report.py`` turns
 these files into the tables of the README and docs. Use from a script in this folder as
-``from common import ...`` (the scripts put their own folder on ``sys.path``).
+``from common import ...`` (the scripts put their own folder on ``sys.path``); importing it also puts this
+checkout on ``sys.path`` when ``gflowgr_core`` is not pip-installed. :func:`parse_benchmark_args` gives the
+scripts their shared options (``--device``, ``--out``) and the ``--quick`` defaults.
 
 Timing: ``warmup`` untimed calls (compilation, caches, allocator), then ``reps`` timed calls; on CUDA each
 call is bracketed by CUDA events (device time, no host overhead between calls counted twice), on CPU by
@@ -15,6 +17,7 @@ just before it (its inputs), i.e. what the call itself needs at its worst moment
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -58,6 +61,10 @@ def _module_version(name: str) -> Optional[str]:
 
 
 REPO = Path(__file__).resolve().parents[1]
+try:
+    import gflowgr_core  # noqa: F401
+except ImportError:  # a source checkout that is not pip-installed: measure the code next to these scripts
+    sys.path.insert(0, str(REPO))
 # What a measurement depends on: uncommitted changes here mean the commit alone does not reproduce it (the
 # results files and the report that renders them are not measured code).
 MEASURED_CODE = ("gflowgr_core", "kernels", "csrc", "benchmarks", "setup.py", ":(exclude)benchmarks/results",
@@ -214,3 +221,22 @@ def write_json(path: Union[str, Path], payload: dict) -> Path:
 def log(msg: str) -> None:
     """Progress line on stderr (stdout carries the table)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def parse_benchmark_args(ap: argparse.ArgumentParser, argv: Optional[Sequence[str]], stem: str,
+                         defaults: dict[str, tuple[Any, Any]]) -> argparse.Namespace:
+    """Parse ``argv`` with a script's parser ``ap`` (which has ``--quick``) plus ``--device`` (cuda when
+    available) and ``--out``.
+
+    Every option named in ``defaults`` that was not given takes its ``(full, quick)`` value as ``--quick``
+    says, and ``--out`` defaults to ``results/<stem>.json`` (quick: ``results/<stem>_quick.json``).
+    """
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path,
+                    help=f"JSON path (default results/{stem}.json; quick: results/{stem}_quick.json)")
+    args = ap.parse_args(argv)
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    args.out = args.out or RESULTS_DIR / (f"{stem}_quick.json" if args.quick else f"{stem}.json")
+    return args

@@ -50,11 +50,6 @@ from typing import Callable, Optional, Sequence
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-try:
-    import gflowgr_core  # noqa: F401
-except ImportError:  # a source checkout that is not pip-installed
-    sys.path.insert(0, str(REPO))
-
 from common import RESULTS_DIR, environment, format_table, log, write_json  # noqa: E402
 
 CONFIGS = REPO / "configs"
