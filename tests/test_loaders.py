@@ -27,6 +27,14 @@ def write(tmp_path: Path, name: str, content, binary: bool = False) -> Path:
     return path
 
 
+def assert_names_the_problem(load, path: Path, where: str, what: str) -> None:
+    """``load()`` raises a :class:`DataError` whose message names the file, the place in it and the problem."""
+    with pytest.raises(DataError) as err:
+        load()
+    message = str(err.value)
+    assert str(path) in message and where in message and what in message
+
+
 # ------------------------------------------------------------------------------------------- good inputs
 
 
@@ -125,10 +133,7 @@ def test_load_interactions_dispatch(tmp_path):
 ])
 def test_letter_bad_input(tmp_path, content, where, what):
     path = write(tmp_path, "Bad.inter.json", content)
-    with pytest.raises(DataError) as err:
-        load_letter(tmp_path)
-    message = str(err.value)
-    assert str(path) in message and where in message and what in message
+    assert_names_the_problem(lambda: load_letter(tmp_path), path, where, what)
 
 
 def test_letter_folder_problems(tmp_path):
@@ -150,10 +155,7 @@ def test_letter_folder_problems(tmp_path):
 ])
 def test_p5_bad_input(tmp_path, content, where, what):
     path = write(tmp_path, "user_sequence.txt", content)
-    with pytest.raises(DataError) as err:
-        load_p5(path)
-    message = str(err.value)
-    assert str(path) in message and where in message and what in message
+    assert_names_the_problem(lambda: load_p5(path), path, where, what)
 
 
 def test_p5_invalid_utf8_names_the_line(tmp_path):
@@ -177,10 +179,7 @@ def test_p5_invalid_utf8_names_the_line(tmp_path):
 ])
 def test_csv_bad_input(tmp_path, content, kwargs, where, what):
     path = write(tmp_path, "bad.csv", content)
-    with pytest.raises(DataError) as err:
-        load_csv(path, **kwargs)
-    message = str(err.value)
-    assert str(path) in message and where in message and what in message
+    assert_names_the_problem(lambda: load_csv(path, **kwargs), path, where, what)
 
 
 def test_csv_multiline_quoted_field_keeps_physical_line_numbers(tmp_path):
