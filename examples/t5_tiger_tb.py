@@ -35,7 +35,8 @@ from gflowgr_core.data.prepared import prepare
 from gflowgr_core.decoding import leaves_to_items
 from gflowgr_core.metrics import evaluate_rankings
 from gflowgr_core.reward import Reward, RewardConfig
-from gflowgr_core.samplers import RandomSampler, SamplerBatch
+from gflowgr_core.samplers import RandomSampler
+from gflowgr_core.trajectories import ExampleBatch
 
 DEFAULT_DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) \
     / "letter" / "Beauty"
@@ -127,7 +128,7 @@ def main(argv=None) -> dict:
     model.train()
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(train), (args.batch,), generator=gen)
-        batch = SamplerBatch.from_split(train, idx)
+        batch = ExampleBatch.from_split(train, idx)
         aug = sampler.sample(batch, args.n_aug, gen)                        # [B, n_aug]
         items = torch.cat([batch.positive[:, None], aug], dim=1)            # [B, T'] positive first
         B, Tp = items.shape

@@ -30,7 +30,7 @@ _EXPORTS = {
     "sample": "gflowgr_core.decoding.search", "SIDTrieLogitsProcessor": "gflowgr_core.hf_processor",
     # training pieces
     "Reward": "gflowgr_core.reward", "RewardConfig": "gflowgr_core.reward", "make_sampler": "gflowgr_core.samplers",
-    "Trajectories": "gflowgr_core.trajectories",
+    "ExampleBatch": "gflowgr_core.trajectories", "Trajectories": "gflowgr_core.trajectories",
     "SASRec": "gflowgr_core.collaborative", "CMScorer": "gflowgr_core.collaborative",
     "train_sasrec": "gflowgr_core.collaborative", "evaluate_rankings": "gflowgr_core.metrics",
     "TrainConfig": "gflowgr_core.train.config", "load_config": "gflowgr_core.train.config",

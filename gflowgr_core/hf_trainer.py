@@ -7,7 +7,9 @@ reward have exactly one implementation. Hugging Face handles the optimisation lo
 scheduler, gradient accumulation, mixed precision, clipping, logging callbacks, checkpoints and resuming.
 
 Batches are indices into the prepared training split (:class:`SplitIndexDataset` and
-:class:`SplitIndexCollator`); the library's trainer turns them into histories, targets and trajectories.
+:class:`SplitIndexCollator`); the library's trainer turns them into an
+:class:`~gflowgr_core.trajectories.ExampleBatch` (histories, positives, trunk windows) and its stage into
+trajectories.
 ``evaluate()`` runs the trie-constrained beam search on the validation split and reports Recall/NDCG,
 coverage and long-tail share (``eval_recall@10``, ...), so ``metric_for_best_model="ndcg@10"`` works.
 

@@ -1,6 +1,7 @@
 """Augmented-trajectory samplers (METHOD.md §4).
 
-For a batch of training examples (user prompt, positive item) a sampler returns ``items[B, n_aug]``: whole
+For a batch of training examples (:class:`~gflowgr_core.trajectories.ExampleBatch`: training-split rows, user
+prompts, positive items) a sampler returns ``items[B, n_aug]``: whole
 catalogue items whose SIDs become the augmented trajectories next to the positive's
 (:meth:`Sampler.trajectories` returns them as :class:`~gflowgr_core.trajectories.Trajectories`). Strategies:
 
@@ -31,16 +32,14 @@ generator's device and moved to the batch's device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from gflowgr_core.trajectories import Trajectories
+from gflowgr_core.trajectories import ExampleBatch, Trajectories
 
 __all__ = [
     "SamplerError",
-    "SamplerBatch",
     "Sampler",
     "UserItems",
     "LogsSampler",
@@ -62,39 +61,6 @@ _DENSE_CHUNK_ELEMS = 1 << 24
 
 class SamplerError(ValueError):
     """Invalid sampler input, an impossible request, or a broken sampler guarantee."""
-
-
-@dataclass
-class SamplerBatch:
-    """The training examples a sampler works on.
-
-    Attributes:
-        example_idx: ``LongTensor[B]`` row of each example in the training split (what ``CMScorer`` keys on).
-        history: ``LongTensor[B, H]`` item history, left-padded with ``-1``.
-        positive: ``LongTensor[B]`` the logged target item of each example.
-    """
-
-    example_idx: torch.Tensor
-    history: torch.Tensor
-    positive: torch.Tensor
-
-    @property
-    def size(self) -> int:
-        return int(self.positive.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self.positive.device
-
-    def subset(self, rows: torch.Tensor) -> "SamplerBatch":
-        """The examples at ``rows`` (``LongTensor[B']``)."""
-        return SamplerBatch(self.example_idx[rows], self.history[rows], self.positive[rows])
-
-    @classmethod
-    def from_split(cls, split: Any, example_idx: torch.Tensor) -> "SamplerBatch":
-        """Rows ``example_idx`` of a ``Split`` (``history[N, H]``, ``target[N]``)."""
-        idx = example_idx.to(split.target.device)
-        return cls(example_idx, split.history[idx], split.target[idx])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,7 +257,7 @@ class UserItems:
 
     Args:
         split: the training ``Split`` (``history[N, H]``, ``target[N]``, ``user[N]``): the same rows that
-            :attr:`SamplerBatch.example_idx` indexes.
+            :attr:`~gflowgr_core.trajectories.ExampleBatch.example` indexes.
     """
 
     def __init__(self, split: Any):
@@ -381,24 +347,24 @@ class Sampler:
         self._sid_groups = groups if groups is not None and groups.shared else None
         self.last_stats: dict[str, int] = {}
 
-    def _forbidden(self, batch: SamplerBatch) -> torch.Tensor:
+    def _forbidden(self, batch: ExampleBatch) -> torch.Tensor:
         """``LongTensor[B, F]``: the positive and the items that share its SID (-1 padded)."""
         if self._sid_groups is None:
             return batch.positive[:, None]
         return self._sid_groups.members(batch.positive)
 
-    def _seen(self, batch: SamplerBatch, forbidden: torch.Tensor) -> torch.Tensor:
+    def _seen(self, batch: ExampleBatch, forbidden: torch.Tensor) -> torch.Tensor:
         """``LongTensor[B, S]``: ``forbidden`` plus the user's items (history window, training items)."""
         parts = [forbidden, batch.history]
         if self.user_items is not None:
-            parts.append(self.user_items.rows(batch.example_idx))
+            parts.append(self.user_items.rows(batch.example))
         return torch.cat(parts, dim=1)
 
-    def sample(self, batch: SamplerBatch, n_aug: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, batch: ExampleBatch, n_aug: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augmented items for every example.
 
         Args:
-            batch: the examples (:class:`SamplerBatch`).
+            batch: the examples (:class:`ExampleBatch`).
             n_aug: number of augmented items per example (>= 0).
             generator: source of randomness (its device is where random numbers are drawn).
 
@@ -420,7 +386,7 @@ class Sampler:
         self._check_output(batch, items, n_aug)
         return items
 
-    def trajectories(self, batch: SamplerBatch, n_aug: int, generator: torch.Generator | None,
+    def trajectories(self, batch: ExampleBatch, n_aug: int, generator: torch.Generator | None,
                      item_codes: torch.Tensor, window: torch.Tensor | None = None) -> Trajectories:
         """:meth:`sample` as :class:`~gflowgr_core.trajectories.Trajectories`: each example's positive, then
         its ``n_aug`` sampled items.
@@ -428,13 +394,14 @@ class Sampler:
         Args:
             batch, n_aug, generator: as for :meth:`sample`.
             item_codes: ``LongTensor[n_items, L]`` SID codes of the catalogue, on the batch's device.
-            window: the examples' trunk-window ids for the packed forward, or ``None``.
+            window: trunk-window ids for the packed forward in place of ``batch.window`` (``None``: the
+                batch's own).
         """
         items = self.sample(batch, n_aug, generator)
-        return Trajectories.from_items(batch.example_idx, batch.history, batch.positive, items, item_codes,
-                                       window=window)
+        return Trajectories.from_items(batch.example, batch.history, batch.positive, items, item_codes,
+                                       window=batch.window if window is None else window)
 
-    def _sample(self, batch: SamplerBatch, n_aug: int, generator: torch.Generator | None) -> torch.Tensor:
+    def _sample(self, batch: ExampleBatch, n_aug: int, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
 
     def set_progress(self, progress: float) -> None:
@@ -451,23 +418,23 @@ class Sampler:
         if unknown:
             raise SamplerError(f"{type(self).__name__}.load_state_dict: unknown key(s) {sorted(unknown)}")
 
-    def _validate(self, batch: SamplerBatch) -> SamplerBatch:
+    def _validate(self, batch: ExampleBatch) -> ExampleBatch:
         positive = _as_long("batch.positive", batch.positive)
         device = positive.device
         history = _as_long("batch.history", batch.history, device)
-        example_idx = _as_long("batch.example_idx", batch.example_idx, device)
+        example = _as_long("batch.example", batch.example, device)
         if positive.dim() != 1:
             raise SamplerError(f"batch.positive must be [B], got {tuple(positive.shape)}")
         B = positive.shape[0]
         if history.dim() != 2 or history.shape[0] != B:
             raise SamplerError(f"batch.history must be [B={B}, H], got {tuple(history.shape)}")
-        if example_idx.shape != (B,):
-            raise SamplerError(f"batch.example_idx must be [B={B}], got {tuple(example_idx.shape)}")
+        if example.shape != (B,):
+            raise SamplerError(f"batch.example must be [B={B}], got {tuple(example.shape)}")
         _check_item_range("batch.positive", positive, self.n_items, allow_pad=False)
         _check_item_range("batch.history", history, self.n_items, allow_pad=True)
-        return SamplerBatch(example_idx, history, positive)
+        return ExampleBatch(example, history, positive, batch.window)
 
-    def _check_output(self, batch: SamplerBatch, items: torch.Tensor, n_aug: int) -> None:
+    def _check_output(self, batch: ExampleBatch, items: torch.Tensor, n_aug: int) -> None:
         who = type(self).__name__
         if items.shape != (batch.size, n_aug) or items.dtype != torch.long:
             raise SamplerError(f"{who} returned {items.dtype}{tuple(items.shape)}, expected "
@@ -727,13 +694,13 @@ class CurriculumSampler(Sampler):
         super().load_state_dict(state)
         self.progress = _check_progress(state["progress"])
 
-    def _pool(self, batch: SamplerBatch, excl: torch.Tensor, generator) -> torch.Tensor:
+    def _pool(self, batch: ExampleBatch, excl: torch.Tensor, generator) -> torch.Tensor:
         device = batch.device
         B = batch.size
         m = min(self.pool_size, self.n_items)
         if m > 0:
             with torch.no_grad():
-                top = self.scorer.topk_pool(batch.example_idx, m)
+                top = self.scorer.topk_pool(batch.example, m)
             top = _as_long("scorer.topk_pool output", top, device)
             if top.shape != (B, m):
                 raise SamplerError(f"scorer.topk_pool(example_idx[{B}], {m}) returned {tuple(top.shape)}, "
@@ -755,7 +722,7 @@ class CurriculumSampler(Sampler):
         P = pool.shape[1]
         valid = pool >= 0
         with torch.no_grad():
-            scores = self.scorer.score(batch.example_idx, pool.clamp(min=0))
+            scores = self.scorer.score(batch.example, pool.clamp(min=0))
         if not isinstance(scores, torch.Tensor) or scores.shape != (B, P):
             raise SamplerError(f"scorer.score returned {getattr(scores, 'shape', type(scores))}, expected "
                                f"{(B, P)}")

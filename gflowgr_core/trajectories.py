@@ -1,11 +1,13 @@
-"""The trajectories of one training step: what samplers return, the reward scores, the policy encodes and
-the stages hand to the losses.
+"""The training examples of one step and their trajectories: what samplers read and return, the reward
+scores, the policy encodes and the stages hand to the losses.
 
-A training example (one row of the training split) has a prompt (its history) and ``T`` trajectories: the
-positive item's SID first, then the sampler's candidates (augmentations or negatives). Trajectory ``t`` of
-example ``b`` ends in item ``items[b, t]`` through the codes ``codes[b, t, 0..L-1]``. The batch is a regular
-``[B, T]`` grid because every example of a step gets the same number of candidates; the flat views
-(``[B*T, ...]``, what the objectives take) and the example each flat trajectory belongs to are properties.
+A training example (one row of the training split) has a prompt (its history), a positive (its logged target
+item) and, when the packed forward shares a user's history, a trunk window: :class:`ExampleBatch` holds ``B``
+of them. It has ``T`` trajectories: the positive item's SID first, then the sampler's candidates
+(augmentations or negatives). Trajectory ``t`` of example ``b`` ends in item ``items[b, t]`` through the codes
+``codes[b, t, 0..L-1]``. :class:`Trajectories` is a regular ``[B, T]`` grid because every example of a step
+gets the same number of candidates; the flat views (``[B*T, ...]``, what the objectives take) and the example
+each flat trajectory belongs to are properties.
 """
 from __future__ import annotations
 
@@ -14,7 +16,66 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Trajectories"]
+__all__ = ["ExampleBatch", "Trajectories"]
+
+
+@dataclass(frozen=True)
+class ExampleBatch:
+    """``B`` training examples: rows of the training split, their prompts, positives and trunk windows.
+
+    What a sampler draws candidates for (:meth:`gflowgr_core.samplers.Sampler.sample`), what the trainer
+    hands its stage (:meth:`gflowgr_core.train.stages.Stage.draw`), and what :class:`Trajectories` extends
+    with the items and codes of each example's trajectories. Shapes are not checked here: each consumer
+    checks what it reads and raises its own error type (a sampler a ``SamplerError``).
+
+    Attributes:
+        example: ``LongTensor[B]`` training-split row of each example (what ``CMScorer`` and
+            :class:`~gflowgr_core.samplers.UserItems` key on).
+        history: ``LongTensor[B, H]`` item ids of each example's prompt, left-padded with ``-1``.
+        positive: ``LongTensor[B]`` the logged target item of each example.
+        window: ``LongTensor[B]`` trunk-window ids for the packed forward
+            (:func:`gflowgr_core.data.windows.trunk_windows`), or ``None`` (no history shared).
+    """
+
+    example: torch.Tensor
+    history: torch.Tensor
+    positive: torch.Tensor
+    window: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_split(cls, split, example: torch.Tensor, window: Optional[torch.Tensor] = None) -> "ExampleBatch":
+        """Rows ``example[B]`` of a ``Split`` (``history[N, H]``, ``target[N]``), on the split's device.
+
+        ``window`` is the rows' trunk-window ids (already indexed by ``example``), or ``None``.
+        """
+        example = torch.as_tensor(example, dtype=torch.long)
+        rows = example.to(split.target.device)
+        # index_select rather than advanced indexing: the latter is slow on the CPU.
+        return cls(example=example, history=split.history.index_select(0, rows),
+                   positive=split.target.index_select(0, rows), window=window)
+
+    @property
+    def size(self) -> int:
+        """``B``."""
+        return int(self.positive.shape[0])
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def device(self) -> torch.device:
+        """The positives' device (the batch's)."""
+        return self.positive.device
+
+    def to(self, device) -> "ExampleBatch":
+        """Every tensor on ``device``."""
+        window = None if self.window is None else self.window.to(device)
+        return ExampleBatch(self.example.to(device), self.history.to(device), self.positive.to(device), window)
+
+    def subset(self, rows: torch.Tensor) -> "ExampleBatch":
+        """The examples at batch rows ``rows`` (``LongTensor[B']``)."""
+        window = None if self.window is None else self.window[rows]
+        return ExampleBatch(self.example[rows], self.history[rows], self.positive[rows], window)
 
 
 @dataclass(frozen=True)

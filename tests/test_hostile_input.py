@@ -20,11 +20,12 @@ from gflowgr_core.decoding.step import constrained_step
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
 from gflowgr_core.objectives.gfn_loss import gfn_loss
 from gflowgr_core.reward import Reward, RewardConfig, RewardError
-from gflowgr_core.samplers import SamplerBatch, SamplerError, make_sampler
+from gflowgr_core.samplers import SamplerError, make_sampler
 from gflowgr_core.sid.catalog import Catalog
 from gflowgr_core.sid.tokens import SIDTokenMap
 from gflowgr_core.sid.trie import Trie
 from gflowgr_core.train.config import ConfigError, apply_overrides, load_config
+from gflowgr_core.trajectories import ExampleBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +115,7 @@ def test_unknown_items_in_tensors(policy):
     reward = Reward(RewardConfig())
     with pytest.raises(RewardError, match=r"candidates must hold catalogue items in \[0, 4\); batch row\(s\) \[0\] hold \[7\]"):
         reward(torch.tensor([0]), torch.tensor([[0, 7]]), torch.tensor([[0.5, 0.5]]), CODES)
-    batch = SamplerBatch(torch.tensor([0]), torch.tensor([[0, 1]]), torch.tensor([5]))
+    batch = ExampleBatch(torch.tensor([0]), torch.tensor([[0, 1]]), torch.tensor([5]))
     with pytest.raises(SamplerError, match=r"batch\.positive must hold items in \[0, 4\); batch row\(s\) \[0\] hold \[5\]"):
         make_sampler("random", n_items=4).sample(batch, 1, torch.Generator())
 

@@ -177,7 +177,7 @@ def test_library_trainer_with_pretrained_dir(tiny_ckpt, tmp_path, beauty_tiny):
                                      "gfn.n_aug=2", "gfn.reward.use_cm=false"]), data)
     # Fixed augmentations: the loss of one fixed batch must go down (fresh random draws would make it noisy).
     fixed = gfn.draw_candidates(index)
-    gfn.stage.draw = lambda batch, generator: fixed
+    gfn.stage.draw = lambda ctx, batch, generator: gfn.stage.trajectories_for(ctx, batch, fixed)
     logs = [gfn.train_step(index) for _ in range(4)]
     assert all(math.isfinite(x["loss"]) and math.isfinite(x["gfn"]) for x in logs)
     assert logs[-1]["loss"] < logs[0]["loss"], [x["loss"] for x in logs]

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import gflowgr_core.samplers as samplers_mod
 from gflowgr_core.samplers import (CurriculumSampler, LogsSampler, MixtureSampler, OnPolicySampler,
-                                   RandomSampler, Sampler, SamplerBatch, SamplerError, build_cooccurrence,
-                                   make_sampler)
+                                   RandomSampler, Sampler, SamplerError, build_cooccurrence, make_sampler)
+from gflowgr_core.trajectories import ExampleBatch
 
 DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -68,7 +68,7 @@ def make_batch(B=16, H=8, n_items=60, seed=0, n_examples=None):
     history[::3, -1] = positive[::3]
     n_examples = n_examples or B
     example_idx = torch.randint(0, n_examples, (B,), generator=g)
-    return SamplerBatch(example_idx, history, positive)
+    return ExampleBatch(example_idx, history, positive)
 
 
 def all_samplers(n_items=60, n_examples=16, history=None, target=None):
@@ -147,7 +147,7 @@ def test_guarantees_random_shapes(seed, n_items, B, H, n_aug, name):
 def test_random_excludes_history_and_is_uniform():
     n_items = 12
     history = torch.tensor([[-1, 0, 1, 2, 3]])
-    batch = SamplerBatch(torch.tensor([0]), history, torch.tensor([4]))
+    batch = ExampleBatch(torch.tensor([0]), history, torch.tensor([4]))
     counts = Counter()
     g = torch.Generator().manual_seed(0)
     sampler = RandomSampler(n_items)
@@ -171,7 +171,7 @@ def test_random_exact_fallback_used_for_tiny_allowed_sets(monkeypatch):
 
 def test_infeasible_request_names_row():
     history = torch.tensor([[0, 1, 2], [-1, -1, 0]])
-    batch = SamplerBatch(torch.tensor([0, 1]), history, torch.tensor([3, 4]))
+    batch = ExampleBatch(torch.tensor([0, 1]), history, torch.tensor([3, 4]))
     with pytest.raises(SamplerError, match=r"batch row 0 needs 2 more.*only 1"):
         RandomSampler(5).sample(batch, 2, torch.Generator().manual_seed(0))
     with pytest.raises(SamplerError, match="n_items"):
@@ -182,13 +182,13 @@ def test_infeasible_request_names_row():
     ("positive", torch.tensor([0, 60]), r"batch.positive.*\[0, 60\).*\[1\]"),
     ("history", torch.tensor([[0, -2], [1, 2]]), r"batch.history.*\[-1, 60\)"),
     ("positive", torch.tensor([0.0, 1.0]), "integer"),
-    ("example_idx", torch.tensor([0]), "example_idx"),
+    ("example", torch.tensor([0]), "example"),
 ])
 def test_bad_batches_are_rejected(field, value, match):
-    kw = dict(example_idx=torch.tensor([0, 1]), history=torch.tensor([[0, 1], [1, 2]]), positive=torch.tensor([3, 4]))
+    kw = dict(example=torch.tensor([0, 1]), history=torch.tensor([[0, 1], [1, 2]]), positive=torch.tensor([3, 4]))
     kw[field] = value
     with pytest.raises(SamplerError, match=match):
-        RandomSampler(60).sample(SamplerBatch(**kw), 2, torch.Generator().manual_seed(0))
+        RandomSampler(60).sample(ExampleBatch(**kw), 2, torch.Generator().manual_seed(0))
     with pytest.raises(SamplerError, match="n_aug"):
         RandomSampler(60).sample(make_batch(), -1, torch.Generator().manual_seed(0))
 
@@ -241,7 +241,7 @@ def test_logs_picks_from_history_window_then_cooc_then_random():
         [-1, -1, -1, -1, -1],     # empty history: cooc of positive 0 is empty -> random
     ])
     positive = torch.tensor([9, 7, 0])
-    batch = SamplerBatch(torch.arange(3), history, positive)
+    batch = ExampleBatch(torch.arange(3), history, positive)
     sampler = LogsSampler(n_items, cooc)
     items = sampler.sample(batch, 3, torch.Generator().manual_seed(0))
     assert items[0].tolist() == [1, 20, 21]
@@ -252,7 +252,7 @@ def test_logs_picks_from_history_window_then_cooc_then_random():
 
 def test_logs_recent_pick_and_window():
     history = torch.tensor([[5, 6, 7, 8, 7, 9]])
-    batch = SamplerBatch(torch.tensor([0]), history, torch.tensor([9]))
+    batch = ExampleBatch(torch.tensor([0]), history, torch.tensor([9]))
     s = LogsSampler(20, None, pick="recent")
     assert s.sample(batch, 3, torch.Generator().manual_seed(0)).tolist() == [[7, 8, 6]]
     # Window of the last 3 positions holds {8, 7} once the positive is removed; one slot goes random,
@@ -265,7 +265,7 @@ def test_logs_recent_pick_and_window():
 
 def test_logs_random_pick_covers_the_window_uniformly():
     history = torch.tensor([[0, 1, 2, 3, 4, 5]])
-    batch = SamplerBatch(torch.tensor([0]), history, torch.tensor([9]))
+    batch = ExampleBatch(torch.tensor([0]), history, torch.tensor([9]))
     s = LogsSampler(12, None)
     g = torch.Generator().manual_seed(0)
     counts = Counter()
@@ -299,7 +299,7 @@ def test_curriculum_moves_from_easy_to_hard_with_progress():
         sampler.set_progress(p)
         items = sampler.sample(batch, 3, torch.Generator().manual_seed(0))
         check_guarantees(batch, items, n_items, 3)
-        means.append(scorer.score(batch.example_idx, items).mean().item())
+        means.append(scorer.score(batch.example, items).mean().item())
     assert all(a < b for a, b in zip(means, means[1:])), means
     assert sampler.last_stats["filled_random"] == 0
 
@@ -307,7 +307,7 @@ def test_curriculum_moves_from_easy_to_hard_with_progress():
 def test_curriculum_extremes_pick_lowest_and_highest_pool_items():
     n_items = 50
     scorer = FakeScorer(1, n_items, seed=9)
-    batch = SamplerBatch(torch.tensor([0]), torch.full((1, 3), -1), torch.tensor([0]))
+    batch = ExampleBatch(torch.tensor([0]), torch.full((1, 3), -1), torch.tensor([0]))
     # A pool of the whole catalogue (n_random = 0, pool_size > n_items) and a window of exactly n_aug.
     sampler = CurriculumSampler(scorer, n_items, pool_size=100, n_random=0, window_factor=1.0)
     ranked = [i for i in scorer.S[0].argsort().tolist() if i != 0]
@@ -367,7 +367,7 @@ def test_curriculum_with_collaborative_cmscorer():
     hi = sampler.sample(batch, 3, torch.Generator().manual_seed(0))
     for items in (lo, hi):
         check_guarantees(batch, items, n_items, 3)
-    assert scorer.score(batch.example_idx, hi).mean() > scorer.score(batch.example_idx, lo).mean()
+    assert scorer.score(batch.example, hi).mean() > scorer.score(batch.example, lo).mean()
 
 
 # ---------------------------------------------------------------------------------------------- on-policy
@@ -379,7 +379,7 @@ def test_onpolicy_takes_decoded_order_excluding_positive_and_fills_missing():
         calls.append(k)
         return torch.tensor([[5, 3, 5, 8, -1], [1, -1, -1, -1, -1]])
 
-    batch = SamplerBatch(torch.arange(2), torch.tensor([[0, 1], [2, 1]]), torch.tensor([3, 9]))
+    batch = ExampleBatch(torch.arange(2), torch.tensor([[0, 1], [2, 1]]), torch.tensor([3, 9]))
     s = OnPolicySampler(decode, 20, extra=2)
     items = s.sample(batch, 3, torch.Generator().manual_seed(0))
     assert calls == [5]
@@ -509,7 +509,7 @@ def test_samplers_on_letter_beauty_training_examples():
     logs = LogsSampler.from_split(train.subset(torch.arange(20000)), n_items, top_c=10)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 20000, (256,), generator=g)
-    batch = SamplerBatch.from_split(train, idx)
+    batch = ExampleBatch.from_split(train, idx)
     scorer = LowRankScorer(20000, n_items)
     for sampler in (logs, RandomSampler(n_items), CurriculumSampler(scorer, n_items),
                     OnPolicySampler(fake_decode(n_items), n_items)):
@@ -574,7 +574,7 @@ def test_random_and_curriculum_exclude_every_training_item_of_the_user():
     ui = samplers_mod.UserItems(train)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(train), (64,), generator=g)
-    batch = SamplerBatch.from_split(train, idx)
+    batch = ExampleBatch.from_split(train, idx)
     mask = _user_item_mask(idx, train, train_items)
     # The scorer ranks the user's own training items highest, so the curriculum pool would take them.
     scorer = FakeScorer(len(train), 80)
@@ -598,7 +598,7 @@ def test_random_with_user_items_is_uniform_over_the_unseen_items():
     train, train_items = make_split(n_users=4)
     ui = samplers_mod.UserItems(train)
     r = int(len(train) - 1)
-    batch = SamplerBatch.from_split(train, torch.full((4000,), r))
+    batch = ExampleBatch.from_split(train, torch.full((4000,), r))
     allowed = sorted(set(range(80)) - train_items[int(train.user[r])] - {int(train.target[r])})
     items = RandomSampler(80, user_items=ui).sample(batch, 2, torch.Generator().manual_seed(3))
     counts = Counter(items.flatten().tolist())
@@ -611,8 +611,8 @@ def test_every_random_fill_excludes_the_users_training_items():
     train, train_items = make_split()
     ui = samplers_mod.UserItems(train)
     g = torch.Generator().manual_seed(1)
-    batch = SamplerBatch.from_split(train, torch.randint(0, len(train), (32,), generator=g))
-    mask = _user_item_mask(batch.example_idx, train, train_items)
+    batch = ExampleBatch.from_split(train, torch.randint(0, len(train), (32,), generator=g))
+    mask = _user_item_mask(batch.example, train, train_items)
     # A decoder that returns nothing forces the on-policy sampler to fill every slot at random.
     empty = OnPolicySampler(lambda h, k: torch.full((h.shape[0], k), -1), 80, user_items=ui)
     logs = LogsSampler(80, None, window=1, user_items=ui)
@@ -653,7 +653,7 @@ def test_no_sampler_offers_an_item_with_the_positives_sid(name):
         return torch.cat([history[:, -2:-1], fake_decode(n_items)(history, k - 1)], dim=1)
 
     scorer = FakeScorer(16, n_items)
-    scorer.S[batch.example_idx, sibling(batch.positive)] = 100.0
+    scorer.S[batch.example, sibling(batch.positive)] = 100.0
     cooc = torch.full((n_items, 3), -1)
     cooc[:, 0] = sibling(torch.arange(n_items))
     kw = dict(item_codes=codes)
@@ -695,7 +695,7 @@ def test_output_check_rejects_an_item_with_the_positives_sid():
         def _sample(self, batch, n_aug, generator):
             return self.offer(batch)[:, :n_aug]
 
-    batch = SamplerBatch(torch.arange(2), torch.full((2, 3), -1), torch.tensor([4, 9]))
+    batch = ExampleBatch(torch.arange(2), torch.full((2, 3), -1), torch.tensor([4, 9]))
     bad = Offers(40, lambda b: torch.stack([sibling(b.positive), b.positive + 2], dim=1), item_codes=codes)
     with pytest.raises(SamplerError, match=r"positive's SID in batch row 0: positive 4, items \[5\]"):
         bad.sample(batch, 1, torch.Generator())
@@ -738,7 +738,7 @@ def test_onpolicy_sample_mode_uses_temperature_generator_and_keeps_distinct_draw
 
 def test_onpolicy_sample_mode_keeps_draws_in_order_and_drops_forbidden_ones():
     draws = torch.tensor([[7, 7, 3, 5, 3, 9], [2, 2, 2, 2, 2, 2]])
-    batch = SamplerBatch(torch.arange(2), torch.tensor([[0, 5], [1, 4]]), torch.tensor([3, 8]))
+    batch = ExampleBatch(torch.arange(2), torch.tensor([[0, 5], [1, 4]]), torch.tensor([3, 8]))
     s = OnPolicySampler(None, 20, mode="sample", sample_fn=lambda h, k, t, g: draws)
     items = s.sample(batch, 3, torch.Generator().manual_seed(0))
     assert items[0].tolist() == [7, 5, 9]              # 3 is the positive; 5 is kept (history allowed)
@@ -789,7 +789,7 @@ def test_user_items_and_shared_sids_on_letter_beauty():
     shared_rows = (counts[group[train.target]] > 1).nonzero().flatten()
     assert shared_rows.numel() > 0
     idx = torch.cat([shared_rows[:64], torch.randint(0, len(train), (192,), generator=g)])
-    batch = SamplerBatch.from_split(train, idx)
+    batch = ExampleBatch.from_split(train, idx)
     rows = ui.rows(idx)
     for b in range(0, idx.numel(), 37):
         u = int(train.user[idx[b]])

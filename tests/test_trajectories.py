@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gflowgr_core.reward import Reward, RewardConfig
-from gflowgr_core.samplers import RandomSampler, SamplerBatch
-from gflowgr_core.trajectories import Trajectories
+from gflowgr_core.samplers import RandomSampler
+from gflowgr_core.trajectories import ExampleBatch, Trajectories
 
 CODES = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1]])
 
@@ -52,12 +52,12 @@ def test_shapes_are_checked():
 
 
 def test_sampler_returns_trajectories_of_its_sample():
-    batch = SamplerBatch(torch.tensor([0, 1]), torch.tensor([[-1, 0], [1, 2]]), torch.tensor([3, 5]))
+    batch = ExampleBatch(torch.tensor([0, 1]), torch.tensor([[-1, 0], [1, 2]]), torch.tensor([3, 5]))
     sampler = RandomSampler(6)
     expected = sampler.sample(batch, 2, torch.Generator().manual_seed(0))
     traj = sampler.trajectories(batch, 2, torch.Generator().manual_seed(0), CODES, window=torch.tensor([4, 4]))
     assert torch.equal(traj.candidates, expected) and traj.positive.tolist() == [3, 5]
-    assert traj.window.tolist() == [4, 4] and torch.equal(traj.example, batch.example_idx)
+    assert traj.window.tolist() == [4, 4] and torch.equal(traj.example, batch.example)
 
 
 def test_reward_scores_trajectories_as_its_forward():

@@ -7,9 +7,10 @@
 * :class:`PreferenceStage` (``dpo``, ``sdpo``): preference loss of the positive against sampled negatives,
   the frozen starting checkpoint as reference, plus ``pref.sft_weight`` times the CE anchor.
 
-A stage turns an :class:`ExampleBatch` and its sampler's candidates (:meth:`Stage.draw`) into
-:class:`~gflowgr_core.trajectories.Trajectories` (:meth:`Stage.trajectories_for`: the positive, then the
-candidates), and its loss reads them. Every stage reads the policy's hidden states through
+A stage turns an :class:`~gflowgr_core.trajectories.ExampleBatch` into
+:class:`~gflowgr_core.trajectories.Trajectories` (the positive, then the candidates): :meth:`Stage.draw` with
+its sampler (:meth:`~gflowgr_core.samplers.Sampler.trajectories`), :meth:`Stage.trajectories_for` with
+candidates drawn before; its loss reads them. Every stage reads the policy's hidden states through
 :meth:`StageContext.hidden`, which runs the packed forward (:meth:`SIDPolicy.packed_trajectory_hidden`) or the
 per-prefix one: packing is an execution strategy, the losses are the same. The library
 :class:`~gflowgr_core.train.trainer.Trainer` and the Hugging Face :class:`~gflowgr_core.hf_trainer.GFlowGRTrainer`
@@ -27,30 +28,9 @@ from gflowgr_core.objectives.gfn_loss import gfn_loss
 from gflowgr_core.objectives.logpf import constrained_log_pf
 from gflowgr_core.objectives.preference import dpo_loss, sdpo_loss, sft_cross_entropy
 from gflowgr_core.reward import Reward, cm_component, lm_generation_prob, summary as reward_summary
-from gflowgr_core.samplers import SamplerBatch
-from gflowgr_core.trajectories import Trajectories
+from gflowgr_core.trajectories import ExampleBatch, Trajectories
 
-__all__ = ["ExampleBatch", "StageContext", "Stage", "SFTStage", "GFlowGRStage", "PreferenceStage"]
-
-
-@dataclass
-class ExampleBatch:
-    """Training examples of one step, on the training device.
-
-    Attributes:
-        index: ``LongTensor[B]`` rows of the training split.
-        history: ``LongTensor[B, H]`` item ids (``-1`` = no item); ``target``: ``LongTensor[B]``.
-        window: ``LongTensor[B]`` trunk-window ids (:func:`gflowgr_core.data.windows.trunk_windows`), used
-            by the packed forward to share a user's history; ``None`` shares nothing.
-    """
-
-    index: torch.Tensor
-    history: torch.Tensor
-    target: torch.Tensor
-    window: Optional[torch.Tensor] = None
-
-    def __len__(self) -> int:
-        return int(self.index.shape[0])
+__all__ = ["StageContext", "Stage", "SFTStage", "GFlowGRStage", "PreferenceStage"]
 
 
 @dataclass
@@ -99,17 +79,18 @@ class Stage:
         return 1 + self.n_candidates
 
     def trajectories_for(self, ctx: StageContext, batch: ExampleBatch,
-                         candidates: Optional[torch.Tensor]) -> Trajectories:
+                         candidates: Optional[torch.Tensor] = None) -> Trajectories:
         """``batch``'s trajectories: each positive, then its pre-drawn ``candidates[B, n]`` (``None``: none)."""
-        return Trajectories.from_items(batch.index, batch.history, batch.target, candidates, ctx.item_codes,
+        return Trajectories.from_items(batch.example, batch.history, batch.positive, candidates, ctx.item_codes,
                                        window=batch.window)
 
-    def draw(self, batch: ExampleBatch, generator: torch.Generator) -> Optional[torch.Tensor]:
-        """The sampler's ``LongTensor[B, n_candidates]`` for ``batch`` (``None`` without a sampler)."""
+    def draw(self, ctx: StageContext, batch: ExampleBatch, generator: torch.Generator) -> Trajectories:
+        """``batch``'s trajectories with ``n_candidates`` fresh candidates per example from the sampler
+        (:meth:`~gflowgr_core.samplers.Sampler.trajectories`, randomness from ``generator``); the positive
+        alone without a sampler."""
         if self.sampler is None:
-            return None
-        sb = SamplerBatch(example_idx=batch.index, history=batch.history, positive=batch.target)
-        return self.sampler.sample(sb, self.n_candidates, generator).to(batch.index.device)
+            return self.trajectories_for(ctx, batch)
+        return self.sampler.trajectories(batch, self.n_candidates, generator, ctx.item_codes)
 
     def loss(self, ctx: StageContext, policy: SIDPolicy, trajectories: Trajectories,
              step: int) -> tuple[torch.Tensor, dict]:

@@ -1,10 +1,12 @@
 """One training loop for every stage: ``sft``, ``gflowgr``, and the baselines ``sft_continue``, ``dpo``, ``sdpo``.
 
 The loop, checkpoints, data parallelism and evaluation live here; each stage's trajectories, sampler and
-loss live in :mod:`gflowgr_core.train.stages`. A step reads a batch of training rows (history, target, trunk
-window) and hands it to the stage, which reads the policy's hidden states at the decision positions from one
-packed forward (``packing: true``, the default: a user's examples share one encoding of their history) or
-from per-prefix prompts (``packing: false``, the reference).
+loss live in :mod:`gflowgr_core.train.stages`. A step reads a batch of training rows
+(:class:`~gflowgr_core.trajectories.ExampleBatch`: history, positive, trunk window) and hands it to the stage,
+whose sampler draws its trajectories (:meth:`~gflowgr_core.train.stages.Stage.draw`) and which reads the
+policy's hidden states at the decision positions from one packed forward (``packing: true``, the default: a
+user's examples share one encoding of their history) or from per-prefix prompts (``packing: false``, the
+reference).
 
 With packing, an epoch visits the trunk windows (:func:`gflowgr_core.data.windows.trunk_windows`) in random
 order, each window's examples together, and cuts batches of ``batch_size`` examples from that order.
@@ -48,8 +50,8 @@ from gflowgr_core.train.checkpoint import (TRAINER_STATE_FILE, CheckpointError, 
 from gflowgr_core.train.config import ConfigError, TrainConfig, rename_old_keys, save_config
 from gflowgr_core.train.distributed import DistContext
 from gflowgr_core.train.signals import StopRequest
-from gflowgr_core.train.stages import (ExampleBatch, GFlowGRStage, PreferenceStage, SFTStage, Stage,
-                                       StageContext)
+from gflowgr_core.train.stages import GFlowGRStage, PreferenceStage, SFTStage, Stage, StageContext
+from gflowgr_core.trajectories import ExampleBatch
 
 log = logging.getLogger("gflowgr")
 
@@ -307,7 +309,7 @@ class Trainer:
             rng = torch.Generator().manual_seed(self.cfg.seed)
             rows = self.train_index[torch.randperm(len(self.train_index), generator=rng)[:512]]
             batch = self.batch(rows)
-            mass = self.stage.catalogue_mass(self.ctx, batch.index, batch.target)
+            mass = self.stage.catalogue_mass(self.ctx, batch.example, batch.positive)
             if mass is None:
                 log.info("log Z starts at 0: the reward reads the LM's own probabilities (cm_source='lm'), so "
                          "there is no catalogue-wide reward mass to start from")
@@ -339,11 +341,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ loss
     def batch(self, index: torch.Tensor) -> ExampleBatch:
         """The training rows ``index[B]`` on the device, with their trunk windows when packing."""
-        train = self.data.split.train
         index = torch.as_tensor(index, dtype=torch.long)
-        window = self.windows.index_select(0, index).to(self.device) if self.windows is not None else None
-        return ExampleBatch(index=index.to(self.device), history=train.history.index_select(0, index).to(self.device),
-                            target=train.target.index_select(0, index).to(self.device), window=window)
+        window = self.windows.index_select(0, index) if self.windows is not None else None
+        return ExampleBatch.from_split(self.data.split.train, index, window=window).to(self.device)
 
     def compute_loss(self, index: torch.Tensor, candidates: Optional[torch.Tensor] = None,
                      step: Optional[int] = None) -> tuple[torch.Tensor, dict]:
@@ -357,15 +357,17 @@ class Trainer:
         """
         batch = self.batch(index)
         if candidates is None:
-            candidates = self.stage.draw(batch, self.generator)
+            trajectories = self.stage.draw(self.ctx, batch, self.generator)
         else:
-            candidates = candidates.to(self.device)
-        trajectories = self.stage.trajectories_for(self.ctx, batch, candidates)
+            trajectories = self.stage.trajectories_for(self.ctx, batch, candidates.to(self.device))
         return self.stage.loss(self.ctx, self.policy, trajectories, self.step if step is None else step)
 
     def draw_candidates(self, index: torch.Tensor) -> Optional[torch.Tensor]:
-        """The sampler's ``LongTensor[B, n]`` augmentations (or negatives) for training rows ``index[B]``."""
-        return self.stage.draw(self.batch(index), self.generator)
+        """The sampler's ``LongTensor[B, n]`` augmentations (or negatives) for training rows ``index[B]``
+        (``None`` for a stage without a sampler)."""
+        if self.stage.sampler is None:
+            return None
+        return self.stage.draw(self.ctx, self.batch(index), self.generator).candidates
 
     def train_step(self, index: torch.Tensor) -> dict:
         """One optimisation step on the global batch of training examples ``index[B]``; returns logged values.
