@@ -129,6 +129,128 @@ def _first_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarra
     return row, offset, used
 
 
+def _place_segments(seg_len: torch.Tensor, row_tokens: int, rows: int | None) -> tuple[int, int, torch.Tensor]:
+    """Rows for segments of ``seg_len`` tokens: ``(capacity, n_rows, seg_start)``, the row length, the number
+    of rows and each segment's flat start (into ``n_rows * capacity``)."""
+    seg_len_np = seg_len.cpu().numpy()
+    capacity = int(row_tokens)
+    if rows is None:
+        capacity = max(capacity, int(seg_len_np.max()))
+    elif int(seg_len_np.max()) > capacity:
+        raise ValueError(f"a segment of {int(seg_len_np.max())} tokens does not fit rows of {capacity}")
+    seg_row_np, seg_off_np, used = _first_fit_decreasing(seg_len_np, capacity)
+    n_rows = used if rows is None else int(rows)
+    if n_rows < used:
+        raise ValueError(f"the batch needs {used} rows of {capacity} tokens, only {n_rows} are allowed")
+    seg_row = torch.from_numpy(seg_row_np).to(seg_len.device)
+    return capacity, n_rows, torch.from_numpy(seg_off_np).to(seg_len.device) + seg_row * capacity
+
+
+def _trunk_tokens(items: torch.Tensor, trunk_row: torch.Tensor, shared_len: torch.Tensor, seg_start: torch.Tensor,
+                  item_tokens: torch.Tensor, prefix: torch.Tensor, bos_id: int, L: int):
+    """The shared tokens ``[BOS] prefix h_0 .. h_{n-1}`` of every segment (each history item as its ``L`` code
+    tokens): ``(flat, ids, seg, p)``, each token's flat index in the rows, id, segment and in-prompt position."""
+    device = items.device
+    n_pre, H = prefix.numel(), items.shape[1]
+    seg = torch.repeat_interleave(torch.arange(shared_len.shape[0], device=device), shared_len)
+    first = torch.cumsum(shared_len, 0) - shared_len
+    p = torch.arange(int(shared_len.sum()), device=device) - first.index_select(0, seg)
+    k = (p - 1 - n_pre).clamp_min(0)
+    flat_item = trunk_row.index_select(0, seg) * H + (k // L).clamp_max(H - 1)
+    trunk_items = items.reshape(-1).index_select(0, flat_item).clamp_min(0)
+    ids = item_tokens.reshape(-1).index_select(0, trunk_items * L + k % L)
+    if n_pre:
+        ids = torch.where((p >= 1) & (p <= n_pre), prefix.index_select(0, (p - 1).clamp(0, n_pre - 1)), ids)
+    ids = torch.where(p == 0, torch.full_like(ids, bos_id), ids)
+    return seg_start.index_select(0, seg) + p, ids, seg, p
+
+
+def _member_tokens(codes: torch.Tensor, base: torch.Tensor, level_tokens: torch.Tensor, suffix: torch.Tensor,
+                   sep_id: int):
+    """Each example's block ``suffix SEP`` then ``c_1 .. c_{L-1}`` of every trajectory, for ``codes [B, T, L]``
+    and ``base [B, 1]``, the in-prompt position of the example's first decision token: ``(ids [B, M],
+    pos [B, M], traj [M])``, ``traj`` being each block token's trajectory (``-1`` on the decision tokens)."""
+    B, T, L = codes.shape
+    device = codes.device
+    n_suf = suffix.numel()
+    n_dec, branch = n_suf + 1, L - 1
+    q = torch.arange(n_dec + T * branch, device=device)
+    r = (q - n_dec).clamp_min(0)
+    traj = torch.where(q >= n_dec, r // max(branch, 1), torch.full_like(q, -1))
+    lvl = r % max(branch, 1)
+    if branch:
+        code = codes.reshape(B, T * L).index_select(1, traj.clamp_min(0) * L + lvl)      # [B, M]
+        k_max = level_tokens.shape[1]
+        br_ids = level_tokens.reshape(-1).index_select(0, (lvl[None, :] * k_max + code).reshape(-1)).view(B, -1)
+    else:
+        br_ids = torch.zeros(B, q.numel(), dtype=torch.long, device=device)
+    dec_ids = torch.full((q.numel(),), sep_id, dtype=torch.long, device=device)
+    if n_suf:
+        dec_ids = torch.where(q < n_suf, suffix.index_select(0, q.clamp_max(n_suf - 1)), dec_ids)
+    ids = torch.where((q >= n_dec)[None, :], br_ids, dec_ids[None, :])
+    pos = base + torch.where(q >= n_dec, n_dec + lvl, q)[None, :]
+    return ids, pos, traj
+
+
+@dataclass
+class _Slots:
+    """What each slot of the packed rows (flat over ``R * C``) holds: its token and the attributes the mask is
+    built from."""
+
+    ids: torch.Tensor        # token id (pad_id on padding)
+    pos: torch.Tensor        # position id
+    seg: torch.Tensor        # segment, -1 on padding
+    trunk_pos: torch.Tensor  # position in the segment's trunk, -1 off the trunk
+    limit: torch.Tensor      # how many of the segment's trunk tokens this token sees
+    member: torch.Tensor     # example (in sorted order) of a decision or branch token, -1 elsewhere
+    traj: torch.Tensor       # trajectory of a branch token, -1 elsewhere
+
+    @classmethod
+    def empty(cls, size: int, pad_id: int, device) -> "_Slots":
+        def full(value):
+            return torch.full((size,), value, dtype=torch.long, device=device)
+
+        return cls(ids=full(pad_id), pos=full(0), seg=full(-1), trunk_pos=full(-1), limit=full(0), member=full(-1),
+                   traj=full(-1))
+
+    def fill(self, index: torch.Tensor, **values: torch.Tensor) -> None:
+        """Write each of ``values`` (broadcast to ``index``'s shape) at the slots ``index``."""
+        flat = index.reshape(-1)
+        for name, value in values.items():
+            # index_copy_ rather than x[i] = v: advanced-index assignment is far slower on the CPU.
+            getattr(self, name).index_copy_(0, flat, value.expand(index.shape).reshape(-1))
+
+
+def _attention_mask(slots: _Slots, n_rows: int, capacity: int, T: int) -> torch.Tensor:
+    """``allowed [R, C, C]`` of the filled rows (see the module docstring), from two integer keys per token.
+
+    Few ``[R, C, C]`` ops, as this runs every step: a trunk token is visible to token ``j`` when its key
+    ``seg * C + trunk position`` lies in ``j``'s range ``[seg_j * C, seg_j * C + limit_j)``; an example's own
+    token when its (example, trajectory) key is ``j``'s decision key (trajectory -1) or ``j``'s own trajectory
+    key, and it comes no later than ``j``. A padding token sees only itself.
+    """
+    def grid(x):
+        return x.view(n_rows, capacity)
+
+    i32 = torch.int32
+    seg, member, tr = slots.seg, slots.member, slots.traj
+    on_trunk, in_member = slots.trunk_pos >= 0, member >= 0
+    trunk_key = grid(torch.where(on_trunk, seg * capacity + slots.trunk_pos, -1).to(i32))
+    lo = grid(torch.where(seg >= 0, seg * capacity, 0).to(i32))
+    hi = grid(torch.where(seg >= 0, seg * capacity + slots.limit, 0).to(i32))
+    own_key = grid(torch.where(in_member, member * (T + 1) + tr + 1, -1).to(i32))
+    dec_key = grid(torch.where(in_member, member * (T + 1), -2).to(i32))
+    traj_key = grid(torch.where(in_member & (tr >= 0), member * (T + 1) + tr + 1, -2).to(i32))
+    allowed = (trunk_key[:, None, :] >= lo[:, :, None]) & (trunk_key[:, None, :] < hi[:, :, None])
+    qi = torch.arange(capacity, device=seg.device)
+    causal = qi[None, :] <= qi[:, None]                                  # [C(j), C(i)]
+    own = (own_key[:, None, :] == dec_key[:, :, None]) | (own_key[:, None, :] == traj_key[:, :, None])
+    allowed |= own & causal[None]
+    pad = grid(seg < 0)
+    allowed |= torch.eye(capacity, dtype=torch.bool, device=seg.device)[None] & pad[:, :, None]
+    return allowed
+
+
 def pack_trajectories(history: torch.Tensor, codes: torch.Tensor, *, item_tokens: torch.Tensor,
                       level_tokens: torch.Tensor, bos_id: int, sep_id: int, pad_id: int,
                       prefix: torch.Tensor, suffix: torch.Tensor, window: torch.Tensor | None = None,
@@ -154,112 +276,36 @@ def pack_trajectories(history: torch.Tensor, codes: torch.Tensor, *, item_tokens
     branch = L - 1
     member_len = n_dec + T * branch
 
-    # Members per segment such that a segment with the longest possible trunk fits a row.
+    # Segments and their places: members per segment such that one with the longest possible trunk fits a row.
     max_members = max(1, (int(row_tokens) - (1 + n_pre + L * items.shape[1])) // member_len)
     order, seg_sorted, n_seg, trunk_row = _segments(items, lengths, window, max_members)
-    trunk_len = lengths.index_select(0, trunk_row)                   # [S]
-    shared_len = 1 + n_pre + L * trunk_len                           # [S]
+    shared_len = 1 + n_pre + L * lengths.index_select(0, trunk_row)  # [S]
     members = torch.bincount(seg_sorted, minlength=n_seg)            # [S]
-    seg_len = shared_len + members * member_len
-    seg_len_np = seg_len.cpu().numpy()
-    capacity = int(row_tokens)
-    if rows is None:
-        capacity = max(capacity, int(seg_len_np.max()))
-    elif int(seg_len_np.max()) > capacity:
-        raise ValueError(f"a segment of {int(seg_len_np.max())} tokens does not fit rows of {capacity}")
-    seg_row_np, seg_off_np, used = _first_fit_decreasing(seg_len_np, capacity)
-    n_rows = used if rows is None else int(rows)
-    if n_rows < used:
-        raise ValueError(f"the batch needs {used} rows of {capacity} tokens, only {n_rows} are allowed")
-    seg_row = torch.from_numpy(seg_row_np).to(device)
-    seg_start = torch.from_numpy(seg_off_np).to(device) + seg_row * capacity   # flat start of segment
+    capacity, n_rows, seg_start = _place_segments(shared_len + members * member_len, row_tokens, rows)
 
-    # Shared trunk tokens: segment s, in-prompt position p.
-    n_shared = int(shared_len.sum())
-    sh_seg = torch.repeat_interleave(torch.arange(n_seg, device=device), shared_len)
-    sh_first = torch.cumsum(shared_len, 0) - shared_len
-    p = torch.arange(n_shared, device=device) - sh_first.index_select(0, sh_seg)
-    k = (p - 1 - n_pre).clamp_min(0)
-    H = items.shape[1]
-    flat_item = trunk_row.index_select(0, sh_seg) * H + (k // L).clamp_max(H - 1)
-    trunk_items = items.reshape(-1).index_select(0, flat_item).clamp_min(0)
-    sh_ids = item_tokens.reshape(-1).index_select(0, trunk_items * L + k % L)
-    if n_pre:
-        sh_ids = torch.where((p >= 1) & (p <= n_pre), prefix.index_select(0, (p - 1).clamp(0, n_pre - 1)), sh_ids)
-    sh_ids = torch.where(p == 0, torch.full_like(sh_ids, bos_id), sh_ids)
-    sh_flat = seg_start.index_select(0, sh_seg) + p
-
-    # Decision and branch tokens: sorted example j, token q of its block.
+    # Sorted example j's block follows its segment's trunk and the segment's earlier members.
     rank = torch.arange(B, device=device) - (torch.cumsum(members, 0) - members).index_select(0, seg_sorted)
-    n_hist = lengths.index_select(0, order)                                   # [B]
     block = (seg_start.index_select(0, seg_sorted) + shared_len.index_select(0, seg_sorted)
              + rank * member_len)                                             # [B]
-    q = torch.arange(member_len, device=device)
-    base = 1 + n_pre + L * n_hist[:, None]                                     # [B, 1]
-    r = (q - n_dec).clamp_min(0)
-    traj = torch.where(q >= n_dec, r // max(branch, 1), torch.full_like(q, -1))   # [member_len]
-    lvl = r % max(branch, 1)
-    sorted_codes = codes.index_select(0, order).reshape(B, T * L)
-    if branch:
-        code = sorted_codes.index_select(1, traj.clamp_min(0) * L + lvl)      # [B, member_len]
-        k_max = level_tokens.shape[1]
-        br_ids = level_tokens.reshape(-1).index_select(0, (lvl[None, :] * k_max + code).reshape(-1)).view(B, -1)
-    else:
-        br_ids = torch.zeros(B, member_len, dtype=torch.long, device=device)
-    dec_ids = torch.full((member_len,), sep_id, dtype=torch.long, device=device)
-    if n_suf:
-        dec_ids = torch.where(q < n_suf, suffix.index_select(0, q.clamp_max(n_suf - 1)), dec_ids)
-    m_ids = torch.where((q >= n_dec)[None, :], br_ids, dec_ids[None, :])
-    m_pos = base + torch.where(q >= n_dec, n_dec + lvl, q)[None, :]
-    m_flat = block[:, None] + q[None, :]
+    base = 1 + n_pre + L * lengths.index_select(0, order)[:, None]            # [B, 1]
 
-    # Scatter into rows: ids, positions and the attributes the mask is built from.
-    size = n_rows * capacity
-    ids = torch.full((size,), pad_id, dtype=torch.long, device=device)
-    pos = torch.zeros(size, dtype=torch.long, device=device)
-    seg = torch.full((size,), -1, dtype=torch.long, device=device)
-    sidx = torch.full((size,), -1, dtype=torch.long, device=device)   # trunk position, -1 off the trunk
-    limit = torch.zeros(size, dtype=torch.long, device=device)        # trunk tokens visible to this token
-    member = torch.full((size,), -1, dtype=torch.long, device=device)
-    tr = torch.full((size,), -1, dtype=torch.long, device=device)
-    # index_copy_ rather than x[i] = v: advanced-index assignment is far slower on the CPU.
-    for dst, src in ((ids, sh_ids), (pos, p), (seg, sh_seg), (sidx, p), (limit, p + 1)):
-        dst.index_copy_(0, sh_flat, src)
-    mf = m_flat.reshape(-1)
-    for dst, src in ((ids, m_ids), (pos, m_pos), (seg, seg_sorted[:, None]), (limit, base),
-                     (member, torch.arange(B, device=device)[:, None]), (tr, traj[None, :])):
-        dst.index_copy_(0, mf, src.expand(B, member_len).reshape(-1))
-
-    def grid(x):
-        return x.view(n_rows, capacity)
-
-    # The mask from two integer keys per token (few [R, C, C] ops: this runs every step):
-    # a trunk token is visible to token j when its key seg*C + trunk position lies in j's range
-    # [seg_j*C, seg_j*C + limit_j); an example's own token when its (example, trajectory) key is j's
-    # decision key (trajectory -1) or j's own trajectory key, and it comes no later than j.
-    i32 = torch.int32
-    on_trunk, in_member = sidx >= 0, member >= 0
-    trunk_key = grid(torch.where(on_trunk, seg * capacity + sidx, -1).to(i32))
-    lo = grid(torch.where(seg >= 0, seg * capacity, 0).to(i32))
-    hi = grid(torch.where(seg >= 0, seg * capacity + limit, 0).to(i32))
-    own_key = grid(torch.where(in_member, member * (T + 1) + tr + 1, -1).to(i32))
-    dec_key = grid(torch.where(in_member, member * (T + 1), -2).to(i32))
-    traj_key = grid(torch.where(in_member & (tr >= 0), member * (T + 1) + tr + 1, -2).to(i32))
-    allowed = (trunk_key[:, None, :] >= lo[:, :, None]) & (trunk_key[:, None, :] < hi[:, :, None])
-    qi = torch.arange(capacity, device=device)
-    causal = qi[None, :] <= qi[:, None]                                  # [C(j), C(i)]
-    own = (own_key[:, None, :] == dec_key[:, :, None]) | (own_key[:, None, :] == traj_key[:, :, None])
-    allowed |= own & causal[None]
-    pad = grid(seg < 0)
-    allowed |= torch.eye(capacity, dtype=torch.bool, device=device)[None] & pad[:, :, None]
+    slots = _Slots.empty(n_rows * capacity, pad_id, device)
+    sh_flat, sh_ids, sh_seg, p = _trunk_tokens(items, trunk_row, shared_len, seg_start, item_tokens, prefix,
+                                               bos_id, L)
+    slots.fill(sh_flat, ids=sh_ids, pos=p, seg=sh_seg, trunk_pos=p, limit=p + 1)
+    m_ids, m_pos, traj = _member_tokens(codes.index_select(0, order), base, level_tokens, suffix, sep_id)
+    slots.fill(block[:, None] + torch.arange(member_len, device=device)[None, :], ids=m_ids, pos=m_pos,
+               seg=seg_sorted[:, None], limit=base, member=torch.arange(B, device=device)[:, None],
+               traj=traj[None, :])
 
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(B, device=device)
     sep_flat = block + n_suf
     br_flat = (block[:, None] + n_dec + torch.arange(T * branch, device=device)[None, :]).view(B, T, branch)
-    return PackedLayout(input_ids=grid(ids), position_ids=grid(pos), allowed=allowed,
+    return PackedLayout(input_ids=slots.ids.view(n_rows, capacity), position_ids=slots.pos.view(n_rows, capacity),
+                        allowed=_attention_mask(slots, n_rows, capacity, T),
                         sep_index=sep_flat.index_select(0, inverse), branch_index=br_flat.index_select(0, inverse),
-                        tokens=int(n_shared + B * member_len))
+                        tokens=int(sh_flat.numel() + B * member_len))
 
 
 def attention_mask_for(model, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
