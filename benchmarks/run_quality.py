@@ -77,14 +77,17 @@ TIGER_BEAUTY = {"recall@5": 0.0454, "recall@10": 0.0648, "ndcg@5": 0.0321, "ndcg
 # Beauty ablations (seed 42): name -> (base method, overrides of its YAML). An empty override list is the
 # base method's own seed-42 run of the main grid (reused, not trained twice).
 ABLATIONS: dict[str, tuple[str, list[str]]] = {
-    "lambda_gfn=0.1": ("gflowgr_tb", ["gfn.lambda_gfn=0.1"]),
-    "lambda_gfn=1": ("gflowgr_tb", []),
+    "lambda_gfn=0.1": ("gflowgr_tb", []),
+    "lambda_gfn=1": ("gflowgr_tb", ["gfn.lambda_gfn=1"]),
     "lambda_gfn=10": ("gflowgr_tb", ["gfn.lambda_gfn=10"]),
     "n_aug=1": ("gflowgr_tb", ["gfn.n_aug=1"]),
     "n_aug=3": ("gflowgr_tb", []),
     "n_aug=5": ("gflowgr_tb", ["gfn.n_aug=5"]),
     "reward-all": ("gflowgr_tb", []),
-    "reward-no_r_a": ("gflowgr_tb", ["gfn.reward.use_a=false"]),
+    # The paper's reward: r_pos fixed at 1, no exponent (the shipped configs use the validation-picked ones).
+    "reward-paper": ("gflowgr_tb", ["gfn.reward.r_pos_mode=fixed", "gfn.reward.beta=1.0"]),
+    # Without r_a there is no r_pos to scale to the catalogue: r_pos_mode goes back to fixed.
+    "reward-no_r_a": ("gflowgr_tb", ["gfn.reward.use_a=false", "gfn.reward.r_pos_mode=fixed"]),
     "reward-no_r_cm": ("gflowgr_tb", ["gfn.reward.use_cm=false"]),
     "reward-no_r_sim": ("gflowgr_tb", ["gfn.reward.use_sim=false"]),
     "sampler=cm_curriculum": ("gflowgr_tb", []),

@@ -87,7 +87,9 @@ def test_gflowgr_variants_differ_only_in_objective(dataset):
     for method, cfg in cfgs.items():
         assert cfg.gfn.objective == method.split("_")[1]
         assert dataclasses.replace(cfg.gfn, objective="tb") == cfgs["gflowgr_tb"].gfn
-        assert cfg.gfn.sampler == "cm_curriculum" and cfg.gfn.n_aug == 3 and cfg.gfn.lambda_gfn == 1.0
+        # lambda_gfn 0.1, beta 2 and the catalogue-scaled r_pos: the setting picked on validation (docs/reproduce.md).
+        assert cfg.gfn.sampler == "cm_curriculum" and cfg.gfn.n_aug == 3 and cfg.gfn.lambda_gfn == 0.1
+        assert cfg.gfn.reward.beta == 2.0 and cfg.gfn.reward.r_pos_mode == "catalogue"
         assert cfg.cm == cfgs["gflowgr_tb"].cm
     sdpo = load_config(CONFIGS / dataset / "sdpo.yaml")
     assert sdpo.pref.n_neg == cfgs["gflowgr_tb"].gfn.n_aug  # as many extra trajectories as GFlowGR
@@ -109,8 +111,11 @@ def test_ablation_overrides_apply(name):
 
 def test_ablations_cover_the_requested_axes():
     overrides = {tuple(o) for _, o in runner.ABLATIONS.values()}
-    for expected in (("gfn.lambda_gfn=0.1",), ("gfn.lambda_gfn=10",), ("gfn.n_aug=1",), ("gfn.n_aug=5",),
-                     ("gfn.reward.use_a=false",), ("gfn.reward.use_cm=false",), ("gfn.reward.use_sim=false",),
+    # The shipped configs run lambda_gfn = 0.1 (picked on validation): 1 and 10 are the overrides.
+    assert runner.ABLATIONS["lambda_gfn=0.1"] == ("gflowgr_tb", [])
+    for expected in (("gfn.lambda_gfn=1",), ("gfn.lambda_gfn=10",), ("gfn.n_aug=1",), ("gfn.n_aug=5",),
+                     ("gfn.reward.use_a=false", "gfn.reward.r_pos_mode=fixed"), ("gfn.reward.use_cm=false",),
+                     ("gfn.reward.use_sim=false",), ("gfn.reward.r_pos_mode=fixed", "gfn.reward.beta=1.0"),
                      ("gfn.sampler=logs",), ("gfn.sampler=random",), ("gfn.sampler=onpolicy",),
                      ("gfn.policy_support=vocab",)):
         assert expected in overrides
