@@ -41,8 +41,9 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -240,112 +241,84 @@ def epoch_tokens(trainer, order: torch.Tensor, batch: int, trajectories: int) ->
     return out
 
 
-def bench_epoch(data_dir: Path, data: PreparedData, batch: int, gflowgr_steps: int, per_prefix_minutes: float,
-                eval_users: int, device: str, dtype: str, work: Path, sft_steps: Optional[int] = None) -> dict:
-    """Packed vs per-prefix training and length-batched vs unsorted evaluation, in one run."""
-    import time
+def device_sync(device: str) -> Callable[[], None]:
+    """Waits for the device's queued work (CUDA); a no-op on the CPU."""
+    return (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
 
-    from gflowgr_core.data.windows import window_order
+
+def timed_step(trainer, rows: torch.Tensor, sync: Callable[[], None]) -> float:
+    """Seconds of one ``trainer.train_step(rows)``."""
+    sync()
+    start = time.perf_counter()
+    trainer.train_step(rows)
+    sync()
+    return time.perf_counter() - start
+
+
+def interleaved_steps(trainers: dict, orders: dict, batch: int, steps: int, n_steps: int, budget_s: float,
+                      what: str, sync: Callable[[], None], beside=None) -> dict:
+    """``n_steps`` packed steps (``trainers[True]`` on ``orders[True]``), each followed by a per-prefix step
+    (``trainers[False]`` on ``orders[False]``) while its ``budget_s`` lasts, and by a step of ``beside`` on the
+    packed step's batch (timed under ``"beside"``) when given: every ratio is measured under one load."""
+    times = {True: [], False: [], "beside": []}
+    for i in range(n_steps):
+        lo = (i % steps) * batch
+        times[True].append(timed_step(trainers[True], orders[True][lo:lo + batch], sync))
+        if beside is not None:
+            times["beside"].append(timed_step(beside, orders[True][lo:lo + batch], sync))
+        if sum(times[False]) < budget_s:
+            times[False].append(timed_step(trainers[False], orders[False][lo:lo + batch], sync))
+        if i % 10 == 0:
+            log(f"{what} step {i + 1}/{n_steps}: packed {times[True][-1]:.2f} s, per-prefix "
+                f"{times[False][-1]:.2f} s ({len(times[False])} measured)")
+    return times
+
+
+def epoch_row(method: str, times: list[float], packing: bool, batch: int, steps: int, tokens: dict) -> dict:
+    """One table row: the epoch's seconds (summed over a whole epoch, else the mean step scaled to it)."""
+    whole = len(times) >= steps
+    mean = statistics.mean(times)
+    kind = "packed" if packing else "per_prefix"
+    return {"method": method, "packing": packing, "batch": batch, "steps_per_epoch": steps,
+            "steps_measured": len(times), "whole_epoch": whole,
+            "epoch_s": sum(times) if whole else mean * steps, "mean_step_s": mean,
+            "median_step_s": statistics.median(times),
+            "tokens_processed_per_epoch": tokens[f"{kind}_processed"], "tokens_real_per_epoch": tokens[f"{kind}_real"]}
+
+
+# Evaluation variants: the reference is the path before length batching and the beam tree (unsorted batches,
+# the prompt cache copied into every beam).
+EVAL_VARIANTS = (("reference", False, False), ("sorted", True, False), ("sorted_tree", True, True))
+
+
+def bench_evaluation(policy, trie, history: torch.Tensor, sync: Callable[[], None], repeats: int = 2) -> list[dict]:
+    """Beam 20 over the same users for every :data:`EVAL_VARIANTS` entry, ``repeats`` rounds round-robin (a
+    change in machine load touches all variants alike), after one untimed warm-up call."""
     from gflowgr_core.decoding.search import beam_search
-    from gflowgr_core.train.checkpoint import save_policy
 
-    model = MODELS["qwen2_1.3M"]
-    sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
-
-    def trainer(method: str, packing: bool, init: Optional[Path]):
-        t = make_trainer(data_dir, data, model, method, batch, device, dtype,
-                         work / f"{method}_{packing}", init, [f"packing={str(packing).lower()}"])
-        return t
-
-    sft = {True: trainer("sft", True, None), False: trainer("sft", False, None)}
-    init = save_policy(sft[True].policy, work / "init")
-    order = window_order(sft[True].train_index, sft[True].windows, torch.Generator().manual_seed(0))
-    random_order = sft[False].train_index[torch.randperm(len(order), generator=torch.Generator().manual_seed(0))]
-    steps = math.ceil(len(order) / batch)
-    tokens = {"sft": epoch_tokens(sft[True], order, batch, 1),
-              "gflowgr": epoch_tokens(sft[True], order, batch, 1 + 3)}
-    log(f"tokens per epoch: {tokens}")
-
-    def timed(t, rows) -> float:
-        sync()
-        start = time.perf_counter()
-        t.train_step(rows)
-        sync()
-        return time.perf_counter() - start
-
-    def interleaved(trainers: dict, n_steps: int, budget_s: float, what: str, beside=None) -> dict:
-        """``n_steps`` packed steps, each followed by a per-prefix step while the budget lasts (and by a step
-        of ``beside`` on the same batch, timed under ``"beside"``, when given)."""
-        times = {True: [], False: [], "beside": []}
-        for i in range(n_steps):
-            lo = (i % steps) * batch
-            times[True].append(timed(trainers[True], order[lo:lo + batch]))
-            if beside is not None:
-                times["beside"].append(timed(beside, order[lo:lo + batch]))
-            if sum(times[False]) < budget_s:
-                times[False].append(timed(trainers[False], random_order[lo:lo + batch]))
-            if i % 10 == 0:
-                log(f"{what} step {i + 1}/{n_steps}: packed {times[True][-1]:.2f} s, per-prefix "
-                    f"{times[False][-1]:.2f} s ({len(times[False])} measured)")
-        return times
-
-    # One warm-up step each (allocator, kernels), not timed.
-    for t in sft.values():
-        t.train_step(order[:batch])
-    sft_times = interleaved(sft, steps if sft_steps is None else min(sft_steps, steps), per_prefix_minutes * 60,
-                            "sft")
-    gfn = {p: trainer("gflowgr_tb_cm_curriculum", p, init) for p in (True, False)}
-    for t in gfn.values():
-        t.train_step(order[:batch])
-    # A packed SFT step on the same batch after every GFlowGR step: their ratio is measured under one load.
-    gfn_times = interleaved(gfn, gflowgr_steps, per_prefix_minutes * 60 / 4, "gflowgr_tb_cm_curriculum",
-                            beside=sft[True])
-    # Evaluation after a warm-up call, so neither order pays the first call's one-off costs.
-
-    def epoch_row(method: str, times: dict, packing: bool) -> dict:
-        ts = times[packing]
-        whole = len(ts) >= steps
-        mean = statistics.mean(ts)
-        return {"method": method, "packing": packing, "batch": batch, "steps_per_epoch": steps,
-                "steps_measured": len(ts), "whole_epoch": whole,
-                "epoch_s": sum(ts) if whole else mean * steps, "mean_step_s": mean,
-                "median_step_s": statistics.median(ts),
-                "tokens_processed_per_epoch": tokens["sft" if method == "sft" else "gflowgr"][
-                    "packed_processed" if packing else "per_prefix_processed"],
-                "tokens_real_per_epoch": tokens["sft" if method == "sft" else "gflowgr"][
-                    "packed_real" if packing else "per_prefix_real"]}
-
-    rows = [epoch_row("sft", sft_times, p) for p in (True, False)]
-    rows += [epoch_row("gflowgr_tb_cm_curriculum", gfn_times, p) for p in (True, False)]
-
-    # Evaluation: the same users, beam 20, one scoring. The reference is the path before length batching and
-    # the beam tree (unsorted batches, the prompt cache copied into every beam); each variant runs twice,
-    # round-robin, so a change in machine load touches all of them alike.
-    policy = sft[True].policy.eval()
-    valid = data.split.valid
-    users = torch.randperm(len(valid), generator=torch.Generator().manual_seed(0))[:eval_users]
-    history = valid.history[users].to(device)
-    variants = [("reference", False, False), ("sorted", True, False), ("sorted_tree", True, True)]
+    policy.eval()
     with torch.no_grad():
-        beam_search(policy, sft[True].trie, history[:8], beams=20, topk=20)
-    seconds = {name: [] for name, _, _ in variants}
-    for _ in range(2):
-        for name, sort, shared in variants:
+        beam_search(policy, trie, history[:8], beams=20, topk=20)
+    seconds = {name: [] for name, _, _ in EVAL_VARIANTS}
+    for _ in range(repeats):
+        for name, sort, shared in EVAL_VARIANTS:
             sync()
             start = time.perf_counter()
             with torch.no_grad():
-                beam_search(policy, sft[True].trie, history, beams=20, topk=20, batch_size=256,
-                            sort_by_length=sort, shared_prompt=shared)
+                beam_search(policy, trie, history, beams=20, topk=20, batch_size=256, sort_by_length=sort,
+                            shared_prompt=shared)
             sync()
             seconds[name].append(time.perf_counter() - start)
-            log(f"evaluation {name}: {len(users) / seconds[name][-1]:.1f} users/s")
-    evals = [{"variant": name, "sort_by_length": sort, "shared_prompt": shared, "users": len(users), "beams": 20,
-              "batch_size": 256, "repeats": len(seconds[name]), "seconds": sum(seconds[name]),
-              "users_per_s": len(users) * len(seconds[name]) / sum(seconds[name])}
-             for name, sort, shared in variants]
-    ev = {e["variant"]: e for e in evals}
+            log(f"evaluation {name}: {len(history) / seconds[name][-1]:.1f} users/s")
+    return [{"variant": name, "sort_by_length": sort, "shared_prompt": shared, "users": len(history), "beams": 20,
+             "batch_size": 256, "repeats": repeats, "seconds": sum(seconds[name]),
+             "users_per_s": len(history) * repeats / sum(seconds[name])} for name, sort, shared in EVAL_VARIANTS]
+
+
+def epoch_summary(rows: list[dict], gfn_times: dict, evals: list[dict], tokens: dict) -> dict:
     by = {(r["method"], r["packing"]): r for r in rows}
-    summary = {
+    ev = {e["variant"]: e for e in evals}
+    return {
         "sft_epoch_speedup_packed_vs_per_prefix": by[("sft", False)]["epoch_s"] / by[("sft", True)]["epoch_s"],
         # GFlowGR-TB over SFT from steps interleaved on the same batches: the two phases' epoch_s were timed
         # at different moments, so their ratio would mostly measure a change in machine load.
@@ -356,7 +329,47 @@ def bench_epoch(data_dir: Path, data: PreparedData, batch: int, gflowgr_steps: i
         "sft_tokens_ratio_per_prefix_over_packed": (tokens["sft"]["per_prefix_processed"]
                                                     / tokens["sft"]["packed_processed"]),
     }
-    return {"rows": rows, "eval": evals, "tokens": tokens, "summary": summary,
+
+
+def bench_epoch(data_dir: Path, data: PreparedData, batch: int, gflowgr_steps: int, per_prefix_minutes: float,
+                eval_users: int, device: str, dtype: str, work: Path, sft_steps: Optional[int] = None) -> dict:
+    """Packed vs per-prefix training and evaluation against its reference path, in one run."""
+    from gflowgr_core.data.windows import window_order
+    from gflowgr_core.train.checkpoint import save_policy
+
+    model = MODELS["qwen2_1.3M"]
+    sync = device_sync(device)
+
+    def trainer(method: str, packing: bool, init: Optional[Path]):
+        return make_trainer(data_dir, data, model, method, batch, device, dtype, work / f"{method}_{packing}", init,
+                            [f"packing={str(packing).lower()}"])
+
+    sft = {True: trainer("sft", True, None), False: trainer("sft", False, None)}
+    init = save_policy(sft[True].policy, work / "init")
+    order = window_order(sft[True].train_index, sft[True].windows, torch.Generator().manual_seed(0))
+    orders = {True: order,
+              False: sft[False].train_index[torch.randperm(len(order), generator=torch.Generator().manual_seed(0))]}
+    steps = math.ceil(len(order) / batch)
+    tokens = {"sft": epoch_tokens(sft[True], order, batch, 1), "gflowgr": epoch_tokens(sft[True], order, batch, 1 + 3)}
+    log(f"tokens per epoch: {tokens}")
+
+    for t in sft.values():  # one untimed warm-up step each (allocator, kernels)
+        t.train_step(order[:batch])
+    sft_times = interleaved_steps(sft, orders, batch, steps, steps if sft_steps is None else min(sft_steps, steps),
+                                  per_prefix_minutes * 60, "sft", sync)
+    gfn = {p: trainer("gflowgr_tb_cm_curriculum", p, init) for p in (True, False)}
+    for t in gfn.values():
+        t.train_step(order[:batch])
+    gfn_times = interleaved_steps(gfn, orders, batch, steps, gflowgr_steps, per_prefix_minutes * 60 / 4,
+                                  "gflowgr_tb_cm_curriculum", sync, beside=sft[True])
+    rows = [epoch_row("sft", sft_times[p], p, batch, steps, tokens["sft"]) for p in (True, False)]
+    rows += [epoch_row("gflowgr_tb_cm_curriculum", gfn_times[p], p, batch, steps, tokens["gflowgr"])
+             for p in (True, False)]
+
+    valid = data.split.valid
+    users = torch.randperm(len(valid), generator=torch.Generator().manual_seed(0))[:eval_users]
+    evals = bench_evaluation(sft[True].policy, sft[True].trie, valid.history[users].to(device), sync)
+    return {"rows": rows, "eval": evals, "tokens": tokens, "summary": epoch_summary(rows, gfn_times, evals, tokens),
             "model": "qwen2_1.3M", "model_config": model, "row_tokens": sft[True].cfg.pack_row_tokens}
 
 

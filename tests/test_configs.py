@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gflowgr_core.train.config import ConfigError, load_config
 
@@ -235,6 +236,33 @@ def test_quick_mode_end_to_end(tmp_path):
     assert agg["methods"].keys() == saved["methods"].keys()
     again = runner.main(argv, train_fn=lambda c, d: pytest.fail("a finished run was trained again"))
     assert again["methods"] == saved["methods"]
+
+
+def test_epoch_benchmark_rows_scale_partial_epochs_and_interleave_steps():
+    spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "benchmarks" / "bench_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tokens = {"packed_processed": 100, "packed_real": 90, "per_prefix_processed": 500, "per_prefix_real": 200}
+    whole = bench.epoch_row("sft", [1.0, 2.0, 3.0], True, 8, 3, tokens)
+    part = bench.epoch_row("sft", [4.0, 6.0], False, 8, 3, tokens)
+    assert whole["whole_epoch"] and whole["epoch_s"] == 6.0 and whole["tokens_processed_per_epoch"] == 100
+    assert not part["whole_epoch"] and part["epoch_s"] == 15.0 and part["tokens_real_per_epoch"] == 200
+
+    class Recorder:
+        def __init__(self):
+            self.rows = []
+
+        def train_step(self, rows):
+            self.rows.append(rows.tolist())
+
+    trainers, beside = {True: Recorder(), False: Recorder()}, Recorder()
+    orders = {True: torch.arange(6), False: torch.arange(6).flip(0)}
+    times = bench.interleaved_steps(trainers, orders, 2, 3, 4, float("inf"), "t", lambda: None, beside=beside)
+    assert [len(times[k]) for k in (True, False, "beside")] == [4, 4, 4]
+    assert trainers[True].rows == beside.rows == [[0, 1], [2, 3], [4, 5], [0, 1]]  # the same batches, wrapped
+    assert trainers[False].rows[0] == [5, 4]
+    none_left = bench.interleaved_steps(trainers, orders, 2, 3, 2, 0.0, "t", lambda: None)
+    assert len(none_left[False]) == 0  # the per-prefix budget is spent before its first step
 
 
 def test_train_step_summary_ratios():
