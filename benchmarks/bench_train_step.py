@@ -269,8 +269,9 @@ def interleaved_steps(trainers: dict, orders: dict, batch: int, steps: int, n_st
         if sum(times[False]) < budget_s:
             times[False].append(timed_step(trainers[False], orders[False][lo:lo + batch], sync))
         if i % 10 == 0:
-            log(f"{what} step {i + 1}/{n_steps}: packed {times[True][-1]:.2f} s, per-prefix "
-                f"{times[False][-1]:.2f} s ({len(times[False])} measured)")
+            last = f"{times[False][-1]:.2f} s" if times[False] else "none"
+            log(f"{what} step {i + 1}/{n_steps}: packed {times[True][-1]:.2f} s, per-prefix {last} "
+                f"({len(times[False])} measured)")
     return times
 
 
