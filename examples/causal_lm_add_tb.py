@@ -8,7 +8,7 @@ takes to add the GFlowNet objective:
 * each example also gets ``--n-aug`` augmented items, written as extra rows with the same prompt
   (their labels are ``-100``: the cross-entropy stays on the positive only);
 * the decision hidden states of every row's SID come from ``output_hidden_states``, and
-  ``F.constrained_log_probs`` turns them into ``log P_F`` renormalised over the trie children;
+  ``F.constrained_log_pf`` turns them into ``log P_F`` renormalised over the trie children;
 * ``log Z(U)`` is a small head on the ``SEP`` state, ``log R`` comes from the library's ``Reward``;
 * ``loss = CE + lambda * F.trajectory_balance(log_pf, log_z, log_r)``.
 
@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
         if args.lambda_gfn > 0:                                                  # [GFlowGR] from here
             h = F.decision_hidden(out.hidden_states[-1], P, L)                   # [T, L, d]
             w_sid, bias = F.sid_head_rows(model, tokens)
-            log_pf = F.constrained_log_probs(h, w_sid, codes[items.reshape(-1)], trie, bias=bias)
+            log_pf = F.constrained_log_pf(h, w_sid, codes[items.reshape(-1)], trie, bias=bias)
             log_z = log_z_head(h[:, 0]).squeeze(-1)                              # SEP state -> log Z(U)
             log_r, _ = reward(batch.positive, items, None, codes)
             tb = F.trajectory_balance(log_pf, log_z, log_r.reshape(-1))

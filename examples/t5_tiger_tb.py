@@ -8,7 +8,7 @@ trajectory-balance objective from the outside, with the functional API:
 1. every training example gets the positive item plus ``--n-aug`` random items as trajectories;
 2. the decoder runs on ``[start, c_1, .., c_{L-1}]`` of each trajectory; its last hidden states are the
    decision states ``h[T, L, d]``;
-3. ``F.constrained_log_probs(h, w_sid, codes, trie)`` gives ``log P_F`` renormalised over the trie children,
+3. ``F.constrained_log_pf(h, w_sid, codes, trie)`` gives ``log P_F`` renormalised over the trie children,
    a small head on the start state gives ``log Z(U)``, the library's ``Reward`` gives ``log R``;
 4. ``loss = SFT CE(positive) + lambda * F.trajectory_balance(log_pf, log_z, log_r)``.
 
@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
                           encoder_attention_mask=mask_t).last_hidden_state       # [T, L, d]
 
         w_sid, bias = F.sid_head_rows(model, tokens)
-        log_pf = F.constrained_log_probs(h, w_sid, traj_codes, trie, bias=bias)  # [T, L]
+        log_pf = F.constrained_log_pf(h, w_sid, traj_codes, trie, bias=bias)  # [T, L]
         log_z = log_z_head(h[:, 0]).squeeze(-1)                                  # [T]
         log_r, _ = reward(batch.positive, items, None, codes)                    # [B, T']
         sft = F.sft_cross_entropy(log_pf.view(B, Tp, L)[:, 0])

@@ -16,7 +16,7 @@ Typical use in a plain HF loop (decoder-only, SID tokens starting at column ``st
     out = model(input_ids, attention_mask=mask, output_hidden_states=True)
     h = F.decision_hidden(out.hidden_states[-1], start, L)            # [B, L, d]
     w_sid, bias = F.sid_head_rows(model, token_map)                    # [sum K_l, d], [sum K_l] | None
-    log_pf = F.constrained_log_probs(h, w_sid, codes, trie, bias=bias) # [B, L]
+    log_pf = F.constrained_log_pf(h, w_sid, codes, trie, bias=bias) # [B, L]
     loss = F.trajectory_balance(log_pf, log_z, log_r)
 """
 from __future__ import annotations
@@ -36,8 +36,7 @@ from .sid.tokens import SIDTokenMap
 from .sid.trie import Trie
 
 __all__ = [
-    "trajectory_balance", "detailed_balance", "subtrajectory_balance", "constrained_log_pf",
-    "constrained_log_probs", "gfn_loss",
+    "trajectory_balance", "detailed_balance", "subtrajectory_balance", "constrained_log_pf", "gfn_loss",
     "sft_cross_entropy", "dpo_loss", "sdpo_loss", "build_trie", "sid_head_rows", "decision_hidden",
     "constrained_beam_search", "BeamSearchOutput",
 ]
@@ -64,7 +63,7 @@ def trajectory_balance(log_pf: torch.Tensor, log_z: torch.Tensor, log_r: torch.T
     """Trajectory balance ``L_TB = (log Z + sum_l log_pf[:, l] - log R)^2`` per trajectory.
 
     Args:
-        log_pf: ``[T, L]`` per-step forward log-probabilities (e.g. from :func:`constrained_log_probs`).
+        log_pf: ``[T, L]`` per-step forward log-probabilities (e.g. from :func:`constrained_log_pf`).
         log_z: ``[T]`` ``log Z(U)`` (repeat a user's value over its trajectories).
         log_r: ``[T]`` log-rewards.
         weights: optional ``[T]`` non-negative trajectory weights.
@@ -100,11 +99,6 @@ def subtrajectory_balance(log_pf: torch.Tensor, log_z: torch.Tensor, log_f: torc
     return _reduce_balance(_balance.SubTrajectoryBalance(subtb_lambda), log_pf, log_z, log_f, log_r, weights, reduction)
 
 
-# ------------------------------------------------------------------------------------------ log P_F
-#: :func:`gflowgr_core.objectives.constrained_log_pf` under the name the examples use (one function, two names).
-constrained_log_probs = constrained_log_pf
-
-
 def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor, trie: Optional[Trie],
              log_f: Optional[torch.Tensor], log_z: torch.Tensor, log_r: torch.Tensor, objective: str = "tb",
              subtb_lambda: float = 0.9, weights: Optional[torch.Tensor] = None, support: str = "trie",
@@ -135,7 +129,7 @@ def sft_cross_entropy(log_pf_pos: torch.Tensor, mask: Optional[torch.Tensor] = N
 
     Args:
         log_pf_pos: ``[B, L]`` per-step log-probabilities of each example's positive SID (from
-            :func:`constrained_log_probs`, so under the same support as the GFlowNet loss).
+            :func:`constrained_log_pf`, so under the same support as the GFlowNet loss).
         mask: optional ``[B, L]`` of the steps that count.
     """
     return _preference.sft_cross_entropy(log_pf_pos, mask)

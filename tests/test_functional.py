@@ -77,7 +77,7 @@ def children(codes, prefix):
 
 
 @pytest.mark.parametrize("support", ["trie", "level"])
-def test_constrained_log_probs(support):
+def test_constrained_log_pf(support):
     codes, trie = catalogue(seed=3)
     g = torch.Generator().manual_seed(3)
     T, d = 7, 8
@@ -85,7 +85,7 @@ def test_constrained_log_probs(support):
     w = torch.randn(12, d, generator=g)
     bias = torch.randn(12, generator=g)
     traj = codes[torch.randint(0, len(codes), (T,), generator=g)]
-    got = F.constrained_log_probs(h, w, traj, trie, support, bias=bias)
+    got = F.constrained_log_pf(h, w, traj, trie, support, bias=bias)
     torch.testing.assert_close(got, constrained_log_pf(h, w, traj, trie, support, bias=bias))
     offsets = [0, 4, 7, 12]
     for t in range(T):
@@ -98,27 +98,27 @@ def test_constrained_log_probs(support):
     assert h.grad is not None and torch.isfinite(h.grad).all()
 
 
-def test_constrained_log_probs_vocab_and_backends():
+def test_constrained_log_pf_vocab_and_backends():
     codes, trie = catalogue(seed=4)
     g = torch.Generator().manual_seed(4)
     h = torch.randn(5, 3, 8, generator=g)
     w_full = torch.randn(20, 8, generator=g)
     sid_ids = torch.arange(4, 16)
     traj = codes[:5]
-    got = F.constrained_log_probs(h, None, traj, trie, "vocab", w_full=w_full, sid_token_ids=sid_ids)
+    got = F.constrained_log_pf(h, None, traj, trie, "vocab", w_full=w_full, sid_token_ids=sid_ids)
     torch.testing.assert_close(got, torch.log_softmax(h @ w_full.t(), -1).gather(
         2, (sid_ids[torch.tensor([0, 4, 7]) + traj])[:, :, None]).squeeze(2))
     # CPU tensors stay on the reference under "auto", and under the backends this op has none of here:
     # bitwise equal to it
     w_sid = w_full[4:16]
     for backend in ("auto", "cpp", "cuda"):
-        got = F.constrained_log_probs(h, w_sid, traj, trie, backend=backend)
+        got = F.constrained_log_pf(h, w_sid, traj, trie, backend=backend)
         assert torch.equal(got, constrained_log_pf(h, w_sid, traj, trie)), backend
     with pytest.raises(ValueError, match="unknown backend"):
-        F.constrained_log_probs(h, w_sid, traj, trie, backend="jax")
+        F.constrained_log_pf(h, w_sid, traj, trie, backend="jax")
 
 
-def test_constrained_log_probs_triton_matches_reference():
+def test_constrained_log_pf_triton_matches_reference():
     from gflowgr_core import backends
     if "triton" not in backends.available_backends():
         pytest.skip("triton cannot run here (not installed, or no GPU and TRITON_INTERPRET unset)")
@@ -129,7 +129,7 @@ def test_constrained_log_probs_triton_matches_reference():
     h = torch.randn(4, 3, 16, generator=g).to(dev)
     w = torch.randn(12, 16, generator=g).to(dev)
     traj = codes[:4].to(dev)
-    torch.testing.assert_close(F.constrained_log_probs(h, w, traj, trie, backend="triton"),
+    torch.testing.assert_close(F.constrained_log_pf(h, w, traj, trie, backend="triton"),
                                constrained_log_pf(h, w, traj, trie), rtol=1e-5, atol=1e-5)
 
 
@@ -145,7 +145,7 @@ def test_gfn_loss_equals_dispatcher():
         ref = gfn_loss(h, w, traj, trie, log_f, log_z, log_r, objective)
         torch.testing.assert_close(ours.loss, ref.loss)
     tb = F.gfn_loss(h, w, traj, trie, None, log_z, log_r, "tb")
-    torch.testing.assert_close(tb.loss, F.trajectory_balance(F.constrained_log_probs(h, w, traj, trie), log_z, log_r))
+    torch.testing.assert_close(tb.loss, F.trajectory_balance(F.constrained_log_pf(h, w, traj, trie), log_z, log_r))
 
 
 # ------------------------------------------------------------------------------------------ SFT / preference
@@ -276,7 +276,7 @@ def test_exhaustive_beam_search_is_exact():
         leaf_codes = trie.leaf_sid(torch.arange(trie.level_offsets[3], trie.num_nodes))  # every SID
         n = len(leaf_codes)
         h, _, _ = policy.trajectory_hidden(history, leaf_codes[None].expand(3, n, 3))
-        lp = F.constrained_log_probs(h.reshape(3 * n, 3, -1), policy.sid_head_weight(),
+        lp = F.constrained_log_pf(h.reshape(3 * n, 3, -1), policy.sid_head_weight(),
                                      leaf_codes.repeat(3, 1), trie).sum(1).reshape(3, n)
     for b in range(3):
         expect, order = torch.sort(lp[b], descending=True, stable=True)
