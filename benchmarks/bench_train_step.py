@@ -396,6 +396,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return main_epoch(args, device, dtype)
     sizes = QUICK if args.quick else FULL
     load_start = os.getloadavg()[0]
+    env = environment(device)  # before the run: the commit and tree it measures
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         data_dir, data, data_label = load_data(args.data, work, args.quick)
@@ -403,7 +404,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for name in args.models:
             batch, warmup, reps = sizes[name]
             rows += bench_model(name, data_dir, data, batch, warmup, reps, device, dtype, work / "runs")
-    env = environment(device)
     # Other processes on a shared CPU slow every step; the 1-minute load average tells how much.
     load = {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()}
     payload = {**env, "device_kind": torch.device(device).type, "quick": args.quick, "data": data_label,
@@ -425,12 +425,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 def main_epoch(args, device: str, dtype: str) -> dict:
     load_start = os.getloadavg()[0]
+    env = environment(device)  # before the run: the commit and tree it measures
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         data_dir, data, data_label = load_data(args.data, work, args.quick)
         result = bench_epoch(data_dir, data, 1024, args.gflowgr_steps, args.per_prefix_minutes, args.eval_users,
                              device, dtype, work / "runs", sft_steps=args.sft_steps)
-    env = environment(device)
     load = {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()}
     payload = {**env, "device_kind": torch.device(device).type, "dtype": dtype, "data": data_label,
                "num_train_examples": len(data.split.train), "load_average_1m": load, **result}
