@@ -333,7 +333,8 @@ def epoch_summary(rows: list[dict], gfn_times: dict, evals: list[dict], tokens: 
 
 
 def bench_epoch(data_dir: Path, data: PreparedData, batch: int, gflowgr_steps: int, per_prefix_minutes: float,
-                eval_users: int, device: str, dtype: str, work: Path, sft_steps: Optional[int] = None) -> dict:
+                eval_users: int, device: str, dtype: str, work: Path, sft_steps: Optional[int] = None,
+                gflowgr_per_prefix_minutes: Optional[float] = None) -> dict:
     """Packed vs per-prefix training and evaluation against its reference path, in one run."""
     from gflowgr_core.data.windows import window_order
     from gflowgr_core.train.checkpoint import save_policy
@@ -361,7 +362,8 @@ def bench_epoch(data_dir: Path, data: PreparedData, batch: int, gflowgr_steps: i
     gfn = {p: trainer("gflowgr_tb_cm_curriculum", p, init) for p in (True, False)}
     for t in gfn.values():
         t.train_step(order[:batch])
-    gfn_times = interleaved_steps(gfn, orders, batch, steps, gflowgr_steps, per_prefix_minutes * 60 / 4,
+    gfn_budget = per_prefix_minutes / 4 if gflowgr_per_prefix_minutes is None else gflowgr_per_prefix_minutes
+    gfn_times = interleaved_steps(gfn, orders, batch, steps, gflowgr_steps, gfn_budget * 60,
                                   "gflowgr_tb_cm_curriculum", sync, beside=sft[True])
     rows = [epoch_row("sft", sft_times[p], p, batch, steps, tokens["sft"]) for p in (True, False)]
     rows += [epoch_row("gflowgr_tb_cm_curriculum", gfn_times[p], p, batch, steps, tokens["gflowgr"])
@@ -386,6 +388,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--gflowgr-steps", type=int, default=30, help="--epoch: GFlowGR-TB steps scaled to an epoch")
     p.add_argument("--per-prefix-minutes", type=float, default=120.0,
                    help="--epoch: time budget of the per-prefix SFT steps")
+    p.add_argument("--gflowgr-per-prefix-minutes", type=float, default=None,
+                   help="--epoch: time budget of the per-prefix GFlowGR-TB steps (default: a quarter of "
+                        "--per-prefix-minutes)")
     p.add_argument("--eval-users", type=int, default=2000, help="--epoch: validation users decoded")
     p.add_argument("--sft-steps", type=int, default=None,
                    help="--epoch: packed SFT steps to time (default: the whole epoch); fewer are scaled to it")
@@ -430,7 +435,8 @@ def main_epoch(args, device: str, dtype: str) -> dict:
         work = Path(args.work) if args.work else Path(tmp)
         data_dir, data, data_label = load_data(args.data, work, args.quick)
         result = bench_epoch(data_dir, data, 1024, args.gflowgr_steps, args.per_prefix_minutes, args.eval_users,
-                             device, dtype, work / "runs", sft_steps=args.sft_steps)
+                             device, dtype, work / "runs", sft_steps=args.sft_steps,
+                             gflowgr_per_prefix_minutes=args.gflowgr_per_prefix_minutes)
     load = {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()}
     payload = {**env, "device_kind": torch.device(device).type, "dtype": dtype, "data": data_label,
                "num_train_examples": len(data.split.train), "load_average_1m": load, **result}
