@@ -231,7 +231,7 @@ def epoch_tokens(trainer, order: torch.Tensor, batch: int, trajectories: int) ->
         out["per_prefix_processed"] += int(len(rows) * (2 + n_fixed + L * int(n.max()))
                                            + len(rows) * trajectories * (L - 1))
         out["per_prefix_real"] += int((2 + n_fixed + L * n).sum() + len(rows) * trajectories * (L - 1))
-        codes = policy.item_codes[b.target].unsqueeze(1).expand(-1, trajectories, -1)
+        codes = policy.item_codes[b.positive].unsqueeze(1).expand(-1, trajectories, -1)
         lay = pack_trajectories(b.history, codes, item_tokens=policy.item_tokens, level_tokens=policy.level_tokens,
                                 bos_id=policy.token_map.bos_id, sep_id=policy.token_map.sep_id,
                                 pad_id=policy.token_map.pad_id, prefix=policy.prompt_prefix,

@@ -265,6 +265,28 @@ def test_epoch_benchmark_rows_scale_partial_epochs_and_interleave_steps():
     assert len(none_left[False]) == 0  # the per-prefix budget is spent before its first step
 
 
+def test_epoch_benchmark_counts_the_tokens_of_both_layouts(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "benchmarks" / "bench_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from gflowgr_core.data.windows import window_order
+
+    data = bench.synthetic_prepared(tmp_path / "data", n_users=40, n_items=60)
+    model = {"hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2, "intermediate": 32, "flow_hidden": 16}
+    trainer = bench.make_trainer(tmp_path / "data", data, model, "sft", 32, "cpu", "float32", tmp_path / "run", None,
+                                 ["packing=true"])
+    order = window_order(trainer.train_index, trainer.windows, torch.Generator().manual_seed(0))
+    one, four = (bench.epoch_tokens(trainer, order, 32, t) for t in (1, 4))
+    for tokens in (one, four):
+        assert 0 < tokens["packed_real"] <= tokens["packed_processed"] < tokens["per_prefix_processed"]
+        assert tokens["per_prefix_real"] <= tokens["per_prefix_processed"]
+    # Three more trajectories add their L-1 branch tokens per example to both layouts; packed, longer windows
+    # also need more rows of pack_row_tokens, each repeating its part of the trunk.
+    extra = 3 * len(order) * (trainer.policy.num_levels - 1)
+    assert four["per_prefix_real"] - one["per_prefix_real"] == extra
+    assert four["packed_real"] - one["packed_real"] >= extra
+
+
 def test_train_step_summary_ratios():
     spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "benchmarks" / "bench_train_step.py")
     bench = importlib.util.module_from_spec(spec)
