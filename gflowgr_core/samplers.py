@@ -387,19 +387,17 @@ class Sampler:
         return items
 
     def trajectories(self, batch: ExampleBatch, n_aug: int, generator: torch.Generator | None,
-                     item_codes: torch.Tensor, window: torch.Tensor | None = None) -> Trajectories:
+                     item_codes: torch.Tensor) -> Trajectories:
         """:meth:`sample` as :class:`~gflowgr_core.trajectories.Trajectories`: each example's positive, then
-        its ``n_aug`` sampled items.
+        its ``n_aug`` sampled items, with the batch's trunk windows.
 
         Args:
             batch, n_aug, generator: as for :meth:`sample`.
             item_codes: ``LongTensor[n_items, L]`` SID codes of the catalogue, on the batch's device.
-            window: trunk-window ids for the packed forward in place of ``batch.window`` (``None``: the
-                batch's own).
         """
         items = self.sample(batch, n_aug, generator)
         return Trajectories.from_items(batch.example, batch.history, batch.positive, items, item_codes,
-                                       window=batch.window if window is None else window)
+                                       window=batch.window)
 
     def _sample(self, batch: ExampleBatch, n_aug: int, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError

@@ -122,7 +122,9 @@ class Trajectories:
         items = positive.unsqueeze(1)
         if candidates is not None:
             items = torch.cat([items, candidates.to(positive.device)], dim=1)
-        return cls(example=example, history=history, items=items, codes=item_codes[items], window=window)
+        # index_select rather than advanced indexing: the latter is slow on the CPU, and this runs every step.
+        codes = item_codes.index_select(0, items.reshape(-1)).view(*items.shape, item_codes.shape[1])
+        return cls(example=example, history=history, items=items, codes=codes, window=window)
 
     # ------------------------------------------------------------------------------------- sizes
     @property

@@ -52,10 +52,11 @@ def test_shapes_are_checked():
 
 
 def test_sampler_returns_trajectories_of_its_sample():
-    batch = ExampleBatch(torch.tensor([0, 1]), torch.tensor([[-1, 0], [1, 2]]), torch.tensor([3, 5]))
+    batch = ExampleBatch(torch.tensor([0, 1]), torch.tensor([[-1, 0], [1, 2]]), torch.tensor([3, 5]),
+                         window=torch.tensor([4, 4]))
     sampler = RandomSampler(6)
     expected = sampler.sample(batch, 2, torch.Generator().manual_seed(0))
-    traj = sampler.trajectories(batch, 2, torch.Generator().manual_seed(0), CODES, window=torch.tensor([4, 4]))
+    traj = sampler.trajectories(batch, 2, torch.Generator().manual_seed(0), CODES)
     assert torch.equal(traj.candidates, expected) and traj.positive.tolist() == [3, 5]
     assert traj.window.tolist() == [4, 4] and torch.equal(traj.example, batch.example)
 
