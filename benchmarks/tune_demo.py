@@ -27,7 +27,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
-from gflowgr_core.demo import COMMON, METHODS, STAGE2, _overrides, _prepared, demo_configs  # noqa: E402
+from gflowgr_core.demo import METHODS, _prepared, demo_configs, stage2_config  # noqa: E402
 from gflowgr_core.train.checkpoint import is_complete  # noqa: E402
 from gflowgr_core.train.config import load_config  # noqa: E402
 from gflowgr_core.train.trainer import Trainer  # noqa: E402
@@ -81,12 +81,10 @@ def ensure_sft(work: Path, device: str):
     return data, configs
 
 
-def stage2_config(work: Path, device: str, stage: str, overrides: dict, out: Path):
+def tuning_config(work: Path, device: str, stage: str, overrides: dict, out: Path):
     """The demo's stage-2 config of ``stage`` with ``overrides``: whole validation split, test never read."""
-    return load_config(None, _overrides(COMMON, {"data": str(work / "data"), "device": device}, STAGE2,
-                                        METHODS[stage], overrides, {
-        "init_checkpoint": str(work / "sft" / "best"), "out": str(out), "valid_max_users": None,
-        "evaluate_test": False}))
+    return stage2_config(work, stage, device=device, run_dir=out,
+                         extra={**overrides, "valid_max_users": None, "evaluate_test": False})
 
 
 def run(cfg, data) -> tuple[dict, float, dict]:
@@ -132,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if key in done:
             return next(r for r in payload["runs"] if (r["stage"], json.dumps(r["overrides"], sort_keys=True)) == key)
         name = f"{stage}_{len(payload['runs']):02d}"
-        cfg = stage2_config(work, args.device, stage, overrides, tmp / name)
+        cfg = tuning_config(work, args.device, stage, overrides, tmp / name)
         metrics, seconds, last = run(cfg, data)
         row = {"round": round_, "factor": factor, "stage": stage, "overrides": overrides, "setting": label(overrides),
                "valid": metrics, "seconds": round(seconds, 1),
@@ -145,7 +143,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return row
 
     if not any(r["stage"] == "sft" for r in payload["runs"]):
-        cfg = stage2_config(work, args.device, "sft_continue", {}, tmp / "sft_eval")
+        cfg = tuning_config(work, args.device, "sft_continue", {}, tmp / "sft_eval")
         trainer = Trainer(cfg, data)
         metrics = valid_metrics(trainer.evaluate("valid"))
         trainer.dist.shutdown()

@@ -87,12 +87,22 @@ def demo_configs(out: str | Path, device: str = "auto", quick: bool = False) -> 
     out = Path(out)
     common = {**COMMON, "data": str(out / "data"), "device": device}
     quick_sft = QUICK if quick else {}
-    quick_stage2 = {**QUICK, **QUICK_STAGE2} if quick else {}
     configs = {"sft": load_config(None, _overrides(common, SFT, quick_sft, {"out": str(out / "sft")}))}
-    for name, settings in METHODS.items():
-        configs[name] = load_config(None, _overrides(common, STAGE2, settings, quick_stage2, {
-            "init_checkpoint": str(out / "sft" / "best"), "out": str(out / name)}))
+    for name in METHODS:
+        configs[name] = stage2_config(out, name, device=device, quick=quick)
     return configs
+
+
+def stage2_config(out: str | Path, method: str, device: str = "auto", quick: bool = False,
+                  extra: Optional[dict] = None, run_dir: str | Path | None = None) -> TrainConfig:
+    """The demo's config of stage-2 run ``method`` (a key of :data:`METHODS`) in demo folder ``out``, starting
+    from ``out/sft/best``; ``extra`` overrides go on top (e.g. a tuning run's settings) and ``run_dir``
+    replaces ``out/<method>``."""
+    out = Path(out)
+    quick_stage2 = {**QUICK, **QUICK_STAGE2} if quick else {}
+    return load_config(None, _overrides(COMMON, {"data": str(out / "data"), "device": device}, STAGE2,
+                                        METHODS[method], quick_stage2, extra or {}, {
+        "init_checkpoint": str(out / "sft" / "best"), "out": str(run_dir or out / method)}))
 
 
 def budget(configs: dict[str, TrainConfig], data: PreparedData, quick: bool) -> dict:
