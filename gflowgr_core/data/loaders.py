@@ -183,17 +183,13 @@ def letter_paths(path: str | Path) -> tuple[Path, Path | None]:
     return inter, (index if index.is_file() else None)
 
 
-class _Pairs(list):
-    """A parsed JSON object as its ``(key, value)`` pairs in file order."""
-
-
-def _pairs_keep_all(pairs: list[tuple[str, object]]) -> _Pairs:
-    # ``json`` keeps only the last of duplicated keys; keeping every pair lets duplicates be reported.
-    return _Pairs(pairs)
+class JSONPairs(list):
+    """A parsed JSON object as its ``(key, value)`` pairs in file order: the ``object_pairs_hook`` of readers
+    that report duplicated keys, which ``json`` would otherwise resolve silently by keeping the last."""
 
 
 def _json_kind(value: object) -> str:
-    if isinstance(value, _Pairs):
+    if isinstance(value, JSONPairs):
         return "an object"
     if isinstance(value, list):
         return "an array"
@@ -223,10 +219,10 @@ def load_letter(path: str | Path) -> Interactions:
     inter, _ = letter_paths(path)
     text = _read_text(inter)
     try:
-        parsed = json.loads(text, object_pairs_hook=_pairs_keep_all)
+        parsed = json.loads(text, object_pairs_hook=JSONPairs)
     except json.JSONDecodeError as exc:
         raise DataError(f"{inter}: line {exc.lineno} column {exc.colno}: malformed JSON ({exc.msg})") from None
-    if not isinstance(parsed, _Pairs):
+    if not isinstance(parsed, JSONPairs):
         raise DataError(f"{inter}: top level is {_json_kind(parsed)}; expected a JSON object "
                         f'{{"user_id": [item_id, ...]}}')
     if not parsed:
@@ -238,7 +234,7 @@ def load_letter(path: str | Path) -> Interactions:
         if user in seen:
             raise DataError(f"{inter}: user {user!r} appears more than once")
         seen.add(user)
-        if isinstance(value, _Pairs) or not isinstance(value, list):
+        if isinstance(value, JSONPairs) or not isinstance(value, list):
             raise DataError(f"{inter}: user {user!r}: value is {_json_kind(value)}; expected a list of item ids")
         user_ids.append(user)
         raw_sequences.append([_raw_id(v, inter, user, k) for k, v in enumerate(value)])

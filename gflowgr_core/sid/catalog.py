@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from ..data.loaders import JSONPairs
 from .tokens import level_letter, parse_sid_token
 
 __all__ = ["Catalog", "COLLISION_POLICIES"]
@@ -29,10 +30,6 @@ COLLISION_POLICIES = ("share", "suffix")
 _CODES_FILE = "catalog_codes.pt"
 _META_FILE = "catalog.json"
 _FORMAT_VERSION = 1
-
-
-class _IndexPairs(list):
-    """A JSON object parsed as its ``(key, value)`` pairs, in file order."""
 
 
 def _group_ranks(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,10 +285,10 @@ def _read_letter_index(path: Path) -> dict:
     try:
         with open(path) as fh:
             # Pairs rather than a dict: json would silently keep only the last of duplicated keys.
-            parsed = json.load(fh, object_pairs_hook=_IndexPairs)
+            parsed = json.load(fh, object_pairs_hook=JSONPairs)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(parsed, _IndexPairs):
+    if not isinstance(parsed, JSONPairs):
         raise ValueError(f"{path}: expected a JSON object mapping item id to a list of SID tokens, "
                          f"got {type(parsed).__name__}")
     index: dict = {}
@@ -311,7 +308,7 @@ def _item_sids(path: Path, index: dict, item_ids: list[str]) -> list[list]:
     sids = []
     for item in item_ids:
         sid = index[item]
-        if isinstance(sid, _IndexPairs) or not isinstance(sid, list):
+        if isinstance(sid, JSONPairs) or not isinstance(sid, list):
             raise ValueError(f"{path}: item {item!r}: SID must be a list of tokens, got {sid!r}")
         sids.append(sid)
     return sids
