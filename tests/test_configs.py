@@ -68,6 +68,19 @@ def test_a_typo_in_a_yaml_fails(tmp_path):
         load_config(bad)
 
 
+def test_yaml_words_on_off_stay_words_for_text_fields(tmp_path):
+    """``distributed: off`` is the word "off" (YAML 1.1 would read a boolean); boolean fields still take
+    on/off/yes/no, from a file and from an override."""
+    path = tmp_path / "words.yaml"
+    path.write_text("data: x\ndistributed: off\npacking: off\nevaluate_test: yes\nstage: sft\n")
+    cfg = load_config(path)
+    assert (cfg.distributed, cfg.packing, cfg.evaluate_test) == ("off", False, True)
+    cfg = load_config(None, ["data=x", "distributed=off", "handle_signals=on", "resume=no"])
+    assert (cfg.distributed, cfg.handle_signals, cfg.resume) == ("off", True, False)
+    with pytest.raises(ConfigError, match="cannot read 'maybe' as bool"):
+        load_config(None, ["data=x", "packing=maybe"])
+
+
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_stage2_methods_share_budget_and_model(dataset):
     cfgs = {m: load_config(CONFIGS / dataset / f"{m}.yaml") for m in METHODS}

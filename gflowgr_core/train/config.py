@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. PyYAML's 1.1 rules read on/off/yes/no as booleans too, which
+    turned ``distributed: off`` into ``False`` (boolean fields still accept those words, see :func:`_convert`)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse a config text (a file or one override's value) with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def _convert(value: Any, hint: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the field's annotated type, with an error naming the field."""
     origin = get_origin(hint)
@@ -167,9 +185,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     try:
         if hint is bool:
             if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes"):
+                if value.lower() in ("true", "1", "yes", "on"):
                     return True
-                if value.lower() in ("false", "0", "no"):
+                if value.lower() in ("false", "0", "no", "off"):
                     return False
                 raise ValueError(value)
             return bool(value)
@@ -245,7 +263,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. gfn.n_aug=5)")
         key, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text != "" else ""
+        value = read_yaml(text) if text != "" else ""
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -265,7 +283,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         where = str(path)
