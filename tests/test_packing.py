@@ -256,3 +256,46 @@ def test_packed_epoch_keeps_batches_of_batch_size(beauty, tmp_path):
     assert len(batch) == 50
     # A batch cut from the window order shares trunks: fewer segments than examples.
     assert int(torch.unique(batch.window).numel()) < 50
+
+
+# ------------------------------------------------------------------------------- compiled forward
+def test_compile_mode_needs_packing_and_a_known_mode(beauty, tmp_path):
+    from gflowgr_core.train.config import ConfigError
+
+    data_dir, _, _ = beauty
+    base = [f"data={data_dir}", f"out={tmp_path}", "stage=sft", *TINY]
+    with pytest.raises(ConfigError, match="needs packing: true"):
+        load_config(None, [*base, "packing=false", "compile_mode=default"])
+    with pytest.raises(ConfigError, match="compile_mode='fast' is not one of"):
+        load_config(None, [*base, "compile_mode=fast"])
+
+
+def test_compiled_packed_forward_matches_eager(beauty, tmp_path):
+    """``compile_mode: default`` gives the eager loss and gradients (GFlowGR-TB, the stage with the most
+    branches), keeps the state dict's keys, and a copy of the compiled policy runs eagerly."""
+    data_dir, data, init = beauty
+    rows = _mixed_rows(data)
+    trainers = {}
+    for mode in ("eager", "default"):
+        overrides = [f"data={data_dir}", f"out={tmp_path / mode}", "stage=gflowgr", f"init_checkpoint={init}",
+                     "gfn.objective=tb", f"compile_mode={mode}", *TINY]
+        trainers[mode] = Trainer(load_config(None, overrides), data)
+    assert trainers["default"].policy.packed_forward_compiled and not trainers["eager"].policy.packed_forward_compiled
+    cands = trainers["eager"].draw_candidates(rows)
+    results = {}
+    for mode, trainer in trainers.items():
+        trainer.policy.zero_grad(set_to_none=True)
+        loss, _ = trainer.compute_loss(rows, cands)
+        loss.backward()
+        results[mode] = (loss.detach(), {n: p.grad.clone() for n, p in trainer.policy.named_parameters()
+                                         if p.grad is not None})
+    (l0, g0), (l1, g1) = results["eager"], results["default"]
+    assert _rel(l1, l0) <= TOL
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for name in g0:
+        assert _rel(g1[name], g0[name]) <= TOL, name
+    compiled = trainers["default"].policy
+    assert compiled.state_dict().keys() == trainers["eager"].policy.state_dict().keys()
+    assert not copy.deepcopy(compiled).packed_forward_compiled
+    compiled.compile_packed_forward("eager")
+    assert not compiled.packed_forward_compiled

@@ -586,8 +586,11 @@ class SIDPolicy(nn.Module):
                                    suffix=self.prompt_suffix, window=window, row_tokens=row_tokens, rows=rows)
         dtype = next(self.backbone.parameters()).dtype
         mask = attention_mask_for(self.model, layout.allowed, dtype)
-        out = self.backbone(input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids,
-                            use_cache=False)
+        backbone = self.__dict__.get("_compiled_backbone")
+        if backbone is None:
+            backbone = self.backbone
+        out = backbone(input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids,
+                       use_cache=False)
         flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         root = flat.index_select(0, layout.sep_index)
         log_z = self.log_z_head(root)
@@ -596,6 +599,34 @@ class SIDPolicy(nn.Module):
             return first.contiguous(), log_z, root.new_zeros(B, T, 0, dtype=log_z.dtype)
         branch = flat.index_select(0, layout.branch_index.reshape(-1)).view(B, T, L - 1, -1)
         return torch.cat([first, branch], dim=2), log_z, self.log_f_head(branch)
+
+    def compile_packed_forward(self, mode: str = "default") -> None:
+        """Run the decoder of :meth:`packed_trajectory_hidden` under ``torch.compile(mode=mode)``.
+
+        Only the packed training forward is compiled: decoding and the per-prefix path keep the eager decoder,
+        whose shapes change with every call. The compiled wrapper shares the decoder's parameters and stays out
+        of the state dict, of copies and of pickles. A new row count recompiles once, after which that dimension
+        is dynamic; ``mode="reduce-overhead"`` (CUDA graphs) pays only at a fixed row count (``rows``).
+
+        Args:
+            mode: a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``), or
+                ``"eager"`` / ``None`` to go back to the eager decoder.
+        """
+        if mode in (None, "eager"):
+            self.__dict__.pop("_compiled_backbone", None)
+            return
+        self.__dict__["_compiled_backbone"] = torch.compile(self.backbone, mode=mode)
+
+    @property
+    def packed_forward_compiled(self) -> bool:
+        """Whether :meth:`compile_packed_forward` is in effect."""
+        return "_compiled_backbone" in self.__dict__
+
+    def __getstate__(self) -> dict:
+        # The compiled wrapper is bound to this instance's decoder: a copy runs eagerly until compiled itself.
+        state = dict(self.__dict__)
+        state.pop("_compiled_backbone", None)
+        return state
 
     @torch.no_grad()
     def check_packing(self, tolerance: float = 1e-3) -> None:

@@ -21,6 +21,7 @@ from gflowgr_core.model.policy import FLOW_HIDDEN
 from gflowgr_core.reward import RewardConfig
 
 STAGES = ("sft", "gflowgr", "sft_continue", "dpo", "sdpo")
+COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune")
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,9 @@ class TrainConfig:
     packing: bool = True           # one packed forward per batch (shared histories); false: per-prefix prompts
     pack_row_tokens: int = 256     # token capacity of a packed row; longer user windows are cut into segments
     pack_rows: Optional[int] = None    # fixed rows per packed batch (static shapes for CUDA graphs / compile)
+    # torch.compile of the packed training forward: "eager" (none) | "default" | "reduce-overhead" (CUDA graphs;
+    # wants pack_rows) | "max-autotune". Eager by default: benchmarks/bench_train_step.py --compile measures it.
+    compile_mode: str = "eager"
     max_train_examples: Optional[int] = None   # train on a fixed seeded random subset of N training examples
     eval_every: int = 1            # epochs between validation runs
     eval_beams: int = 20
@@ -132,6 +136,7 @@ class TrainConfig:
                    "likelihood_support": (self.likelihood_support, ("trie", "level", "vocab")),
                    "dtype": (self.dtype, ("float32", "bfloat16")),
                    "distributed": (self.distributed, ("auto", "off")),
+                   "compile_mode": (self.compile_mode, COMPILE_MODES),
                    }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -149,6 +154,9 @@ class TrainConfig:
             raise ConfigError(f"pack_row_tokens={self.pack_row_tokens} must be >= 1")
         if self.pack_rows is not None and self.pack_rows < 1:
             raise ConfigError(f"pack_rows={self.pack_rows} must be >= 1 (or null: as many rows as a batch needs)")
+        if self.compile_mode != "eager" and not self.packing:
+            raise ConfigError(f"compile_mode={self.compile_mode!r} compiles the packed training forward: it needs "
+                              f"packing: true")
         if not self.data:
             raise ConfigError("data is empty: set it to a folder written by `gflowgr prepare`")
         return self

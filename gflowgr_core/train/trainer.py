@@ -167,6 +167,11 @@ class Trainer:
             self._init_log_z()
         if config.packing:
             self.policy.check_packing()
+        if config.compile_mode != "eager":
+            if self.dist.enabled:
+                raise ValueError(f"compile_mode={config.compile_mode!r} is not supported in data-parallel runs "
+                                 f"(WORLD_SIZE={self.dist.world_size}): set compile_mode: eager")
+            self.policy.compile_packed_forward(config.compile_mode)
 
         self.steps_per_epoch = math.ceil(len(self.train_index) / config.batch_size)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
