@@ -1,0 +1,181 @@
+"""Static shapes and ``torch.compile`` for the packed training step: does either pay?
+
+Times :meth:`gflowgr_core.train.trainer.Trainer.train_step` (the sampler's draw, forward, loss, backward,
+clip, AdamW step) of packed SFT and packed GFlowGR-TB (CM curriculum) on the 1.3M Qwen2-style model of
+``configs/``, one variant per trainer, all started from the same SFT-initialised weights:
+
+* ``eager``: today's default, as many packed rows as each batch needs (the baseline).
+* ``eager_static``: ``pack_rows`` fixed at the most rows any batch of the epoch needs (one shape every step).
+* ``compiled``: ``eager_static`` plus ``compile_mode: default`` (inductor).
+* ``compiled_cudagraphs``: ``eager_static`` plus ``compile_mode: reduce-overhead`` (CUDA graphs; CUDA only).
+
+The fixed row count is found by packing every batch of one epoch's window order (the order the trainer
+visits) with the method's trajectories per example. Each variant first runs ``warmup`` untimed steps (the
+first one compiles; its seconds are reported as ``first_step_s``), then ``reps`` rounds time one step of
+every variant on the same batch, walking through the epoch order, so a change in machine load hits all
+variants alike. ``summary`` gives each variant's median step over the eager one's: below 1 pays.
+
+    python benchmarks/bench_compile.py            # results/train_compile_<device>.json (batch 1,024)
+    python benchmarks/bench_compile.py --quick    # CPU check of the script: batch 64, 500 Beauty users
+
+Data as for ``bench_train_step.py``: ``--data``, else Beauty prepared from ``data_carry/Beauty`` or the shared
+data folder, else a synthetic dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_train_step import MODELS, device_sync, load_data, make_trainer  # noqa: E402
+from common import RESULTS_DIR, environment, format_table, log, write_json  # noqa: E402
+
+METHODS = {"sft": 1, "gflowgr_tb_cm_curriculum": 4}   # method -> trajectories per example
+VARIANTS = {"eager": [], "eager_static": [], "compiled": ["compile_mode=default"],
+            "compiled_cudagraphs": ["compile_mode=reduce-overhead"]}
+STATIC = ("eager_static", "compiled", "compiled_cudagraphs")
+SIZES = {False: (1024, 3, 20), True: (64, 2, 4)}   # quick -> (batch, warmup, reps)
+
+
+def rows_per_batch(trainer, order: torch.Tensor, batch: int, trajectories: int) -> list[int]:
+    """Packed rows each batch of ``order`` needs with ``trajectories`` per example (their codes do not change
+    the layout, so the positive stands in for every trajectory)."""
+    from gflowgr_core.model.packing import pack_trajectories
+
+    policy = trainer.policy
+    rows = []
+    for start in range(0, len(order), batch):
+        b = trainer.batch(order[start:start + batch])
+        codes = policy.item_codes[b.positive].unsqueeze(1).expand(-1, trajectories, -1)
+        layout = pack_trajectories(b.history, codes, item_tokens=policy.item_tokens,
+                                   level_tokens=policy.level_tokens, bos_id=policy.token_map.bos_id,
+                                   sep_id=policy.token_map.sep_id, pad_id=policy.token_map.pad_id,
+                                   prefix=policy.prompt_prefix, suffix=policy.prompt_suffix, window=b.window,
+                                   row_tokens=trainer.cfg.pack_row_tokens)
+        rows.append(int(layout.input_ids.shape[0]))
+    return rows
+
+
+def timed_step(trainer, rows: torch.Tensor, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    trainer.train_step(rows)
+    sync()
+    return time.perf_counter() - start
+
+
+def bench_method(method: str, variants: list[str], data_dir: Path, data, init: Path, order: torch.Tensor,
+                 batch: int, warmup: int, reps: int, device: str, dtype: str, work: Path) -> list[dict]:
+    """One row per variant of ``method``: first-step and median step seconds over ``reps`` interleaved rounds."""
+    model = MODELS["qwen2_1.3M"]
+    sync = device_sync(device)
+    probe = make_trainer(data_dir, data, model, "sft", batch, device, dtype, work / "probe", None)
+    needed = rows_per_batch(probe, order, batch, METHODS[method])
+    static_rows = max(needed)
+    del probe
+    log(f"{method}: packed rows per batch {min(needed)}..{static_rows} over {len(needed)} batches")
+    trainers, first, failed = {}, {}, {}
+    for name in variants:
+        extra = list(VARIANTS[name]) + ([f"pack_rows={static_rows}"] if name in STATIC else [])
+        try:
+            trainers[name] = make_trainer(data_dir, data, model, method, batch, device, dtype,
+                                          work / f"{method}_{name}", init, extra)
+            first[name] = timed_step(trainers[name], order[:batch], sync)
+            for i in range(1, warmup):
+                timed_step(trainers[name], order[i * batch:(i + 1) * batch], sync)
+        except Exception as exc:  # a variant this torch/device cannot run is reported, the others still run
+            failed[name] = f"{type(exc).__name__}: {exc}"[:500]
+            trainers.pop(name, None)
+            log(f"{method} {name}: failed ({failed[name][:200]})")
+            continue
+        log(f"{method} {name}: first step {first[name]:.1f} s")
+    steps = math.ceil(len(order) / batch)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for r in range(reps):
+        lo = ((warmup + r) % steps) * batch
+        for name in times:
+            times[name].append(timed_step(trainers[name], order[lo:lo + batch], sync))
+        log(f"{method} round {r + 1}/{reps}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in times))
+    out = []
+    for name in variants:
+        row = {"method": method, "variant": name, "batch": batch, "pack_rows": static_rows if name in STATIC else None,
+               "compile_mode": (VARIANTS[name][0].split("=", 1)[1] if VARIANTS[name] else "eager"),
+               "rows_needed_min": min(needed), "rows_needed_max": static_rows, "reps": reps, "warmup": warmup}
+        if name in failed:
+            row["error"] = failed[name]
+        else:
+            ts = times[name]
+            row.update(pack_row_tokens=trainers[name].cfg.pack_row_tokens, first_step_s=first[name],
+                       median_step_s=statistics.median(ts), min_step_s=min(ts), max_step_s=max(ts))
+        out.append(row)
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per method: each variant's median step over the eager variant's (below 1: the variant is faster)."""
+    out: dict = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        by = {r["variant"]: r.get("median_step_s") for r in rows if r["method"] == method}
+        out[method] = {f"{name}_over_eager": (by[name] / by["eager"] if by[name] and by.get("eager") else None)
+                       for name in by if name != "eager"}
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="batch 64 on 500 Beauty users, few rounds")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--data", default=None, help="a prepared dataset folder (default: Beauty, prepared here)")
+    p.add_argument("--work", default=None, help="scratch folder for prepared data and checkpoints")
+    p.add_argument("--out", default=None, help="JSON path (default: results/train_compile_<device>[_quick].json)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds (default 20, --quick 4)")
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = torch.device(device).type
+    dtype = "bfloat16" if kind == "cuda" else "float32"
+    batch, warmup, reps = SIZES[args.quick]
+    reps = args.reps or reps
+    variants = [v for v in VARIANTS if kind == "cuda" or v != "compiled_cudagraphs"]
+    load_start = os.getloadavg()[0]
+    env = environment(device)  # before the run: the commit and tree it measures
+    with tempfile.TemporaryDirectory() as tmp:
+        from gflowgr_core.data.windows import window_order
+        from gflowgr_core.train.checkpoint import save_policy
+
+        work = Path(args.work) if args.work else Path(tmp)
+        data_dir, data, data_label = load_data(args.data, work, args.quick)
+        sft = make_trainer(data_dir, data, MODELS["qwen2_1.3M"], "sft", batch, device, dtype, work / "init_run", None)
+        init = save_policy(sft.policy, work / "init")
+        order = window_order(sft.train_index, sft.windows, torch.Generator().manual_seed(0))
+        del sft
+        rows = []
+        for method in METHODS:
+            rows += bench_method(method, variants, data_dir, data, init, order, batch, warmup, reps, device, dtype,
+                                 work / "runs")
+    load = {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()}
+    payload = {**env, "device_kind": kind, "dtype": dtype, "quick": args.quick, "data": data_label,
+               "model": "qwen2_1.3M", "model_config": MODELS["qwen2_1.3M"], "load_average_1m": load,
+               "rows": rows, "summary": summarize(rows)}
+    out = Path(args.out) if args.out else RESULTS_DIR / f"train_compile_{kind}{'_quick' if args.quick else ''}.json"
+    write_json(out, payload)
+    print(f"{env['device']}; {data_label}; {dtype}")
+    print(format_table(rows, ["method", "variant", "batch", "pack_rows", "compile_mode", "first_step_s",
+                              "median_step_s", "min_step_s"]))
+    print(f"median step over eager: {payload['summary']}")
+    print(f"1-minute load average: {load['start']:.1f} at start, {load['end']:.1f} at end")
+    print(f"wrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
