@@ -218,9 +218,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def epoch_tokens(trainer, order: torch.Tensor, batch: int, trajectories: int) -> dict:
     """Tokens one epoch feeds the LM in each layout: ``processed`` (padding included) and ``real``."""
-    from gflowgr_core.model.packing import pack_trajectories
-
-    policy, train = trainer.policy, trainer.data.split.train
+    policy = trainer.policy
     L = policy.num_levels
     n_fixed = policy.prompt_prefix.numel() + policy.prompt_suffix.numel()
     out = {"packed_processed": 0, "packed_real": 0, "per_prefix_processed": 0, "per_prefix_real": 0}
@@ -232,10 +230,7 @@ def epoch_tokens(trainer, order: torch.Tensor, batch: int, trajectories: int) ->
                                            + len(rows) * trajectories * (L - 1))
         out["per_prefix_real"] += int((2 + n_fixed + L * n).sum() + len(rows) * trajectories * (L - 1))
         codes = policy.item_codes[b.positive].unsqueeze(1).expand(-1, trajectories, -1)
-        lay = pack_trajectories(b.history, codes, item_tokens=policy.item_tokens, level_tokens=policy.level_tokens,
-                                bos_id=policy.token_map.bos_id, sep_id=policy.token_map.sep_id,
-                                pad_id=policy.token_map.pad_id, prefix=policy.prompt_prefix,
-                                suffix=policy.prompt_suffix, window=b.window, row_tokens=trainer.cfg.pack_row_tokens)
+        lay = policy.packed_layout(b.history, codes, b.window, row_tokens=trainer.cfg.pack_row_tokens)
         out["packed_processed"] += lay.input_ids.numel()
         out["packed_real"] += lay.tokens
     return out

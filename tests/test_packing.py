@@ -299,3 +299,26 @@ def test_compiled_packed_forward_matches_eager(beauty, tmp_path):
     assert not copy.deepcopy(compiled).packed_forward_compiled
     compiled.compile_packed_forward("eager")
     assert not compiled.packed_forward_compiled
+
+
+def test_packed_rows_per_batch_is_what_each_batch_packs_into(beauty, tmp_path):
+    """The rows Trainer.packed_rows_per_batch reports are those of the drawn trajectories' layouts; their
+    maximum as pack_rows fits the largest batch, one row fewer does not."""
+    data_dir, data, init = beauty
+    overrides = [f"data={data_dir}", f"out={tmp_path}", "stage=gflowgr", f"init_checkpoint={init}",
+                 "batch_size=40", *TINY]
+    trainer = Trainer(load_config(None, overrides), data)
+    order = window_order(trainer.train_index, trainer.windows, torch.Generator().manual_seed(3))
+    rows = trainer.packed_rows_per_batch(order)
+    assert len(rows) == trainer.steps_per_epoch and len(set(rows)) > 1
+    drawn = []
+    for start in range(0, len(order), 40):
+        traj = trainer.stage.draw(trainer.ctx, trainer.batch(order[start:start + 40]), trainer.generator)
+        drawn.append(trainer.policy.packed_layout(traj.history, traj.codes, traj.window).input_ids.shape[0])
+    assert rows == drawn
+    widest = order[40 * rows.index(max(rows)):][:40]
+    traj = trainer.stage.draw(trainer.ctx, trainer.batch(widest), trainer.generator)
+    assert trainer.policy.packed_layout(traj.history, traj.codes, traj.window, rows=max(rows)).shape == (max(rows), 256)
+    with pytest.raises(ValueError, match=f"needs {max(rows)} rows of 256 tokens, only {max(rows) - 1}"):
+        trainer.policy.packed_layout(traj.history, traj.codes, traj.window, rows=max(rows) - 1)
+    assert Trainer(load_config(None, [*overrides, "stage=sft"]), data).packed_rows_per_batch(order) != rows

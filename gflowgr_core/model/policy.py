@@ -576,14 +576,11 @@ class SIDPolicy(nn.Module):
         Raises:
             PackingUnsupported when the model's attention implementation takes no 4D mask.
         """
-        from .packing import attention_mask_for, pack_trajectories
+        from .packing import attention_mask_for
 
         history, codes = self._check_trajectories(history, codes)
         B, T, L = codes.shape
-        layout = pack_trajectories(history, codes, item_tokens=self.item_tokens, level_tokens=self.level_tokens,
-                                   bos_id=self.token_map.bos_id, sep_id=self.token_map.sep_id,
-                                   pad_id=self.token_map.pad_id, prefix=self.prompt_prefix,
-                                   suffix=self.prompt_suffix, window=window, row_tokens=row_tokens, rows=rows)
+        layout = self.packed_layout(history, codes, window, row_tokens=row_tokens, rows=rows)
         dtype = next(self.backbone.parameters()).dtype
         mask = attention_mask_for(self.model, layout.allowed, dtype)
         backbone = self.__dict__.get("_compiled_backbone")
@@ -599,6 +596,17 @@ class SIDPolicy(nn.Module):
             return first.contiguous(), log_z, root.new_zeros(B, T, 0, dtype=log_z.dtype)
         branch = flat.index_select(0, layout.branch_index.reshape(-1)).view(B, T, L - 1, -1)
         return torch.cat([first, branch], dim=2), log_z, self.log_f_head(branch)
+
+    def packed_layout(self, history: torch.Tensor, codes: torch.Tensor, window: torch.Tensor | None = None, *,
+                      row_tokens: int = 256, rows: int | None = None):
+        """The :class:`~gflowgr_core.model.packing.PackedLayout` that :meth:`packed_trajectory_hidden` feeds the
+        decoder: this policy's tokens and template around ``history[B, H]`` and ``codes[B, T, L]``."""
+        from .packing import pack_trajectories
+
+        return pack_trajectories(history, codes, item_tokens=self.item_tokens, level_tokens=self.level_tokens,
+                                 bos_id=self.token_map.bos_id, sep_id=self.token_map.sep_id,
+                                 pad_id=self.token_map.pad_id, prefix=self.prompt_prefix, suffix=self.prompt_suffix,
+                                 window=window, row_tokens=row_tokens, rows=rows)
 
     def compile_packed_forward(self, mode: str = "default") -> None:
         """Run the decoder of :meth:`packed_trajectory_hidden` under ``torch.compile(mode=mode)``.

@@ -350,6 +350,28 @@ class Trainer:
         window = self.windows.index_select(0, index) if self.windows is not None else None
         return ExampleBatch.from_split(self.data.split.train, index, window=window).to(self.device)
 
+    def packed_rows_per_batch(self, order: Optional[torch.Tensor] = None) -> list[int]:
+        """Rows of ``pack_row_tokens`` that each batch of an epoch needs with this stage's trajectories per
+        example: the most of them is the smallest ``pack_rows`` (static shapes) that epoch fits in.
+
+        Args:
+            order: an epoch's order of training rows (default: a window order drawn from a generator seeded
+                with ``seed``, as an epoch visits them). The trajectories' codes do not change the layout, so
+                each positive stands in for all of its example's trajectories.
+        """
+        if self.windows is None:
+            raise ValueError("packed_rows_per_batch needs packing: true")
+        if order is None:
+            order = window_order(self.train_index, self.windows, torch.Generator().manual_seed(self.cfg.seed))
+        size, T = self.cfg.batch_size, self.stage.trajectories
+        rows = []
+        for start in range(0, len(order), size):
+            b = self.batch(order[start:start + size])
+            codes = self.item_codes[b.positive].unsqueeze(1).expand(-1, T, -1)
+            layout = self.policy.packed_layout(b.history, codes, b.window, row_tokens=self.cfg.pack_row_tokens)
+            rows.append(int(layout.input_ids.shape[0]))
+        return rows
+
     def compute_loss(self, index: torch.Tensor, candidates: Optional[torch.Tensor] = None,
                      step: Optional[int] = None) -> tuple[torch.Tensor, dict]:
         """The stage's loss (mean over the examples) on training examples ``index[B]`` and the values to log.
