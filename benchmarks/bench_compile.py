@@ -7,10 +7,12 @@ clip, AdamW step) of packed SFT and packed GFlowGR-TB (CM curriculum) on the 1.3
 * ``eager``: today's default, as many packed rows as each batch needs (the baseline).
 * ``eager_static``: ``pack_rows`` fixed at the most rows any batch of the epoch needs (one shape every step).
 * ``compiled``: ``eager_static`` plus ``compile_mode: default`` (inductor).
+* ``compiled_dynamic``: ``compile_mode: default`` at the rows each batch needs (a second row count
+  recompiles once with that dimension dynamic; its warm-up steps see several counts).
 * ``compiled_cudagraphs``: ``eager_static`` plus ``compile_mode: reduce-overhead`` (CUDA graphs; CUDA only).
 
-The fixed row count is found by packing every batch of one epoch's window order (the order the trainer
-visits) with the method's trajectories per example. Each variant first runs ``warmup`` untimed steps (the
+The fixed row count is the most that any batch of one epoch's window order (the order the trainer visits)
+needs with the method's trajectories per example (:meth:`Trainer.packed_rows_per_batch`). Each variant first runs ``warmup`` untimed steps (the
 first one compiles; its seconds are reported as ``first_step_s``), then ``reps`` rounds time one step of
 every variant on the same batch, walking through the epoch order, so a change in machine load hits all
 variants alike. ``summary`` gives each variant's median step over the eager one's: below 1 pays.
@@ -40,30 +42,11 @@ sys.path.insert(0, str(HERE))
 from bench_train_step import MODELS, device_sync, load_data, make_trainer  # noqa: E402
 from common import RESULTS_DIR, environment, format_table, log, write_json  # noqa: E402
 
-METHODS = {"sft": 1, "gflowgr_tb_cm_curriculum": 4}   # method -> trajectories per example
+METHODS = ("sft", "gflowgr_tb_cm_curriculum")
 VARIANTS = {"eager": [], "eager_static": [], "compiled": ["compile_mode=default"],
-            "compiled_cudagraphs": ["compile_mode=reduce-overhead"]}
+            "compiled_dynamic": ["compile_mode=default"], "compiled_cudagraphs": ["compile_mode=reduce-overhead"]}
 STATIC = ("eager_static", "compiled", "compiled_cudagraphs")
 SIZES = {False: (1024, 3, 20), True: (64, 2, 4)}   # quick -> (batch, warmup, reps)
-
-
-def rows_per_batch(trainer, order: torch.Tensor, batch: int, trajectories: int) -> list[int]:
-    """Packed rows each batch of ``order`` needs with ``trajectories`` per example (their codes do not change
-    the layout, so the positive stands in for every trajectory)."""
-    from gflowgr_core.model.packing import pack_trajectories
-
-    policy = trainer.policy
-    rows = []
-    for start in range(0, len(order), batch):
-        b = trainer.batch(order[start:start + batch])
-        codes = policy.item_codes[b.positive].unsqueeze(1).expand(-1, trajectories, -1)
-        layout = pack_trajectories(b.history, codes, item_tokens=policy.item_tokens,
-                                   level_tokens=policy.level_tokens, bos_id=policy.token_map.bos_id,
-                                   sep_id=policy.token_map.sep_id, pad_id=policy.token_map.pad_id,
-                                   prefix=policy.prompt_prefix, suffix=policy.prompt_suffix, window=b.window,
-                                   row_tokens=trainer.cfg.pack_row_tokens)
-        rows.append(int(layout.input_ids.shape[0]))
-    return rows
 
 
 def timed_step(trainer, rows: torch.Tensor, sync) -> float:
@@ -79,17 +62,16 @@ def bench_method(method: str, variants: list[str], data_dir: Path, data, init: P
     """One row per variant of ``method``: first-step and median step seconds over ``reps`` interleaved rounds."""
     model = MODELS["qwen2_1.3M"]
     sync = device_sync(device)
-    probe = make_trainer(data_dir, data, model, "sft", batch, device, dtype, work / "probe", None)
-    needed = rows_per_batch(probe, order, batch, METHODS[method])
+    eager = make_trainer(data_dir, data, model, method, batch, device, dtype, work / f"{method}_eager", init)
+    needed = eager.packed_rows_per_batch(order)
     static_rows = max(needed)
-    del probe
     log(f"{method}: packed rows per batch {min(needed)}..{static_rows} over {len(needed)} batches")
     trainers, first, failed = {}, {}, {}
     for name in variants:
         extra = list(VARIANTS[name]) + ([f"pack_rows={static_rows}"] if name in STATIC else [])
         try:
-            trainers[name] = make_trainer(data_dir, data, model, method, batch, device, dtype,
-                                          work / f"{method}_{name}", init, extra)
+            trainers[name] = eager if name == "eager" else make_trainer(
+                data_dir, data, model, method, batch, device, dtype, work / f"{method}_{name}", init, extra)
             first[name] = timed_step(trainers[name], order[:batch], sync)
             for i in range(1, warmup):
                 timed_step(trainers[name], order[i * batch:(i + 1) * batch], sync)

@@ -10,8 +10,10 @@
 #   1. pip install --no-build-isolation --no-deps -e .   (offline; builds gflowgr_core._C, with the CUDA
 #      ops when torch has CUDA). GPU_CHECK_SKIP_INSTALL=1 skips it.
 #   2. pytest on the kernel test files (they parametrize on CUDA at full size when a GPU is present).
-#   3. benchmarks/bench_decode.py, bench_gfn_loss.py, bench_hf_processor.py and bench_train_step.py at full
-#      size (the JSON files under benchmarks/results/).
+#   3. benchmarks/bench_decode.py, bench_gfn_loss.py, bench_hf_processor.py, bench_train_step.py and
+#      bench_compile.py (static rows, torch.compile, CUDA graphs) at full size (JSON under benchmarks/results/).
+# GPU_CHECK_STAGES="bench_compile bench_epoch" runs only the stages named, after the install (to rerun the ones
+# a short device session did not reach); unset runs them all.
 # Without a GPU the GPU-only parts are skipped with a message: the tests run on CPU (Triton in the
 # interpreter) and the benchmarks in --quick mode, which checks the script end to end.
 set -uo pipefail
@@ -28,6 +30,10 @@ FAILED=0
 stage() {  # stage NAME TIMEOUT_S COMMAND...: run, log to $LOGS/NAME.log, record status and seconds
   local name=$1 limit=$2
   shift 2
+  if [ -n "${GPU_CHECK_STAGES:-}" ] && [ "$name" != install ] && [[ " $GPU_CHECK_STAGES " != *" $name "* ]]; then
+    echo "=== $name skipped (not in GPU_CHECK_STAGES)"
+    return
+  fi
   echo "=== $name (limit ${limit}s): $*"
   local t0=$SECONDS rc
   timeout --signal=TERM --kill-after=15 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
@@ -79,6 +85,7 @@ else
 fi
 stage bench_hf_proc 90 "$PY" benchmarks/bench_hf_processor.py "${QUICK[@]}"
 stage bench_train 120 "$PY" benchmarks/bench_train_step.py "${QUICK[@]}"
+stage bench_compile 300 "$PY" benchmarks/bench_compile.py "${QUICK[@]}"
 if [ "$HAS_CUDA" = "1" ]; then
   # Packed vs per-prefix Beauty epochs in bf16 (needs data_carry/Beauty: see benchmarks/gpu_quality.sh --help).
   stage bench_epoch 300 "$PY" benchmarks/bench_train_step.py --epoch --per-prefix-minutes 1 --eval-users 2000
@@ -116,12 +123,13 @@ show("gfn_loss", None)
 show("train_step", ["gflowgr_over_sft_step_time", "cm_curriculum_over_sft_step_time"])
 if suffix == "":
     show("train_epoch_cuda", None)
+show("train_compile_cuda" if suffix == "" else "train_compile_cpu_quick", None)
 EOF
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   for f in "$RESULTS"/decode*.json "$RESULTS"/gfn_loss*.json "$RESULTS"/hf_processor*.json \
-           "$RESULTS"/train_step*.json "$RESULTS"/train_epoch_cuda.json; do
+           "$RESULTS"/train_step*.json "$RESULTS"/train_epoch_cuda.json "$RESULTS"/train_compile_cuda.json; do
     [ -f "$f" ] && cp "$f" "$OUT"/
   done
   # The device tool returns at most 8 files: the stage logs travel as one archive.

@@ -10,7 +10,8 @@ and this script rewrites the text between them from the JSON files, naming for e
 sizes and the git commit it records. A file is one run: the tables quote that run (the medians over its
 timed repetitions), never the best of several runs. A results file that does not exist yet is shown as
 pending, with the command that produces it. Sections (:data:`SECTIONS`): ``decode``, ``hf_processor``,
-``gfn_loss``, ``train_step``, ``train_epoch``, ``trie_build``, ``quality``, ``demo``, ``tuning``; a section may appear in
+``gfn_loss``, ``train_step``, ``train_epoch``, ``train_compile``, ``trie_build``, ``quality``, ``demo``, ``tuning``; a
+section may appear in
 several files.
 
     python benchmarks/report.py            # rewrite every section in README.md and docs/*.md
@@ -453,6 +454,33 @@ def render_train_epoch(results: Path) -> str:
     return "\n\n".join(out)
 
 
+COMPILE_COLUMNS = ("method", "variant", "batch", "pack_rows", "compile_mode", "rows_needed_min", "rows_needed_max",
+                   "reps", "first_step_s", "median_step_s", "min_step_s", "error")
+
+
+def render_train_compile_file(p: dict) -> str:
+    rows = need(p, "rows")
+    cols = [c for c in COMPILE_COLUMNS if any(c in r for r in rows)]
+    about = [str(p[k]) for k in ("data", "dtype") if p.get(k)] + ([f"model {p['model']}"] if p.get("model") else [])
+    load_1m = p.get("load_average_1m")
+    if isinstance(load_1m, dict):
+        about.append(f"1-minute load average {num(load_1m.get('start'), 2)} at the start, "
+                     f"{num(load_1m.get('end'), 2)} at the end" + overloaded(p, load_1m.get("start")))
+    ratios = [f"{method} `{key}`: {metric(value)}" for method, by in need(p, "summary").items()
+              for key, value in by.items()]
+    return "\n".join([provenance(p), "", "One run" + (" (`--quick`)" if p.get("quick") else "") + ": "
+                      + "; ".join(about) + ".", "", md_table(cols, [[metric(r.get(c)) for c in cols] for r in rows]),
+                      "", "Median step over eager (below 1 pays): " + "; ".join(ratios) + "."])
+
+
+def render_train_compile(results: Path) -> str:
+    out = []
+    if not (results / "train_compile_cuda.json").is_file():
+        out.append(pending("benchmarks/results/train_compile_cuda.json", f"on a GPU, {GPU_CHECK}"))
+    out += [render_train_compile_file(load(results, f.name)) for f in sorted(results.glob("train_compile_*.json"))]
+    return "\n\n".join(out)
+
+
 def render_demo(results: Path) -> str:
     """The demo's committed ``metrics.json``: one row per method, one table per scoring, keyed by the file."""
     p = load(results, "demo_cpu.json")
@@ -507,7 +535,8 @@ def render_tuning(results: Path) -> str:
 
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "decode": render_decode, "hf_processor": render_hf_processor, "gfn_loss": render_gfn_loss,
-    "train_step": render_train_step, "train_epoch": render_train_epoch, "trie_build": render_trie_build,
+    "train_step": render_train_step, "train_epoch": render_train_epoch, "train_compile": render_train_compile,
+    "trie_build": render_trie_build,
     "quality": render_quality, "demo": render_demo, "tuning": render_tuning,
 }
 

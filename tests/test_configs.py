@@ -311,3 +311,17 @@ def test_train_step_summary_ratios():
     assert summary["gflowgr_over_sft_step_time"] == {"m": 2.5}
     assert summary["gflowgr_over_sft_step_time_min"] == {"m": 1.5}
     assert summary["cm_curriculum_over_sft_step_time"] == {"m": None}
+
+
+def test_compile_benchmark_summary_is_each_variant_over_eager():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_compile", REPO / "benchmarks" / "bench_compile.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.pop(0)
+    rows = [{"method": "sft", "variant": "eager", "median_step_s": 2.0},
+            {"method": "sft", "variant": "compiled", "median_step_s": 1.5},
+            {"method": "sft", "variant": "compiled_cudagraphs", "error": "RuntimeError: no CUDA"}]
+    assert bench.summarize(rows) == {"sft": {"compiled_over_eager": 0.75, "compiled_cudagraphs_over_eager": None}}

@@ -152,6 +152,25 @@ def test_train_epoch_and_quality_files_render_what_they_hold(tmp_path):
     assert "Scoring `renorm/`:" in text and "optimisation steps per seed: sft 100/110" in text
 
 
+def test_train_compile_file_renders_every_variant_and_a_failed_one(tmp_path):
+    rows = [{"method": "sft", "variant": "eager", "batch": 1024, "pack_rows": None, "compile_mode": "eager",
+             "first_step_s": 2.0, "median_step_s": 1.5, "reps": 20},
+            {"method": "sft", "variant": "compiled", "batch": 1024, "pack_rows": 78, "compile_mode": "default",
+             "first_step_s": 60.0, "median_step_s": 1.2, "reps": 20},
+            {"method": "sft", "variant": "compiled_cudagraphs", "batch": 1024, "pack_rows": 78,
+             "compile_mode": "reduce-overhead", "reps": 20, "error": "RuntimeError: no graphs"}]
+    payload = {**HEADER, "dtype": "float32", "data": "Beauty", "model": "qwen2_1.3M", "rows": rows,
+               "summary": {"sft": {"compiled_over_eager": 0.8, "compiled_cudagraphs_over_eager": None}}}
+    root = make_root(tmp_path, "<!-- report:train_compile -->\n<!-- /report:train_compile -->\n",
+                     {"train_compile_cpu.json": payload})
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert "`benchmarks/results/train_compile_cuda.json`: pending: on a GPU" in text
+    assert "| method | variant | batch | pack_rows | compile_mode | reps | first_step_s | median_step_s | error |" in text
+    assert "| sft | compiled | 1,024 | 78 | default | 20 | 60.0 | 1.20 | – |" in text
+    assert "RuntimeError: no graphs" in text and "sft `compiled_over_eager`: 0.8000" in text
+
+
 def test_marker_errors_name_the_file_and_line():
     with pytest.raises(report.ReportError, match=r"README.md:3: unknown report section 'nope'"):
         report.rewrite("a\nb\n<!-- report:nope -->\n<!-- /report:nope -->\n", "README.md", lambda n: "")
