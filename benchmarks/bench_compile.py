@@ -147,6 +147,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     load = {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()}
     payload = {**env, "device_kind": kind, "dtype": dtype, "quick": args.quick, "data": data_label,
                "model": "qwen2_1.3M", "model_config": MODELS["qwen2_1.3M"], "load_average_1m": load,
+               "notes": ("first_step_s includes compilation; the compiled variants of one run share the process's "
+                         "dynamo and inductor caches, and inductor keeps an on-disk cache between runs: only a first compile "
+                         "on a fresh machine is a cold one."),
                "rows": rows, "summary": summarize(rows)}
     out = Path(args.out) if args.out else RESULTS_DIR / f"train_compile_{kind}{'_quick' if args.quick else ''}.json"
     write_json(out, payload)
