@@ -123,7 +123,7 @@ show("gfn_loss", None)
 show("train_step", ["gflowgr_over_sft_step_time", "cm_curriculum_over_sft_step_time"])
 if suffix == "":
     show("train_epoch_cuda", None)
-show("train_compile_cuda" if suffix == "" else "train_compile_cpu_quick", None)
+show("train_compile_cuda" if suffix == "" else "train_compile_cpu", None)
 EOF
 
 if [ -n "${OUT:-}" ]; then
