@@ -39,22 +39,14 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_train_step import MODELS, device_sync, load_data, make_trainer  # noqa: E402
+from bench_train_step import MODELS, device_sync, load_data, make_trainer, timed_step  # noqa: E402
 from common import RESULTS_DIR, environment, format_table, log, write_json  # noqa: E402
 
 METHODS = ("sft", "gflowgr_tb_cm_curriculum")
-VARIANTS = {"eager": [], "eager_static": [], "compiled": ["compile_mode=default"],
-            "compiled_dynamic": ["compile_mode=default"], "compiled_cudagraphs": ["compile_mode=reduce-overhead"]}
+VARIANTS = {"eager": "eager", "eager_static": "eager", "compiled": "default", "compiled_dynamic": "default",
+            "compiled_cudagraphs": "reduce-overhead"}   # variant -> compile_mode
 STATIC = ("eager_static", "compiled", "compiled_cudagraphs")
 SIZES = {False: (1024, 3, 20), True: (64, 2, 4)}   # quick -> (batch, warmup, reps)
-
-
-def timed_step(trainer, rows: torch.Tensor, sync) -> float:
-    sync()
-    start = time.perf_counter()
-    trainer.train_step(rows)
-    sync()
-    return time.perf_counter() - start
 
 
 def bench_method(method: str, variants: list[str], data_dir: Path, data, init: Path, order: torch.Tensor,
@@ -68,7 +60,7 @@ def bench_method(method: str, variants: list[str], data_dir: Path, data, init: P
     log(f"{method}: packed rows per batch {min(needed)}..{static_rows} over {len(needed)} batches")
     trainers, first, failed = {}, {}, {}
     for name in variants:
-        extra = list(VARIANTS[name]) + ([f"pack_rows={static_rows}"] if name in STATIC else [])
+        extra = [f"compile_mode={VARIANTS[name]}"] + ([f"pack_rows={static_rows}"] if name in STATIC else [])
         try:
             trainers[name] = eager if name == "eager" else make_trainer(
                 data_dir, data, model, method, batch, device, dtype, work / f"{method}_{name}", init, extra)
@@ -91,7 +83,7 @@ def bench_method(method: str, variants: list[str], data_dir: Path, data, init: P
     out = []
     for name in variants:
         row = {"method": method, "variant": name, "batch": batch, "pack_rows": static_rows if name in STATIC else None,
-               "compile_mode": (VARIANTS[name][0].split("=", 1)[1] if VARIANTS[name] else "eager"),
+               "compile_mode": VARIANTS[name],
                "rows_needed_min": min(needed), "rows_needed_max": static_rows, "reps": reps, "warmup": warmup}
         if name in failed:
             row["error"] = failed[name]

@@ -426,6 +426,24 @@ def records_table(rows: Sequence[dict]) -> str:
     return md_table(cols, [[metric(r.get(c)) for c in cols] for r in rows])
 
 
+def load_over_run(p: dict) -> list[str]:
+    """``["1-minute load average A at the start, B at the end"]`` from ``load_average_1m``, else ``[]``."""
+    load_1m = p.get("load_average_1m")
+    if not isinstance(load_1m, dict):
+        return []
+    return [f"1-minute load average {num(load_1m.get('start'), 2)} at the start, {num(load_1m.get('end'), 2)} at "
+            f"the end" + overloaded(p, load_1m.get("start"))]
+
+
+def per_device(results: Path, stem: str, render_file: Callable[[dict], str]) -> str:
+    """Every ``<stem>_<device>*.json`` rendered, after a pending line while ``<stem>_cuda.json`` is missing."""
+    out = []
+    if not (results / f"{stem}_cuda.json").is_file():
+        out.append(pending(f"benchmarks/results/{stem}_cuda.json", f"on a GPU, {GPU_CHECK}"))
+    out += [render_file(load(results, f.name)) for f in sorted(results.glob(f"{stem}_*.json"))]
+    return "\n\n".join(out)
+
+
 def render_train_epoch_file(p: dict) -> str:
     rows = need(p, "rows")
     about = [str(p[k]) for k in ("data", "dtype") if p.get(k)]
@@ -434,10 +452,7 @@ def render_train_epoch_file(p: dict) -> str:
     if p.get("model"):
         about.append(f"model {p['model']}" + (f", packed rows of {p['row_tokens']} tokens" if p.get("row_tokens")
                                                else ""))
-    load_1m = p.get("load_average_1m")
-    if isinstance(load_1m, dict):
-        about.append(f"1-minute load average {num(load_1m.get('start'), 2)} at the start, "
-                     f"{num(load_1m.get('end'), 2)} at the end" + overloaded(p, load_1m.get("start")))
+    about += load_over_run(p)
     lines = [provenance(p), "", "One run: " + "; ".join(about) + ".", "", records_table(rows)]
     if p.get("eval"):
         lines += ["", "Evaluation:", "", records_table(p["eval"])]
@@ -447,11 +462,7 @@ def render_train_epoch_file(p: dict) -> str:
 
 
 def render_train_epoch(results: Path) -> str:
-    out = []
-    if not (results / "train_epoch_cuda.json").is_file():
-        out.append(pending("benchmarks/results/train_epoch_cuda.json", f"on a GPU, {GPU_CHECK}"))
-    out += [render_train_epoch_file(load(results, f.name)) for f in sorted(results.glob("train_epoch_*.json"))]
-    return "\n\n".join(out)
+    return per_device(results, "train_epoch", render_train_epoch_file)
 
 
 COMPILE_COLUMNS = ("method", "variant", "batch", "pack_rows", "compile_mode", "rows_needed_min", "rows_needed_max",
@@ -462,10 +473,7 @@ def render_train_compile_file(p: dict) -> str:
     rows = need(p, "rows")
     cols = [c for c in COMPILE_COLUMNS if any(c in r for r in rows)]
     about = [str(p[k]) for k in ("data", "dtype") if p.get(k)] + ([f"model {p['model']}"] if p.get("model") else [])
-    load_1m = p.get("load_average_1m")
-    if isinstance(load_1m, dict):
-        about.append(f"1-minute load average {num(load_1m.get('start'), 2)} at the start, "
-                     f"{num(load_1m.get('end'), 2)} at the end" + overloaded(p, load_1m.get("start")))
+    about += load_over_run(p)
     ratios = [f"{method} `{key}`: {metric(value)}" for method, by in need(p, "summary").items()
               for key, value in by.items()]
     return "\n".join([provenance(p), "", "One run" + (" (`--quick`)" if p.get("quick") else "") + ": "
@@ -474,11 +482,7 @@ def render_train_compile_file(p: dict) -> str:
 
 
 def render_train_compile(results: Path) -> str:
-    out = []
-    if not (results / "train_compile_cuda.json").is_file():
-        out.append(pending("benchmarks/results/train_compile_cuda.json", f"on a GPU, {GPU_CHECK}"))
-    out += [render_train_compile_file(load(results, f.name)) for f in sorted(results.glob("train_compile_*.json"))]
-    return "\n\n".join(out)
+    return per_device(results, "train_compile", render_train_compile_file)
 
 
 def render_demo(results: Path) -> str:
