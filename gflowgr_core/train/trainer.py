@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from gflowgr_core.data.prepared import PreparedData
 from gflowgr_core.debug import oom_hint
 from gflowgr_core.decoding.search import beam_search, sample
+from gflowgr_core.devices import retain_freed_cpu_memory
 from gflowgr_core.evaluation import evaluate_policy
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
 from gflowgr_core.data.windows import trunk_windows, window_order
@@ -124,6 +125,11 @@ class Trainer:
         seed_everything(config.seed)
         self.dist = DistContext.from_env(config.device, config.distributed)
         self.device = self.dist.device
+        if self.device.type == "cpu" and config.retain_cpu_memory:
+            if retain_freed_cpu_memory():
+                log.info("CPU memory freed by tensors stays in this process (retain_cpu_memory: true)")
+            else:
+                log.info("retain_cpu_memory: true has no effect here: the C library is not glibc")
         self.data = data if data is not None else PreparedData.load(config.data)
         self.trie = self.data.trie.to(self.device)
         self.item_codes = self.data.catalog.codes.to(self.device)
