@@ -10,7 +10,8 @@ and this script rewrites the text between them from the JSON files, naming for e
 sizes and the git commit it records. A file is one run: the tables quote that run (the medians over its
 timed repetitions), never the best of several runs. A results file that does not exist yet is shown as
 pending, with the command that produces it. Sections (:data:`SECTIONS`): ``decode``, ``hf_processor``,
-``gfn_loss``, ``train_step``, ``train_epoch``, ``train_compile``, ``trie_build``, ``quality``, ``demo``, ``tuning``; a
+``gfn_loss``, ``train_step``, ``train_epoch``, ``train_compile``, ``cpu_memory``,
+``trie_build``, ``quality``, ``demo``, ``tuning``; a
 section may appear in
 several files.
 
@@ -485,6 +486,23 @@ def render_train_compile(results: Path) -> str:
     return per_device(results, "train_compile", render_train_compile_file)
 
 
+def render_cpu_memory_file(p: dict) -> str:
+    rows = need(p, "rows")
+    about = [str(p[k]) for k in ("data", "dtype") if p.get(k)] + ([f"model {p['model']}"] if p.get("model") else [])
+    about.append(f"{p.get('rounds')} rounds of one worker per setting, {p.get('steps_per_worker')} timed steps each")
+    about += load_over_run(p)
+    return "\n".join([provenance(p), "", "One run" + (" (`--quick`)" if p.get("quick") else "") + ": "
+                      + "; ".join(about) + ".", "", records_table(rows), "",
+                      "; ".join(f"`{k}`: {metric(v)}" for k, v in need(p, "summary").items()) + "."])
+
+
+def render_cpu_memory(results: Path) -> str:
+    files = sorted(results.glob("cpu_memory_*.json"))
+    if not files:
+        return pending("benchmarks/results/cpu_memory_cpu.json", "run `python benchmarks/bench_cpu_memory.py`")
+    return "\n\n".join(render_cpu_memory_file(load(results, f.name)) for f in files)
+
+
 def render_demo(results: Path) -> str:
     """The demo's committed ``metrics.json``: one row per method, one table per scoring, keyed by the file."""
     p = load(results, "demo_cpu.json")
@@ -540,6 +558,7 @@ def render_tuning(results: Path) -> str:
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "decode": render_decode, "hf_processor": render_hf_processor, "gfn_loss": render_gfn_loss,
     "train_step": render_train_step, "train_epoch": render_train_epoch, "train_compile": render_train_compile,
+    "cpu_memory": render_cpu_memory,
     "trie_build": render_trie_build,
     "quality": render_quality, "demo": render_demo, "tuning": render_tuning,
 }

@@ -171,6 +171,28 @@ def test_train_compile_file_renders_every_variant_and_a_failed_one(tmp_path):
     assert "RuntimeError: no graphs" in text and "sft `compiled_over_eager`: 0.8000" in text
 
 
+def test_cpu_memory_section_renders_both_settings_or_says_how_to_run_it(tmp_path):
+    section = "<!-- report:cpu_memory -->\n<!-- /report:cpu_memory -->\n"
+    (tmp_path / "none").mkdir()
+    (tmp_path / "one").mkdir()
+    root = make_root(tmp_path / "none", section, {})
+    assert report.main(["--root", str(root)]) == 0
+    assert "pending: run `python benchmarks/bench_cpu_memory.py`" in (root / "README.md").read_text()
+    rows = [{"method": "sft_packed", "retain_cpu_memory": False, "batch": 1024, "steps": 10, "median_step_s": 2.0,
+             "minor_faults_per_step": 120000.0},
+            {"method": "sft_packed", "retain_cpu_memory": True, "batch": 1024, "steps": 10, "median_step_s": 1.5,
+             "minor_faults_per_step": 80.0}]
+    payload = {**HEADER, "dtype": "float32", "data": "Beauty", "model": "qwen2_1.3M", "rounds": 2,
+               "steps_per_worker": 5, "rows": rows, "summary": {"sft_packed_retain_over_release": 0.75}}
+    root = make_root(tmp_path / "one", section, {"cpu_memory_cpu.json": payload})
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert "| sft_packed | no | 1,024 | 10 | 2.00 | 120,000 |" in text
+    assert "| sft_packed | yes | 1,024 | 10 | 1.50 | 80.0 |" in text
+    assert "2 rounds of one worker per setting, 5 timed steps each" in text
+    assert "`sft_packed_retain_over_release`: 0.7500" in text
+
+
 def test_marker_errors_name_the_file_and_line():
     with pytest.raises(report.ReportError, match=r"README.md:3: unknown report section 'nope'"):
         report.rewrite("a\nb\n<!-- report:nope -->\n<!-- /report:nope -->\n", "README.md", lambda n: "")

@@ -311,14 +311,15 @@ def pack_trajectories(history: torch.Tensor, codes: torch.Tensor, *, item_tokens
 def attention_mask_for(model, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The 4D mask ``[R, 1, C, C]`` in the form ``model``'s attention implementation reads.
 
-    ``sdpa`` and ``flex_attention`` (through transformers' conversion) take booleans; ``eager`` adds the
-    mask to the attention scores, so it gets ``0`` / dtype-minimum. Flash-attention kernels take no
-    arbitrary masks.
+    ``sdpa`` takes booleans; ``eager`` adds the mask to the attention scores, so it gets ``0`` /
+    dtype-minimum, and so does ``sdpa`` on the CPU, whose fused kernel would otherwise turn a boolean mask into
+    that additive one again in every layer, forward and backward (``dtype`` must then be the model's compute
+    dtype). Flash-attention kernels take no arbitrary masks.
     """
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl == "sdpa":
+    if impl == "sdpa" and allowed.device.type != "cpu":
         return allowed[:, None]
-    if impl == "eager":
+    if impl in ("eager", "sdpa"):
         zero = torch.zeros((), dtype=dtype, device=allowed.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
     raise PackingUnsupported(
