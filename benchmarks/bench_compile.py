@@ -42,6 +42,8 @@ sys.path.insert(0, str(HERE))
 from bench_train_step import MODELS, device_sync, load_data, make_trainer, timed_step  # noqa: E402
 from common import RESULTS_DIR, environment, format_table, log, write_json  # noqa: E402
 
+from gflowgr_core.devices import cpu_memory_retained  # noqa: E402
+
 METHODS = ("sft", "gflowgr_tb_cm_curriculum")
 VARIANTS = {"eager": "eager", "eager_static": "eager", "compiled": "default", "compiled_dynamic": "default",
             "compiled_cudagraphs": "reduce-overhead"}   # variant -> compile_mode
@@ -139,6 +141,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     load = {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()}
     payload = {**env, "device_kind": kind, "dtype": dtype, "quick": args.quick, "data": data_label,
                "model": "qwen2_1.3M", "model_config": MODELS["qwen2_1.3M"], "load_average_1m": load,
+               "cpu_memory_retained": cpu_memory_retained(),
                "notes": ("first_step_s includes compilation; the compiled variants of one run share the process's "
                          "dynamo and inductor caches, and inductor keeps an on-disk cache between runs: only a first compile "
                          "on a fresh machine is a cold one."),

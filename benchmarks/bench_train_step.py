@@ -31,6 +31,9 @@ GFlowGR-TB with the CM curriculum over ``--gflowgr-steps`` steps scaled to an ep
 bounds the per-prefix side: when it runs out, the per-prefix epoch is the measured steps' mean scaled to
 the epoch, and the JSON says how many steps were measured.
 
+Trainers run with the library's defaults, so on a CPU with ``retain_cpu_memory: true``; the JSON's
+``cpu_memory_retained`` says whether that setting was in effect (``bench_cpu_memory.py`` measures what it changes).
+
     python benchmarks/bench_train_step.py --epoch    # results/train_epoch_<device>.json
 """
 from __future__ import annotations
@@ -53,6 +56,7 @@ from common import (RESULTS_DIR, environment, format_table, is_oom, log, release
                     write_json)
 
 from gflowgr_core.data.prepared import PreparedData  # noqa: E402
+from gflowgr_core.devices import cpu_memory_retained  # noqa: E402
 
 MODELS = {
     "qwen2_1.3M": {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 4, "intermediate": 512, "flow_hidden": 128},
@@ -407,7 +411,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # Other processes on a shared CPU slow every step; the 1-minute load average tells how much.
     load = {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()}
     payload = {**env, "device_kind": torch.device(device).type, "quick": args.quick, "data": data_label,
-               "load_average_1m": load,
+               "load_average_1m": load, "cpu_memory_retained": cpu_memory_retained(),
                "notes": ("CPU figures (small batches, float32): a check of the script and a rough ratio, not the "
                          "GPU numbers." if torch.device(device).type == "cpu" else
                          "GPU, bf16 autocast."),
@@ -434,7 +438,8 @@ def main_epoch(args, device: str, dtype: str) -> dict:
                              gflowgr_per_prefix_minutes=args.gflowgr_per_prefix_minutes)
     load = {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()}
     payload = {**env, "device_kind": torch.device(device).type, "dtype": dtype, "data": data_label,
-               "num_train_examples": len(data.split.train), "load_average_1m": load, **result}
+               "num_train_examples": len(data.split.train), "load_average_1m": load,
+               "cpu_memory_retained": cpu_memory_retained(), **result}
     kind = torch.device(device).type
     out = Path(args.out) if args.out else RESULTS_DIR / f"train_epoch_{kind}{'_quick' if args.quick else ''}.json"
     write_json(out, payload)
