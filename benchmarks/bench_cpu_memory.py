@@ -112,8 +112,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     log(f"{method} round {r + 1} retain={retain}: median step {runs[retain][-1]['median_step_s']:.3f} s,"
                         f" {runs[retain][-1]['minor_faults_per_step']:.0f} faults/step")
             for retain, results in runs.items():
-                if results[0]["retained"] != retain:
-                    raise RuntimeError(f"{method}: a worker asked for retain={retain} ran with {results[0]['retained']}")
+                if any(res["retained"] != retain for res in results):
+                    raise RuntimeError(f"{method}: a worker asked for retain={retain} ran without that setting")
                 every = [t for res in results for t in res["steps"]]
                 rows.append({"method": method, "retain_cpu_memory": retain, "batch": batch,
                              "steps": len(every), "workers": len(results),
@@ -123,10 +123,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              "minor_faults_per_step": statistics.mean(res["minor_faults_per_step"] for res in results)})
     by = {(r["method"], r["retain_cpu_memory"]): r["median_step_s"] for r in rows}
     summary = {f"{m}_retain_over_release": by[(m, True)] / by[(m, False)] for m in METHODS}
-    summary["gflowgr_tb_over_sft_packed_release"] = by[("gflowgr_tb_packed", False)] / by[("sft_packed", False)]
-    summary["gflowgr_tb_over_sft_packed_retain"] = by[("gflowgr_tb_packed", True)] / by[("sft_packed", True)]
-    summary["per_prefix_over_packed_sft_release"] = by[("sft_per_prefix", False)] / by[("sft_packed", False)]
-    summary["per_prefix_over_packed_sft_retain"] = by[("sft_per_prefix", True)] / by[("sft_packed", True)]
+    for name, method in (("gflowgr_tb_over_sft_packed", "gflowgr_tb_packed"),
+                         ("per_prefix_over_packed_sft", "sft_per_prefix")):
+        for retain, setting in ((False, "release"), (True, "retain")):
+            summary[f"{name}_{setting}"] = by[(method, retain)] / by[("sft_packed", retain)]
     payload = {**env, "quick": args.quick, "data": data_label, "dtype": "float32", "model": "qwen2_1.3M",
                "model_config": MODELS["qwen2_1.3M"], "steps_per_worker": steps, "rounds": args.rounds,
                "load_average_1m": {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()},

@@ -103,7 +103,7 @@ class TrainConfig:
     pack_row_tokens: int = 256     # token capacity of a packed row; longer user windows are cut into segments
     pack_rows: Optional[int] = None    # fixed rows per packed batch (static shapes for CUDA graphs / compile)
     # torch.compile of the packed training forward: "eager" (none) | "default" | "reduce-overhead" (CUDA graphs;
-    # wants pack_rows) | "max-autotune". Eager by default: benchmarks/bench_train_step.py --compile measures it.
+    # wants pack_rows) | "max-autotune". Eager by default: benchmarks/bench_compile.py measures it.
     compile_mode: str = "eager"
     # On a CPU device (glibc), keep memory freed by tensors in the process rather than returning it to the OS and
     # page-faulting it back every step (gflowgr_core.devices.retain_freed_cpu_memory); false: the C library's default.
