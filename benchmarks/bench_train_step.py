@@ -31,8 +31,9 @@ GFlowGR-TB with the CM curriculum over ``--gflowgr-steps`` steps scaled to an ep
 bounds the per-prefix side: when it runs out, the per-prefix epoch is the measured steps' mean scaled to
 the epoch, and the JSON says how many steps were measured.
 
-Trainers run with the library's defaults, so on a CPU with ``retain_cpu_memory: true``; the JSON's
-``cpu_memory_retained`` says whether that setting was in effect (``bench_cpu_memory.py`` measures what it changes).
+Trainers run with the library's defaults, so packed ones with ``pack_sparse: true`` (the JSON's ``pack_sparse``)
+and, on a CPU, with ``retain_cpu_memory: true``; the JSON's ``cpu_memory_retained`` says whether that setting
+was in effect (``bench_cpu_memory.py`` measures what it changes).
 
     python benchmarks/bench_train_step.py --epoch    # results/train_epoch_<device>.json
 """
@@ -372,7 +373,8 @@ def bench_epoch(data_dir: Path, data: PreparedData, batch: int, gflowgr_steps: i
     users = torch.randperm(len(valid), generator=torch.Generator().manual_seed(0))[:eval_users]
     evals = bench_evaluation(sft[True].policy, sft[True].trie, valid.history[users].to(device), sync)
     return {"rows": rows, "eval": evals, "tokens": tokens, "summary": epoch_summary(rows, gfn_times, evals, tokens),
-            "model": "qwen2_1.3M", "model_config": model, "row_tokens": sft[True].cfg.pack_row_tokens}
+            "model": "qwen2_1.3M", "model_config": model, "row_tokens": sft[True].cfg.pack_row_tokens,
+            "pack_sparse": sft[True].cfg.pack_sparse}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

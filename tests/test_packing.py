@@ -125,7 +125,8 @@ def _random_examples(n_items: int, max_history: int, seed: int):
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("template", [False, True])
-def test_packed_hidden_and_gradients_match_per_prefix(arch, attn, template):
+@pytest.mark.parametrize("sparse", [True, False])
+def test_packed_hidden_and_gradients_match_per_prefix(arch, attn, template, sparse):
     policy = _policy(arch, attn, template)
     history, window = _random_examples(policy.num_items, max_history=5, seed=1)
     g = torch.Generator().manual_seed(2)
@@ -135,7 +136,7 @@ def test_packed_hidden_and_gradients_match_per_prefix(arch, attn, template):
     for packed in (False, True):
         policy.zero_grad(set_to_none=True)
         if packed:
-            h, log_z, log_f = policy.packed_trajectory_hidden(history, codes, window, row_tokens=48)
+            h, log_z, log_f = policy.packed_trajectory_hidden(history, codes, window, row_tokens=48, sparse=sparse)
         else:
             h, log_z, log_f = policy.trajectory_hidden(history, codes)
         w = torch.randn(h.shape, generator=torch.Generator().manual_seed(4))
@@ -170,12 +171,24 @@ def test_model_without_4d_masks_gets_a_clear_error():
 
 def test_check_packing_catches_a_model_that_ignores_the_mask(monkeypatch):
     policy = _policy("llama", "sdpa", False)
-    policy.check_packing()                                 # a model that honours the mask passes
+    policy.check_packing(sparse=False)                     # a model that honours the mask passes
     import gflowgr_core.model.packing as packing
 
     monkeypatch.setattr(packing, "attention_mask_for", lambda model, allowed, dtype: None)  # mask dropped
     with pytest.raises(PackingUnsupported, match="packing: false"):
-        policy.check_packing()
+        policy.check_packing(sparse=False)
+
+
+def test_check_packing_catches_a_sparse_forward_that_sees_too_much(monkeypatch):
+    policy = _policy("qwen2", "sdpa", False)
+    policy.check_packing(sparse=True)
+    import gflowgr_core.model.block_attention as block_attention
+
+    real = block_attention.block_plan
+    causal = lambda allowed, *a, **k: real(torch.ones_like(allowed).tril(), *a, **k)  # noqa: E731
+    monkeypatch.setattr(block_attention, "block_plan", causal)   # every earlier token visible
+    with pytest.raises(PackingUnsupported, match="packing: false"):
+        policy.check_packing(sparse=True)
 
 
 # -------------------------------------------------------------------------------- stages on Beauty

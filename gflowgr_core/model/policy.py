@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 from dataclasses import dataclass, replace
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -560,7 +561,8 @@ class SIDPolicy(nn.Module):
 
     def packed_trajectory_hidden(self, history: torch.Tensor, codes: torch.Tensor,
                                  window: torch.Tensor | None = None, *, row_tokens: int = 256,
-                                 rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 rows: int | None = None, sparse: bool = True
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`trajectory_hidden` computed from one packed forward (:mod:`gflowgr_core.model.packing`).
 
         Examples with equal ``window`` ids share one encoding of their common history (each history must be a
@@ -571,23 +573,38 @@ class SIDPolicy(nn.Module):
             window: ``LongTensor[B]`` trunk-window ids (:func:`gflowgr_core.data.windows.trunk_windows`), or
                 ``None`` (no sharing: the batch is still packed without padding).
             row_tokens, rows: row capacity and an optional fixed row count (static shapes).
+            sparse: compute only what the read states depend on: attention on the tiles of the mask that hold a
+                visible pair (:mod:`~gflowgr_core.model.block_attention`) and, in a Qwen2 or Llama decoder, the
+                last layer's MLP on the read rows only (:mod:`~gflowgr_core.model.read_rows`). ``False``: the
+                model's own forward over the whole 4D mask (the reference). The compiled forward
+                (:meth:`compile_packed_forward`) always runs the reference: a block plan's shapes change with
+                every batch.
         Returns:
             ``(h[B, T, L, d], log_z[B], log_f[B, T, L-1])`` as :meth:`trajectory_hidden`.
         Raises:
             PackingUnsupported when the model's attention implementation takes no 4D mask.
         """
+        from .block_attention import block_plan, use_block_sparse
         from .packing import attention_mask_for
+        from .read_rows import last_mlp, mlp_on_read_rows
 
         history, codes = self._check_trajectories(history, codes)
         B, T, L = codes.shape
         layout = self.packed_layout(history, codes, window, row_tokens=row_tokens, rows=rows)
         dtype = next(self.backbone.parameters()).dtype
-        mask = attention_mask_for(self.model, layout.allowed, dtype)
         backbone = self.__dict__.get("_compiled_backbone")
-        if backbone is None:
-            backbone = self.backbone
-        out = backbone(input_ids=layout.input_ids, attention_mask=mask, position_ids=layout.position_ids,
-                       use_cache=False)
+        inputs = dict(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False)
+        if backbone is not None or not sparse:
+            mask = attention_mask_for(self.model, layout.allowed, dtype)
+            out = (self.backbone if backbone is None else backbone)(attention_mask=mask, **inputs)
+        else:
+            # The CPU's fused kernel reads an additive mask without converting it again in every call. The 4D
+            # boolean mask only tells the decoder that the mask is prepared; the plan replaces it.
+            plan = block_plan(layout.allowed, additive_dtype=dtype if layout.allowed.device.type == "cpu" else None)
+            mlp = last_mlp(self.model)
+            read = torch.cat([layout.sep_index, layout.branch_index.reshape(-1)])
+            with use_block_sparse(self.model), (nullcontext() if mlp is None else mlp_on_read_rows(mlp, read)):
+                out = self.backbone(attention_mask=layout.allowed[:, None], block_plan=plan, **inputs)
         flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         root = flat.index_select(0, layout.sep_index)
         log_z = self.log_z_head(root)
@@ -637,11 +654,12 @@ class SIDPolicy(nn.Module):
         return state
 
     @torch.no_grad()
-    def check_packing(self, tolerance: float = 1e-3) -> None:
-        """Check on a tiny batch that this model's packed forward equals its per-prefix forward.
+    def check_packing(self, tolerance: float = 1e-3, sparse: bool = True) -> None:
+        """Check on a tiny batch that this model's packed forward (``sparse`` as in
+        :meth:`packed_trajectory_hidden`) equals its per-prefix forward.
 
-        A model that ignores 4D attention masks or explicit position ids would silently train on other
-        prompts than it is evaluated on.
+        A model that ignores 4D attention masks, explicit position ids or the block-sparse attention it is
+        given would silently train on other prompts than it is evaluated on.
 
         Raises:
             PackingUnsupported naming the model class, with the ``packing: false`` remedy.
@@ -656,7 +674,7 @@ class SIDPolicy(nn.Module):
         self.eval()
         try:
             ref, _, _ = self.trajectory_hidden(history, codes)
-            packed, _, _ = self.packed_trajectory_hidden(history, codes, window)
+            packed, _, _ = self.packed_trajectory_hidden(history, codes, window, sparse=sparse)
         finally:
             self.train(was_training)
         err = float((packed.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
@@ -667,7 +685,8 @@ class SIDPolicy(nn.Module):
                 f"ids; train it with packing: false")
 
     def encode_trajectories(self, trajectories, *, packing: bool = False, row_tokens: int = 256,
-                            rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            rows: int | None = None, sparse: bool = True
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Hidden states and flows of :class:`~gflowgr_core.trajectories.Trajectories` after each example's
         prompt: :meth:`packed_trajectory_hidden` (sharing the examples' windows) when ``packing``, else
         :meth:`trajectory_hidden`.
@@ -677,7 +696,7 @@ class SIDPolicy(nn.Module):
         """
         if packing:
             return self.packed_trajectory_hidden(trajectories.history, trajectories.codes, trajectories.window,
-                                                 row_tokens=row_tokens, rows=rows)
+                                                 row_tokens=row_tokens, rows=rows, sparse=sparse)
         return self.trajectory_hidden(trajectories.history, trajectories.codes)
 
     def forward(self, history: torch.Tensor, codes: torch.Tensor, window: torch.Tensor | None = None,

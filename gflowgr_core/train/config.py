@@ -102,6 +102,10 @@ class TrainConfig:
     packing: bool = True           # one packed forward per batch (shared histories); false: per-prefix prompts
     pack_row_tokens: int = 256     # token capacity of a packed row; longer user windows are cut into segments
     pack_rows: Optional[int] = None    # fixed rows per packed batch (static shapes for CUDA graphs / compile)
+    # Packed forward computes only what the read states depend on: attention on the 32-token tiles of the mask
+    # with a visible pair, the last layer's MLP on read rows only (SIDPolicy.packed_trajectory_hidden); false:
+    # the model's own forward over the whole mask (the reference).
+    pack_sparse: bool = True
     # torch.compile of the packed training forward: "eager" (none) | "default" | "reduce-overhead" (CUDA graphs;
     # wants pack_rows) | "max-autotune". Eager by default: benchmarks/bench_compile.py measures it.
     compile_mode: str = "eager"

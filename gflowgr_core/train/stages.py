@@ -44,11 +44,12 @@ class StageContext:
     packing: bool = True
     row_tokens: int = 256
     rows: Optional[int] = None
+    sparse: bool = True
 
     def hidden(self, policy: SIDPolicy, trajectories: Trajectories):
         """``(h[B, T, L, d], log_z[B], log_f[B, T, L-1])`` of ``trajectories`` after each example's prompt."""
         return policy.encode_trajectories(trajectories, packing=self.packing, row_tokens=self.row_tokens,
-                                          rows=self.rows)
+                                          rows=self.rows, sparse=self.sparse)
 
     def log_pf(self, policy: SIDPolicy, h: torch.Tensor, codes: torch.Tensor, support: str) -> torch.Tensor:
         """Per-step log P_F ``[N, L]`` of ``codes[N, L]`` from hidden states ``h[N, L, d]`` of ``policy``."""

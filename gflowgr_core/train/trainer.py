@@ -168,11 +168,11 @@ class Trainer:
         self.windows = trunk_windows(self.data.split.train.history) if config.packing else None
         self.ctx = StageContext(trie=self.trie, item_codes=self.item_codes, codes_per_level=self.codes_per_level,
                                 backend=config.backend, packing=config.packing, row_tokens=config.pack_row_tokens,
-                                rows=config.pack_rows)
+                                rows=config.pack_rows, sparse=config.pack_sparse)
         if config.stage == "gflowgr":
             self._init_log_z()
         if config.packing:
-            self.policy.check_packing()
+            self.policy.check_packing(sparse=config.pack_sparse)
         if config.compile_mode != "eager":
             if self.dist.enabled:
                 raise ValueError(f"compile_mode={config.compile_mode!r} is not supported in data-parallel runs "
