@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass, replace
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -582,7 +582,7 @@ class SIDPolicy(nn.Module):
         Returns:
             ``(h[B, T, L, d], log_z[B], log_f[B, T, L-1])`` as :meth:`trajectory_hidden`.
         Raises:
-            PackingUnsupported when the model's attention implementation takes no 4D mask.
+            PackingUnsupported on the dense path when the model's attention implementation takes no 4D mask.
         """
         from .block_attention import block_plan, use_block_sparse
         from .packing import attention_mask_for

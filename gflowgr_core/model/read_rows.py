@@ -16,7 +16,7 @@ from torch import nn
 
 __all__ = ["mlp_on_read_rows", "last_mlp"]
 
-# Decoder layers of the pre-norm form above, whose MLP acts on each token alone (tested in tests/test_packing.py).
+# Decoder layers of the pre-norm form above, whose MLP acts on each token alone (tests/test_block_attention.py, tests/test_packing.py).
 _PRE_NORM_LAYERS = ("Qwen2DecoderLayer", "LlamaDecoderLayer")
 
 
