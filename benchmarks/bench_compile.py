@@ -11,6 +11,10 @@ clip, AdamW step) of packed SFT and packed GFlowGR-TB (CM curriculum) on the 1.3
   recompiles once with that dimension dynamic; its warm-up steps see several counts).
 * ``compiled_cudagraphs``: ``eager_static`` plus ``compile_mode: reduce-overhead`` (CUDA graphs; CUDA only).
 
+Eager variants run the packed forward that ``pack_sparse`` selects (the default: block-sparse attention, see
+``gflowgr_core/model/block_attention.py``); the compiled ones always run the dense one. Each row's ``forward`` says
+which ran.
+
 The fixed row count is the most that any batch of one epoch's window order (the order the trainer visits)
 needs with the method's trajectories per example (:meth:`Trainer.packed_rows_per_batch`). Each variant first runs ``warmup`` untimed steps (the
 first one compiles; its seconds are reported as ``first_step_s``), then ``reps`` rounds time one step of
@@ -91,7 +95,10 @@ def bench_method(method: str, variants: list[str], data_dir: Path, data, init: P
             row["error"] = failed[name]
         else:
             ts = times[name]
-            row.update(pack_row_tokens=trainers[name].cfg.pack_row_tokens, first_step_s=first[name],
+            cfg = trainers[name].cfg
+            # The compiled decoder always runs the dense packed forward; eager runs the one pack_sparse selects.
+            forward = "block_sparse" if cfg.pack_sparse and cfg.compile_mode == "eager" else "dense"
+            row.update(pack_row_tokens=cfg.pack_row_tokens, forward=forward, first_step_s=first[name],
                        median_step_s=statistics.median(ts), min_step_s=min(ts), max_step_s=max(ts))
         out.append(row)
     return out

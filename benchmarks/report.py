@@ -466,7 +466,8 @@ def render_train_epoch(results: Path) -> str:
     return per_device(results, "train_epoch", render_train_epoch_file)
 
 
-COMPILE_COLUMNS = ("method", "variant", "batch", "pack_rows", "compile_mode", "rows_needed_min", "rows_needed_max",
+COMPILE_COLUMNS = ("method", "variant", "batch", "pack_rows", "compile_mode", "forward", "rows_needed_min",
+                   "rows_needed_max",
                    "reps", "first_step_s", "median_step_s", "min_step_s", "error")
 
 
