@@ -467,8 +467,7 @@ def render_train_epoch(results: Path) -> str:
 
 
 COMPILE_COLUMNS = ("method", "variant", "batch", "pack_rows", "compile_mode", "forward", "rows_needed_min",
-                   "rows_needed_max",
-                   "reps", "first_step_s", "median_step_s", "min_step_s", "error")
+                   "rows_needed_max", "reps", "first_step_s", "median_step_s", "min_step_s", "error")
 
 
 def render_train_compile_file(p: dict) -> str:
