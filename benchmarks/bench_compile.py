@@ -5,15 +5,17 @@ clip, AdamW step) of packed SFT and packed GFlowGR-TB (CM curriculum) on the 1.3
 ``configs/``, one variant per trainer, all started from the same SFT-initialised weights:
 
 * ``eager``: today's default, as many packed rows as each batch needs (the baseline).
+* ``eager_dense``: ``eager`` with ``pack_sparse: false``, the model's own forward over the whole 4D mask (does
+  the block-sparse default pay on this device?).
 * ``eager_static``: ``pack_rows`` fixed at the most rows any batch of the epoch needs (one shape every step).
 * ``compiled``: ``eager_static`` plus ``compile_mode: default`` (inductor).
 * ``compiled_dynamic``: ``compile_mode: default`` at the rows each batch needs (a second row count
   recompiles once with that dimension dynamic; its warm-up steps see several counts).
 * ``compiled_cudagraphs``: ``eager_static`` plus ``compile_mode: reduce-overhead`` (CUDA graphs; CUDA only).
 
-Eager variants run the packed forward that ``pack_sparse`` selects (the default: block-sparse attention, see
-``gflowgr_core/model/block_attention.py``); the compiled ones always run the dense one. Each row's ``forward`` says
-which ran.
+Eager variants other than ``eager_dense`` run the default ``pack_sparse: true`` (block-sparse attention, see
+``gflowgr_core/model/block_attention.py``); the compiled ones always run the dense forward. Each row's
+``forward`` says which ran.
 
 The fixed row count is the most that any batch of one epoch's window order (the order the trainer visits)
 needs with the method's trajectories per example (:meth:`Trainer.packed_rows_per_batch`). Each variant first runs ``warmup`` untimed steps (the
@@ -49,9 +51,10 @@ from common import RESULTS_DIR, environment, format_table, log, write_json  # no
 from gflowgr_core.devices import cpu_memory_retained  # noqa: E402
 
 METHODS = ("sft", "gflowgr_tb_cm_curriculum")
-VARIANTS = {"eager": "eager", "eager_static": "eager", "compiled": "default", "compiled_dynamic": "default",
-            "compiled_cudagraphs": "reduce-overhead"}   # variant -> compile_mode
+VARIANTS = {"eager": "eager", "eager_dense": "eager", "eager_static": "eager", "compiled": "default",
+            "compiled_dynamic": "default", "compiled_cudagraphs": "reduce-overhead"}   # variant -> compile_mode
 STATIC = ("eager_static", "compiled", "compiled_cudagraphs")
+DENSE = ("eager_dense",)   # eager variants with pack_sparse: false
 SIZES = {False: (1024, 3, 20), True: (64, 2, 4)}   # quick -> (batch, warmup, reps)
 
 
@@ -67,6 +70,7 @@ def bench_method(method: str, variants: list[str], data_dir: Path, data, init: P
     trainers, first, failed = {}, {}, {}
     for name in variants:
         extra = [f"compile_mode={VARIANTS[name]}"] + ([f"pack_rows={static_rows}"] if name in STATIC else [])
+        extra += ["pack_sparse=false"] if name in DENSE else []
         try:
             trainers[name] = eager if name == "eager" else make_trainer(
                 data_dir, data, model, method, batch, device, dtype, work / f"{method}_{name}", init, extra)
