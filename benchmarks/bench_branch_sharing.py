@@ -4,7 +4,9 @@ The packed layout gives every trajectory its own branch tokens ``c_1 .. c_{L-1}`
 whose SIDs share a prefix could share those tokens' hidden states (the same visible tokens, the same
 positions). This counts, for batches drawn by the GFlowGR-TB stage with the CM curriculum sampler (the
 positive and 3 augmentations, as in ``bench_train_step.py --epoch``), the branch tokens of the packed layout
-and the distinct (example, prefix) pairs a merged layout would need.
+and the distinct (example, prefix) pairs a merged layout would need, at several points of the curriculum
+(``--progress``: the sampler picks easy, low-CM-score items at 0 and hard ones at 1). The CM is the one
+``bench_train_step.py`` trains (SASRec, one epoch); a better CM may pick items that share prefixes more often.
 
     python benchmarks/bench_branch_sharing.py --data /tmp/beauty_prep     # results/branch_sharing_cpu.json
 """
@@ -39,6 +41,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a prepared Beauty folder (gflowgr prepare)")
     p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--progress", type=float, nargs="+", default=[0.0, 0.5, 1.0],
+                   help="training progress values at which the curriculum sampler draws (default 0 0.5 1)")
     p.add_argument("--out", default=str(RESULTS_DIR / "branch_sharing_cpu.json"))
     args = p.parse_args(argv)
     env = environment("cpu")
@@ -54,21 +58,28 @@ def main(argv=None) -> dict:
                            init)
         order = window_order(gfn.train_index, gfn.windows, torch.Generator().manual_seed(0))
         rows = []
-        for i in range(args.batches):
-            trajectories = gfn.stage.draw(gfn.ctx, gfn.batch(order[i * batch:(i + 1) * batch]), gfn.generator)
-            tokens, distinct = branch_counts(trajectories.codes.cpu())
-            rows.append({"batch": i, "examples": trajectories.num_examples,
-                         "trajectories_per_example": trajectories.per_example, "branch_tokens": tokens,
-                         "distinct_prefixes": distinct, "saved_share": 1 - distinct / tokens})
-            log(f"batch {i}: {tokens} branch tokens, {distinct} distinct prefixes")
-    total = sum(r["branch_tokens"] for r in rows)
+        for progress in args.progress:
+            gfn.stage.sampler.set_progress(progress)
+            for i in range(args.batches):
+                trajectories = gfn.stage.draw(gfn.ctx, gfn.batch(order[i * batch:(i + 1) * batch]), gfn.generator)
+                tokens, distinct = branch_counts(trajectories.codes.cpu())
+                rows.append({"progress": progress, "batch": i, "examples": trajectories.num_examples,
+                             "trajectories_per_example": trajectories.per_example, "branch_tokens": tokens,
+                             "distinct_prefixes": distinct, "saved_share": 1 - distinct / tokens})
+                log(f"progress {progress} batch {i}: {tokens} branch tokens, {distinct} distinct prefixes")
+    summary = {}
+    for progress in args.progress:
+        at = [r for r in rows if r["progress"] == progress]
+        total, distinct = sum(r["branch_tokens"] for r in at), sum(r["distinct_prefixes"] for r in at)
+        summary[f"progress_{progress:g}"] = {"branch_tokens": total, "distinct_prefixes": distinct,
+                                             "saved_share": 1 - distinct / total}
     payload = {**env, "data": str(data_dir), "sampler": "cm_curriculum", "n_aug": 3, "batch_size": batch,
-               "rows": rows, "summary": {"branch_tokens": total,
-                                         "distinct_prefixes": sum(r["distinct_prefixes"] for r in rows),
-                                         "saved_share": 1 - sum(r["distinct_prefixes"] for r in rows) / total}}
+               "cm_epochs": 1, "rows": rows, "summary": summary}
     write_json(Path(args.out), payload)
-    print(f"{env['device']}: {args.batches} batches of {batch}: a prefix-merged layout would save "
-          f"{payload['summary']['saved_share']:.2%} of the branch tokens -> {args.out}")
+    for key, value in summary.items():
+        print(f"{env['device']}: {key}, {args.batches} batches of {batch}: a prefix-merged layout would save "
+              f"{value['saved_share']:.2%} of the branch tokens")
+    print(f"-> {args.out}")
     return payload
 
 
