@@ -5,8 +5,12 @@ whose SIDs share a prefix could share those tokens' hidden states (the same visi
 positions). This counts, for batches drawn by the GFlowGR-TB stage with the CM curriculum sampler (the
 positive and 3 augmentations, as in ``bench_train_step.py --epoch``), the branch tokens of the packed layout
 and the distinct (example, prefix) pairs a merged layout would need, at several points of the curriculum
-(``--progress``: the sampler picks easy, low-CM-score items at 0 and hard ones at 1). The CM is the one
-``bench_train_step.py`` trains (SASRec, one epoch); a better CM may pick items that share prefixes more often.
+(``--progress``: the sampler picks easy, low-CM-score items at 0 and hard ones at 1). The CM (SASRec) trains for
+``--cm-epochs`` epochs, 1 by default as in ``bench_train_step.py``; a better-trained CM may pick items that share
+prefixes more often.
+
+    python benchmarks/bench_branch_sharing.py --data /tmp/beauty_prep --cm-epochs 100 \
+        --out benchmarks/results/branch_sharing_trained_cm_cpu.json    # CM trained to early stopping
 
     python benchmarks/bench_branch_sharing.py --data /tmp/beauty_prep     # results/branch_sharing_cpu.json
 """
@@ -41,6 +45,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a prepared Beauty folder (gflowgr prepare)")
     p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--cm-epochs", type=int, default=1,
+                   help="SASRec epochs at most (early stopping may end it sooner; default 1)")
     p.add_argument("--progress", type=float, nargs="+", default=[0.0, 0.5, 1.0],
                    help="training progress values at which the curriculum sampler draws (default 0 0.5 1)")
     p.add_argument("--out", default=str(RESULTS_DIR / "branch_sharing_cpu.json"))
@@ -55,8 +61,11 @@ def main(argv=None) -> dict:
         sft = make_trainer(data_dir, data, model, "sft", batch, "cpu", "float32", work / "sft", None)
         init = save_policy(sft.policy, work / "init")
         gfn = make_trainer(data_dir, data, model, "gflowgr_tb_cm_curriculum", batch, "cpu", "float32", work / "gfn",
-                           init)
+                           init, [f"cm.max_epochs={args.cm_epochs}"])
         order = window_order(gfn.train_index, gfn.windows, torch.Generator().manual_seed(0))
+        report = gfn.cm_report or {}
+        cm = {k: report.get(k) for k in ("best_epoch", "epochs_run", "valid", "test")}
+        log(f"CM: {cm}")
         rows = []
         for progress in args.progress:
             gfn.stage.sampler.set_progress(progress)
@@ -74,7 +83,7 @@ def main(argv=None) -> dict:
         summary[f"progress_{progress:g}"] = {"branch_tokens": total, "distinct_prefixes": distinct,
                                              "saved_share": 1 - distinct / total}
     payload = {**env, "data": str(data_dir), "sampler": "cm_curriculum", "n_aug": 3, "batch_size": batch,
-               "cm_epochs": 1, "rows": rows, "summary": summary}
+               "cm_max_epochs": args.cm_epochs, "cm": cm, "rows": rows, "summary": summary}
     write_json(Path(args.out), payload)
     for key, value in summary.items():
         print(f"{env['device']}: {key}, {args.batches} batches of {batch}: a prefix-merged layout would save "
