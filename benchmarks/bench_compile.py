@@ -145,27 +145,33 @@ def main(argv: Optional[list[str]] = None) -> dict:
         init = save_policy(sft.policy, work / "init")
         order = window_order(sft.train_index, sft.windows, torch.Generator().manual_seed(0))
         del sft
+        out = Path(args.out) if args.out else RESULTS_DIR / f"train_compile_{kind}{'_quick' if args.quick else ''}.json"
+
+        def payload(rows: list[dict], complete: bool) -> dict:
+            load = {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()}
+            return {**env, "device_kind": kind, "dtype": dtype, "quick": args.quick, "data": data_label,
+                    "model": "qwen2_1.3M", "model_config": MODELS["qwen2_1.3M"], "load_average_1m": load,
+                    "cpu_memory_retained": cpu_memory_retained(),
+                    "notes": ("first_step_s includes compilation; the compiled variants of one run share the "
+                              "process's dynamo and inductor caches, and inductor keeps an on-disk cache between "
+                              "runs: only a first compile on a fresh machine is a cold one."),
+                    "complete": complete, "rows": rows, "summary": summarize(rows)}
+
         rows = []
-        for method in METHODS:
+        for i, method in enumerate(METHODS):
             rows += bench_method(method, variants, data_dir, data, init, order, batch, warmup, reps, device, dtype,
                                  work / "runs")
-    load = {"start": load_start, "end": os.getloadavg()[0], "logical_cores": os.cpu_count()}
-    payload = {**env, "device_kind": kind, "dtype": dtype, "quick": args.quick, "data": data_label,
-               "model": "qwen2_1.3M", "model_config": MODELS["qwen2_1.3M"], "load_average_1m": load,
-               "cpu_memory_retained": cpu_memory_retained(),
-               "notes": ("first_step_s includes compilation; the compiled variants of one run share the process's "
-                         "dynamo and inductor caches, and inductor keeps an on-disk cache between runs: only a first compile "
-                         "on a fresh machine is a cold one."),
-               "rows": rows, "summary": summarize(rows)}
-    out = Path(args.out) if args.out else RESULTS_DIR / f"train_compile_{kind}{'_quick' if args.quick else ''}.json"
-    write_json(out, payload)
+            # Written after every method: a run stopped by a time limit keeps what it measured ("complete": false).
+            result = payload(rows, complete=i == len(METHODS) - 1)
+            write_json(out, result)
+    load = result["load_average_1m"]
     print(f"{env['device']}; {data_label}; {dtype}")
     print(format_table(rows, ["method", "variant", "batch", "pack_rows", "compile_mode", "first_step_s",
                               "median_step_s", "min_step_s"]))
-    print(f"median step over eager: {payload['summary']}")
+    print(f"median step over eager: {result['summary']}")
     print(f"1-minute load average: {load['start']:.1f} at start, {load['end']:.1f} at end")
     print(f"wrote {out}")
-    return payload
+    return result
 
 
 if __name__ == "__main__":

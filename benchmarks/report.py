@@ -475,6 +475,8 @@ def render_train_compile_file(p: dict) -> str:
     cols = [c for c in COMPILE_COLUMNS if any(c in r for r in rows)]
     about = [str(p[k]) for k in ("data", "dtype") if p.get(k)] + ([f"model {p['model']}"] if p.get("model") else [])
     about += load_over_run(p)
+    if p.get("complete") is False:
+        about.append("**partial**: stopped before every method ran")
     ratios = [f"{method} `{key}`: {metric(value)}" for method, by in need(p, "summary").items()
               for key, value in by.items()]
     return "\n".join([provenance(p), "", "One run" + (" (`--quick`)" if p.get("quick") else "") + ": "
