@@ -171,6 +171,27 @@ def test_train_compile_file_renders_every_variant_and_a_failed_one(tmp_path):
     assert "RuntimeError: no graphs" in text and "sft `compiled_over_eager`: 0.8000" in text
 
 
+
+def test_train_compile_file_shows_the_forward_and_marks_a_partial_run(tmp_path):
+    rows = [{"method": "sft", "variant": "eager", "batch": 1024, "pack_rows": None, "compile_mode": "eager",
+             "forward": "block_sparse", "first_step_s": 2.0, "median_step_s": 1.5, "reps": 20},
+            {"method": "sft", "variant": "eager_dense", "batch": 1024, "pack_rows": None, "compile_mode": "eager",
+             "forward": "dense", "first_step_s": 2.0, "median_step_s": 1.8, "reps": 20}]
+    payload = {**HEADER, "dtype": "float32", "data": "Beauty", "model": "qwen2_1.3M", "rows": rows,
+               "complete": False, "summary": {"sft": {"eager_dense_over_eager": 1.2}}}
+    root = make_root(tmp_path, "<!-- report:train_compile -->\n<!-- /report:train_compile -->\n",
+                     {"train_compile_cpu.json": payload})
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert "| sft | eager_dense | 1,024 | – | eager | dense | 20 | 2.00 | 1.80 |" in text
+    assert "**partial**: stopped before every method ran" in text
+    payload["complete"] = True
+    (tmp_path / "complete").mkdir()
+    root = make_root(tmp_path / "complete", "<!-- report:train_compile -->\n<!-- /report:train_compile -->\n",
+                     {"train_compile_cpu.json": payload})
+    assert report.main(["--root", str(root)]) == 0
+    assert "partial" not in (root / "README.md").read_text()
+
 def test_cpu_memory_section_renders_both_settings_or_says_how_to_run_it(tmp_path):
     section = "<!-- report:cpu_memory -->\n<!-- /report:cpu_memory -->\n"
     (tmp_path / "none").mkdir()
