@@ -161,15 +161,21 @@ def test_train_compile_file_renders_every_variant_and_a_failed_one(tmp_path):
              "compile_mode": "reduce-overhead", "reps": 20, "error": "RuntimeError: no graphs"}]
     payload = {**HEADER, "dtype": "float32", "data": "Beauty", "model": "qwen2_1.3M", "rows": rows,
                "summary": {"sft": {"compiled_over_eager": 0.8, "compiled_cudagraphs_over_eager": None}}}
-    root = make_root(tmp_path, "<!-- report:train_compile -->\n<!-- /report:train_compile -->\n",
-                     {"train_compile_cpu.json": payload})
-    assert report.main(["--root", str(root)]) == 0
-    text = (root / "README.md").read_text()
+    text = render_compile_section(tmp_path, payload)
     assert "`benchmarks/results/train_compile_cuda.json`: pending: on a GPU" in text
     assert "| method | variant | batch | pack_rows | compile_mode | reps | first_step_s | median_step_s | error |" in text
     assert "| sft | compiled | 1,024 | 78 | default | 20 | 60.0 | 1.20 | – |" in text
     assert "RuntimeError: no graphs" in text and "sft `compiled_over_eager`: 0.8000" in text
 
+
+
+def render_compile_section(folder: Path, payload: dict) -> str:
+    """The README's train_compile section rendered from ``payload`` as ``train_compile_cpu.json`` in ``folder``."""
+    folder.mkdir(exist_ok=True)
+    root = make_root(folder, "<!-- report:train_compile -->\n<!-- /report:train_compile -->\n",
+                     {"train_compile_cpu.json": payload})
+    assert report.main(["--root", str(root)]) == 0
+    return (root / "README.md").read_text()
 
 
 def test_train_compile_file_shows_the_forward_and_marks_a_partial_run(tmp_path):
@@ -179,18 +185,11 @@ def test_train_compile_file_shows_the_forward_and_marks_a_partial_run(tmp_path):
              "forward": "dense", "first_step_s": 2.0, "median_step_s": 1.8, "reps": 20}]
     payload = {**HEADER, "dtype": "float32", "data": "Beauty", "model": "qwen2_1.3M", "rows": rows,
                "complete": False, "summary": {"sft": {"eager_dense_over_eager": 1.2}}}
-    root = make_root(tmp_path, "<!-- report:train_compile -->\n<!-- /report:train_compile -->\n",
-                     {"train_compile_cpu.json": payload})
-    assert report.main(["--root", str(root)]) == 0
-    text = (root / "README.md").read_text()
+    text = render_compile_section(tmp_path / "partial", payload)
     assert "| sft | eager_dense | 1,024 | – | eager | dense | 20 | 2.00 | 1.80 |" in text
     assert "**partial**: stopped before every method ran" in text
-    payload["complete"] = True
-    (tmp_path / "complete").mkdir()
-    root = make_root(tmp_path / "complete", "<!-- report:train_compile -->\n<!-- /report:train_compile -->\n",
-                     {"train_compile_cpu.json": payload})
-    assert report.main(["--root", str(root)]) == 0
-    assert "partial" not in (root / "README.md").read_text()
+    assert "partial" not in render_compile_section(tmp_path / "complete", {**payload, "complete": True})
+
 
 def test_cpu_memory_section_renders_both_settings_or_says_how_to_run_it(tmp_path):
     section = "<!-- report:cpu_memory -->\n<!-- /report:cpu_memory -->\n"
