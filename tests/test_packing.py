@@ -18,7 +18,7 @@ from gflowgr_core.model.packing import PackingUnsupported, attention_mask_for, p
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
 from gflowgr_core.sid.tokens import SIDTokenMap
 from gflowgr_core.train.checkpoint import save_policy
-from gflowgr_core.train.config import load_config
+from gflowgr_core.train.config import ConfigError, load_config
 from gflowgr_core.train.trainer import Trainer
 
 TOL = 1e-5
@@ -269,6 +269,33 @@ def test_packed_epoch_keeps_batches_of_batch_size(beauty, tmp_path):
     assert len(batch) == 50
     # A batch cut from the window order shares trunks: fewer segments than examples.
     assert int(torch.unique(batch.window).numel()) < 50
+
+
+def test_batch_order_shuffled_draws_examples_uniformly(beauty, tmp_path):
+    data_dir, data, init = beauty
+    base = [f"data={data_dir}", f"out={tmp_path}", "stage=sft", *TINY]
+    windows = Trainer(load_config(None, base), data)
+    shuffled = Trainer(load_config(None, [*base, "batch_order=shuffled"]), data)
+    g = lambda: torch.Generator().manual_seed(3)
+    by_window, uniform = windows.epoch_order(g()), shuffled.epoch_order(g())
+    assert sorted(uniform.tolist()) == shuffled.train_index.tolist()
+    # The window order keeps each window's rows adjacent; a uniform shuffle breaks most of those runs.
+    def adjacent_same_window(order):
+        w = windows.windows[order]
+        return int((w[1:] == w[:-1]).sum())
+    assert adjacent_same_window(by_window) == len(by_window) - int(torch.unique(windows.windows[by_window]).numel())
+    assert adjacent_same_window(uniform) < adjacent_same_window(by_window) / 4
+    # The same generator state gives the per-prefix path's shuffle.
+    assert torch.equal(uniform, shuffled.train_index[torch.randperm(len(shuffled.train_index), generator=g())])
+
+
+def test_batch_order_is_checked(beauty, tmp_path):
+    data_dir, _, _ = beauty
+    base = [f"data={data_dir}", f"out={tmp_path}", "stage=sft"]
+    with pytest.raises(ConfigError, match="batch_order='users' is not one of"):
+        load_config(None, [*base, "batch_order=users"])
+    with pytest.raises(ConfigError, match="packing: false"):
+        load_config(None, [*base, "batch_order=shuffled", "packing=false"])
 
 
 # ------------------------------------------------------------------------------- compiled forward

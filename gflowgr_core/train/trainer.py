@@ -356,19 +356,26 @@ class Trainer:
         window = self.windows.index_select(0, index) if self.windows is not None else None
         return ExampleBatch.from_split(self.data.split.train, index, window=window).to(self.device)
 
+    def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
+        """An epoch's order of the training rows, drawn from ``generator``: trunk windows in random order, each
+        window's rows together (``batch_order: windows`` with packing), else a uniform shuffle."""
+        if self.windows is not None and self.cfg.batch_order == "windows":
+            return window_order(self.train_index, self.windows, generator)
+        return self.train_index[torch.randperm(len(self.train_index), generator=generator)]
+
     def packed_rows_per_batch(self, order: Optional[torch.Tensor] = None) -> list[int]:
         """Rows of ``pack_row_tokens`` that each batch of an epoch needs with this stage's trajectories per
         example: the most of them is the smallest ``pack_rows`` (static shapes) that epoch fits in.
 
         Args:
-            order: an epoch's order of training rows (default: a window order drawn from a generator seeded
-                with ``seed``, as an epoch visits them). The trajectories' codes do not change the layout, so
+            order: an epoch's order of training rows (default: :meth:`epoch_order` drawn from a generator
+                seeded with ``seed``). The trajectories' codes do not change the layout, so
                 each positive stands in for all of its example's trajectories.
         """
         if self.windows is None:
             raise ValueError("packed_rows_per_batch needs packing: true")
         if order is None:
-            order = window_order(self.train_index, self.windows, torch.Generator().manual_seed(self.cfg.seed))
+            order = self.epoch_order(torch.Generator().manual_seed(self.cfg.seed))
         size, T = self.cfg.batch_size, self.stage.trajectories
         rows = []
         for start in range(0, len(order), size):
@@ -534,10 +541,7 @@ class Trainer:
         while not st.finished and st.epoch < max_epochs:
             self.policy.train()
             if st.perm is None:
-                if self.windows is not None:
-                    st.perm = window_order(self.train_index, self.windows, self.generator)
-                else:
-                    st.perm = self.train_index[torch.randperm(len(self.train_index), generator=self.generator)]
+                st.perm = self.epoch_order(self.generator)
                 st.batch, st.running, st.epoch_seconds = 0, [], 0.0
             epoch_clock = time.time() - st.epoch_seconds
             bar = tqdm(total=self.steps_per_epoch, initial=st.batch, desc=f"{cfg.stage} epoch {st.epoch + 1}",
