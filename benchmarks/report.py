@@ -505,6 +505,43 @@ def render_cpu_memory(results: Path) -> str:
     return "\n\n".join(render_cpu_memory_file(load(results, f.name)) for f in files)
 
 
+BATCH_ORDER_TEST = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+
+
+def render_batch_order_file(p: dict) -> str:
+    """One row per (order, seed) run of ``bench_batch_order.py``, then the per-order means over its seeds."""
+    runs = need(p, "runs")
+    select = p.get("select_metric", "ndcg@10")
+    about = [str(p["data"])] if p.get("data") else []
+    about.append(f"{num(p.get('num_train_examples'))} training examples, batch {num(p.get('batch_size'))}, "
+                 f"{p.get('epochs')} epochs per run, validation on {num(p.get('valid_users'))} users, test at the "
+                 f"best validation {select}")
+    if p.get("complete") is False:
+        about.append("**partial**: stopped before every run finished")
+    header = ["order", "seed", "best_epoch", f"best valid {select}", "s/epoch"] + [f"test {m}" for m in
+                                                                               BATCH_ORDER_TEST]
+    rows = [[r["order"], r["seed"], f"{r.get('best_epoch')} of {r.get('epochs')}", metric(r.get("best_valid")),
+             num(r.get("seconds_per_epoch"))] + [metric((r.get("test") or {}).get(m)) for m in BATCH_ORDER_TEST]
+            for r in runs]
+    lines = [provenance(p), "", "One run per order and seed: " + "; ".join(about) + ".", "", md_table(header, rows)]
+    summary = p.get("summary") or {}
+    means = [(order, s) for order, s in summary.items() if isinstance(s, dict) and "seeds" in s]
+    if means:
+        lines += ["", "Mean over seeds:", "", md_table(
+            ["order", "seeds", "s/epoch"] + [f"test {m}" for m in BATCH_ORDER_TEST] + [f"seed range {select}"],
+            [[order, ", ".join(str(x) for x in s["seeds"]), num(s.get("seconds_per_epoch"))]
+             + [metric(s.get(m)) for m in BATCH_ORDER_TEST] + [metric((s.get("seed_range") or {}).get(select))]
+             for order, s in means])]
+    return "\n".join(lines)
+
+
+def render_batch_order(results: Path) -> str:
+    files = sorted(results.glob("batch_order_*.json"))
+    if not files:
+        return pending("benchmarks/results/batch_order_cpu.json", "run `python benchmarks/bench_batch_order.py`")
+    return "\n\n".join(render_batch_order_file(load(results, f.name)) for f in files)
+
+
 def render_demo(results: Path) -> str:
     """The demo's committed ``metrics.json``: one row per method, one table per scoring, keyed by the file."""
     p = load(results, "demo_cpu.json")
@@ -560,7 +597,7 @@ def render_tuning(results: Path) -> str:
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "decode": render_decode, "hf_processor": render_hf_processor, "gfn_loss": render_gfn_loss,
     "train_step": render_train_step, "train_epoch": render_train_epoch, "train_compile": render_train_compile,
-    "cpu_memory": render_cpu_memory,
+    "cpu_memory": render_cpu_memory, "batch_order": render_batch_order,
     "trie_build": render_trie_build,
     "quality": render_quality, "demo": render_demo, "tuning": render_tuning,
 }

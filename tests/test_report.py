@@ -258,3 +258,31 @@ def test_tuning_file_renders_every_run_and_names_a_bad_row(tmp_path):
     (root / "benchmarks" / "results" / "tune_demo_cpu.json").write_text(json.dumps({**tuning, "runs": [{"x": 1}]}))
     with pytest.raises(report.ReportError, match=r"tune_demo_cpu.json: runs\[0\] has no 'valid'"):
         report.render_tuning(root / "benchmarks" / "results")
+
+
+def test_batch_order_section_renders_every_run_and_the_means_or_says_how_to_run_it(tmp_path):
+    section = "<!-- report:batch_order -->\n<!-- /report:batch_order -->\n"
+    (tmp_path / "none").mkdir()
+    (tmp_path / "one").mkdir()
+    root = make_root(tmp_path / "none", section, {})
+    assert report.main(["--root", str(root)]) == 0
+    assert "pending: run `python benchmarks/bench_batch_order.py`" in (root / "README.md").read_text()
+    test = {"recall@5": 0.0178, "recall@10": 0.0305, "ndcg@5": 0.011, "ndcg@10": 0.015}
+    runs = [{"order": "windows", "seed": 42, "epochs": 4, "best_epoch": 4, "best_valid": 0.0218,
+             "seconds_per_epoch": 183.2, "test": test},
+            {"order": "shuffled", "seed": 42, "epochs": 4, "best_epoch": 3, "best_valid": 0.0214,
+             "seconds_per_epoch": 308.3, "test": {**test, "ndcg@10": 0.0145}}]
+    summary = {"windows": {"seeds": [42], **test, "seconds_per_epoch": 183.2, "seed_range": {"ndcg@10": 0.0}},
+               "shuffled": {"seeds": [42], **test, "ndcg@10": 0.0145, "seconds_per_epoch": 308.3,
+                            "seed_range": {"ndcg@10": 0.0}},
+               "paired_seeds": [42], "windows_minus_shuffled": {"ndcg@10": 0.0005}}
+    payload = {**HEADER, "data": "Beauty", "num_train_examples": 131413, "batch_size": 1024, "epochs": 4,
+               "valid_users": 5000, "select_metric": "ndcg@10", "complete": False, "runs": runs, "summary": summary}
+    root = make_root(tmp_path / "one", section, {"batch_order_cpu.json": payload})
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert "| windows | 42 | 4 of 4 | 0.0218 | 183 | 0.0178 | 0.0305 | 0.0110 | 0.0150 |" in text
+    assert "| shuffled | 42 | 3 of 4 | 0.0214 | 308 | 0.0178 | 0.0305 | 0.0110 | 0.0145 |" in text
+    assert "| shuffled | 42 | 308 | 0.0178 | 0.0305 | 0.0110 | 0.0145 | 0.0000 |" in text
+    assert "131,413 training examples, batch 1,024, 4 epochs per run" in text
+    assert "**partial**" in text
