@@ -51,6 +51,14 @@ def make_root(tmp_path: Path, readme: str, results: dict) -> Path:
     return tmp_path
 
 
+def rendered_section(folder: Path, name: str, results: dict) -> str:
+    """The README of a new root under ``folder`` holding only section ``name``, rendered from ``results``."""
+    folder.mkdir()
+    root = make_root(folder, f"<!-- report:{name} -->\n<!-- /report:{name} -->\n", results)
+    assert report.main(["--root", str(root)]) == 0
+    return (root / "README.md").read_text()
+
+
 def test_summary_entries_carry_the_sizes_run():
     summary = decode_payload(users=8, beams=5, kernel_users=32)["summary"]
     assert summary["kernel_step"]["rows"] == 160 and summary["kernel_step"]["beams"] == 5
@@ -192,21 +200,15 @@ def test_train_compile_file_shows_the_forward_and_marks_a_partial_run(tmp_path):
 
 
 def test_cpu_memory_section_renders_both_settings_or_says_how_to_run_it(tmp_path):
-    section = "<!-- report:cpu_memory -->\n<!-- /report:cpu_memory -->\n"
-    (tmp_path / "none").mkdir()
-    (tmp_path / "one").mkdir()
-    root = make_root(tmp_path / "none", section, {})
-    assert report.main(["--root", str(root)]) == 0
-    assert "pending: run `python benchmarks/bench_cpu_memory.py`" in (root / "README.md").read_text()
+    assert "pending: run `python benchmarks/bench_cpu_memory.py`" in rendered_section(tmp_path / "none", "cpu_memory",
+                                                                                      {})
     rows = [{"method": "sft_packed", "retain_cpu_memory": False, "batch": 1024, "steps": 10, "median_step_s": 2.0,
              "minor_faults_per_step": 120000.0},
             {"method": "sft_packed", "retain_cpu_memory": True, "batch": 1024, "steps": 10, "median_step_s": 1.5,
              "minor_faults_per_step": 80.0}]
     payload = {**HEADER, "dtype": "float32", "data": "Beauty", "model": "qwen2_1.3M", "rounds": 2,
                "steps_per_worker": 5, "rows": rows, "summary": {"sft_packed_retain_over_release": 0.75}}
-    root = make_root(tmp_path / "one", section, {"cpu_memory_cpu.json": payload})
-    assert report.main(["--root", str(root)]) == 0
-    text = (root / "README.md").read_text()
+    text = rendered_section(tmp_path / "one", "cpu_memory", {"cpu_memory_cpu.json": payload})
     assert "| sft_packed | no | 1,024 | 10 | 2.00 | 120,000 |" in text
     assert "| sft_packed | yes | 1,024 | 10 | 1.50 | 80.0 |" in text
     assert "2 rounds of one worker per setting, 5 timed steps each" in text
@@ -261,12 +263,8 @@ def test_tuning_file_renders_every_run_and_names_a_bad_row(tmp_path):
 
 
 def test_batch_order_section_renders_every_run_and_the_means_or_says_how_to_run_it(tmp_path):
-    section = "<!-- report:batch_order -->\n<!-- /report:batch_order -->\n"
-    (tmp_path / "none").mkdir()
-    (tmp_path / "one").mkdir()
-    root = make_root(tmp_path / "none", section, {})
-    assert report.main(["--root", str(root)]) == 0
-    assert "pending: run `python benchmarks/bench_batch_order.py`" in (root / "README.md").read_text()
+    assert "pending: run `python benchmarks/bench_batch_order.py`" in rendered_section(tmp_path / "none",
+                                                                                       "batch_order", {})
     test = {"recall@5": 0.0178, "recall@10": 0.0305, "ndcg@5": 0.011, "ndcg@10": 0.015}
     runs = [{"order": "windows", "seed": 42, "epochs": 4, "best_epoch": 4, "best_valid": 0.0218,
              "seconds_per_epoch": 183.2, "test": test},
@@ -278,9 +276,7 @@ def test_batch_order_section_renders_every_run_and_the_means_or_says_how_to_run_
                "paired_seeds": [42], "windows_minus_shuffled": {"ndcg@10": 0.0005}}
     payload = {**HEADER, "data": "Beauty", "num_train_examples": 131413, "batch_size": 1024, "epochs": 4,
                "valid_users": 5000, "select_metric": "ndcg@10", "complete": False, "runs": runs, "summary": summary}
-    root = make_root(tmp_path / "one", section, {"batch_order_cpu.json": payload})
-    assert report.main(["--root", str(root)]) == 0
-    text = (root / "README.md").read_text()
+    text = rendered_section(tmp_path / "one", "batch_order", {"batch_order_cpu.json": payload})
     assert "| windows | 42 | 4 of 4 | 0.0218 | 183 | 0.0178 | 0.0305 | 0.0110 | 0.0150 |" in text
     assert "| shuffled | 42 | 3 of 4 | 0.0214 | 308 | 0.0178 | 0.0305 | 0.0110 | 0.0145 |" in text
     assert "| shuffled | 42 | 308 | 0.0178 | 0.0305 | 0.0110 | 0.0145 | 0.0000 |" in text
