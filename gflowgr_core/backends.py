@@ -10,6 +10,7 @@ It also holds the one rule for which backend runs each op (:func:`resolve_backen
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import logging
 import os
@@ -280,12 +281,16 @@ def last_resolution(op: str) -> Resolution | None:
 def kernel_module(name: str) -> ModuleType:
     """``gflowgr_core.kernels.<name>`` (an op file of Triton kernels, or ``utils``), imported on first use.
 
-    Installs map the top-level ``kernels/`` folder to ``gflowgr_core.kernels`` (setup.py ``package_dir``:
-    a wheel holds ``gflowgr_core/kernels/``, an editable install's finder maps the name to the folder). A
-    source checkout that is only on ``PYTHONPATH`` (``benchmarks/gpu_quality.sh`` without ``--build``, the
-    benchmarks' fallback when gflowgr is not installed) has no such subpackage, and packaging cannot add one
-    without an install, so there the ``kernels/`` folder beside ``gflowgr_core/`` is registered under that
-    name.
+    The top-level ``kernels/`` folder has no ``__init__.py`` on purpose: a regular package there would answer
+    ``import kernels`` whenever the checkout root is on ``sys.path`` (``python -m pytest``, ``python -c``, a
+    notebook started in the root) and shadow the PyPI package ``kernels`` that transformers imports. Without
+    it, an installed ``kernels`` always wins, and without one transformers sees a namespace folder, which it
+    reports as absent.
+
+    A wheel holds the folder as ``gflowgr_core/kernels/`` (setup.py ``package_dir``), an implicit namespace
+    subpackage that imports as it is. An editable install's finder maps only packages with an ``__init__``,
+    and a source checkout on ``PYTHONPATH`` (``benchmarks/gpu_quality.sh`` without ``--build``) has no such
+    subpackage, so there the ``kernels/`` folder beside ``gflowgr_core/`` is registered under that name.
     """
     if "gflowgr_core.kernels" not in sys.modules:
         try:
@@ -294,15 +299,14 @@ def kernel_module(name: str) -> ModuleType:
             if exc.name != "gflowgr_core.kernels":
                 raise
             folder = Path(__file__).resolve().parents[1] / "kernels"
-            init = folder / "__init__.py"
-            if not init.is_file():
-                raise ModuleNotFoundError(f"gflowgr_core.kernels is not installed and {init} does not exist; "
-                                          f"reinstall gflowgr (pip install -e .)", name="gflowgr_core.kernels")
-            spec = importlib.util.spec_from_file_location("gflowgr_core.kernels", init,
-                                                          submodule_search_locations=[str(folder)])
+            if not (folder / f"{name}.py").is_file():
+                raise ModuleNotFoundError(f"gflowgr_core.kernels is not installed and {folder / name}.py does not "
+                                          f"exist; reinstall gflowgr (pip install -e .)",
+                                          name="gflowgr_core.kernels") from None
+            spec = importlib.machinery.ModuleSpec("gflowgr_core.kernels", None, is_package=True)
+            spec.submodule_search_locations = [str(folder)]
             module = importlib.util.module_from_spec(spec)
             sys.modules["gflowgr_core.kernels"] = module
-            spec.loader.exec_module(module)
             setattr(sys.modules["gflowgr_core"], "kernels", module)
     return importlib.import_module(f"gflowgr_core.kernels.{name}")
 

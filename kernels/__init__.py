@@ -1,1 +1,0 @@
-"""Triton kernels of gflowgr, installed as ``gflowgr_core.kernels``."""
