@@ -135,6 +135,8 @@ class RunSpec:
         dataset: the dataset folder under ``configs/``.
         overrides: ``key=value`` overrides applied to the YAML, in order.
         needs: run folders whose ``best/`` checkpoint this run starts from.
+        config_dir: the folder of the method YAMLs (default ``configs/<dataset>``; e.g. ``configs/beauty_cpu``
+            for the CPU protocol).
     """
 
     name: str
@@ -144,10 +146,15 @@ class RunSpec:
     dataset: str
     overrides: list[str] = field(default_factory=list)
     needs: list[Path] = field(default_factory=list)
+    config_dir: Optional[Path] = None
 
     @property
     def config_path(self) -> Path:
-        return CONFIGS / self.dataset / f"{self.method}.yaml"
+        return Path(self.config_dir or CONFIGS / self.dataset) / f"{self.method}.yaml"
+
+    def resumable(self) -> bool:
+        """An unfinished run that saved ``out/last/`` (the trainer's resumable state)."""
+        return not self.done() and (self.out / "last").is_dir()
 
     def done(self) -> bool:
         return (self.out / "result.json").exists()
@@ -156,6 +163,8 @@ class RunSpec:
         """``done``, ``stale`` (folder without result.json: retrained) or ``pending``."""
         if self.done():
             return "done"
+        if self.resumable():
+            return "resumable"
         return "stale" if self.out.exists() else "pending"
 
     def command(self) -> str:
@@ -168,10 +177,10 @@ def data_dir(root: Path, dataset: str, quick: bool) -> Path:
 
 
 def _base_overrides(root: Path, dataset: str, method: str, seed: int, out: Path, quick: bool,
-                    extra: Sequence[str]) -> list[str]:
+                    extra: Sequence[str], sft_seed: Optional[int] = None) -> list[str]:
     overrides = [f"data={data_dir(root, dataset, quick)}", f"out={out}", f"seed={seed}"]
     if method != "sft":
-        overrides.append(f"init_checkpoint={root / dataset / 'sft' / f'seed{seed}' / 'best'}")
+        overrides.append(f"init_checkpoint={root / dataset / 'sft' / f'seed{seed if sft_seed is None else sft_seed}' / 'best'}")
     if quick:
         overrides += QUICK_OVERRIDES + (QUICK_SFT if method == "sft" else QUICK_STAGE2)
         if method.startswith("gflowgr"):
@@ -194,19 +203,27 @@ def scoped_overrides(extra: Sequence[str], method: str) -> list[str]:
 
 
 def plan_grid(dataset: str, methods: Sequence[str], seeds: Sequence[int], root: Path, quick: bool = False,
-              extra: Sequence[str] = ()) -> list[RunSpec]:
+              extra: Sequence[str] = (), config_dir: Optional[Path] = None,
+              sft_seed: Optional[int] = None) -> list[RunSpec]:
     """The runs of ``methods`` x ``seeds``, seed-major (a seed's SFT first, then its stage-2 methods), so a
-    partly run grid already holds complete seeds. SFT is added for every seed a stage-2 method needs."""
+    partly run grid already holds complete seeds. SFT is added for every seed a stage-2 method needs.
+    ``config_dir`` holds the method YAMLs (default ``configs/<dataset>``). ``sft_seed``: every stage-2 run
+    starts from that one SFT run (trained once) and its seed varies only stage 2; by default each seed
+    trains its own SFT."""
     _check_names(dataset, methods)
     root = Path(root) / "quick" if quick else Path(root)
     wanted = list(dict.fromkeys(["sft", *methods] if any(m != "sft" for m in methods) else methods))
     specs = []
     for seed in seeds:
+        sft_from = seed if sft_seed is None else sft_seed
         for method in wanted:
+            if method == "sft" and seed != sft_from:
+                continue
             out = root / dataset / method / f"seed{seed}"
-            needs = [] if method == "sft" else [root / dataset / "sft" / f"seed{seed}"]
+            needs = [] if method == "sft" else [root / dataset / "sft" / f"seed{sft_from}"]
             specs.append(RunSpec(name=method, method=method, seed=seed, out=out, dataset=dataset, needs=needs,
-                                 overrides=_base_overrides(root, dataset, method, seed, out, quick, extra)))
+                                 overrides=_base_overrides(root, dataset, method, seed, out, quick, extra, sft_seed),
+                                 config_dir=config_dir))
     return specs
 
 
@@ -281,9 +298,12 @@ def _require(path: Path) -> None:
 
 def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] = None,
               train_fn: Optional[Callable] = None, device: str = "auto",
-              on_finished: Optional[Callable[[RunSpec], None]] = None) -> dict:
+              on_finished: Optional[Callable[[RunSpec], None]] = None, resume: bool = False) -> dict:
     """Train the unfinished runs in order, within ``max_minutes`` (no new run starts after it).
 
+    ``resume``: an unfinished run that saved ``out/last/`` continues from it (``resume=true``: the same weights
+    as an uninterrupted run) instead of being removed and trained again; so a grid stopped with its session
+    goes on where it stopped.
     Returns ``{"trained": [...], "skipped": [...], "not_started": [...]}`` (run folders as strings).
     ``train_fn(config, data) -> result`` defaults to :func:`gflowgr_core.train.trainer.run_training`.
     Each run's ``env.json`` gets the device and versions before it trains and its ``wall_seconds`` after;
@@ -315,16 +335,23 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
             report["not_started"].append(str(spec.out))
             log(f"skipping {spec.out}: it starts from {missing}, which did not finish")
             continue
-        if spec.out.exists():
+        overrides = list(spec.overrides)
+        if resume and spec.resumable():
+            log(f"resuming the interrupted run {spec.out} from its last/ checkpoint")
+            overrides.append("resume=true")
+        elif spec.out.exists():
             log(f"removing the interrupted run {spec.out} (no result.json) and training it again")
             shutil.rmtree(spec.out)
-        config = load_config(spec.config_path, spec.overrides)
+        config = load_config(spec.config_path, overrides)
         spec.out.mkdir(parents=True, exist_ok=True)
         env = environment(resolve_device(config.device))
+        env["resumed"] = config.resume
         (spec.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
         log(f"[{time.time() - start:7.0f}s] training {spec.name} seed {spec.seed} -> {spec.out}")
         t0 = time.time()
         result = train_fn(config, data) or {}
+        # Of this process only: a resumed run's earlier processes were stopped before they could record theirs
+        # (its result's train_seconds covers every part).
         env["wall_seconds"] = time.time() - t0
         (spec.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
         if result.get("status") == "interrupted":
@@ -541,8 +568,8 @@ def plot_quality(agg: dict, path: Path) -> Optional[Path]:
     return path
 
 
-def output_path(dataset: str, quick: bool, ablations: bool, results_dir: Path = RESULTS_DIR) -> Path:
-    stem = f"{'ablations' if ablations else 'quality'}_{dataset}"
+def output_path(dataset: str, quick: bool, ablations: bool, results_dir: Path = RESULTS_DIR, tag: str = "") -> Path:
+    stem = f"{'ablations' if ablations else 'quality'}_{dataset}{f'_{tag}' if tag else ''}"
     return Path(results_dir) / f"{stem}{'_quick' if quick else ''}.json"
 
 
@@ -564,6 +591,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Beauty: Beauty.inter.json and Beauty.index.json; default: under $GFLOWGR_DATA or "
                         "../shared/data)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the JSON and the PNG go")
+    p.add_argument("--config-dir", default=None, metavar="DIR",
+                   help="folder of the method YAMLs (default: configs/<dataset>; configs/beauty_cpu is the CPU "
+                        "protocol)")
+    p.add_argument("--sft-seed", type=int, default=None,
+                   help="train SFT once with this seed and start every stage-2 seed from it (default: one SFT "
+                        "per seed)")
+    p.add_argument("--tag", default="", help="suffix of the results file: quality_<dataset>_<tag>.json")
+    p.add_argument("--resume", action="store_true",
+                   help="continue interrupted runs from their last/ checkpoint instead of training them again")
     p.add_argument("overrides", nargs="*",
                    help="key=value overrides applied to every run (after the YAML); sft:key=value only to SFT, "
                         "stage2:key=value only to the runs after SFT")
@@ -583,7 +619,8 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
         specs = plan_ablations(args.dataset, root, args.quick, args.overrides, args.ablations or None)
         seeds = [ABLATION_SEED]
     else:
-        specs = plan_grid(args.dataset, args.methods, seeds, root, args.quick, args.overrides)
+        specs = plan_grid(args.dataset, args.methods, seeds, root, args.quick, args.overrides,
+                          None if args.config_dir is None else Path(args.config_dir), args.sft_seed)
     if args.dry_run:
         ddir = data_dir(root / "quick" if args.quick else root, args.dataset, args.quick)
         print(f"data: {ddir} ({'ready' if (ddir / 'stats.json').exists() else 'prepared on first run'})")
@@ -596,7 +633,7 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
                 print(s.command())
         return {}
     paper = PAPER_BEAUTY if args.dataset == "beauty" and not ablations else None
-    path = output_path(args.dataset, args.quick, ablations, Path(args.results_dir))
+    path = output_path(args.dataset, args.quick, ablations, Path(args.results_dir), args.tag)
 
     def write_outputs(data=None) -> dict:
         agg = aggregate(specs, seeds, data)
@@ -619,7 +656,8 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
     if not args.aggregate_only:
         data = ensure_data(args.dataset, root, args.quick, None if args.data is None else Path(args.data))
         # The aggregate is rewritten after every finished run, so a grid cut short still leaves its results.
-        report = run_specs(specs, data, args.max_minutes, train_fn, on_finished=lambda spec: write_outputs(data))
+        report = run_specs(specs, data, args.max_minutes, train_fn, on_finished=lambda spec: write_outputs(data),
+                           resume=args.resume)
         log(f"trained {len(report['trained'])}, skipped (finished) {len(report['skipped'])}, "
             f"not started {len(report['not_started'])}")
     agg = write_outputs(data)

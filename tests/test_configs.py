@@ -50,13 +50,14 @@ def test_grid_is_complete():
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_every_yaml_loads(path):
     cfg = load_config(path)  # unknown keys, bad types or bad choices raise ConfigError
-    dataset, method = path.parent.name, path.stem
+    folder, method = path.parent.name, path.stem
+    dataset = folder.removesuffix("_cpu")  # configs/<dataset>_cpu: the CPU protocol of that dataset
     assert cfg.stage == STAGE[method]
     assert cfg.data == f"runs/data/{dataset}"
-    assert cfg.out == f"runs/{dataset}/{method}/seed42"
+    assert cfg.out == f"runs/{folder}/{method}/seed42"
     if method != "sft":
-        assert cfg.init_checkpoint == f"runs/{dataset}/sft/seed42/best"
-    assert cfg.dtype == "bfloat16" and cfg.batch_size >= 512
+        assert cfg.init_checkpoint == f"runs/{folder}/sft/seed42/best"
+    assert cfg.dtype == "bfloat16" and cfg.batch_size >= (256 if folder.endswith("_cpu") else 512)
     assert (cfg.model.arch, cfg.model.hidden, cfg.model.layers, cfg.model.pretrained) == ("qwen2", 128, 4, None)
 
 
@@ -81,7 +82,7 @@ def test_yaml_words_on_off_stay_words_for_text_fields(tmp_path):
         load_config(None, ["data=x", "packing=maybe"])
 
 
-@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("dataset", [*DATASETS, "beauty_cpu"])
 def test_stage2_methods_share_budget_and_model(dataset):
     cfgs = {m: load_config(CONFIGS / dataset / f"{m}.yaml") for m in METHODS}
     ref = dataclasses.asdict(cfgs["gflowgr_tb"])
@@ -95,7 +96,7 @@ def test_stage2_methods_share_budget_and_model(dataset):
     assert cfgs["gflowgr_tb"].model == load_config(CONFIGS / "beauty" / "gflowgr_tb.yaml").model
 
 
-@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("dataset", [*DATASETS, "beauty_cpu"])
 def test_gflowgr_variants_differ_only_in_objective(dataset):
     cfgs = {m: load_config(CONFIGS / dataset / f"{m}.yaml") for m in ("gflowgr_tb", "gflowgr_db", "gflowgr_subtb")}
     for method, cfg in cfgs.items():
@@ -151,6 +152,40 @@ def test_plan_grid_is_seed_major_and_wires_checkpoints(tmp_path):
     cfg = load_config(quick[1].config_path, quick[1].overrides)
     assert cfg.model.hidden == 32 and cfg.max_steps == 10 and cfg.device == "cpu"
     assert str(quick[1].out).startswith(str(tmp_path / "quick"))
+
+
+def test_plan_grid_one_sft_for_every_seed_and_a_config_dir(tmp_path):
+    specs = runner.plan_grid("beauty", ["gflowgr_tb"], [42, 43], tmp_path, config_dir=CONFIGS / "beauty_cpu",
+                             sft_seed=42)
+    assert [(s.name, s.seed) for s in specs] == [("sft", 42), ("gflowgr_tb", 42), ("gflowgr_tb", 43)]
+    for spec in specs:
+        assert spec.config_path.parent == CONFIGS / "beauty_cpu"
+        cfg = load_config(spec.config_path, spec.overrides)
+        assert cfg.seed == spec.seed and cfg.likelihood_support == "level"
+        if spec.name != "sft":
+            assert Path(cfg.init_checkpoint) == tmp_path / "beauty" / "sft" / "seed42" / "best"
+            assert spec.needs == [tmp_path / "beauty" / "sft" / "seed42"]
+    assert runner.output_path("beauty", False, False, tmp_path, "cpu") == tmp_path / "quality_beauty_cpu.json"
+
+
+def test_run_specs_resume_continues_from_last(tmp_path):
+    specs = runner.plan_grid("beauty", ["gflowgr_tb"], [42], tmp_path)
+    (specs[0].out).mkdir(parents=True)
+    (specs[0].out / "result.json").write_text(json.dumps(_fake_result(None, 0.1)))
+    (specs[1].out / "last").mkdir(parents=True)
+    (specs[1].out / "last" / "state.pt").write_text("x")
+    assert specs[1].status() == "resumable"
+    seen = []
+
+    def fake_train(config, data):
+        seen.append(config.resume)
+        assert (Path(config.out) / "last" / "state.pt").exists(), "a resumed run keeps its last/ checkpoint"
+        (Path(config.out) / "result.json").write_text(json.dumps(_fake_result(None, 0.1)))
+        return {}
+
+    runner.run_specs(specs, data=None, train_fn=fake_train, resume=True)
+    assert seen == [True]
+    assert json.loads((specs[1].out / "env.json").read_text())["resumed"] is True
 
 
 def _fake_result(spec, value: float) -> dict:
