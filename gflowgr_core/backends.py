@@ -126,11 +126,13 @@ class Resolution(NamedTuple):
 
 @dataclass(frozen=True)
 class Implementation:
-    """One backend's implementation of an op: ``fn``, the device types it runs on, and an optional
-    ``supports(**options) -> bool`` saying whether it implements a call's options."""
+    """One backend's implementation of an op: ``fn``, the device types it runs on, an optional
+    ``supports(**options) -> bool`` saying whether it implements a call's options, and the floating-point
+    ``dtypes`` of the operands it computes in (``None``: every dtype)."""
     fn: Callable
     device_types: tuple[str, ...] | None
     supports: Callable[..., bool] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
 
 
 @dataclass
@@ -152,11 +154,14 @@ def define_op(op: str, reference: Callable, providers: Sequence[str] = ()) -> No
 
 
 def register(op: str, name: str, fn: Callable, device_types: Sequence[str] | None = None,
-             supports: Callable[..., bool] | None = None) -> None:
+             supports: Callable[..., bool] | None = None,
+             dtypes: Sequence[torch.dtype] | None = None) -> None:
     """Make ``fn`` the ``name`` implementation of ``op`` (same calling convention as its reference).
 
     ``device_types`` defaults to :data:`RUNS_ON` of ``name``; ``supports``, when given, is called with the
-    call's options as keywords and returns ``False`` for options ``fn`` does not implement.
+    call's options as keywords and returns ``False`` for options ``fn`` does not implement; ``dtypes``, when
+    given, are the operand dtypes ``fn`` computes in: a call whose ``dtype`` (see :func:`resolve_backend`) is
+    not among them runs elsewhere (e.g. float64 on the reference, never rounded by a float32 kernel).
     """
     if op not in _OPS:
         raise ValueError(f"unknown op {op!r}; defined ops: {sorted(_OPS)}")
@@ -164,7 +169,10 @@ def register(op: str, name: str, fn: Callable, device_types: Sequence[str] | Non
         raise ValueError(f"unknown backend {name!r} for {op}: expected one of {BACKENDS[1:]} (the 'torch' "
                          f"backend is the op's reference)")
     types = RUNS_ON[name] if device_types is None else tuple(device_types)
-    _OPS[op].impls[name] = Implementation(fn, types, supports)
+    kinds = None if dtypes is None else tuple(dtypes)
+    if kinds is not None and not all(isinstance(d, torch.dtype) for d in kinds):
+        raise TypeError(f"dtypes of the {name!r} {op} must be torch dtypes, got {kinds}")
+    _OPS[op].impls[name] = Implementation(fn, types, supports, kinds)
 
 
 def _op(op: str) -> _Op:
@@ -190,7 +198,12 @@ def _describe(options: dict) -> str:
     return ", ".join(shown) or "these options"
 
 
-def _unusable(op: _Op, op_name: str, name: str, device: torch.device, options: dict | None) -> str | None:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _unusable(op: _Op, op_name: str, name: str, device: torch.device, options: dict | None,
+              dtype: torch.dtype | None = None) -> str | None:
     """``None`` when backend ``name`` can run this call of the op, else the reason it cannot."""
     impl = op.impls.get(name)
     if impl is None:
@@ -201,6 +214,9 @@ def _unusable(op: _Op, op_name: str, name: str, device: torch.device, options: d
     if (impl.device_types is not None and device.type not in impl.device_types
             and not (name == "triton" and triton_interpret())):
         return f"the {name!r} {op_name} runs on {'/'.join(impl.device_types)} tensors, not {device.type}"
+    if dtype is not None and impl.dtypes is not None and dtype not in impl.dtypes:
+        return (f"the {name!r} {op_name} computes in {'/'.join(_dtype_name(d) for d in impl.dtypes)}, not "
+                f"{_dtype_name(dtype)}")
     if impl.supports is not None and options is not None and not impl.supports(**options):
         return f"the {name!r} {op_name} does not implement {_describe(options)}"
     return None
@@ -220,13 +236,15 @@ def _warn_missing_gpu_backends(device: torch.device) -> None:
                     "s are" if len(missing) > 1 else " is", "; ".join(f"{n}: {why}" for n, why in missing))
 
 
-def resolve_backend(op: str, requested: str, device, options: dict | None = None) -> Resolution:
+def resolve_backend(op: str, requested: str, device, options: dict | None = None,
+                    dtype: torch.dtype | None = None) -> Resolution:
     """The one rule for which backend runs a call of ``op`` on tensors of ``device``.
 
     ``requested`` is ``"auto"`` or a backend name (:data:`REQUESTS`); every op accepts every name. A named
-    backend runs when the op has an implementation of it that is available here, runs on ``device`` and
-    implements ``options`` (the call's keyword options, passed to the implementation's ``supports``;
-    ``None`` skips that check).
+    backend runs when the op has an implementation of it that is available here, runs on ``device``,
+    computes in ``dtype`` (the floating dtype of the call's operands, checked against the ``dtypes`` the
+    implementation registered; ``None`` skips that check) and implements ``options`` (the call's keyword
+    options, passed to the implementation's ``supports``; ``None`` skips that check).
     Otherwise, and for ``"auto"``, the first such backend of :data:`AUTO_ORDER` for the device type runs
     (the reference ``"torch"`` always can). A named request that falls back is logged once per
     (op, request, device type, choice).
@@ -239,17 +257,19 @@ def resolve_backend(op: str, requested: str, device, options: dict | None = None
     """
     if requested not in REQUESTS:
         raise ValueError(f"unknown backend {requested!r}; expected one of {REQUESTS}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
     entry = _op(op)
     device = torch.device(device)
     _warn_missing_gpu_backends(device)
     refused = None
     if requested != "auto":
-        refused = _unusable(entry, op, requested, device, options)
+        refused = _unusable(entry, op, requested, device, options, dtype)
         if refused is None:
             return _record(op, Resolution(requested, f"{requested!r} as requested"))
     skipped = []
     for name in AUTO_ORDER.get(device.type, ("torch",)):
-        why = _unusable(entry, op, name, device, options)
+        why = _unusable(entry, op, name, device, options, dtype)
         if why is None:
             break
         skipped.append(why)

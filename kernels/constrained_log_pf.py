@@ -699,5 +699,6 @@ def _implements(*, support, **_options) -> bool:
 
 
 if triton is not None:
-    backends.register(OP, "triton", constrained_log_pf_triton, supports=_implements)
-    backends.register(GFN_LOSS_OP, "triton", gfn_loss_triton, supports=_implements)
+    # The kernels compute in the dtypes of SUPPORTED_DTYPES: other inputs (float64) run on the reference.
+    backends.register(OP, "triton", constrained_log_pf_triton, supports=_implements, dtypes=SUPPORTED_DTYPES)
+    backends.register(GFN_LOSS_OP, "triton", gfn_loss_triton, supports=_implements, dtypes=SUPPORTED_DTYPES)

@@ -418,6 +418,15 @@ def _beam_triton(tensors, strides, constexprs, level, trie, scores, B, beams_in,
     return BeamStep(parent=parent, code=code, next_node=nxt, score=score)
 
 
+#: The operand dtypes the kernels read as they are.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_operand(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as the kernels read it: as is in a dtype of :data:`KERNEL_DTYPES`, else (float64) in fp32."""
+    return t if t is None or t.dtype in KERNEL_DTYPES else t.float()
+
+
 def constrained_step_triton(h: torch.Tensor, w_level: torch.Tensor, node: torch.Tensor, level: int, trie,
                             mode: str = "beam", *, scores: torch.Tensor | None = None, beams: int | None = None,
                             temperature: float = 1.0, generator: torch.Generator | None = None, seed=None,
@@ -427,11 +436,14 @@ def constrained_step_triton(h: torch.Tensor, w_level: torch.Tensor, node: torch.
     :func:`~gflowgr_core.decoding.step.constrained_step_torch`.
 
     Tensors live on one CUDA device (or the CPU under ``TRITON_INTERPRET=1``). ``h`` / ``w_level`` may be
-    fp32, bf16 or fp16 (any row strides); logits accumulate in fp32. Extra keywords: ``config`` (tiles,
-    :func:`default_config` when omitted) and ``lookup`` (force ``"dense"`` / ``"scan"`` / ``"search"``).
-    Levels wider than :data:`MAX_TRITON_CODES` codes run on the reference.
+    fp32, bf16 or fp16 (any row strides); logits accumulate in fp32. Other floating dtypes (float64) are
+    rounded to fp32 first, which is what the reference does with every input (``h.float() @ w.float().T``).
+    Extra keywords: ``config`` (tiles, :func:`default_config` when omitted) and ``lookup`` (force
+    ``"dense"`` / ``"scan"`` / ``"search"``). Levels wider than :data:`MAX_TRITON_CODES` codes run on the
+    reference.
     """
     _check_triton_inputs(h, w_level, node, level, trie, mode, scores, bias)
+    h, w_level, bias = (_kernel_operand(t) for t in (h, w_level, bias))
     if mode == "sample":
         _check_temperature(temperature)
     else:

@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from gflowgr_core import backends  # noqa: E402
 from gflowgr_core.objectives import (constrained_log_pf, gfn_loss, gfn_loss_reference,  # noqa: E402
-                                     resolve_objective, sft_cross_entropy, trie_walk)
+                                     constrained_log_pf_torch, resolve_objective, sft_cross_entropy, trie_walk)
 from gflowgr_core.sid.trie import Trie  # noqa: E402
 from catalogues import random_catalogue  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -462,6 +462,59 @@ def test_auto_keeps_cpu_tensors_on_the_reference():
     p = make_problem(16, (9, 30, 4), 4, 8, torch.float32, "cpu")
     out = gfn_loss(p.h, p.w_sid, p.codes, p.trie, p.log_f, p.log_z, p.log_r)
     assert out.backend == "torch"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_named_triton_falls_back_to_the_reference(device):
+    # The fused kernel computes in fp32/bf16/fp16: float64 inputs must run (unrounded) on the reference,
+    # with the reason recorded, for backend="triton" and for "auto" alike.
+    p = make_problem(17, (9, 30, 4), 5, 8, torch.float64, device)
+    want = constrained_log_pf_torch(p.h, p.w_sid, p.codes, p.trie)
+    for backend in ("triton", "auto"):
+        h = leaf(p.h)
+        got = constrained_log_pf(h, p.w_sid, p.codes, p.trie, backend=backend)
+        res = backends.last_resolution("constrained_log_pf")
+        assert res.name == "torch" and got.dtype == torch.float64 and torch.equal(got, want)
+        got.sum().backward()
+        assert h.grad is not None and h.grad.dtype == torch.float64
+    assert res.reason.startswith("auto on")
+    constrained_log_pf(p.h, p.w_sid, p.codes, p.trie, backend="triton")
+    reason = backends.last_resolution("constrained_log_pf").reason
+    assert "'triton' requested but" in reason and "not float64" in reason, reason
+    out = gfn_loss(p.h, p.w_sid, p.codes, p.trie, p.log_f.double(), p.log_z.double(), p.log_r.double(), "tb",
+                   backend="triton")
+    ref_loss, _ = gfn_loss_reference(p.h, p.w_sid, p.codes, p.trie, p.log_f.double(), p.log_z.double(),
+                                     p.log_r.double(), "tb")
+    assert out.backend == "torch" and torch.equal(out.loss, ref_loss)
+    assert "not float64" in backends.last_resolution("gfn_loss").reason
+    # The kernel's own dtypes still run on it when named.
+    p32 = make_problem(17, (9, 30, 4), 5, 8, torch.float32, device)
+    constrained_log_pf(p32.h, p32.w_sid, p32.codes, p32.trie, backend="triton")
+    assert backends.last_resolution("constrained_log_pf").name == "triton"
+
+
+def test_mixed_operand_dtypes_raise_naming_the_argument():
+    p = make_problem(18, (9, 30, 4), 4, 8, torch.float32, "cpu")
+    for backend in ("torch", "triton", "auto"):
+        with pytest.raises(TypeError, match=r"w_sid must have the dtype of h \(torch.float32\), got torch.float64"):
+            constrained_log_pf(p.h, p.w_sid.double(), p.codes, p.trie, backend=backend)
+        with pytest.raises(TypeError, match=r"w_sid must have the dtype of h"):
+            gfn_loss(p.h, p.w_sid.half(), p.codes, p.trie, p.log_f, p.log_z, p.log_r, backend=backend)
+    with pytest.raises(TypeError, match=r"w_sid must have the dtype of h"):
+        gfn_loss_reference(p.h.double(), p.w_sid, p.codes, p.trie, p.log_f, p.log_z, p.log_r)
+    vocab = sum(p.cpl) + 3
+    ids = torch.arange(sum(p.cpl))
+    with pytest.raises(TypeError, match=r"w_full must have the dtype of h"):
+        constrained_log_pf(p.h, None, p.codes, p.trie, "vocab", w_full=torch.randn(vocab, 8, dtype=torch.float64),
+                           sid_token_ids=ids)
+    with pytest.raises(TypeError, match=r"^h must be a floating-point tensor, got torch.int64"):
+        constrained_log_pf(p.h.long(), p.w_sid, p.codes, p.trie)
+    with pytest.raises(TypeError, match=r"^bias must be a floating-point tensor"):
+        constrained_log_pf(p.h, p.w_sid, p.codes, p.trie, bias=torch.zeros(sum(p.cpl), dtype=torch.long))
+    # Under autocast both operands are cast to one dtype first, so a fp32 head with bf16 states is fine there.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = constrained_log_pf(p.h.bfloat16(), p.w_sid, p.codes, p.trie, backend="torch")
+    assert torch.isfinite(out).all()
 
 
 # ------------------------------------------------------------------------------------ memory and benchmark

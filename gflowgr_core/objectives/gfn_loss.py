@@ -16,7 +16,7 @@ import torch
 from .. import backends
 from .. import debug as _debug
 from .balance import BalanceObjective, make_objective
-from .logpf import autocast_operands, constrained_log_pf_torch
+from .logpf import autocast_operands, check_operand_dtypes, constrained_log_pf_torch
 
 #: The op's name in :mod:`gflowgr_core.backends`.
 OP = "gfn_loss"
@@ -98,7 +98,8 @@ def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor
     Same arguments and semantics as :func:`gfn_loss_reference`, plus ``backend``: ``"auto"`` or any name of
     :data:`gflowgr_core.backends.BACKENDS`, chosen by :func:`gflowgr_core.backends.resolve_backend` (a
     backend without a usable implementation for this call falls back to the ``"auto"`` choice: the fused
-    Triton kernel for CUDA tensors and support ``"trie"``/``"level"``, else the PyTorch reference). Under
+    Triton kernel for CUDA tensors and support ``"trie"``/``"level"`` in float32/bfloat16/float16, else the
+    PyTorch reference: float64 inputs run there, the reason in ``last_resolution("gfn_loss")``). Under
     autocast ``h``, ``w_sid``, ``w_full`` and ``bias`` are cast to the autocast dtype first
     (:func:`~.logpf.autocast_operands`).
 
@@ -111,8 +112,9 @@ def gfn_loss(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: torch.Tensor
             _debug.check_finite(name_, value, "gfn_loss")
     obj = resolve_objective(objective, subtb_lambda)
     h, w_sid, w_full, bias = autocast_operands(h.device.type, h, w_sid, w_full, bias)
+    check_operand_dtypes(h, w_sid, support, w_full, bias)
     options = dict(objective=obj, weights=weights, support=support, codes_per_level=codes_per_level,
                    w_full=w_full, sid_token_ids=sid_token_ids, bias=bias)
-    name = backends.resolve_backend(OP, backend, h.device, options).name
+    name = backends.resolve_backend(OP, backend, h.device, options, dtype=h.dtype).name
     loss, log_pf = backends.implementation(OP, name)(h, w_sid, codes, trie, log_f, log_z, log_r, **options)
     return GFNLossOutput(loss, log_pf, name)

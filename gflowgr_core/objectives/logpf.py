@@ -155,6 +155,22 @@ def constrained_log_softmax_rows(h: torch.Tensor, w_level: torch.Tensor, nodes: 
     return torch.log_softmax(logits, dim=-1)
 
 
+def check_operand_dtypes(h: torch.Tensor, w_sid: Optional[torch.Tensor], support: str = "trie",
+                         w_full: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> None:
+    """Raise ``TypeError`` naming the argument when ``h`` is not floating point, or when the head it is
+    multiplied with (``w_sid``; ``w_full`` for ``support="vocab"``) has another dtype (a matmul of two
+    dtypes would fail deep inside with no argument named), or ``bias`` is not floating point."""
+    if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+        raise TypeError(f"h must be a floating-point tensor, got "
+                        f"{h.dtype if isinstance(h, torch.Tensor) else type(h).__name__}")
+    head_name, head = ("w_full", w_full) if support == "vocab" else ("w_sid", w_sid)
+    if head is not None and head.dtype != h.dtype:
+        raise TypeError(f"{head_name} must have the dtype of h ({h.dtype}), got {head.dtype}: cast one of them "
+                        f"(torch.autocast casts both)")
+    if bias is not None and not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+
+
 def check_trajectory_shapes(h: torch.Tensor, codes: torch.Tensor, cpl: tuple[int, ...]) -> torch.Tensor:
     """Check ``h[T, L, d]`` against ``codes[T, L]`` and the number of levels; return the codes as int64."""
     if h.dim() != 3:
@@ -203,9 +219,12 @@ def constrained_log_pf_torch(h: torch.Tensor, w_sid: Optional[torch.Tensor], cod
     Raises:
         ValueError: on shape mismatches, codes outside their level's range, or (``"trie"``) a trajectory
             whose SID is not in the trie, naming the offending rows.
+        TypeError: non-integer ``codes``, or ``h`` and its head (``w_sid``, ``w_full`` for ``"vocab"``) of
+            different dtypes (:func:`check_operand_dtypes`), naming the argument.
     """
     if support not in SUPPORTS:
         raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
+    check_operand_dtypes(h, w_sid, support, w_full, bias)
     cpl = _resolve_codes_per_level(codes_per_level, trie)
     codes = check_trajectory_shapes(h, codes, cpl)
     n_levels, d = h.shape[1], h.shape[2]
@@ -300,12 +319,21 @@ def constrained_log_pf(h: torch.Tensor, w_sid: Optional[torch.Tensor], codes: to
     ``gflowgr_core.backends.last_resolution("constrained_log_pf")``. Under autocast ``h``, ``w_sid``,
     ``w_full`` and ``bias`` are cast to the autocast dtype first (:func:`autocast_operands`).
 
+    The dtype of ``h`` takes part in the choice: a backend that does not compute in it (the fused kernel
+    computes in float32, bfloat16 and float16) is passed over, so float64 inputs run on the reference, with
+    the reason in ``last_resolution``.
+
     Returns:
         ``[T, L]`` log-probabilities, differentiable w.r.t. ``h``, ``w_sid`` (or ``w_full``) and ``bias``:
         float32 from the fused kernel and for half-precision inputs, else the inputs' dtype.
+
+    Raises:
+        TypeError: ``h`` and ``w_sid`` (``w_full`` for ``"vocab"``) of different dtypes, naming them (after
+            the autocast cast); otherwise the errors of :func:`constrained_log_pf_torch`.
     """
     h, w_sid, w_full, bias = autocast_operands(h.device.type, h, w_sid, w_full, bias)
+    check_operand_dtypes(h, w_sid, support, w_full, bias)
     options = dict(support=support, codes_per_level=codes_per_level, w_full=w_full, sid_token_ids=sid_token_ids,
                    bias=bias)
-    name = backends.resolve_backend(OP, backend, h.device, options).name
+    name = backends.resolve_backend(OP, backend, h.device, options, dtype=h.dtype).name
     return backends.implementation(OP, name)(h, w_sid, codes, trie, **options)
