@@ -329,7 +329,7 @@ def item_popularity(split_data) -> Tensor:
 
 def evaluate_rankings(ranked: Tensor, target: Tensor, popularity: Tensor, ks: Sequence[int] = (5, 10, 20),
                       item_key: Optional[Tensor] = None, head_fraction: float = 0.2,
-                      head_by: str = "items") -> dict[str, float]:
+                      head_by: str = "items", sid_ranked: Optional[Tensor] = None) -> dict[str, float]:
     """All metrics of a split's rankings in one dict of floats.
 
     Args:
@@ -339,6 +339,11 @@ def evaluate_rankings(ranked: Tensor, target: Tensor, popularity: Tensor, ks: Se
         ks: cut-offs.
         item_key: optional ``Tensor[n_items]`` (e.g. leaf node per item) adding the SID-match metrics.
         head_fraction, head_by: long-tail definition, see :func:`long_tail_mask`.
+        sid_ranked: optional ``LongTensor[N, K'']`` ranking the SID-match metrics read instead of ``ranked``
+            (needs ``item_key``). A ranked item list cut to K' items holds fewer than K' distinct SIDs when
+            several of its items share one, so a decoder passes one item per ranked SID (e.g. the first item
+            of each beam's leaf, see :func:`gflowgr_core.evaluation.leaf_representatives`): K then counts
+            SIDs as a SID-level Hit@K does. Repeated keys still count once; ``-1`` slots are empty.
 
     Returns:
         ``{"recall@K", "ndcg@K", "coverage@K", "tail_share@K", "mean_pop@K"}`` for every K in ``ks``, plus
@@ -353,9 +358,16 @@ def evaluate_rankings(ranked: Tensor, target: Tensor, popularity: Tensor, ks: Se
         raise ValueError(f"ranked has {ranked.shape[1]} columns, fewer than the largest cut-off {max(ks)}")
     if item_key is not None and item_key.numel() != num_items:
         raise ValueError(f"item_key has {item_key.numel()} entries but popularity has {num_items} items")
+    if sid_ranked is not None:
+        if item_key is None:
+            raise ValueError("sid_ranked is given without item_key: the SID-match metrics need item_key")
+        _check_ranked(sid_ranked, num_items)
+        if sid_ranked.shape[0] != ranked.shape[0]:
+            raise ValueError(f"sid_ranked has {sid_ranked.shape[0]} rows but ranked has {ranked.shape[0]}")
     target = target.to(ranked.device)
     rank = hit_rank(ranked, target)
-    sid_rank = None if item_key is None else hit_rank(ranked, target, item_key)
+    sid_rank = None if item_key is None else \
+        hit_rank(ranked if sid_ranked is None else sid_ranked.to(ranked.device), target, item_key)
     tail = long_tail_mask(popularity, head_fraction, head_by).to(ranked.device)
     pop = popularity.to(device=ranked.device, dtype=torch.float64)
     out: dict[str, float] = {"num_examples": float(ranked.shape[0])}

@@ -16,7 +16,8 @@ from gflowgr_core.data.prepared import PreparedData
 from gflowgr_core.data.split import leave_one_out
 from gflowgr_core.decoding import search as search_module
 from gflowgr_core.decoding.search import beam_search, beam_search_scorings
-from gflowgr_core.evaluation import AGREEMENT_KEY, EVAL_KS, evaluate_policy, top_k_agreement
+from gflowgr_core.evaluation import (AGREEMENT_KEY, EVAL_KS, evaluate_policy, leaf_representatives,
+                                     top_k_agreement)
 from gflowgr_core.hf_processor import SIDTrieLogitsProcessor, sids_from_sequences
 from gflowgr_core.metrics import evaluate_rankings, item_popularity
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
@@ -49,7 +50,7 @@ def tiny_policy(data: PreparedData, seed: int = 0) -> SIDPolicy:
     model = build_tiny_causal_lm(data.tokens.vocab_size, hidden=32, layers=2, heads=2, seed=seed)
     with torch.no_grad():  # peaked next-token distributions: rankings far from uniform, no near-ties
         model.lm_head.weight.mul_(30.0)
-    return SIDPolicy(model, data.tokens, data.catalog.codes, CPL, flow_hidden=16).eval()
+    return SIDPolicy(model, data.tokens, data.catalog.codes, data.catalog.codes_per_level, flow_hidden=16).eval()
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +146,10 @@ def test_evaluate_policy_reports_both_scorings(setup):
     target = data.split.valid.target[index]
     k = max(EVAL_KS)
     for prefix, renormalize in (("", False), ("renorm/", True)):
-        ranked = beam_search(policy, data.trie, history, beams=12, topk=k, renormalize=renormalize,
-                             sort_by_length=False).items
-        expect = evaluate_rankings(ranked, target, data.popularity, ks=EVAL_KS, item_key=item_key)
+        result = beam_search(policy, data.trie, history, beams=12, topk=k, renormalize=renormalize,
+                             sort_by_length=False)
+        expect = evaluate_rankings(result.items, target, data.popularity, ks=EVAL_KS, item_key=item_key,
+                                   sid_ranked=leaf_representatives(data.trie, result.leaves, k))
         for key, value in expect.items():
             assert metrics[prefix + key] == pytest.approx(value, abs=1e-12), prefix + key
     assert 0.0 < metrics[AGREEMENT_KEY] < 1.0
@@ -202,3 +204,143 @@ def test_level_scoring_is_hf_prefix_allowed_ranking(setup):
     ours = beam_search(policy, data.trie, history, beams=beams, renormalize=False)
     assert torch.equal(hf_codes, data.trie.leaf_sid(ours.leaves))
     torch.testing.assert_close(hf_scores, ours.leaf_scores, rtol=1e-4, atol=1e-4)
+
+
+# ---- SID-match metrics count SIDs, not items (many items share a SID) ----
+
+SHARED_CPL = (5, 4, 3)
+
+
+def shared_sid_data(n_sids: int, per_sid: int, seed: int = 0, n_users: int = 40) -> PreparedData:
+    """Every SID holds ``per_sid`` items (``n_sids * per_sid`` items): beams land on shared leaves only."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.cartesian_prod(*(torch.arange(k) for k in SHARED_CPL))
+    sids = grid[torch.randperm(len(grid), generator=g)[:n_sids]]
+    n_items = n_sids * per_sid
+    codes = sids.repeat_interleave(per_sid, dim=0)[torch.randperm(n_items, generator=g)]
+    rng = np.random.default_rng(seed)
+    sequences = [rng.integers(0, n_items, size=int(rng.integers(3, 12))).astype(np.int64) for _ in range(n_users)]
+    item_ids = [str(i) for i in range(n_items)]
+    interactions = Interactions(user_ids=[f"u{i}" for i in range(n_users)], item_ids=item_ids,
+                                sequences=sequences, source="random")
+    split = leave_one_out(interactions, max_history=MAX_HISTORY)
+    catalog = Catalog.from_codes(codes, SHARED_CPL, item_ids, collisions="share")
+    trie = Trie.build(catalog.codes, SHARED_CPL)
+    assert trie.num_leaves == n_sids and trie.max_items_per_leaf == per_sid
+    return PreparedData(split=split, catalog=catalog, trie=trie, tokens=SIDTokenMap.from_scratch(SHARED_CPL),
+                        popularity=item_popularity(split), item_ids=item_ids, user_ids=interactions.user_ids,
+                        stats={"sid_collisions": n_items - n_sids})
+
+
+def brute_force_sid_scores(policy: SIDPolicy, trie: Trie, history: torch.Tensor, renormalize: bool):
+    """Teacher-forced score of every catalogue SID for every user: ``(leaves[S], scores[N, S])``."""
+    leaves = torch.arange(trie.level_offsets[trie.num_levels], trie.num_nodes)
+    sids = trie.leaf_sid(leaves)  # [S, L]
+    N, S = history.shape[0], len(leaves)
+    with torch.no_grad():
+        h, _, _ = policy.trajectory_hidden(history, sids[None].expand(N, S, -1).contiguous())
+        score = torch.zeros(N, S)
+        node = torch.zeros(S, dtype=torch.long)
+        for level in range(trie.num_levels):
+            logits = policy.sid_logits(h[:, :, level], level).float()  # [N, S, K]
+            if renormalize:
+                logits = logits.masked_fill(~trie.child_mask(node, level)[None], float("-inf"))
+            score += torch.log_softmax(logits, -1).gather(-1, sids[None, :, level, None].expand(N, S, 1))[..., 0]
+            node = trie.next_node(node, sids[:, level], level=level)
+    return leaves, score
+
+
+def brute_force_sid_metrics(leaf_order: list[list[int]], target_leaf: list[int], ks) -> dict:
+    """Python loops: SID Recall@K / NDCG@K of ranked distinct leaves."""
+    out = {}
+    for k in ks:
+        rec = ndcg = 0.0
+        for order, t in zip(leaf_order, target_leaf):
+            distinct = []
+            for leaf in order:
+                if leaf >= 0 and leaf not in distinct:
+                    distinct.append(leaf)
+            top = distinct[:k]
+            if t in top:
+                rec += 1.0
+                ndcg += 1.0 / np.log2(top.index(t) + 2)
+        out[f"sid_recall@{k}"] = rec / len(target_leaf)
+        out[f"sid_ndcg@{k}"] = ndcg / len(target_leaf)
+    return out
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_sid_metrics_rank_every_sid_like_a_brute_force(renormalize):
+    """Beams >= SIDs: the beam search is exhaustive, so the SID metrics must equal ranking all catalogue SIDs by
+    their teacher-forced scores. 30 SIDs of 4 items each: the item list cut to 20 items holds about 5 SIDs."""
+    data = shared_sid_data(n_sids=30, per_sid=4)
+    policy = tiny_policy(data)
+    split = data.split.valid
+    item_key = data.trie.item_leaf
+    metrics = evaluate_policy(policy, data, "valid", beams=32, batch_size=16, item_key=item_key)
+    prefix = "renorm/" if renormalize else ""
+    leaves, scores = brute_force_sid_scores(policy, data.trie, split.history, renormalize)
+    order = [[int(leaves[j]) for j in row] for row in torch.sort(scores, dim=1, descending=True, stable=True).indices]
+    target_leaf = [int(x) for x in item_key[split.target]]
+    expect = brute_force_sid_metrics(order, target_leaf, EVAL_KS)
+    for key, value in expect.items():
+        assert metrics[prefix + key] == pytest.approx(value, abs=1e-6), prefix + key
+    assert expect["sid_recall@20"] > expect["sid_recall@5"] > 0.0
+    # Cutting the expanded item list to 20 before removing repeated SIDs sees ~5 SIDs: a lower SID recall@20.
+    items = beam_search(policy, data.trie, split.history, beams=32, topk=20, renormalize=renormalize).items
+    cut_first = evaluate_rankings(items, split.target, data.popularity, ks=EVAL_KS, item_key=item_key)
+    assert cut_first["sid_recall@20"] < metrics[prefix + "sid_recall@20"] - 0.2
+
+
+def test_sid_metrics_count_distinct_sids_of_the_beams():
+    """Beams < SIDs: SID metrics over the beams' leaves equal a brute force that expands every beam into all its
+    items (no cut), walks them best first and keeps each SID's first item."""
+    data = shared_sid_data(n_sids=50, per_sid=5, seed=2)
+    policy = tiny_policy(data, seed=1)
+    split = data.split.test
+    item_key = data.trie.item_leaf
+    beams = 20
+    metrics = evaluate_policy(policy, data, "test", beams=beams, batch_size=8, item_key=item_key)
+    for prefix, renormalize in (("", False), ("renorm/", True)):
+        full = beam_search(policy, data.trie, split.history, beams=beams, topk=beams * 5, renormalize=renormalize)
+        order = [[int(item_key[i]) if i >= 0 else -1 for i in row] for row in full.items]
+        assert all(len({x for x in row if x >= 0}) == beams for row in order)  # 20 live beams, 20 SIDs
+        expect = brute_force_sid_metrics(order, [int(x) for x in item_key[split.target]], EVAL_KS)
+        for key, value in expect.items():
+            assert metrics[prefix + key] == pytest.approx(value, abs=1e-6), prefix + key
+        # The item metrics still read the item list cut to 20 items.
+        cut = evaluate_rankings(full.items[:, :20], split.target, data.popularity, ks=EVAL_KS)
+        assert metrics[prefix + "recall@20"] == pytest.approx(cut["recall@20"], abs=1e-12)
+
+
+def test_leaf_representatives_pads_dead_beams_and_short_beam_lists():
+    data = shared_sid_data(n_sids=6, per_sid=3)
+    leaves = torch.arange(data.trie.level_offsets[3], data.trie.num_nodes)
+    ranked = torch.stack([leaves[:4], torch.cat([leaves[4:6], torch.tensor([-1, -1])])])
+    rep = leaf_representatives(data.trie, ranked, width=6)
+    assert rep.shape == (2, 6)
+    assert torch.equal(rep[:, 4:], torch.full((2, 2), -1)) and torch.equal(rep[1, 2:], torch.full((4,), -1))
+    live = rep[rep >= 0]
+    assert torch.equal(data.trie.item_leaf[live], ranked[ranked >= 0])
+    # The lowest item of each leaf.
+    items, valid = data.trie.items_of_leaves(ranked[ranked >= 0])
+    assert torch.equal(live, items[:, 0]) and bool(valid[:, 0].all())
+
+
+def test_evaluate_policy_rejects_an_item_key_that_splits_a_sid():
+    data = shared_sid_data(n_sids=6, per_sid=3)
+    policy = tiny_policy(data)
+    with pytest.raises(ValueError, match="item_key gives item"):
+        evaluate_policy(policy, data, "valid", beams=4, item_key=torch.arange(data.trie.num_items))
+    with pytest.raises(ValueError, match="item_key must be"):
+        evaluate_policy(policy, data, "valid", beams=4, item_key=data.trie.item_leaf[:-1])
+
+
+def test_evaluate_rankings_sid_ranked_needs_item_key():
+    data = shared_sid_data(n_sids=6, per_sid=3)
+    ranked = torch.tensor([[0, 1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="sid_ranked is given without item_key"):
+        evaluate_rankings(ranked, torch.tensor([0]), data.popularity, ks=(5,), sid_ranked=ranked)
+    with pytest.raises(ValueError, match="sid_ranked has 2 rows"):
+        evaluate_rankings(ranked, torch.tensor([0]), data.popularity, ks=(5,), item_key=data.trie.item_leaf,
+                          sid_ranked=ranked.repeat(2, 1))
