@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gflowgr_core.model.block_attention import (ATTENTION_NAME, block_plan, block_sparse_attention,
-                                                dense_masked_attention, use_block_sparse)
+from gflowgr_core.model.block_attention import (ATTENTION_NAME, UNSUPPORTED_KWARGS, _hf_attention, block_plan,
+                                                block_sparse_attention, dense_masked_attention, use_block_sparse)
+from gflowgr_core.model.packing import PackingUnsupported
 from gflowgr_core.model.policy import build_tiny_causal_lm
 from gflowgr_core.model.read_rows import last_mlp, mlp_on_read_rows
 
@@ -129,3 +130,70 @@ def test_last_mlp_is_none_for_an_unknown_decoder():
 
     assert last_mlp(Other()) is None
 
+
+
+def _route(model, length: int = 12):
+    """One block-sparse forward of ``model``'s decoder over a causal row of ``length`` tokens, and the same
+    forward on the model's own attention (the reference)."""
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None]
+    ids = torch.randint(3, 40, (1, length), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(length)[None]
+    ref = model.base_model(input_ids=ids, attention_mask=allowed[:, None], position_ids=pos).last_hidden_state
+    with use_block_sparse(model):
+        got = model.base_model(input_ids=ids, attention_mask=allowed[:, None], position_ids=pos,
+                               block_plan=block_plan(allowed, 4)).last_hidden_state
+    return got, ref
+
+
+def _qwen2_with_window(window: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
+                         sliding_window=window, max_window_layers=0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_a_sliding_window_narrower_than_the_row_is_refused():
+    model = _qwen2_with_window(4)
+    assert model.model.layers[0].self_attn.sliding_window == 4     # the layer does pass it on
+    with pytest.raises(PackingUnsupported, match=r"Qwen2Attention passes a sliding attention window "
+                                                 r"\(sliding_window=4\).*packing: false"):
+        _route(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_sliding_window_as_wide_as_the_row_changes_nothing_and_runs():
+    got, ref = _route(_qwen2_with_window(12), length=12)
+    assert _rel(got, ref) <= 1e-5
+
+
+def test_softcap_and_attention_sinks_of_hf_layers_are_refused():
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssForCausalLM
+
+    small = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8, attn_implementation="eager")
+    gemma = Gemma2ForCausalLM(Gemma2Config(**small, attn_logit_softcapping=50.0, sliding_window=64,
+                                           layer_types=["full_attention"] * 2))
+    with pytest.raises(PackingUnsupported, match=r"Gemma2Attention passes attention logit soft-capping "
+                                                 r"\(softcap=50.0\)"):
+        _route(gemma)
+    gpt_oss = GptOssForCausalLM(GptOssConfig(**small, num_local_experts=2, num_experts_per_tok=1, sliding_window=64,
+                                             layer_types=["full_attention"] * 2))
+    with pytest.raises(PackingUnsupported, match=r"GptOssAttention passes attention sinks \(s_aux=Parameter\)"):
+        _route(gpt_oss)
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED_KWARGS))
+def test_every_unsupported_keyword_is_refused_and_none_is_not(name):
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()[None]
+    plan = block_plan(allowed, 4)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    module = torch.nn.Module().eval()
+    value = 2 if name == "sliding_window" else torch.zeros(2)
+    with pytest.raises(PackingUnsupported, match=rf"Module passes .*\({name}="):
+        _hf_attention(module, q, k, v, None, block_plan=plan, **{name: value})
+    out, _ = _hf_attention(module, q, k, v, None, block_plan=plan, **{name: None})
+    want = dense_masked_attention(q, k, v, allowed).transpose(1, 2)
+    assert _rel(out, want) <= 1e-5

@@ -11,6 +11,11 @@ The result equals the dense masked attention up to float rounding: the skipped t
 so they would contribute ``exp(-inf) = 0``, and every query sees at least itself. The plan depends only on the
 mask, so it is built once per forward and shared by every layer, forward and backward.
 
+It is plain softmax attention with a scale, nothing else: an attention layer that passes a sliding window
+narrower than the packed row, logit soft-capping (``softcap``), attention sinks (``s_aux`` / ``sinks``) or an
+additive position bias (``position_bias``) gets :class:`~gflowgr_core.model.packing.PackingUnsupported`
+(:data:`UNSUPPORTED_KWARGS`) rather than an attention without them.
+
 :func:`use_block_sparse` routes a Hugging Face model's attention through this op for one forward: the
 model's ``config._attn_implementation`` names :data:`ATTENTION_NAME` meanwhile, and the plan reaches every
 attention layer as the ``block_plan`` keyword argument, which HF decoders pass on to their attention function.
@@ -23,11 +28,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .packing import PackingUnsupported
+
 __all__ = ["BlockPlan", "block_plan", "block_sparse_attention", "dense_masked_attention", "use_block_sparse",
-           "ATTENTION_NAME", "DEFAULT_TILE"]
+           "ATTENTION_NAME", "DEFAULT_TILE", "UNSUPPORTED_KWARGS"]
 
 ATTENTION_NAME = "gflowgr_block_sparse"
 DEFAULT_TILE = 32
+#: Keyword arguments of Hugging Face attention layers that change the attention and that the block-sparse op
+#: does not implement, with what they are. A layer that passes one of them with a value other than ``None`` (a
+#: sliding window: narrower than the packed row) gets :class:`PackingUnsupported`.
+UNSUPPORTED_KWARGS = {"sliding_window": "a sliding attention window", "softcap": "attention logit soft-capping",
+                      "s_aux": "attention sinks", "sinks": "attention sinks",
+                      "position_bias": "an additive position bias"}
 
 
 @dataclass
@@ -165,12 +178,36 @@ def dense_masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], scale=scale)
 
 
+def _refuse_unsupported(module, plan: BlockPlan, kwargs: dict) -> None:
+    """Raise :class:`PackingUnsupported` when the layer asks for an attention feature this op lacks.
+
+    A sliding window of at least the row length cannot hide a key (a query and a key of one packed row are
+    fewer than ``C`` columns, and positions, apart), so ignoring it is exact; a narrower one is refused.
+    """
+    found = []
+    for name, what in UNSUPPORTED_KWARGS.items():
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if name == "sliding_window" and isinstance(value, int) and value >= plan.length:
+            continue
+        shown = f"{value!r}" if isinstance(value, (int, float, str)) else type(value).__name__
+        found.append(f"{what} ({name}={shown})")
+    if found:
+        layer = type(module).__name__
+        raise PackingUnsupported(
+            f"{layer} passes {' and '.join(found)} to its attention function; the block-sparse packed attention "
+            f"({ATTENTION_NAME!r}) implements plain scaled softmax attention only; train this model with "
+            f"packing: false")
+
+
 def _hf_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                   block_plan: BlockPlan | None = None, **kwargs):
     """The Hugging Face attention-function signature around :func:`block_sparse_attention`."""
     if block_plan is None:
         raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} was called without a block_plan: it runs "
                            f"only inside use_block_sparse()")
+    _refuse_unsupported(module, block_plan, kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
