@@ -7,15 +7,19 @@ import logging
 import os
 import sys
 
+from gflowgr_core.data.loaders import FORMATS
+
 
 def _prepare(args: argparse.Namespace) -> int:
     from gflowgr_core.data.prepared import prepare
 
     data = prepare(args.format, args.path, args.out, levels=args.levels, codes=args.codes,
                    collisions=args.collisions, kcore=args.kcore, max_history=args.max_history,
-                   embeddings=args.embeddings, seed=args.seed, max_users=args.max_users)
-    keys = ("num_users", "num_items", "num_interactions", "num_train_examples", "num_valid", "num_test",
-            "dropped_users", "sid_levels", "sid_codes_per_level", "sid_collisions", "trie_nodes_per_level")
+                   embeddings=args.embeddings, seed=args.seed, max_users=args.max_users,
+                   user_col=args.user_col, item_col=args.item_col, time_col=args.time_col)
+    keys = ("num_users", "num_items", "num_interactions", "items_without_interactions", "num_train_examples",
+            "num_valid", "num_test", "dropped_users", "sid_levels", "sid_codes_per_level", "sid_collisions",
+            "trie_nodes_per_level")
     print(json.dumps({k: data.stats[k] for k in keys}, indent=2))
     print(f"prepared dataset written to {args.out}")
     return 0
@@ -58,11 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="load interactions, split, build SIDs and the trie; write DIR")
-    p.add_argument("--format", required=True, choices=("letter", "p5", "csv", "ml100k"))
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="letter: X.inter.json + X.index.json; p5: user_sequence.txt; csv: one (user, item[, time]) "
+                        "event per row; minionerec: train/valid/test.csv rows (history_item_id + item_id) + "
+                        "X.index.json; ml100k: MovieLens-100K from the recbole wheel")
     p.add_argument("--path", default=None, help="data file or folder (not needed for ml100k)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--levels", type=int, default=3, help="SID levels built by RQ-KMeans (not for letter)")
-    p.add_argument("--codes", type=int, default=256, help="codes per level built by RQ-KMeans (not for letter)")
+    p.add_argument("--levels", type=int, default=None,
+                   help="SID levels built by RQ-KMeans (default 3; letter/minionerec read theirs from the index)")
+    p.add_argument("--codes", type=int, default=None,
+                   help="codes per level built by RQ-KMeans (default 256; letter/minionerec: from the index)")
+    p.add_argument("--user-col", default=None, help="csv: the user column (default: user_id, user, uid, ...)")
+    p.add_argument("--item-col", default=None, help="csv: the item column (default: item_id, item, asin, ...)")
+    p.add_argument("--time-col", default=None,
+                   help="csv: the timestamp column (default: timestamp, time, date, ...; none: file order)")
     p.add_argument("--collisions", choices=("share", "suffix"), default=None,
                    help="colliding SIDs: share a leaf, or get a disambiguating level "
                         "(default: share for letter, suffix for built SIDs)")

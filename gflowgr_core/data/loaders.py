@@ -1,4 +1,5 @@
-"""Interaction loaders: LETTER JSON, P5 ``user_sequence.txt``, CSV/TSV (incl. RecBole ``.inter``), ML-100K.
+"""Interaction loaders: LETTER JSON, P5 ``user_sequence.txt``, CSV/TSV (incl. RecBole ``.inter``), ML-100K;
+MiniOneRec's pre-split CSVs are read by :mod:`gflowgr_core.data.minionerec`.
 
 Every loader returns an :class:`Interactions`: one chronological sequence of dense item indices per user.
 Items are re-indexed ``0..n_items-1`` in the order of their raw ids (numerical order when every raw id is
@@ -10,6 +11,7 @@ empty are kept here; :func:`gflowgr_core.data.split.leave_one_out` drops and cou
 """
 from __future__ import annotations
 
+import ast
 import csv
 import importlib.util
 import io
@@ -39,7 +41,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("letter", "p5", "csv", "ml100k")
+FORMATS = ("letter", "p5", "csv", "minionerec", "ml100k")
 
 _INTEGER_ID = re.compile(r"-?[0-9]+")
 # RecBole atomic-file headers carry a type after a colon: ``user_id:token``, ``rating:float``.
@@ -354,12 +356,49 @@ def _parse_time(value: str, path: Path, line: int) -> float:
     return stamp
 
 
+_LIST_CHECK_ROWS = 50  # data rows of a CSV whose unused columns are checked for list values
+
+
+def _is_list_literal(value: str) -> bool:
+    """True for a field such as ``[2122, 243]`` or ``['<a_1><b_2>', ...]``: a Python/JSON list literal."""
+    text = value.strip()
+    if len(text) < 2 or text[0] != "[" or text[-1] != "]":
+        return False
+    try:
+        return isinstance(ast.literal_eval(text), list)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return False
+
+
+def _refuse_list_columns(header: Sequence[str], fields: Sequence[str], used: set, path: Path, line: int) -> None:
+    """A column of item lists that load_csv would ignore means a sequence file: refuse it, naming the format.
+
+    Reading only the one-item column of such a file keeps one event per row and silently loses the
+    histories (on MiniOneRec's Office_Products test.csv: 1,348 of 2,024 users).
+    """
+    lists = [i for i, value in enumerate(fields[:len(header)]) if i not in used and _is_list_literal(value)]
+    if not lists:
+        return
+    names = [_column_key(header[i]) for i in lists]
+    if "history_item_id" in names:
+        hint = ("use --format minionerec (prepare(\"minionerec\", ...)), which chains the history_item_id + "
+                "item_id rows of each user into one sequence")
+    else:
+        hint = "convert it to one (user, item, time) event per row, or to a P5 user_sequence.txt (--format p5)"
+    first = lists[names.index("history_item_id")] if "history_item_id" in names else lists[0]
+    raise DataError(f"{path}: line {line}: list-valued column(s) {[header[i].strip() for i in lists]} (e.g. "
+                    f"{header[first].strip()} = {fields[first][:40]!r}) would be ignored by --format csv, which "
+                    f"reads one item per row and would drop the histories; {hint}")
+
+
 def load_csv(path: str | Path, user_col: str | None = None, item_col: str | None = None,
              time_col: str | None = None, sep: str | None = None) -> Interactions:
     """Load one-event-per-row interactions from a CSV/TSV file with a header line.
 
     RecBole atomic headers (``user_id:token item_id:token rating:float timestamp:float``) are understood:
-    the ``:type`` suffix is ignored when matching column names. Extra columns are ignored.
+    the ``:type`` suffix is ignored when matching column names. Extra columns are ignored, except a column
+    of list values such as ``[12, 34]`` in the first rows: that is a sequence file, refused (DataError naming
+    the column and the format to use) rather than read as one item per row.
 
     Args:
         path: the file.
@@ -375,7 +414,7 @@ def load_csv(path: str | Path, user_col: str | None = None, item_col: str | None
 
     Raises:
         DataError: empty file, no data rows, a missing user/item/time column, a row with too few
-            fields, an empty user or item, an unparsable timestamp.
+            fields, an empty user or item, an unparsable timestamp, a list-valued column.
     """
     path = Path(path)
     text = _read_text(path)
@@ -393,6 +432,7 @@ def load_csv(path: str | Path, user_col: str | None = None, item_col: str | None
         raise DataError(f"{path}: line 1: user, item and time must be different columns, got "
                         f"{[header[i] for i in (user_at, item_at, time_at) if i is not None]}")
     needed = max(i for i in (user_at, item_at, time_at) if i is not None) + 1
+    used = {user_at, item_at, time_at}
     users: list[str] = []
     items: list[str] = []
     times: list[float] = []
@@ -400,6 +440,8 @@ def load_csv(path: str | Path, user_col: str | None = None, item_col: str | None
         if len(fields) < needed:
             raise DataError(f"{path}: line {line}: malformed row, {len(fields)} field(s) {fields}; expected at "
                             f"least {needed} separated by {sep!r}")
+        if len(users) < _LIST_CHECK_ROWS:
+            _refuse_list_columns(header, fields, used, path, line)
         user, item = fields[user_at].strip(), fields[item_at].strip()
         if not user or not item:
             role = "user" if not user else "item"
@@ -468,7 +510,7 @@ def load_interactions(format: str, path: str | Path | None = None, **kwargs) -> 
     """Load interactions by format name.
 
     Args:
-        format: one of ``"letter"``, ``"p5"``, ``"csv"``, ``"ml100k"``.
+        format: one of ``"letter"``, ``"p5"``, ``"csv"``, ``"minionerec"``, ``"ml100k"``.
         path: the file or folder (not used by ``"ml100k"``).
         **kwargs: passed to :func:`load_csv` (column names, separator); only valid for ``"csv"``.
     """
@@ -487,4 +529,8 @@ def load_interactions(format: str, path: str | Path | None = None, **kwargs) -> 
         return load_letter(path)
     if name == "p5":
         return load_p5(path)
+    if name == "minionerec":
+        from .minionerec import load_minionerec
+
+        return load_minionerec(path)
     return load_csv(path, **kwargs)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gflowgr_core.data.loaders import Interactions, letter_paths, load_interactions
@@ -30,7 +32,7 @@ from gflowgr_core.sid.trie import Trie
 
 log = logging.getLogger("gflowgr")
 
-FORMATS = ("letter", "p5", "csv", "ml100k")
+FORMATS = ("letter", "p5", "csv", "minionerec", "ml100k")
 
 
 @dataclass
@@ -94,46 +96,116 @@ def _split_tensors(split: Split) -> dict:
     return {"history": split.history, "target": split.target, "user": split.user}
 
 
-def prepare(fmt: str, path: str | Path | None, out: str | Path | None = None, *, levels: int = 3,
-            codes: int = 256, collisions: str | None = None, kcore: int = 0, max_history: int = 20,
-            embeddings: str | Path | None = None, seed: int = 0, dense_levels: int = 2,
-            max_users: int | None = None) -> PreparedData:
-    """Load interactions, split them leave-one-out, build the SID catalogue and trie, and (if ``out``) save.
+#: Formats whose SIDs are read from an ``X.index.json`` rather than built by RQ-KMeans.
+GIVEN_SID_FORMATS = ("letter", "minionerec")
+DEFAULT_LEVELS, DEFAULT_CODES = 3, 256
+_MAX_BUILT_LEVELS = 25  # level letters a..z, one kept for the collision suffix
 
-    ``fmt`` is one of :data:`FORMATS`. For ``letter`` the SIDs come from ``X.index.json`` (``levels`` and
-    ``codes`` are then read from the index); for the other formats they are built by RQ-KMeans over
-    ``embeddings`` (a ``.npy`` file, one row per item in internal order) or, by default, over collaborative
-    embeddings computed from the training part of the sequences only (validation and test items never
-    inform the SIDs). ``collisions`` defaults to ``share`` for LETTER SIDs (as LETTER evaluates them) and to
-    ``suffix`` for built SIDs, where collisions are common and a shared SID would recommend all of its
-    items at once. ``max_users`` keeps only the first N users of the file (quick experiments and tests);
-    the item catalogue stays whole, so every item can still be recommended.
+
+def _positive_int(name: str, value, minimum: int, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}{hint}")
+    return value
+
+
+def check_prepare_options(fmt: str, levels: int | None, codes: int | None, collisions: str | None, kcore: int,
+                          max_history: int, embeddings, max_users: int | None,
+                          columns: dict[str, str | None]) -> tuple[int, int, str]:
+    """Check the options of :func:`prepare` before any data is read; returns ``(levels, codes, collisions)``
+    with the defaults filled in.
+
+    Raises:
+        ValueError: naming the option and its value (``levels``/``codes`` out of range, an unknown format or
+            collision policy, column names for a format other than ``csv``, a missing embeddings file).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    if collisions is None:  # LETTER SIDs are evaluated with shared SIDs; built SIDs collide far more often
-        collisions = "share" if fmt == "letter" else "suffix"
+    if fmt in GIVEN_SID_FORMATS:
+        given = [f"{k}={v}" for k, v in (("levels", levels), ("codes", codes)) if v is not None]
+        if given:
+            log.warning("prepare: %s ignored: format %r keeps the SIDs of its X.index.json (levels and codes "
+                        "are read from it)", ", ".join(given), fmt)
+    levels = DEFAULT_LEVELS if levels is None else levels
+    codes = DEFAULT_CODES if codes is None else codes
+    _positive_int("levels", levels, 1)
+    if levels > _MAX_BUILT_LEVELS:
+        raise ValueError(f"levels={levels}: at most {_MAX_BUILT_LEVELS} (SID tokens are named by the letters "
+                         f"a..z, one is kept for the collision suffix)")
+    _positive_int("codes", codes, 2, " (codes per level; a level of one code tells no items apart)")
+    if collisions is None:  # given SIDs are evaluated with shared SIDs; built SIDs collide far more often
+        collisions = "share" if fmt in GIVEN_SID_FORMATS else "suffix"
     if collisions not in ("share", "suffix"):
         raise ValueError(f"unknown collision policy {collisions!r}; expected 'share' or 'suffix'")
-    interactions = load_interactions(fmt, path)
+    _positive_int("kcore", kcore, 0)
+    _positive_int("max_history", max_history, 1)
+    if max_users is not None:
+        _positive_int("max_users", max_users, 1)
+    named = {k: v for k, v in columns.items() if v is not None}
+    if named and fmt != "csv":
+        raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in named.items())}: column names are only for "
+                         f"--format csv, not {fmt!r}")
+    if embeddings is not None and fmt in GIVEN_SID_FORMATS:
+        raise ValueError(f"embeddings={str(embeddings)!r}: format {fmt!r} keeps the SIDs of its index; "
+                         f"embeddings only serve SIDs built by RQ-KMeans")
+    if isinstance(embeddings, (str, Path)) and not Path(embeddings).is_file():
+        raise FileNotFoundError(f"embeddings file {embeddings} does not exist")
+    return levels, codes, collisions
+
+
+def prepare(fmt: str, path: str | Path | None, out: str | Path | None = None, *, levels: int | None = None,
+            codes: int | None = None, collisions: str | None = None, kcore: int = 0, max_history: int = 20,
+            embeddings: str | Path | None = None, seed: int = 0, dense_levels: int = 2,
+            max_users: int | None = None, user_col: str | None = None, item_col: str | None = None,
+            time_col: str | None = None) -> PreparedData:
+    """Load interactions, split them leave-one-out, build the SID catalogue and trie, and (if ``out``) save.
+
+    ``fmt`` is one of :data:`FORMATS`. For ``letter`` and ``minionerec`` the SIDs come from ``X.index.json``,
+    kept as given (``levels`` and ``codes`` are then read from the index); for the other formats they are
+    built by RQ-KMeans (``levels`` default 3, ``codes`` default 256 per level) over ``embeddings`` (a
+    ``.npy`` file, one row per item in internal order) or, by default, over collaborative embeddings
+    computed from the training part of the sequences only (validation and test items never inform the
+    SIDs). ``collisions`` defaults to ``share`` for given SIDs (as LETTER evaluates them) and to ``suffix``
+    for built SIDs, where collisions are common and a shared SID would recommend all of its items at once.
+    ``max_users`` keeps only the first N users of the file (quick experiments and tests); the item
+    catalogue stays whole, so every item can still be recommended. ``user_col``, ``item_col`` and
+    ``time_col`` name the columns of a ``csv`` file (by default the usual names are looked for).
+    ``minionerec`` rows are chained into per-user sequences, see :mod:`gflowgr_core.data.minionerec`.
+
+    Every option is checked before any data is read; the stages (loading, split, embeddings, RQ-KMeans
+    level by level, trie) are logged at INFO level (``gflowgr prepare`` shows them).
+    """
+    columns = {"user_col": user_col, "item_col": item_col, "time_col": time_col}
+    levels, codes, collisions = check_prepare_options(fmt, levels, codes, collisions, kcore, max_history,
+                                                      embeddings, max_users, columns)
+    begin = time.perf_counter()
+    log.info("prepare [1/4] loading %s data from %s", fmt, path if path is not None else "the recbole wheel")
+    options = {k: v for k, v in columns.items() if v is not None}
+    interactions = load_interactions(fmt, path, **options) if options else load_interactions(fmt, path)
+    log.info("prepare: loaded %d users, %d items, %d interactions (%.1f s)", interactions.num_users,
+             interactions.num_items, interactions.num_interactions, time.perf_counter() - begin)
     if max_users is not None:
         interactions = Interactions(user_ids=interactions.user_ids[:max_users], item_ids=interactions.item_ids,
                                     sequences=interactions.sequences[:max_users], source=interactions.source)
     if kcore > 1:
         interactions, report = kcore_filter(interactions, kcore)
         log.info("k-core filter (k=%d): %s", kcore, report)
+    log.info("prepare [2/4] leave-one-out split (history of up to %d items)", max_history)
     split = leave_one_out(interactions, max_history=max_history)
-    if fmt == "letter":
-        _, index_path = letter_paths(path)
-        if index_path is None:
-            raise FileNotFoundError(f"no *.index.json (LETTER SIDs) beside the interactions at {path}")
+    if fmt in GIVEN_SID_FORMATS:
+        index_path = _index_path(fmt, path)
+        log.info("prepare [3/4] SIDs as given in %s", index_path)
         catalog = Catalog.from_letter_index(index_path, interactions.item_ids, collisions=collisions)
     else:
         train_only = Interactions(user_ids=interactions.user_ids, item_ids=interactions.item_ids,
                                   sequences=[seq[:-2] for seq in interactions.sequences],
                                   source=interactions.source)
+        log.info("prepare [3/4] SIDs: %s, then RQ-KMeans %d levels x %d codes",
+                 f"embeddings from {embeddings}" if embeddings is not None else
+                 "collaborative item embeddings from the training part", levels, codes)
         catalog = build_catalog(train_only, levels=levels, codes=codes, collisions=collisions,
                                 embeddings=embeddings, seed=seed)
+    log.info("prepare [4/4] trie and token map over %d SID levels %s", len(catalog.codes_per_level),
+             list(catalog.codes_per_level))
     trie = Trie.build(catalog.codes, catalog.codes_per_level, dense_levels=dense_levels)
     tokens = SIDTokenMap.from_scratch(catalog.codes_per_level)
     split_stats = split.stats()
@@ -144,6 +216,7 @@ def prepare(fmt: str, path: str | Path | None, out: str | Path | None = None, *,
         "num_users": len(interactions.user_ids),
         "num_items": len(interactions.item_ids),
         "num_interactions": int(interactions.num_interactions),
+        "items_without_interactions": int(interactions.num_items - _items_seen(interactions)),
         "num_train_examples": split_stats["num_train_examples"],
         "num_valid": split_stats["num_valid"],
         "num_test": split_stats["num_test"],
@@ -165,4 +238,22 @@ def prepare(fmt: str, path: str | Path | None, out: str | Path | None = None, *,
                         user_ids=list(interactions.user_ids), stats=stats)
     if out is not None:
         data.save(out)
+        log.info("prepare: wrote %s (%.1f s in all)", out, time.perf_counter() - begin)
     return data
+
+
+def _items_seen(interactions: Interactions) -> int:
+    seqs = [seq for seq in interactions.sequences if len(seq)]
+    return len(set(np.concatenate(seqs).tolist())) if seqs else 0
+
+
+def _index_path(fmt: str, path) -> Path:
+    """The ``X.index.json`` of a given-SID format."""
+    if fmt == "minionerec":
+        from gflowgr_core.data.minionerec import minionerec_files
+
+        return minionerec_files(path).index
+    _, index_path = letter_paths(path)
+    if index_path is None:
+        raise FileNotFoundError(f"no *.index.json (LETTER SIDs) beside the interactions at {path}")
+    return index_path

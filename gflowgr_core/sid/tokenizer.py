@@ -11,7 +11,9 @@ recommender decode coarse-to-fine.
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,8 @@ import scipy.sparse as sp
 import torch
 
 from .catalog import Catalog
+
+log = logging.getLogger("gflowgr")
 
 __all__ = [
     "RQKMeansResult",
@@ -218,6 +222,7 @@ def rq_kmeans(embeddings: torch.Tensor, levels: int = 3, codes: int | Sequence[i
     residual = x.clone()
     all_codes, codebooks, level_reports, cpl = [], [], [], []
     for level, k_req in enumerate(requested):
+        started = time.perf_counter()
         distinct = int(torch.unique(residual, dim=0).shape[0])
         k = min(k_req, distinct)
         if k < k_req:
@@ -229,6 +234,8 @@ def rq_kmeans(embeddings: torch.Tensor, levels: int = 3, codes: int | Sequence[i
         codebooks.append(centers)
         cpl.append(k)
         level_reports.append({"level": level, "k": k, "k_requested": k_req, "capped": k < k_req, **info})
+        log.info("RQ-KMeans level %d of %d: %d codes over %d points, %d iterations (%.1f s)", level + 1, levels,
+                 k, int(x.shape[0]), info["iterations"], time.perf_counter() - started)
     codes_t = torch.stack(all_codes, dim=1).cpu()
     distinct_sids = int(torch.unique(codes_t, dim=0).shape[0])
     report = {"levels": level_reports, "num_points": int(x.shape[0]), "distinct_sids": distinct_sids,
@@ -481,7 +488,10 @@ def build_catalog(interactions, levels: int = 3, codes: int | Sequence[int] = 25
     ``collisions="suffix"`` keeps every item individually decodable; check ``Catalog.stats()``.
     """
     n_items = len(interactions.item_ids)
+    started = time.perf_counter()
     if embeddings is None:
+        log.info("item embeddings: collaborative (SPPMI + SVD, dim %d, window %d) over %d items", dim, window,
+                 n_items)
         emb = collaborative_item_embeddings(interactions, dim=dim, window=window, seed=seed)
         source = {"embeddings": "collaborative_sppmi_svd", "dim": int(emb.shape[1]), "window": window}
     elif isinstance(embeddings, (str, Path)):
@@ -490,6 +500,7 @@ def build_catalog(interactions, levels: int = 3, codes: int | Sequence[int] = 25
     else:
         emb = _check_embeddings(embeddings, n_items, "embeddings")
         source = {"embeddings": "in-memory"}
+    log.info("item embeddings ready: %s (%.1f s)", tuple(emb.shape), time.perf_counter() - started)
     result = rq_kmeans(emb, levels=levels, codes=codes, seed=seed, iters=iters)
     provenance = {"method": "rq_kmeans", "seed": seed, "levels": levels, "iters": iters, **source,
                   "rq_report": result.report}

@@ -25,7 +25,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["SIDTokenMap", "level_letter", "sid_token", "parse_sid_token", "SID_TOKEN_PATTERN"]
+__all__ = ["SIDTokenMap", "level_letter", "sid_token", "parse_sid_token", "parse_sid", "format_sid",
+           "SID_TOKEN_PATTERN"]
 
 _LETTERS = string.ascii_lowercase
 #: Regular expression of one SID token such as ``<a_183>``: group 1 the level letter, group 2 the code.
@@ -61,6 +62,47 @@ def parse_sid_token(token: str) -> tuple[int, int]:
     if match is None:
         raise ValueError(f"malformed SID token {token!r}: expected '<letter_code>' such as '<a_12>'")
     return _LETTERS.index(match.group(1)), int(match.group(2))
+
+
+_SID_PIECE = re.compile(r"<([a-z])_(0|[1-9][0-9]*)>")
+
+
+def parse_sid(text: str) -> tuple[int, ...]:
+    """Parse a whole SID string such as ``"<a_130><b_122><c_86>"`` into its codes ``(130, 122, 86)``.
+
+    The string is the concatenation of one token per level, level letters in order from ``a`` (the form of
+    MiniOneRec's ``item_sid`` column and of LETTER's index tokens joined). Surrounding whitespace is ignored.
+
+    Raises:
+        ValueError: naming the string and the character where it stops being a SID: an empty string, a
+            malformed token, a level letter out of order, or text between or after the tokens.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"SID must be a string like '<a_1><b_2>', got {type(text).__name__} {text!r}")
+    body = text.strip()
+    if not body:
+        raise ValueError(f"empty SID {text!r}: expected tokens like '<a_1><b_2><c_3>'")
+    codes: list[int] = []
+    at = 0
+    while at < len(body):
+        match = _SID_PIECE.match(body, at)
+        if match is None:
+            raise ValueError(f"malformed SID {text!r} at character {at}: expected a token "
+                             f"'<{level_letter(len(codes)) if len(codes) < len(_LETTERS) else '?'}_code>' "
+                             f"there, found {body[at:at + 12]!r}")
+        level = _LETTERS.index(match.group(1))
+        if level != len(codes):
+            raise ValueError(f"malformed SID {text!r}: token {len(codes)} is {match.group(0)!r}, level letter "
+                             f"{match.group(1)!r} out of order (expected {level_letter(len(codes))!r})")
+        codes.append(int(match.group(2)))
+        at = match.end()
+    return tuple(codes)
+
+
+def format_sid(codes: Sequence[int]) -> str:
+    """The SID string of ``codes``: ``format_sid((130, 122, 86)) == "<a_130><b_122><c_86>"`` (inverse of
+    :func:`parse_sid`)."""
+    return "".join(sid_token(level, int(code)) for level, code in enumerate(codes))
 
 
 def _check_codes_per_level(codes_per_level: Sequence[int]) -> tuple[int, ...]:
