@@ -26,6 +26,7 @@ forced token interfered, or when the prompt breaks the rule above) is allowed on
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -41,6 +42,39 @@ except ImportError:  # pragma: no cover - transformers is installed with gflowgr
 __all__ = ["SIDTrieLogitsProcessor", "sids_from_sequences"]
 
 _NEG_INF = float("-inf")
+
+
+def _token_ids(name: str, ids) -> torch.Tensor:
+    """``ids`` (a tensor, array or sequence) as an int64 tensor; ``TypeError`` naming ``name`` unless they are
+    integers already (a float id such as ``5.7`` would be truncated to another token without a word)."""
+    t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got a {t.dtype} tensor: token ids are never "
+                        f"rounded or truncated")
+    return t.long()
+
+
+def _check_id_tensor(name: str, t: torch.Tensor) -> None:
+    """``TypeError`` naming ``name`` unless ``t`` is an integer tensor (token ids as ``generate`` passes them)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of token ids, got {t.dtype}")
+
+
+def _whole_number(name: str, value, optional: bool = False) -> Optional[int]:
+    """``value`` as an ``int``; ``TypeError`` naming ``name`` unless it is an integer (a Python or NumPy int, or
+    a one-element integer tensor)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not (value.is_floating_point()
+                                                                       or value.is_complex()
+                                                                       or value.dtype == torch.bool):
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer{' or None' if optional else ''}, got "
+                        f"{type(value).__name__} {value!r}")
+    return int(value)
 
 
 class _DeviceTables:
@@ -83,6 +117,8 @@ class SIDTrieLogitsProcessor(_HFLogitsProcessor):
         ValueError: at construction, when the token ids do not match the trie's levels or codes, collide,
             or include the end token; at a call, when ``scores`` is too narrow for the SID tokens, the call
             comes before ``prompt_length``, or (``strict``) a row left the trie.
+        TypeError: token ids (``tokens``, ``input_ids``), ``end_token_id`` or ``prompt_length`` that are not
+            integers (a float id is never truncated to some other token), naming the argument.
     """
 
     def __init__(self, trie: Trie, tokens: Union[SIDTokenMap, Sequence[torch.Tensor]], *,
@@ -91,11 +127,12 @@ class SIDTrieLogitsProcessor(_HFLogitsProcessor):
         if not isinstance(trie, Trie):
             raise TypeError(f"trie must be a gflowgr_core.sid.trie.Trie, got {type(trie).__name__}")
         if isinstance(tokens, SIDTokenMap):
-            level_ids = [t.long().cpu() for t in tokens.level_token_ids]
+            level_ids = [_token_ids(f"tokens.level_token_ids[{lv}]", t).cpu()
+                         for lv, t in enumerate(tokens.level_token_ids)]
             if end_token_id is None:
                 end_token_id = tokens.eos_id
         else:
-            level_ids = [torch.as_tensor(t).long().reshape(-1).cpu() for t in tokens]
+            level_ids = [_token_ids(f"tokens[{lv}]", t).reshape(-1).cpu() for lv, t in enumerate(tokens)]
             if end_token_id is None:
                 raise ValueError("end_token_id is required when the SID token ids are given as tensors "
                                  "(pass the model's eos_token_id)")
@@ -111,14 +148,15 @@ class SIDTrieLogitsProcessor(_HFLogitsProcessor):
             raise ValueError(f"SID token ids must be >= 0, found {int(flat.min())}")
         if torch.unique(flat).numel() != flat.numel():
             raise ValueError("two SID codes share a token id: every (level, code) needs its own token")
-        self.end_token_id = int(end_token_id)
+        self.end_token_id = _whole_number("end_token_id", end_token_id)
         if self.end_token_id < 0:
             raise ValueError(f"end_token_id must be >= 0, got {self.end_token_id}")
         if bool((flat == self.end_token_id).any()):
             raise ValueError(f"end_token_id {self.end_token_id} is also a SID token id")
-        if prompt_length is not None and int(prompt_length) < 0:
+        prompt_length = _whole_number("prompt_length", prompt_length, optional=True)
+        if prompt_length is not None and prompt_length < 0:
             raise ValueError(f"prompt_length must be >= 0 or None, got {prompt_length}")
-        self.prompt_length = None if prompt_length is None else int(prompt_length)
+        self.prompt_length = prompt_length
         self.renormalize = bool(renormalize)
         self.strict = bool(strict)
         self.trie = trie
@@ -146,9 +184,10 @@ class SIDTrieLogitsProcessor(_HFLogitsProcessor):
         length, e.g. ``processor.with_prompt_length(batch["input_ids"].shape[1])`` per batch."""
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
-        if prompt_length is not None and int(prompt_length) < 0:
+        prompt_length = _whole_number("prompt_length", prompt_length, optional=True)
+        if prompt_length is not None and prompt_length < 0:
             raise ValueError(f"prompt_length must be >= 0 or None, got {prompt_length}")
-        other.prompt_length = None if prompt_length is None else int(prompt_length)
+        other.prompt_length = prompt_length
         return other
 
     def _device_tables(self, device: torch.device) -> _DeviceTables:
@@ -219,6 +258,7 @@ class SIDTrieLogitsProcessor(_HFLogitsProcessor):
     def allowed_mask(self, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """``Bool[R, vocab_size]``: the tokens each row may emit next (no host synchronisation unless
         ``strict``)."""
+        _check_id_tensor("input_ids", input_ids)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [R, S], got shape {tuple(input_ids.shape)}")
         if vocab_size < self.min_vocab_size:
@@ -286,7 +326,7 @@ class SIDTrieLogitsProcessor(_HFLogitsProcessor):
     # ------------------------------------------------------------------ reading the result
     def sids(self, sequences: torch.Tensor, prompt_length: Optional[int] = None) -> torch.Tensor:
         """SID codes of generated ``sequences[N, S]`` (see :func:`sids_from_sequences`)."""
-        start = self.prompt_length if prompt_length is None else prompt_length
+        start = self.prompt_length if prompt_length is None else _whole_number("prompt_length", prompt_length)
         if start is None:
             raise ValueError("sids() needs prompt_length (the processor was built without one)")
         return sids_from_sequences(sequences, start, self._per_level, self.trie)
@@ -305,15 +345,18 @@ def sids_from_sequences(sequences: torch.Tensor, prompt_length: int,
     Returns:
         ``LongTensor[N, L]`` codes; ``-1`` where a token is not the right level's SID token.
     """
+    _check_id_tensor("sequences", sequences)
+    prompt_length = _whole_number("prompt_length", prompt_length)
     if isinstance(level_token_ids, SIDTokenMap):
         level_token_ids = level_token_ids.level_token_ids
+    level_token_ids = [_token_ids(f"level_token_ids[{lv}]", ids) for lv, ids in enumerate(level_token_ids)]
     L = len(level_token_ids)
     if sequences.dim() != 2 or sequences.shape[1] < prompt_length + L:
         raise ValueError(f"sequences must be [N, S] with S >= prompt_length + L = {prompt_length + L}, got "
                          f"{tuple(sequences.shape)}")
     out = []
     for level, ids in enumerate(level_token_ids):
-        ids = torch.as_tensor(ids, device=sequences.device).long().reshape(-1)
+        ids = ids.to(sequences.device).reshape(-1)
         tok = sequences[:, prompt_length + level]
         hit = tok[:, None] == ids[None, :]
         out.append(torch.where(hit.any(1), hit.long().argmax(1), torch.full_like(tok, -1)))

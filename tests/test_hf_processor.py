@@ -294,6 +294,44 @@ def test_construction_errors():
         proc(torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 10))
 
 
+def test_float_token_ids_raise_naming_the_argument():
+    """Float ids would be truncated to other tokens (5.7 -> 5) without a word: every id argument refuses them."""
+    cpl = (3, 4)
+    codes = torch.tensor([[0, 1], [0, 3], [2, 0], [1, 2], [2, 3]])
+    trie = Trie.build(codes, cpl)
+    level_ids = [torch.tensor([50, 10, 30]), torch.tensor([11, 41, 21, 60])]
+    floats = [level_ids[0], torch.tensor([11.0, 41.7, 21.0, 60.0])]
+    with pytest.raises(TypeError, match=r"tokens\[1\] must hold integer token ids, got a torch.float32"):
+        SIDTrieLogitsProcessor(trie, floats, end_token_id=7)
+    with pytest.raises(TypeError, match=r"tokens\[0\] must hold integer token ids, got a torch.float"):
+        SIDTrieLogitsProcessor(trie, [[50.0, 10.0, 30.0], [11, 41, 21, 60]], end_token_id=7)
+    with pytest.raises(TypeError, match=r"tokens\[0\] must hold integer token ids, got a torch.bool"):
+        SIDTrieLogitsProcessor(trie, [torch.ones(3, dtype=torch.bool), level_ids[1]], end_token_id=7)
+    with pytest.raises(TypeError, match=r"end_token_id must be an integer, got float 7.5"):
+        SIDTrieLogitsProcessor(trie, level_ids, end_token_id=7.5)
+    with pytest.raises(TypeError, match=r"prompt_length must be an integer or None, got float 1.0"):
+        SIDTrieLogitsProcessor(trie, level_ids, end_token_id=7, prompt_length=1.0)
+    # Integer ids in any integer form are taken as they are.
+    proc = SIDTrieLogitsProcessor(trie, [[50, 10, 30], torch.tensor([11, 41, 21, 60], dtype=torch.int32)],
+                                  end_token_id=torch.tensor(7), prompt_length=1)
+    assert proc.end_token_id == 7
+    with pytest.raises(TypeError, match=r"prompt_length must be an integer or None, got float"):
+        proc.with_prompt_length(2.5)
+    scores = torch.zeros(1, 100)
+    with pytest.raises(TypeError, match=r"input_ids must be an integer tensor of token ids, got torch.float32"):
+        proc(torch.tensor([[99.0, 50.4]]), scores)
+    out = proc(torch.tensor([[99, 50]], dtype=torch.int32), scores)
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [41, 60]
+    seqs = torch.tensor([[99, 30, 60, 7]])
+    with pytest.raises(TypeError, match=r"sequences must be an integer tensor of token ids, got torch.float32"):
+        sids_from_sequences(seqs.float(), 1, level_ids, trie)
+    with pytest.raises(TypeError, match=r"level_token_ids\[1\] must hold integer token ids"):
+        sids_from_sequences(seqs, 1, floats, trie)
+    with pytest.raises(TypeError, match=r"prompt_length must be an integer, got float"):
+        proc.sids(seqs, prompt_length=1.0)
+    assert proc.sids(seqs).tolist() == [[2, 3]]
+
+
 def test_no_host_sync_in_a_step():
     """A step never moves data to the host (checked with CUDA's sync debug mode when a GPU is present)."""
     if not torch.cuda.is_available():

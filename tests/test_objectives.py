@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gflowgr_core import backends
+from gflowgr_core import backends, functional
 from gflowgr_core.objectives import (DetailedBalance, SubTrajectoryBalance, TrajectoryBalance,
                                      autocast_operands, code_offsets, constrained_log_pf,
                                      constrained_log_softmax_rows, dpo_loss, gfn_loss, gfn_loss_reference,
@@ -366,6 +366,27 @@ def test_dpo_and_sdpo_match_direct_formulas():
     mask[2] = False
     with pytest.raises(ValueError, match=r"rows \[2\] have no negative"):
         sdpo_loss(pos, negs, ref_pos, ref_negs, beta, neg_mask=mask)
+
+
+@pytest.mark.parametrize("beta", [0, 0.0, -0.5, float("nan"), float("inf"), -float("inf")])
+def test_dpo_and_sdpo_reject_a_beta_that_is_not_positive(beta):
+    pos, neg = torch.randn(3), torch.randn(3)
+    for loss, negs in ((dpo_loss, neg), (sdpo_loss, neg[:, None])):
+        with pytest.raises(ValueError, match=rf"{loss.__name__}: beta must be a finite number > 0.*got"):
+            loss(pos, negs, torch.zeros(3), torch.zeros_like(negs), beta=beta)
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        functional.dpo_loss(pos, neg, torch.zeros(3), torch.zeros(3), beta=beta)
+
+
+def test_dpo_and_sdpo_take_beta_as_a_number():
+    pos, neg = torch.randn(3), torch.randn(3)
+    want = dpo_loss(pos, neg, torch.zeros(3), torch.zeros(3), beta=0.5)
+    assert torch.equal(dpo_loss(pos, neg, torch.zeros(3), torch.zeros(3), beta=torch.tensor(0.5)), want)
+    assert torch.equal(sdpo_loss(pos, neg[:, None], torch.zeros(3), torch.zeros(3, 1), beta=1),
+                       sdpo_loss(pos, neg[:, None], torch.zeros(3), torch.zeros(3, 1), beta=1.0))
+    for bad in ("0.5", True, None, torch.tensor([0.5, 1.0])):
+        with pytest.raises(TypeError, match="dpo_loss: beta must be a real number > 0"):
+            dpo_loss(pos, neg, torch.zeros(3), torch.zeros(3), beta=bad)
 
 
 def test_preference_losses_are_stable_and_do_not_train_the_reference():

@@ -5,6 +5,8 @@ policy (trie / level / vocab support) serves SFT, the preference baselines and t
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -50,6 +52,19 @@ def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor, a_name: str, b_name
                          f"and {tuple(b.shape)}")
 
 
+def _check_beta(name: str, beta) -> float:
+    """``beta`` as a float; ``ValueError`` naming it unless it is a finite number > 0 (beta <= 0 flips or
+    removes the preference: the loss would then push the positive down or do nothing)."""
+    if isinstance(beta, torch.Tensor) and beta.numel() == 1 and not beta.requires_grad:
+        beta = beta.item()
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"{name}: beta must be a real number > 0, got {type(beta).__name__} {beta!r}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"{name}: beta must be a finite number > 0 (the inverse temperature of the implicit "
+                         f"reward; beta <= 0 reverses or removes the preference), got {beta!r}")
+    return float(beta)
+
+
 def dpo_loss(logp_pos: torch.Tensor, logp_neg: torch.Tensor, ref_pos: torch.Tensor, ref_neg: torch.Tensor,
              beta: float = 0.1, reduction: str = "mean") -> torch.Tensor:
     """Direct preference optimisation: ``-log sigmoid(beta * [(pi_pos - ref_pos) - (pi_neg - ref_neg)])``.
@@ -57,9 +72,13 @@ def dpo_loss(logp_pos: torch.Tensor, logp_neg: torch.Tensor, ref_pos: torch.Tens
     Args:
         logp_pos, logp_neg: ``[B]`` sequence log-probabilities of the positive / negative under the policy.
         ref_pos, ref_neg: ``[B]`` the same under the frozen reference model (no gradient is taken).
-        beta: inverse temperature of the implicit reward.
+        beta: inverse temperature of the implicit reward, a finite number ``> 0``.
         reduction: ``"mean"`` (default) | ``"sum"`` | ``"none"`` (``[B]``).
+
+    Raises:
+        ValueError: ``beta <= 0`` (or not finite), naming ``beta``; shape mismatches, naming the arguments.
     """
+    beta = _check_beta("dpo_loss", beta)
     if logp_pos.dim() != 1:
         raise ValueError(f"dpo_loss: logp_pos must be [B], got shape {tuple(logp_pos.shape)}")
     for other, nm in ((logp_neg, "logp_neg"), (ref_pos, "ref_pos"), (ref_neg, "ref_neg")):
@@ -80,11 +99,16 @@ def sdpo_loss(logp_pos: torch.Tensor, logp_negs: torch.Tensor, ref_pos: torch.Te
         logp_pos: ``[B]`` policy log-probability of each positive.
         logp_negs: ``[B, N]`` policy log-probabilities of the negatives.
         ref_pos, ref_negs: ``[B]`` / ``[B, N]`` the same under the frozen reference (no gradient).
-        beta: inverse temperature.
+        beta: inverse temperature, a finite number ``> 0``.
         neg_mask: optional ``[B, N]`` bool of the negatives that exist (padding otherwise); every row needs
             at least one.
         reduction: ``"mean"`` (default) | ``"sum"`` | ``"none"`` (``[B]``).
+
+    Raises:
+        ValueError: ``beta <= 0`` (or not finite), naming ``beta``; shape mismatches or a row without a
+            negative, naming the arguments.
     """
+    beta = _check_beta("sdpo_loss", beta)
     if logp_pos.dim() != 1 or logp_negs.dim() != 2 or logp_negs.shape[0] != logp_pos.shape[0]:
         raise ValueError(f"sdpo_loss: expected logp_pos[B] and logp_negs[B, N], got {tuple(logp_pos.shape)} "
                          f"and {tuple(logp_negs.shape)}")
