@@ -25,11 +25,13 @@ def test_repository_tables_match_the_committed_json():
     assert report.main(["--check"]) == 0, "run: python benchmarks/report.py"
 
 
-def decode_payload(users=8, beams=5, kernel_users=32, speed=331.0) -> dict:
-    """A decode results file as bench_decode.py writes it (its own summarise), at the given sizes."""
+def decode_payload(users=8, beams=5, kernel_users=32, speed=331.0, named_auto_speed=None) -> dict:
+    """A decode results file as bench_decode.py writes it (its own summarise), at the given sizes;
+    ``named_auto_speed``: also a row ``ours[cpp]`` (the backend ``auto`` chose, timed by name)."""
+    named = [] if named_auto_speed is None else [("ours[cpp]", named_auto_speed)]
     e2e = [{"part": "end_to_end", "method": m, "users": users, "batch": users, "beams": beams,
             "users_per_s": ups, "median_ms": users / ups * 1e3, "reps": 2}
-           for m, ups in (("ours[auto]", speed), ("ours[torch]", 210.0), ("ours_unconstrained", 356.0),
+           for m, ups in (("ours[auto]", speed), *named, ("ours[torch]", 210.0), ("ours_unconstrained", 356.0),
                           ("hf_constrained", 113.0), ("hf_unconstrained", 114.0))]
     kernel = [{"part": "kernel", "catalogue": "beauty_12k", "items": 12101, "level": lvl, "mode": mode,
                "backend": b, "rows": kernel_users * beams, "users": kernel_users, "beams": beams, "d": 128,
@@ -91,6 +93,33 @@ def test_rewrite_fills_sections_from_the_json_and_check_sees_a_stale_table(tmp_p
     (root / "benchmarks" / "results" / "decode_quick.json").write_text(json.dumps(decode_payload(speed=300.0)))
     assert report.main(["--check", "--root", str(root)]) == 1
     assert (root / "README.md").read_text() == text, "--check writes nothing"
+
+
+def test_decode_quotes_both_timings_of_the_auto_code_path_and_their_median(tmp_path):
+    # auto ran cpp: `ours[auto]` and `ours[cpp]` are one code path timed twice, so neither alone is the figure.
+    text = rendered_section(tmp_path / "both", "decode", {"decode_quick.json": decode_payload(speed=400.0,
+                                                                                              named_auto_speed=264.0)})
+    assert ("over HF `generate(prefix_allowed_tokens_fn)` in users/s: **2.94×** (median of `ours[auto]` 3.54× and "
+            "`ours[cpp]` 2.34×: the same code path timed twice in this run") in text
+    assert "**3.54×**" not in text
+    # Without a row of the chosen backend there is one figure to quote.
+    text = rendered_section(tmp_path / "one", "decode", {"decode_quick.json": decode_payload(speed=400.0)})
+    assert "in users/s: **3.54×**;" in text and "median of `ours" not in text
+
+
+def test_section_option_rewrites_only_the_named_sections(tmp_path):
+    readme = ("<!-- report:decode -->\nold decode\n<!-- /report:decode -->\n"
+              "<!-- report:demo -->\nold demo\n<!-- /report:demo -->\n")
+    root = make_root(tmp_path, readme, {"decode_quick.json": decode_payload()})
+    assert report.main(["--check", "--root", str(root), "--section", "decode"]) == 1
+    assert report.main(["--root", str(root), "--section", "decode"]) == 0
+    text = (root / "README.md").read_text()
+    assert "old decode" not in text and "**2.93×**" in text
+    assert "<!-- report:demo -->\nold demo\n<!-- /report:demo -->\n" in text, "other sections stay as they are"
+    assert report.main(["--check", "--root", str(root), "--section", "decode"]) == 0
+    assert report.main(["--check", "--root", str(root)]) == 1, "the demo section is still stale"
+    with pytest.raises(SystemExit):
+        report.main(["--root", str(root), "--section", "nope"])
 
 
 def test_uncommitted_changes_and_interpreter_are_named(tmp_path):
