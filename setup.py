@@ -101,7 +101,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "pretrained": ["peft>=0.17", "accelerate", "gguf"],
-        "test": ["pytest", "hypothesis", "triton>=3.6; platform_system=='Linux'"],
+        "trl": ["trl>=1.16,<1.17"],
+        "test": ["pytest", "hypothesis", "triton>=3.6; platform_system=='Linux'", "trl>=1.16,<1.17"],
     },
     entry_points={"console_scripts": ["gflowgr=gflowgr_core.cli:main"]},
     ext_modules=ext_modules,
