@@ -1,13 +1,19 @@
 """Configuration dataclasses for every training stage, loadable from YAML and overridable from the CLI.
 
-Every [choice] of the method specification is a field here. ``load_config(path, overrides)`` reads a YAML
-file and applies ``section.key=value`` overrides; an unknown key raises :class:`ConfigError` naming the key,
-where it came from, and the keys that do exist.
+Every [choice] of the method specification is a field here; the comment beside a field (or the
+``Attributes:`` entry of its class docstring) is its documentation, which ``python -m
+gflowgr_core.train.config_doc`` renders into ``docs/config.md``. ``load_config(path, overrides)`` reads a
+YAML file and applies ``section.key=value`` overrides; an unknown key raises :class:`ConfigError` naming the
+key, where it came from (the file, or the override as typed), the keys that do exist and the closest one;
+values that cannot work are refused by :meth:`TrainConfig.validate`, naming the key.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +31,16 @@ COMPILE_MODES = ("eager", "default", "reduce-overhead", "max-autotune")
 
 
 class ConfigError(ValueError):
-    """A configuration file or override that does not match the config schema."""
+    """A configuration file or override that does not match the config schema.
+
+    ``key`` is the dotted config key at fault when one is (``"batch_size"``, ``"gfn.reward.beta"``), so that
+    :func:`load_config` can say whether the file or an override set it.
+    """
+
+    def __init__(self, message: str, key: Optional[str] = None, suggestion: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+        self.suggestion = suggestion  # "did you mean `epochs`?" for an unknown key close to a known one
 
 
 @dataclass
@@ -33,11 +48,11 @@ class ModelConfig:
     """The causal LM: a small model built from a config (``pretrained=None``) or a local HF checkpoint."""
 
     arch: str = "qwen2"            # "qwen2" | "llama" when built from scratch
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 4
-    intermediate: int = 256
+    hidden: int = 128              # hidden width of the from-scratch LM
+    layers: int = 4                # transformer layers of the from-scratch LM
+    heads: int = 4                 # attention heads (hidden must be divisible by it)
+    kv_heads: int = 4              # key/value heads (grouped-query attention when fewer than heads)
+    intermediate: int = 256        # MLP width of the from-scratch LM
     pretrained: Optional[str] = None   # local HF checkpoint directory; SID tokens are added to it
     flow_hidden: int = FLOW_HIDDEN  # width of the log Z(U) and log F(prefix) MLP heads
 
@@ -46,11 +61,12 @@ class ModelConfig:
 class GFNConfig:
     """The GFlowNet part of stage ``gflowgr`` (METHOD.md §2–4)."""
 
-    objective: str = "tb"          # "tb" | "db" | "subtb"
-    lambda_gfn: float = 1.0
-    subtb_lambda: float = 0.9
-    n_aug: int = 3
-    sampler: str = "cm_curriculum"  # "logs" | "random" | "cm_curriculum" | "onpolicy" | "mixture"
+    objective: str = "tb"          # balance objective: "tb" (trajectory) | "db" (detailed) | "subtb" (sub-trajectory)
+    lambda_gfn: float = 1.0        # weight of the balance loss: loss = CE(positive) + lambda_gfn * balance (>= 0)
+    subtb_lambda: float = 0.9      # SubTB's geometric weight of sub-trajectory lengths
+    n_aug: int = 3                 # augmented (non-positive) trajectories per training example
+    sampler: str = "cm_curriculum"  # augmentation sampler: "logs" | "random" | "cm_curriculum" | "onpolicy" | "mixture"
+    # sampler="mixture": the share of each sampler in the augmentations, e.g. {cm_curriculum: 0.5, random: 0.5}
     mixture: dict = field(default_factory=lambda: {"cm_curriculum": 0.5, "random": 0.5})
     policy_support: str = "trie"   # "trie" | "level" | "vocab"
     weighting: str = "uniform"     # "uniform" | "reward" (trajectory weights proportional to R within a set)
@@ -71,9 +87,9 @@ class GFNConfig:
 class PreferenceConfig:
     """DPO / S-DPO baselines: negatives from a sampler, reference = the frozen starting checkpoint."""
 
-    beta: float = 0.1
-    n_neg: int = 3                 # S-DPO negatives per example (DPO uses the first)
-    sampler: str = "random"
+    beta: float = 0.1              # DPO temperature beta of the log-ratio margin (> 0)
+    n_neg: int = 3                 # S-DPO negatives per example (DPO uses the first); >= 1
+    sampler: str = "random"        # sampler of the negatives (the names of gfn.sampler)
     sft_weight: float = 1.0        # the same CE anchor GFlowGR has, so comparisons isolate the objective
 
 
@@ -81,21 +97,22 @@ class PreferenceConfig:
 class TrainConfig:
     """One training run: a stage, its data, model, optimisation, evaluation and output folder."""
 
-    stage: str = "sft"
+    stage: str = "sft"             # "sft" | "gflowgr" | "sft_continue" | "dpo" | "sdpo"
     data: str = ""                 # a folder written by `gflowgr prepare`
-    out: str = "runs/run"
+    out: str = "runs/run"          # output folder: config.yaml, log, best/ and last/ checkpoints, result.json
+    # checkpoint folder to start from (required by every stage but sft); its model replaces the model.* settings
     init_checkpoint: Optional[str] = None
-    seed: int = 42
+    seed: int = 42                 # seeds model initialisation, batch order and samplers
     device: str = "auto"           # "auto" | "cpu" | "cuda" | "cuda:1" ...
     dtype: str = "float32"         # "float32" | "bfloat16" (autocast on CUDA)
     backend: str = "auto"          # kernel backend for the loss and decoding ops
-    epochs: int = 20
-    max_steps: Optional[int] = None
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
+    epochs: int = 20               # passes over the training examples (>= 1)
+    max_steps: Optional[int] = None    # stop after this many optimiser steps (null: epochs decide)
+    batch_size: int = 256          # training examples per optimiser step (>= 1)
+    lr: float = 1e-3               # peak learning rate of the LM (AdamW; linear warm-up, cosine decay to 10%)
+    weight_decay: float = 0.01     # AdamW weight decay
+    warmup_steps: int = 100        # steps of linear learning-rate warm-up
+    grad_clip: float = 1.0         # max global gradient norm (0: no clipping)
     # Support of the likelihood log P(SID | user) that SFT's cross-entropy, GFlowGR's CE anchor and DPO/S-DPO's
     # log-probs are normalised over: "trie" | "level" | "vocab" (the balance loss has gfn.policy_support).
     likelihood_support: str = "trie"
@@ -118,66 +135,174 @@ class TrainConfig:
     retain_cpu_memory: bool = True
     max_train_examples: Optional[int] = None   # train on a fixed seeded random subset of N training examples
     eval_every: int = 1            # epochs between validation runs
-    eval_beams: int = 20
-    eval_batch_size: int = 256
+    eval_beams: int = 20           # beam width of the trie-constrained beam search at evaluation
+    eval_batch_size: int = 256     # users per evaluation batch
     valid_max_users: Optional[int] = None   # validate on a fixed seeded subset (None = whole split)
     evaluate_test: bool = True     # read the test split once at the end (false: tuning runs never see it)
-    patience: int = 3
-    select_metric: str = "ndcg@10"
-    log_every: int = 20
+    patience: int = 3              # early stopping: evaluations without a better select_metric
+    select_metric: str = "ndcg@10"  # validation metric that picks the best checkpoint (e.g. recall@10, ndcg@20)
+    log_every: int = 20            # steps between training log lines
     resume: bool = False           # continue from out/last/ (model, optimiser, RNG, sampler, epoch position)
     save_every_steps: int = 500    # also write out/last/ every N steps (0 = only at epoch ends and on stop)
     handle_signals: bool = True    # SIGTERM/SIGINT: checkpoint at the next step boundary, then return
     distributed: str = "auto"      # "auto": DDP when launched by torchrun (WORLD_SIZE > 1) | "off"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    gfn: GFNConfig = field(default_factory=GFNConfig)
-    pref: PreferenceConfig = field(default_factory=PreferenceConfig)
-    cm: SASRecConfig = field(default_factory=SASRecConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)   # the causal LM
+    gfn: GFNConfig = field(default_factory=GFNConfig)   # stage gflowgr: objective, sampler, reward
+    pref: PreferenceConfig = field(default_factory=PreferenceConfig)   # stages dpo / sdpo
+    cm: SASRecConfig = field(default_factory=SASRecConfig)   # collaborative model (SASRec) for samplers and r_cm
 
     def validate(self) -> "TrainConfig":
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage={self.stage!r} is not one of {STAGES}")
+        """Refuse values that cannot work, raising :class:`ConfigError` naming the key (``error.key``); warn
+        about a learning-rate warm-up longer than the run. Returns ``self``."""
         if self.stage in ("gflowgr", "sft_continue", "dpo", "sdpo") and not self.init_checkpoint:
-            raise ConfigError(f"stage {self.stage!r} starts from an SFT checkpoint: set init_checkpoint")
-        choices = {"gfn.objective": (self.gfn.objective, ("tb", "db", "subtb")),
-                   "gfn.sampler": (self.gfn.sampler, ("logs", "random", "cm_curriculum", "onpolicy", "mixture")),
-                   "gfn.policy_support": (self.gfn.policy_support, ("trie", "level", "vocab")),
-                   "gfn.onpolicy_mode": (self.gfn.onpolicy_mode, ("beam", "sample")),
-                   "gfn.weighting": (self.gfn.weighting, ("uniform", "reward")),
-                   "likelihood_support": (self.likelihood_support, ("trie", "level", "vocab")),
-                   "dtype": (self.dtype, ("float32", "bfloat16")),
-                   "distributed": (self.distributed, ("auto", "off")),
-                   "compile_mode": (self.compile_mode, COMPILE_MODES),
-                   "batch_order": (self.batch_order, ("windows", "shuffled")),
-                   }
-        for key, (value, allowed) in choices.items():
+            raise ConfigError(f"stage {self.stage!r} starts from an SFT checkpoint: set init_checkpoint",
+                              key="init_checkpoint")
+        for key, allowed in CHOICES.items():
+            value = _get(self, key)
             if value not in allowed:
-                raise ConfigError(f"{key}={value!r} is not one of {allowed}")
-        if self.gfn.n_aug < 0:
-            raise ConfigError(f"gfn.n_aug={self.gfn.n_aug} must be >= 0")
-        if self.save_every_steps < 0:
-            raise ConfigError(f"save_every_steps={self.save_every_steps} must be >= 0 (0 = off)")
-        if self.gfn.onpolicy_temperature <= 0:
-            raise ConfigError(f"gfn.onpolicy_temperature={self.gfn.onpolicy_temperature} must be > 0")
+                raise ConfigError(f"{key}={value!r} is not one of {allowed}", key=key)
+        for key, low, strict, note in _BOUNDS:
+            value = _get(self, key)
+            if value is None:
+                continue
+            if not math.isfinite(value) or value < low or (strict and value == low):
+                raise ConfigError(f"{key}={value!r} must be {'>' if strict else '>='} {low}{note}", key=key)
         if self.gfn.reward.r_pos_mode == "catalogue" and self.gfn.reward.use_cm and self.gfn.reward.cm_source == "lm":
             raise ConfigError("gfn.reward.r_pos_mode='catalogue' needs the CM score of every item, which "
-                              "cm_source='lm' does not give: use cm_source='cm' or r_pos_mode='fixed'")
-        if self.pack_row_tokens < 1:
-            raise ConfigError(f"pack_row_tokens={self.pack_row_tokens} must be >= 1")
-        if self.pack_rows is not None and self.pack_rows < 1:
-            raise ConfigError(f"pack_rows={self.pack_rows} must be >= 1 (or null: as many rows as a batch needs)")
+                              "cm_source='lm' does not give: use cm_source='cm' or r_pos_mode='fixed'",
+                              key="gfn.reward.r_pos_mode")
         if self.compile_mode != "eager" and not self.packing:
             raise ConfigError(f"compile_mode={self.compile_mode!r} compiles the packed training forward: it needs "
-                              f"packing: true")
+                              f"packing: true", key="compile_mode")
         if self.batch_order != "windows" and not self.packing:
             raise ConfigError(f"batch_order={self.batch_order!r} orders packed batches: the per-prefix path "
-                              f"(packing: false) always shuffles examples")
+                              f"(packing: false) always shuffles examples", key="batch_order")
+        metrics = select_metric_names()
+        if self.select_metric not in metrics:
+            close = difflib.get_close_matches(str(self.select_metric).lower(), metrics, n=1, cutoff=0.5)
+            raise ConfigError(f"select_metric={self.select_metric!r} is not a validation metric"
+                              + (f"; did you mean {close[0]!r}?" if close else "")
+                              + f" (e.g. {', '.join(m for m in metrics if '/' not in m and '@10' in m)})",
+                              key="select_metric")
         if not self.data:
-            raise ConfigError("data is empty: set it to a folder written by `gflowgr prepare`")
+            raise ConfigError("data is empty: set it to a folder written by `gflowgr prepare`", key="data")
+        _warn_long_warmup(self)
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+#: Keys with a fixed set of values (``docs/config.md`` lists them too).
+CHOICES: dict[str, tuple] = {
+    "stage": STAGES,
+    "gfn.objective": ("tb", "db", "subtb"),
+    "gfn.sampler": ("logs", "random", "cm_curriculum", "onpolicy", "mixture"),
+    "gfn.policy_support": ("trie", "level", "vocab"),
+    "gfn.onpolicy_mode": ("beam", "sample"),
+    "gfn.weighting": ("uniform", "reward"),
+    "likelihood_support": ("trie", "level", "vocab"),
+    "dtype": ("float32", "bfloat16"),
+    "distributed": ("auto", "off", "fsdp"),
+    "compile_mode": COMPILE_MODES,
+    "batch_order": ("windows", "shuffled"),
+}
+
+#: ``(key, lower bound, strict, note)``: numeric keys refused below (or, when strict, at) their bound.
+_BOUNDS: tuple = (
+    ("epochs", 1, False, ""),
+    ("max_steps", 1, False, " (null: the epochs decide)"),
+    ("batch_size", 1, False, ""),
+    ("lr", 0.0, False, ""),
+    ("weight_decay", 0.0, False, ""),
+    ("warmup_steps", 0, False, ""),
+    ("grad_clip", 0.0, False, " (0: no clipping)"),
+    ("pack_row_tokens", 1, False, ""),
+    ("pack_rows", 1, False, " (or null: as many rows as a batch needs)"),
+    ("max_train_examples", 1, False, " (or null: every training example)"),
+    ("eval_every", 1, False, " (epochs between validation runs)"),
+    ("eval_beams", 1, False, ""),
+    ("eval_batch_size", 1, False, ""),
+    ("valid_max_users", 1, False, " (or null: the whole split)"),
+    ("patience", 0, False, ""),
+    ("log_every", 1, False, ""),
+    ("save_every_steps", 0, False, " (0 = off)"),
+    ("model.flow_hidden", 1, False, ""),
+    ("gfn.lambda_gfn", 0.0, False, " (the weight of the balance loss)"),
+    ("gfn.n_aug", 0, False, ""),
+    ("gfn.flow_lr", 0.0, False, ""),
+    ("gfn.log_z_lr", 0.0, False, ""),
+    ("gfn.flow_warmup_steps", 0, False, ""),
+    ("gfn.onpolicy_temperature", 0.0, True, ""),
+    ("pref.beta", 0.0, True, " (the DPO temperature)"),
+    ("pref.n_neg", 1, False, " (0 negatives would turn S-DPO into plain cross-entropy)"),
+    ("pref.sft_weight", 0.0, False, ""),
+)
+
+
+def _get(config, key: str):
+    """The value of dotted ``key`` in a config dataclass."""
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+@functools.lru_cache(maxsize=1)
+def select_metric_names() -> tuple[str, ...]:
+    """Every key of the validation metrics dict that ``select_metric`` can name (``ndcg@10``, ``recall@20``,
+    ``renorm/ndcg@10``, ...), read from the evaluation code itself so that the list cannot go stale."""
+    import torch
+
+    from gflowgr_core.evaluation import AGREEMENT_KEY, EVAL_KS, SCORINGS
+    from gflowgr_core.metrics import evaluate_rankings
+
+    width = max(EVAL_KS)
+    ranked = torch.arange(width)[None, :]
+    keys = evaluate_rankings(ranked, torch.zeros(1, dtype=torch.long), torch.ones(width), ks=EVAL_KS,
+                             item_key=torch.arange(width), sid_ranked=ranked)
+    return tuple([prefix + k for prefix, _ in SCORINGS for k in keys if k != "num_examples"] + [AGREEMENT_KEY])
+
+
+def check_device(config: "TrainConfig") -> None:
+    """Refuse a ``device`` this machine does not have (``device=cuda`` without CUDA) with a one-line
+    :class:`ConfigError`. Not part of :meth:`TrainConfig.validate`: a saved config is still readable (and its
+    checkpoint evaluable) on another machine; ``load_config(..., device_check=True)`` applies it to a run."""
+    import torch
+
+    name = config.device
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device={name!r} is not a device name; use auto, cpu, cuda or cuda:N",
+                          key="device") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r} but CUDA is not available on this machine (torch "
+                              f"{torch.__version__}); use device=cpu or device=auto", key="device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)",
+                              key="device")
+
+
+def _warn_long_warmup(cfg: "TrainConfig") -> None:
+    """Warn when the learning-rate warm-up is longer than the run (known from max_steps, or from the prepared
+    data's training examples when its stats.json is readable)."""
+    steps, how = cfg.max_steps, "max_steps"
+    if steps is None:
+        stats = Path(cfg.data) / "stats.json"
+        try:
+            examples = int(json.loads(stats.read_text())["num_train_examples"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if cfg.max_train_examples is not None:
+            examples = min(examples, cfg.max_train_examples)
+        steps = cfg.epochs * math.ceil(examples / cfg.batch_size)
+        how = f"{cfg.epochs} epoch(s) of {math.ceil(examples / cfg.batch_size)} steps"
+    if cfg.warmup_steps > steps:
+        warnings.warn(f"warmup_steps={cfg.warmup_steps} is longer than the run ({steps} steps: {how}): the learning "
+                      f"rate never reaches lr={cfg.lr}", UserWarning, stacklevel=3)
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -255,11 +380,18 @@ def rename_old_keys(raw: dict, where: str = "config") -> dict:
     return raw
 
 
-def from_dict(cls, raw: dict, where: str = "config"):
-    """Build dataclass ``cls`` from a nested dict; unknown keys raise :class:`ConfigError` (old
-    :class:`TrainConfig` keys are read under their new names, see :data:`RENAMED_KEYS`)."""
+def _suggest(key: str, names, section: str) -> str:
+    """``"did you mean `gfn.n_aug`?"`` for the closest known key, or an empty string."""
+    close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+    return f"did you mean `{section}{close[0]}`?" if close else ""
+
+
+def from_dict(cls, raw: dict, where: str = "config", section: str = ""):
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise :class:`ConfigError` naming the keys that
+    exist and the closest one (old :class:`TrainConfig` keys are read under their new names, see
+    :data:`RENAMED_KEYS`). ``section`` is the dotted prefix of ``cls`` inside the whole config (``"gfn."``)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}", key=section.rstrip(".") or None)
     if cls is TrainConfig:
         raw = rename_old_keys(raw, where)
     hints = get_type_hints(cls)
@@ -267,16 +399,18 @@ def from_dict(cls, raw: dict, where: str = "config"):
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
+            hint = _suggest(key, names, section)
+            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(names))}"
+                              + (f"; {hint}" if hint else ""), key=f"{section}{key}", suggestion=hint)
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value or {}, f"{where}.{key}")
+            kwargs[key] = from_dict(hint, value or {}, f"{where}.{key}", f"{section}{key}.")
             continue
         kwargs[key] = _convert(value, hint, f"{where}.{key}")
     try:
         return cls(**kwargs)
     except ValueError as exc:  # a dataclass's own validation (e.g. RewardConfig)
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}", key=section.rstrip(".") or None) from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -297,21 +431,98 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply CLI overrides."""
-    raw: dict = {}
+def _override_key(item: str) -> str:
+    key = item.split("=", 1)[0].strip()
+    return RENAMED_KEYS.get(key, key)
+
+
+def _origin(key: Optional[str], overrides: list[str], raw_file: dict, path: Optional[Path]) -> str:
+    """Who set ``key``: ``"override `k=v`: "`` (the last override touching it), ``"FILE: "`` or ``""``."""
+    if key is None:
+        return ""
+    for item in reversed(overrides):
+        set_key = _override_key(item)
+        if set_key == key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+            return f"override `{item}`: "
+    node: Any = rename_old_keys(raw_file, "config") if isinstance(raw_file, dict) else raw_file
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return ""
+        node = node[part]
+    return f"{path}: " if path is not None else ""
+
+
+def _check_override(item: str) -> None:
+    """The key of one ``key=value`` override exists and its value reads as the field's type (ConfigError)."""
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    parts[0] = RENAMED_KEYS.get(parts[0], parts[0])
+    cls, where, section = TrainConfig, "config", ""
+    for depth, part in enumerate(parts):
+        hints = get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            hint = _suggest(part, names, section)
+            raise ConfigError(f"{where}: unknown key {part!r}; known keys: {', '.join(sorted(names))}"
+                              + (f"; {hint}" if hint else ""), key=section + part, suggestion=hint)
+        last = depth == len(parts) - 1
+        if dataclasses.is_dataclass(hints[part]):
+            cls, where, section = hints[part], f"{where}.{part}", f"{section}{part}."
+            if last:
+                value = read_yaml(text) if text != "" else ""
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    from_dict(cls, value or {}, where, section)
+            continue
+        if hints[part] is dict:  # a free-form mapping (gfn.mixture): its own keys are not checked here
+            return
+        if not last:
+            raise ConfigError(f"{where}.{part} is a value, not a section with key {parts[depth + 1]!r}",
+                              key=section + part)
+        _convert(read_yaml(text) if text != "" else "", hints[part], f"{where}.{part}")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None, *,
+                device_check: bool = False) -> TrainConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None), apply CLI overrides and validate.
+
+    Errors name their origin: a key or value of the file names the file; one of an override names the
+    override as typed (``override `epoch=1`: config: unknown key 'epoch'; ...; did you mean `epochs`?``); a
+    value refused by :meth:`TrainConfig.validate` names whichever set it. ``device_check`` also refuses a
+    ``device`` this machine lacks (what ``gflowgr train`` does; a saved config stays readable anywhere).
+    """
+    raw_file: dict = {}
     where = "config"
+    overrides = list(overrides or [])
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = read_yaml(path.read_text()) or {}
+            raw_file = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         where = str(path)
-    raw = apply_overrides(raw, overrides or [])
-    return from_dict(TrainConfig, raw, where).validate()
+        with warnings.catch_warnings():  # renamed keys warn once, below
+            warnings.simplefilter("ignore", FutureWarning)
+            from_dict(TrainConfig, raw_file, where)  # the file's own keys and values, named by the file
+    raw = raw_file
+    for item in overrides:  # the key and value of each override alone, so that an error names it
+        raw = apply_overrides(raw, [item])
+        try:
+            _check_override(item)
+        except ConfigError as exc:
+            lead = f"unknown key {exc.key.rsplit('.', 1)[-1]!r}; {exc.suggestion} (" if exc.suggestion else ""
+            raise ConfigError(f"override `{item}`: {lead}{exc}{')' if lead else ''}", key=exc.key) from None
+    try:
+        config = from_dict(TrainConfig, raw, where)
+        config.validate()
+        if device_check:
+            check_device(config)
+    except ConfigError as exc:
+        origin = _origin(exc.key, overrides, raw_file, path if isinstance(path, Path) else None)
+        raise ConfigError(f"{origin}{exc}", key=exc.key) from None
+    return config
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
