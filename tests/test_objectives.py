@@ -286,6 +286,56 @@ def test_subtb_limits_are_db_average_and_tb():
     assert torch.isfinite(SubTrajectoryBalance(1e-30).residuals(*f32)).all()
 
 
+# ---------------------------------------------------------------- torchgfn's reductions (docs/ARCHITECTURE.md)
+
+def _transitions_of(log_pf, log_z, log_f, log_r):
+    """The batch as a flat list of transition residuals ``log F(s) + log P_F - log F(s')``, trajectory by
+    trajectory, the last transition's target being ``log R`` (a torchgfn ``Transitions`` container)."""
+    out = []
+    for t in range(log_pf.shape[0]):
+        flows = [log_z[t], *log_f[t], log_r[t]]
+        out += [flows[l] + log_pf[t, l] - flows[l + 1] for l in range(log_pf.shape[1])]
+    return torch.stack(out)
+
+
+def _geometric_within(log_pf, log_z, log_f, log_r, lam):
+    """torchgfn's SubTB ``weighting="geometric_within"``: a sub-trajectory of k transitions weighs lam^(k-1), the
+    weights of one trajectory are divided by their sum, and the weighted squares are summed over the batch and
+    divided by the number of trajectories."""
+    n = log_pf.shape[1]
+    denom = sum((n - k + 1) * lam ** (k - 1) for k in range(1, n + 1))
+    total = 0.0
+    for t in range(log_pf.shape[0]):
+        flows = [log_z[t], *log_f[t], log_r[t]]
+        for k in range(1, n + 1):
+            for i in range(0, n - k + 1):
+                score = flows[i] + log_pf[t, i:i + k].sum() - flows[i + k]
+                total = total + lam ** (k - 1) / denom * score ** 2
+    return total / log_pf.shape[0]
+
+
+@pytest.mark.parametrize("n_levels", [1, 2, 4, 7])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_db_is_l_times_the_mean_over_transitions(n_levels, seed):
+    # Our DB sums the L transitions of a trajectory and averages over trajectories; torchgfn's DBGFlowNet
+    # averages the squared residuals over every transition of the batch: ours = L x theirs.
+    args = _random_flows(t=5, n_levels=n_levels, seed=40 + seed)
+    theirs = _transitions_of(*args).square().mean()
+    assert torch.allclose(DetailedBalance().loss(*args), n_levels * theirs, rtol=1e-12, atol=0)
+    assert torch.allclose(functional.detailed_balance(*args), n_levels * theirs, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("lam", [0.9, 0.5, 1.0, 1.7])
+@pytest.mark.parametrize("n_levels", [1, 3, 4])
+def test_subtb_equals_geometric_within_and_tb_the_mean_over_trajectories(lam, n_levels):
+    args = _random_flows(t=4, n_levels=n_levels, seed=50 + n_levels)
+    got = SubTrajectoryBalance(lam).loss(*args)
+    assert torch.allclose(got, _geometric_within(*args, lam), rtol=1e-12, atol=0)
+    log_pf, log_z, _, log_r = args
+    assert torch.allclose(TrajectoryBalance().loss(*args), ((log_z + log_pf.sum(1) - log_r) ** 2).mean(),
+                          rtol=1e-12, atol=0)
+
+
 def test_single_level_objectives_coincide():
     log_pf, log_z, log_f, log_r = _random_flows(n_levels=1, seed=23)
     assert log_f.shape == (6, 0)

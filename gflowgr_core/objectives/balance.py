@@ -100,7 +100,8 @@ class TrajectoryBalance(BalanceObjective):
 
 class DetailedBalance(BalanceObjective):
     """Detailed balance: ``L_DB(tau) = sum_{l<L} (log F(s_l) + log P_F(c_{l+1}|s_l) - log F(s_{l+1}))^2``
-    with ``F(s_0) = Z`` and ``F(s_L) = R`` (a sum over the ``L`` transitions, not a mean).
+    with ``F(s_0) = Z`` and ``F(s_L) = R`` (a sum over the ``L`` transitions, not a mean: ``L`` times torchgfn's
+    ``DBGFlowNet`` loss, which averages over the batch's transitions; docs/ARCHITECTURE.md).
     """
 
     name = "db"
@@ -121,6 +122,8 @@ class SubTrajectoryBalance(BalanceObjective):
     come from one ``[T, L+1, L+1]`` difference. The weights are normalised in log space, so large or small
     ``lambda`` neither overflows nor underflows. Limits: ``lambda -> 0`` gives ``L_DB / L``; ``lambda -> inf``
     gives ``L_TB`` (only the pair ``(0, L)`` keeps weight).
+
+    This is torchgfn's ``SubTBGFlowNet`` with ``weighting="geometric_within"`` (docs/ARCHITECTURE.md).
 
     Args:
         subtb_lambda: ``lambda > 0``, the geometric weight of a sub-trajectory per transition it spans (the
