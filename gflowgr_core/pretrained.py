@@ -293,7 +293,9 @@ def load_pretrained_policy(path: str | Path, codes_per_level: Sequence[int], ite
         lora: LoRA settings (:func:`apply_lora`); ``None`` fine-tunes every weight.
         flow_hidden: width of the ``log Z`` / ``log F`` heads (``None``: the policy's default,
             :data:`gflowgr_core.model.policy.FLOW_HIDDEN`).
-        dtype: weight dtype passed to ``from_pretrained`` (default: the checkpoint's).
+        dtype: weight dtype passed to ``from_pretrained`` (default ``torch.float32``, whatever the checkpoint
+            stores: fp32 master weights, which training autocasts with ``dtype: bfloat16``; ``"auto"`` keeps the
+            stored dtype, and :meth:`SIDPolicy.check_packing` then allows for its rounding).
     """
     path = check_checkpoint_dir(path)
     kwargs = {} if dtype is None else {"dtype": dtype}

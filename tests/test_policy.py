@@ -329,3 +329,32 @@ def test_flow_head_shapes():
     out = head(torch.randn(2, 5, 8))
     assert out.shape == (2, 5)
     torch.testing.assert_close(out, torch.full((2, 5), math.log(3.0)))
+
+
+def test_flow_heads_run_in_fp32_under_bf16_autocast():
+    """Under a bf16 autocast (CPU here; CUDA in training) the LM computes in bf16 but log Z / log F come out of
+    fp32 heads: the same values as the heads applied outside autocast to the bf16 hidden states cast up."""
+    head = FlowHead(16, hidden=8)
+    randomize = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=randomize))
+    h = torch.randn(3, 5, 16).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(h)
+        assert torch.nn.Linear(16, 1)(h.float()).dtype == torch.bfloat16  # autocast is really on
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, head(h.float()), rtol=0, atol=0)
+
+    policy = make_policy()
+    randomize_heads(policy, seed=2)
+    history = torch.tensor([[0, 3, -1, 5], [-1, -1, 2, 7]])
+    codes = policy.item_codes[torch.tensor([[1, 4, 0], [9, 2, 11]])]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for packing in (False, True):
+            _, log_z, log_f = policy(history, codes, torch.tensor([0, 1]), packing=packing)
+            assert log_z.dtype == torch.float32 and log_f.dtype == torch.float32, packing
+    # Outside autocast nothing changes: fp32 in, fp32 out.
+    with torch.no_grad():
+        _, log_z32, log_f32 = policy(history, codes)
+    assert log_z32.dtype == torch.float32 and log_f32.dtype == torch.float32

@@ -258,3 +258,80 @@ def test_packed_forward_matches_per_prefix_with_template_under_lora(tiny_ckpt):
     assert g_ref.keys() == g_pk.keys() and any("lora_A" in n for n in g_ref)
     for name in g_ref:
         assert float((g_pk[name] - g_ref[name]).abs().max()) <= 1e-5 * max(1.0, float(g_ref[name].abs().max())), name
+
+
+# ------------------------------------------------------------------------ checkpoints stored in bf16
+def make_bf16_qwen2_checkpoint(out: Path) -> Path:
+    """A tiny Qwen2 built from its config and saved with ``torch_dtype`` bfloat16 (the usual hub format)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    model = build_tiny_causal_lm(len(WORDS), hidden=64, layers=2, heads=4, kv_heads=2, arch="qwen2",
+                                 pad_token_id=3, seed=5)
+    model.to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    return out
+
+
+@pytest.fixture(scope="module")
+def bf16_ckpt(tmp_path_factory) -> Path:
+    return make_bf16_qwen2_checkpoint(tmp_path_factory.mktemp("bf16lm"))
+
+
+def test_bf16_checkpoint_loads_as_fp32_master_weights_and_packs(bf16_ckpt):
+    from transformers import AutoModelForCausalLM
+
+    stored = AutoModelForCausalLM.from_pretrained(bf16_ckpt)
+    assert stored.dtype == torch.bfloat16  # transformers keeps the stored dtype by default
+    policy = load_pretrained_policy(bf16_ckpt, CPL, CODES, template=TEMPLATE, flow_hidden=8)
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    assert policy.compute_dtype() == torch.float32
+    # The weights are the stored bf16 values, exactly (bf16 -> fp32 is lossless).
+    name, weight = next((n, p) for n, p in stored.named_parameters() if n.endswith("q_proj.weight"))
+    assert torch.equal(dict(policy.model.named_parameters())[name].to(torch.bfloat16), weight)
+    policy.check_packing()
+    policy.check_packing(tolerance=1e-5)  # fp32: far below the default
+    # dtype="auto" keeps bf16 weights: the check allows for bf16 rounding and still passes.
+    kept = load_pretrained_policy(bf16_ckpt, CPL, CODES, template=TEMPLATE, flow_hidden=8, dtype="auto")
+    assert kept.model.dtype == torch.bfloat16 and kept.compute_dtype() == torch.bfloat16
+    kept.check_packing()
+    kept.check_packing(sparse=False)
+
+
+def test_bf16_packing_error_tells_rounding_from_mask_handling(bf16_ckpt, monkeypatch):
+    from gflowgr_core.model.packing import PackingUnsupported
+
+    kept = load_pretrained_policy(bf16_ckpt, CPL, CODES, flow_hidden=8, dtype=torch.bfloat16)
+    with pytest.raises(PackingUnsupported, match=r"within what torch.bfloat16 rounding gives .*not mask handling") as exc:
+        kept.check_packing(tolerance=1e-7)  # bf16 rounding exceeds it
+    assert "float32" in str(exc.value) and "packing: false" not in str(exc.value)
+    import gflowgr_core.model.packing as packing
+
+    monkeypatch.setattr(packing, "attention_mask_for", lambda model, allowed, dtype: None)  # mask dropped
+    for policy in (kept, load_pretrained_policy(bf16_ckpt, CPL, CODES, flow_hidden=8)):
+        with pytest.raises(PackingUnsupported, match=r"beyond torch.(bfloat16|float32) rounding .*packing: false"):
+            policy.check_packing(sparse=False)
+
+
+def test_library_trainer_packs_a_bf16_checkpoint(bf16_ckpt, tmp_path, beauty_tiny):
+    """``model.pretrained=<bf16 dir>`` with packing (the default): fp32 master weights, the packing check
+    passes and the packed loss equals the per-prefix loss."""
+    from gflowgr_core.data.prepared import prepare
+    from gflowgr_core.train.config import load_config
+    from gflowgr_core.train.trainer import Trainer
+
+    data = prepare("letter", beauty_tiny, tmp_path / "data", max_users=60)
+    common = [f"data={tmp_path / 'data'}", "batch_size=8", "warmup_steps=1", "lr=3e-3", "log_every=1",
+              "model.flow_hidden=16", "max_train_examples=8", "device=cpu", "stage=sft",
+              f"model.pretrained={bf16_ckpt}", "dtype=bfloat16"]
+    packed = Trainer(load_config(None, [*common, f"out={tmp_path / 'packed'}", "packing=true"]), data)
+    plain = Trainer(load_config(None, [*common, f"out={tmp_path / 'plain'}", "packing=false"]), data)
+    assert {p.dtype for p in packed.policy.parameters()} == {torch.float32}
+    index = torch.arange(8)
+    a, b = packed.train_step(index)["loss"], plain.train_step(index)["loss"]
+    assert math.isfinite(a) and a == pytest.approx(b, rel=1e-4)

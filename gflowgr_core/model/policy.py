@@ -40,6 +40,27 @@ _LM_DIR = "lm"
 #: Default width of the log Z(U) and log F(prefix) MLPs, the one every constructor and config uses.
 FLOW_HIDDEN = 128
 
+# Largest relative difference between the packed and the per-prompt forward that rounding alone explains, by
+# the dtype the LM computes in (see SIDPolicy.check_packing). A model that mishandles the packed masks differs
+# by 0.18 to 0.67 on the check's batch; bf16 rounding gives 3e-3 (tiny models) to 1.7e-2 (pretrained ones).
+PACKING_TOLERANCE = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def packing_tolerance(dtype: torch.dtype) -> float:
+    """:data:`PACKING_TOLERANCE` of ``dtype`` (``5e-2`` for another floating dtype of 16 bits or fewer)."""
+    if dtype in PACKING_TOLERANCE:
+        return PACKING_TOLERANCE[dtype]
+    return 5e-2 if torch.finfo(dtype).bits <= 16 else 1e-3
+
+
+def _master_dtype(model_kwargs: dict) -> dict:
+    """``from_pretrained`` keyword arguments with ``dtype=torch.float32`` unless a dtype is given: transformers
+    5 loads a checkpoint in its stored dtype, and a bf16 policy would train without fp32 master weights."""
+    if "dtype" in model_kwargs or "torch_dtype" in model_kwargs:
+        return dict(model_kwargs)
+    return {**model_kwargs, "dtype": torch.float32}
+
+
 # Config attributes of HF models whose logits are not a plain linear map of the last hidden state; the
 # SID-row shortcut would silently compute the wrong distribution for them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -141,8 +162,16 @@ class FlowHead(nn.Module):
         nn.init.constant_(self.net[2].bias, float(init))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """``h[..., d]`` → log-flow ``[...]`` (in the head's dtype)."""
-        return self.net(h.to(self.net[0].weight.dtype)).squeeze(-1)
+        """``h[..., d]`` → log-flow ``[...]`` in the head's dtype (fp32 master weights: fp32).
+
+        Autocast is off inside the head: under a bf16 autocast the LM's hidden states arrive in bf16 and are
+        cast up, so ``log Z`` / ``log F`` (which enter the balance residuals next to sums of log-probs and
+        ``log R``) are computed and returned in fp32, not rounded to bf16's 8 bits of mantissa.
+        """
+        off = (torch.autocast(device_type=h.device.type, enabled=False)
+               if torch.amp.is_autocast_available(h.device.type) else nullcontext())
+        with off:
+            return self.net(h.to(self.net[0].weight.dtype)).squeeze(-1)
 
 
 def _contiguous_range(ids: torch.Tensor) -> tuple[int, int] | None:
@@ -653,19 +682,42 @@ class SIDPolicy(nn.Module):
         state.pop("_compiled_backbone", None)
         return state
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the LM computes in here: its weights' floating dtype, or a lower autocast dtype in effect
+        on its device."""
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        device_type = self.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            cast = torch.get_autocast_dtype(device_type)
+            if torch.finfo(cast).bits < torch.finfo(dtype).bits:
+                dtype = cast
+        return dtype
+
     @torch.no_grad()
-    def check_packing(self, tolerance: float = 1e-3, sparse: bool = True) -> None:
+    def check_packing(self, tolerance: float | None = None, sparse: bool = True) -> None:
         """Check on a tiny batch that this model's packed forward (``sparse`` as in
         :meth:`packed_trajectory_hidden`) equals its per-prefix forward.
 
         A model that ignores 4D attention masks, explicit position ids or the block-sparse attention it is
-        given would silently train on other prompts than it is evaluated on.
+        given would silently train on other prompts than it is evaluated on. Such a model differs by tens of
+        percent (relative to the largest hidden value); rounding differs by far less, by the dtype it computes
+        in (:meth:`compute_dtype`): about ``1e-7`` in fp32, ``3e-3`` to ``2e-2`` in bf16 (packed and per-prompt
+        forwards sum attention in other orders). ``tolerance`` defaults to the rounding bound of that dtype
+        (:data:`PACKING_TOLERANCE`: fp32 ``1e-3``, fp16 ``1e-2``, bf16 ``5e-2``). Train from fp32 weights
+        (:meth:`from_pretrained` loads them so) and let ``dtype: bfloat16`` autocast; the check then runs in fp32.
 
         Raises:
-            PackingUnsupported naming the model class, with the ``packing: false`` remedy.
+            PackingUnsupported naming the model class and the difference: beyond the dtype's rounding bound,
+            mask handling (with the ``packing: false`` remedy); within it but above a smaller ``tolerance``
+            given here, rounding (with the fp32-weights remedy).
         """
         from .packing import PackingUnsupported
 
+        dtype = self.compute_dtype()
+        rounding = packing_tolerance(dtype)
+        tol = rounding if tolerance is None else float(tolerance)
+        if not tol >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
         n = min(self.num_items, 3)
         history = torch.tensor([[-1, -1, 0], [-1, 0, n - 1], [0, n - 1, n // 2]], device=self.device)
         codes = self.item_codes[torch.tensor([[n - 1, 0], [0, n // 2], [n // 2, 0]])].to(self.device)
@@ -678,11 +730,20 @@ class SIDPolicy(nn.Module):
         finally:
             self.train(was_training)
         err = float((packed.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
-        if not err <= tolerance:
+        if err <= tol:
+            return
+        name = type(self.model).__name__
+        what = (f"{name} gives other hidden states in a packed forward than per prompt: relative difference "
+                f"{err:.3g} computing in {dtype}, above the tolerance {tol:.3g}")
+        if err <= rounding:
             raise PackingUnsupported(
-                f"{type(self.model).__name__} gives other hidden states in a packed forward than per prompt "
-                f"(relative difference {err:.3g}): it does not honour 4D attention masks or explicit position "
-                f"ids; train it with packing: false")
+                f"{what}, but within what {dtype} rounding gives (up to {rounding:.3g}): this is rounding, not "
+                f"mask handling. Load the weights in float32 (the default of SIDPolicy.from_pretrained / "
+                f"load_pretrained_policy; dtype: bfloat16 autocasts the forward) or pass a tolerance of at least "
+                f"{rounding:.3g}")
+        raise PackingUnsupported(
+            f"{what} and beyond {dtype} rounding (up to {rounding:.3g}): the model does not honour 4D attention "
+            f"masks, explicit position ids or the block-sparse attention; train it with packing: false")
 
     def encode_trajectories(self, trajectories, *, packing: bool = False, row_tokens: int = 256,
                             rows: int | None = None, sparse: bool = True
@@ -720,14 +781,16 @@ class SIDPolicy(nn.Module):
             tokenizer: an already loaded tokenizer (else loaded from ``path``); modified in place and kept
                 as ``policy.tokenizer``.
             flow_hidden: width of the flow MLPs.
-            **model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ...).
+            **model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained``. ``dtype`` defaults to
+                ``torch.float32``: a checkpoint stored in bf16 (the usual hub format) becomes fp32 master
+                weights, which training autocasts (``dtype: bfloat16``); ``dtype="auto"`` keeps the stored dtype.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path)
         token_map = SIDTokenMap.for_pretrained(tokenizer, codes_per_level)
-        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **_master_dtype(model_kwargs))
         token_map.resize(model)
         policy = cls(model, token_map, item_codes, codes_per_level, flow_hidden=flow_hidden)
         policy.tokenizer = tokenizer
@@ -760,7 +823,8 @@ class SIDPolicy(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, **model_kwargs) -> "SIDPolicy":
-        """Rebuild a policy written by :meth:`save` (``model_kwargs`` go to ``from_pretrained``)."""
+        """Rebuild a policy written by :meth:`save` (``model_kwargs`` go to ``from_pretrained``; ``dtype``
+        defaults to ``torch.float32`` as in :meth:`from_pretrained`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         directory = Path(directory)
@@ -771,7 +835,7 @@ class SIDPolicy(nn.Module):
         if meta.get("format_version") != _FORMAT_VERSION:
             raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
         token_map = SIDTokenMap.load(directory / _TOKENS_FILE)
-        model = AutoModelForCausalLM.from_pretrained(directory / _LM_DIR, **model_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory / _LM_DIR, **_master_dtype(model_kwargs))
         item_codes = torch.load(directory / _CODES_FILE, weights_only=True)
         policy = cls(model, token_map, item_codes, meta["codes_per_level"], flow_hidden=meta["flow_hidden"])
         heads = torch.load(directory / _HEADS_FILE, weights_only=True)
