@@ -29,7 +29,13 @@ def _train(args: argparse.Namespace) -> int:
     from gflowgr_core.train.config import load_config
     from gflowgr_core.train.trainer import run_training
 
-    config = load_config(args.config, args.overrides)
+    if args.print_config:  # the merged config of this command line, as a YAML file would hold it; no run
+        import yaml
+
+        config = load_config(args.config, args.overrides)
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    config = load_config(args.config, args.overrides, device_check=True)
     result = run_training(config)
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel run: rank 0 reports for all
         return 0
@@ -56,9 +62,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result["status"] == "finished" else 1
 
 
+def _version() -> str:
+    """The installed distribution's version (the package's own when it runs from a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gflowgr")
+    except PackageNotFoundError:
+        from gflowgr_core import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gflowgr", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="load interactions, split, build SIDs and the trie; write DIR")
@@ -88,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run one training stage from a YAML config")
     p.add_argument("--config", default=None, help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. gfn.n_aug=5 stage=gflowgr")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value overrides, e.g. gfn.n_aug=5 stage=gflowgr (every key: docs/config.md)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the merged config (defaults, file, overrides) as YAML and exit without training")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint with trie-constrained beam search")

@@ -97,7 +97,7 @@ class PreferenceConfig:
 class TrainConfig:
     """One training run: a stage, its data, model, optimisation, evaluation and output folder."""
 
-    stage: str = "sft"             # "sft" | "gflowgr" | "sft_continue" | "dpo" | "sdpo"
+    stage: str = "sft"             # the training stage: "sft" | "gflowgr" | "sft_continue" | "dpo" | "sdpo"
     data: str = ""                 # a folder written by `gflowgr prepare`
     out: str = "runs/run"          # output folder: config.yaml, log, best/ and last/ checkpoints, result.json
     # checkpoint folder to start from (required by every stage but sft); its model replaces the model.* settings
@@ -161,7 +161,7 @@ class TrainConfig:
             value = _get(self, key)
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not one of {allowed}", key=key)
-        for key, low, strict, note in _BOUNDS:
+        for key, low, strict, note in BOUNDS:
             value = _get(self, key)
             if value is None:
                 continue
@@ -208,8 +208,9 @@ CHOICES: dict[str, tuple] = {
     "batch_order": ("windows", "shuffled"),
 }
 
-#: ``(key, lower bound, strict, note)``: numeric keys refused below (or, when strict, at) their bound.
-_BOUNDS: tuple = (
+#: ``(key, lower bound, strict, note)``: numeric keys refused below (or, when strict, at) their bound
+#: (``docs/config.md`` states them).
+BOUNDS: tuple = (
     ("epochs", 1, False, ""),
     ("max_steps", 1, False, " (null: the epochs decide)"),
     ("batch_size", 1, False, ""),
@@ -303,6 +304,45 @@ def _warn_long_warmup(cfg: "TrainConfig") -> None:
     if cfg.warmup_steps > steps:
         warnings.warn(f"warmup_steps={cfg.warmup_steps} is longer than the run ({steps} steps: {how}): the learning "
                       f"rate never reaches lr={cfg.lr}", UserWarning, stacklevel=3)
+
+
+#: ``ModelConfig`` field -> attribute of a transformers config (HF maps its aliases, e.g. GPT-2's ``n_embd``).
+_HF_MODEL_ATTRIBUTES = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+                        "kv_heads": "num_key_value_heads", "intermediate": "intermediate_size"}
+
+
+def checkpoint_model_config(policy, configured: ModelConfig, checkpoint: str) -> ModelConfig:
+    """The :class:`ModelConfig` of the model an ``init_checkpoint`` holds, which replaces ``model.*``.
+
+    A run that starts from a checkpoint trains the checkpoint's model whatever ``model.*`` says; this warns
+    once, naming every ``model.*`` key that was set (differs from its default) and differs from the
+    checkpoint, and returns the checkpoint's settings so that the run's ``config.yaml`` records the model
+    actually trained. ``model.pretrained`` becomes null: the weights come from the checkpoint.
+
+    Args:
+        policy: the loaded policy (a ``SIDPolicy``: ``.model.config`` and ``.flow_hidden``).
+        configured: ``config.model`` as loaded.
+        checkpoint: the ``init_checkpoint`` path (named in the warning).
+    """
+    lm = policy.model.config
+    values = {"arch": getattr(lm, "model_type", configured.arch), "pretrained": None,
+              "flow_hidden": int(policy.flow_hidden)}
+    for name, attribute in _HF_MODEL_ATTRIBUTES.items():
+        value = getattr(lm, attribute, None)
+        if name == "kv_heads" and value is None:  # no grouped-query attention: as many as heads
+            value = getattr(lm, "num_attention_heads", None)
+        values[name] = int(value) if isinstance(value, int) else getattr(configured, name)
+    actual = ModelConfig(**values)
+    default = ModelConfig()
+    ignored = [f"model.{f.name}={getattr(configured, f.name)!r} (checkpoint: {getattr(actual, f.name)!r})"
+               for f in dataclasses.fields(ModelConfig)
+               if getattr(configured, f.name) != getattr(actual, f.name)
+               and getattr(configured, f.name) != getattr(default, f.name)]
+    if ignored:
+        warnings.warn(f"init_checkpoint={checkpoint} holds its own model, so these settings are not used: "
+                      f"{', '.join(ignored)}; the run's config.yaml records the checkpoint's model",
+                      UserWarning, stacklevel=2)
+    return actual
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -513,7 +553,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             _check_override(item)
         except ConfigError as exc:
             lead = f"unknown key {exc.key.rsplit('.', 1)[-1]!r}; {exc.suggestion} (" if exc.suggestion else ""
-            raise ConfigError(f"override `{item}`: {lead}{exc}{')' if lead else ''}", key=exc.key) from None
+            detail = str(exc).removesuffix(f"; {exc.suggestion}") if lead else str(exc)
+            raise ConfigError(f"override `{item}`: {lead}{detail}{')' if lead else ''}", key=exc.key) from None
     try:
         config = from_dict(TrainConfig, raw, where)
         config.validate()

@@ -48,7 +48,8 @@ from gflowgr_core.reward import Reward
 from gflowgr_core.samplers import UserItems, make_sampler
 from gflowgr_core.train.checkpoint import (TRAINER_STATE_FILE, CheckpointError, capture_rng, is_complete,
                                            load_extra, load_policy, recover_checkpoint, restore_rng, save_policy)
-from gflowgr_core.train.config import ConfigError, TrainConfig, rename_old_keys, save_config
+from gflowgr_core.train.config import (ConfigError, TrainConfig, checkpoint_model_config, rename_old_keys,
+                                       save_config)
 from gflowgr_core.train.distributed import DistContext
 from gflowgr_core.train.signals import StopRequest
 from gflowgr_core.train.stages import GFlowGRStage, PreferenceStage, SFTStage, Stage, StageContext
@@ -198,6 +199,8 @@ class Trainer:
             if tuple(policy.codes_per_level) != self.codes_per_level:
                 raise ValueError(f"checkpoint {cfg.init_checkpoint} was trained on SID levels "
                                  f"{tuple(policy.codes_per_level)}, the data {cfg.data} has {self.codes_per_level}")
+            # The checkpoint's model is the one trained: warn about model.* it overrides, record it in config.yaml.
+            self.cfg = dataclasses.replace(cfg, model=checkpoint_model_config(policy, cfg.model, cfg.init_checkpoint))
             return policy
         if cfg.model.pretrained:
             return SIDPolicy.from_pretrained(cfg.model.pretrained, self.codes_per_level,
