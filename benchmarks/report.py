@@ -421,16 +421,28 @@ def render_quality_file(p: dict) -> str:
     return "\n".join(lines)
 
 
+def quality_command(root: Path, folder: str, folders: Sequence[str]) -> str:
+    """How to produce ``quality_<folder>.json`` for the config folder ``configs/<folder>``. A folder
+    ``<dataset>_<tag>`` beside ``configs/<dataset>`` is another protocol of that dataset: ``run_quality.py``
+    takes it with ``--config-dir`` and writes ``quality_<dataset>_<tag>.json`` under ``--tag``; the ``cpu`` tag
+    is a CPU protocol."""
+    base, _, tag = folder.rpartition("_")
+    if base in folders and tag:
+        where = "on a CPU" if tag == "cpu" else "on a GPU"
+        return (f"run `python benchmarks/run_quality.py --dataset {base} --config-dir configs/{folder} --tag {tag}` "
+                f"{where}")
+    if folder == "beauty" and (root / "benchmarks" / "gpu_quality.sh").is_file():
+        return "run `bash benchmarks/gpu_quality.sh` on a GPU"
+    return f"run `python benchmarks/run_quality.py --dataset {folder}` on a GPU"
+
+
 def render_quality(results: Path) -> str:
     out = []
     root = results.parents[1]
     datasets = sorted(d.name for d in (root / "configs").iterdir() if d.is_dir()) if (root / "configs").is_dir() else []
     for ds in datasets:
         if not (results / f"quality_{ds}.json").is_file():
-            how = ("run `bash benchmarks/gpu_quality.sh` on a GPU"
-                   if ds == "beauty" and (root / "benchmarks" / "gpu_quality.sh").is_file()
-                   else f"run `python benchmarks/run_quality.py --dataset {ds}` on a GPU")
-            out.append(pending(f"benchmarks/results/quality_{ds}.json", how))
+            out.append(pending(f"benchmarks/results/quality_{ds}.json", quality_command(root, ds, datasets)))
     for path in sorted(results.glob("quality_*.json")) + sorted(results.glob("ablations_*.json")):
         out.append(render_quality_file(load(results, path.name)))
     return "\n\n".join(out)

@@ -166,6 +166,25 @@ def test_demo_table_is_keyed_by_what_the_file_holds(tmp_path):
         report.render_demo(root / "benchmarks" / "results")
 
 
+def test_pending_quality_files_name_the_command_that_writes_them(tmp_path):
+    root = make_root(tmp_path, "<!-- report:quality -->\n<!-- /report:quality -->\n", {})
+    for ds in ("beauty", "beauty_cpu", "toys"):
+        (root / "configs" / ds).mkdir(parents=True)
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert ("`benchmarks/results/quality_beauty_cpu.json`: pending: run `python benchmarks/run_quality.py --dataset "
+            "beauty --config-dir configs/beauty_cpu --tag cpu` on a CPU.") in text
+    assert ("`benchmarks/results/quality_toys.json`: pending: run `python benchmarks/run_quality.py --dataset toys` "
+            "on a GPU.") in text
+    # The output path run_quality.py writes for that command is the file the section waits for.
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        run_quality = importlib.import_module("run_quality")
+    finally:
+        sys.path.pop(0)
+    assert run_quality.output_path("beauty", False, False, Path("r"), "cpu") == Path("r") / "quality_beauty_cpu.json"
+
+
 def test_train_epoch_and_quality_files_render_what_they_hold(tmp_path):
     epoch = {**HEADER, "dtype": "bfloat16", "data": "Beauty", "num_train_examples": 131413, "model": "qwen2_1.3M",
              "row_tokens": 256,
