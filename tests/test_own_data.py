@@ -109,6 +109,8 @@ def test_prepare_minionerec_keeps_the_given_sids(tmp_path, capsys):
     printed = capsys.readouterr().out
     stats = json.loads((out / "stats.json").read_text())
     assert stats["format"] == "minionerec" and stats["num_users"] == 16 and stats["dropped_users"] == 0
+    assert stats["rows_per_file"] == {"valid.csv": len(_rows(FIXTURE / "valid.csv")),
+                                      "test.csv": len(_rows(FIXTURE / "test.csv"))}
     assert stats["num_valid"] == stats["num_test"] == 16
     assert stats["items_without_interactions"] == 5
     assert stats["sid_levels"] == 3 and stats["sid_collision_policy"] == "share"
@@ -159,6 +161,17 @@ def test_minionerec_history_gap_is_refused(tmp_path):
     _rewrite(folder / "valid.csv", second, "history_item_sid", str(sids[1:] + sids[:1]))
     with pytest.raises(DataError, match=rf"valid.csv: line {second + 2}: user '{user}': history .* does not "
                                         rf"continue"):
+        load_minionerec(folder)
+
+
+def test_minionerec_empty_history_after_earlier_rows_is_refused(tmp_path):
+    folder = _copy_fixture(tmp_path)
+    in_valid = {r["user_id"] for r in _rows(folder / "valid.csv")}
+    at, row = next((i, r) for i, r in enumerate(_rows(folder / "test.csv")) if r["user_id"] in in_valid)
+    _rewrite(folder / "test.csv", at, "history_item_id", "[]")  # after the user's valid.csv rows
+    _rewrite(folder / "test.csv", at, "history_item_sid", "[]")
+    with pytest.raises(DataError, match=rf"test.csv: line {at + 2}: user '{row['user_id']}': history \[\] does "
+                                        rf"not continue"):
         load_minionerec(folder)
 
 

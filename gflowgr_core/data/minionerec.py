@@ -19,7 +19,9 @@ How the rows become a split this library trains on (:func:`load_minionerec`):
 3. The rebuilt sequences are split like every other format (:func:`~gflowgr_core.data.split.leave_one_out`):
    last item test, second-to-last validation, every earlier prefix a training example. History items of
    the first row of a user (items from before the files' time window, e.g. the missing train period) are
-   training targets then.
+   training targets then. This is the library's protocol, not MiniOneRec's time-window one: MiniOneRec
+   scores every row of ``test.csv``, here each user's last item is its one test example, so the numbers are
+   not comparable with metrics reported on MiniOneRec's splits.
 4. The catalogue is every item of the index (items that appear in no row included, so they can still be
    recommended), with the SIDs kept exactly as given. An item in a row with no SID in the index, or a
    row's ``item_sid``/``history_item_sid`` that differs from the index, is an error naming file, line and
@@ -156,7 +158,7 @@ def _chain(sequence: list[str] | None, history: list[str], target: str, where: s
     if sequence is None:
         return history + [target]
     n, h = len(sequence), len(history)
-    if h <= n and sequence[n - h:] == history:
+    if 0 < h <= n and sequence[n - h:] == history:
         sequence.append(target)
         return sequence
     if h > n and history[h - n:] == sequence:

@@ -180,7 +180,15 @@ def prepare(fmt: str, path: str | Path | None, out: str | Path | None = None, *,
     begin = time.perf_counter()
     log.info("prepare [1/4] loading %s data from %s", fmt, path if path is not None else "the recbole wheel")
     options = {k: v for k, v in columns.items() if v is not None}
-    interactions = load_interactions(fmt, path, **options) if options else load_interactions(fmt, path)
+    rows_per_file = None
+    if fmt == "minionerec":  # read here rather than by name, to report the rows of each file
+        from gflowgr_core.data.minionerec import load_minionerec, minionerec_files
+
+        files = minionerec_files(path)
+        interactions = load_minionerec(path, files)
+        rows_per_file = dict(files.rows)
+    else:
+        interactions = load_interactions(fmt, path, **options) if options else load_interactions(fmt, path)
     log.info("prepare: loaded %d users, %d items, %d interactions (%.1f s)", interactions.num_users,
              interactions.num_items, interactions.num_interactions, time.perf_counter() - begin)
     if max_users is not None:
@@ -213,6 +221,7 @@ def prepare(fmt: str, path: str | Path | None, out: str | Path | None = None, *,
     stats = {
         "source": str(interactions.source),
         "format": fmt,
+        **({"rows_per_file": rows_per_file} if rows_per_file is not None else {}),
         "num_users": len(interactions.user_ids),
         "num_items": len(interactions.item_ids),
         "num_interactions": int(interactions.num_interactions),
