@@ -228,14 +228,15 @@ def rq_kmeans(embeddings: torch.Tensor, levels: int = 3, codes: int | Sequence[i
         if k < k_req:
             warnings.warn(f"RQ-KMeans level {level}: only {distinct} distinct residual points for {k_req} "
                           f"requested codes; using K={k}", stacklevel=2)
+        log.info("RQ-KMeans level %d of %d: %d codes over %d points", level + 1, levels, k, int(x.shape[0]))
         centers, assign, info = _kmeans(residual, k, generator, iters, tol)
         residual = residual - centers[assign]
         all_codes.append(assign)
         codebooks.append(centers)
         cpl.append(k)
         level_reports.append({"level": level, "k": k, "k_requested": k_req, "capped": k < k_req, **info})
-        log.info("RQ-KMeans level %d of %d: %d codes over %d points, %d iterations (%.1f s)", level + 1, levels,
-                 k, int(x.shape[0]), info["iterations"], time.perf_counter() - started)
+        log.info("RQ-KMeans level %d of %d done: %d iterations, %d of %d codes used (%.1f s)", level + 1, levels,
+                 info["iterations"], info["codes_used"], k, time.perf_counter() - started)
     codes_t = torch.stack(all_codes, dim=1).cpu()
     distinct_sids = int(torch.unique(codes_t, dim=0).shape[0])
     report = {"levels": level_reports, "num_points": int(x.shape[0]), "distinct_sids": distinct_sids,
