@@ -359,9 +359,25 @@ class Trainer:
         window = self.windows.index_select(0, index) if self.windows is not None else None
         return ExampleBatch.from_split(self.data.split.train, index, window=window).to(self.device)
 
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        """The generator of epoch ``epoch``'s order (0-based): seeded from ``seed`` and ``epoch`` alone (epoch 0
+        from ``seed`` itself), apart from the generator the sampler draws from. Every method run with one seed
+        (whatever its sampler draws, or none) therefore sees the same batches at every step of every epoch, and
+        a resumed run the order of an uninterrupted one."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        seed = int(self.cfg.seed)
+        if epoch > 0:  # splitmix64 of (seed, epoch): decorrelated streams for neighbouring epochs
+            z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+            seed = (z ^ (z >> 31)) >> 1  # 63 bits: manual_seed takes it on every platform
+        return torch.Generator(device="cpu").manual_seed(seed)
+
     def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
-        """An epoch's order of the training rows, drawn from ``generator``: trunk windows in random order, each
-        window's rows together (``batch_order: windows`` with packing), else a uniform shuffle."""
+        """An epoch's order of the training rows, drawn from ``generator`` (the loop passes
+        :meth:`epoch_generator`): trunk windows in random order, each window's rows together
+        (``batch_order: windows`` with packing), else a uniform shuffle."""
         if self.windows is not None and self.cfg.batch_order == "windows":
             return window_order(self.train_index, self.windows, generator)
         return self.train_index[torch.randperm(len(self.train_index), generator=generator)]
@@ -544,7 +560,7 @@ class Trainer:
         while not st.finished and st.epoch < max_epochs:
             self.policy.train()
             if st.perm is None:
-                st.perm = self.epoch_order(self.generator)
+                st.perm = self.epoch_order(self.epoch_generator(st.epoch))
                 st.batch, st.running, st.epoch_seconds = 0, [], 0.0
             epoch_clock = time.time() - st.epoch_seconds
             bar = tqdm(total=self.steps_per_epoch, initial=st.batch, desc=f"{cfg.stage} epoch {st.epoch + 1}",
