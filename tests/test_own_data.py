@@ -224,6 +224,16 @@ def test_csv_with_a_list_column_of_another_kind_names_the_column(tmp_path):
     assert load_csv(path).num_interactions == 3
 
 
+def test_csv_refuses_a_recbole_sequence_file(tmp_path):
+    path = tmp_path / "seq.inter"
+    path.write_text("session_id:token\titem_id_list:token_seq\titem_id:token\n1\t10 11 12\t13\n")
+    with pytest.raises(DataError, match=r"line 1: column 'item_id_list:token_seq' is a list of items"):
+        load_csv(path, user_col="session_id")
+    # an atomic file with a token_seq column about something else still loads
+    path.write_text("user_id:token\titem_id:token\tgenres:token_seq\nu1\ti1\tdrama comedy\n")
+    assert load_csv(path).num_interactions == 1
+
+
 @needs_office
 def test_csv_on_the_shared_minionerec_file_is_refused():
     with pytest.raises(DataError, match="--format minionerec"):

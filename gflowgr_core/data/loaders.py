@@ -391,6 +391,16 @@ def _refuse_list_columns(header: Sequence[str], fields: Sequence[str], used: set
                     f"reads one item per row and would drop the histories; {hint}")
 
 
+def _refuse_sequence_header(header: Sequence[str], used: set, path: Path) -> None:
+    """RecBole's sequential files declare their item lists (``item_id_list:token_seq``): refuse them too."""
+    for i, cell in enumerate(header):
+        name = cell.strip().strip('"').strip("'").strip().lower()
+        if i not in used and name.endswith(":token_seq") and "item" in name:
+            raise DataError(f"{path}: line 1: column {cell.strip()!r} is a list of items (RecBole token_seq) that "
+                            f"--format csv would ignore, reading one item per row and dropping the histories; "
+                            f"give the atomic .inter file (one user_id, item_id, timestamp event per row) instead")
+
+
 def load_csv(path: str | Path, user_col: str | None = None, item_col: str | None = None,
              time_col: str | None = None, sep: str | None = None) -> Interactions:
     """Load one-event-per-row interactions from a CSV/TSV file with a header line.
@@ -433,6 +443,7 @@ def load_csv(path: str | Path, user_col: str | None = None, item_col: str | None
                         f"{[header[i] for i in (user_at, item_at, time_at) if i is not None]}")
     needed = max(i for i in (user_at, item_at, time_at) if i is not None) + 1
     used = {user_at, item_at, time_at}
+    _refuse_sequence_header(header, used, path)
     users: list[str] = []
     items: list[str] = []
     times: list[float] = []
