@@ -190,6 +190,7 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict:
+        """The config as nested plain dicts (what ``config.yaml`` and ``--print-config`` hold)."""
         return dataclasses.asdict(self)
 
 
@@ -567,4 +568,5 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML (keys in field order), readable again by :func:`load_config`."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
