@@ -658,7 +658,9 @@ class SIDGRPOTrainer(SIDLogProbsMixin, GRPOTrainer):
             raise ValueError(f"sid_vocab.end_token_id={sid_vocab.end_token_id} is not one of the trainer's EOS ids "
                              f"{self.eos_token_ids}: generation would not stop after the SID")
         if constrained_rollouts:
-            install_constrained_generation(_unwrap(self.model), sid_vocab, with_end_token=with_end_token)
+            base = _unwrap(self.model)
+            remove_constrained_generation(base)  # a model reused from an earlier trainer: this trainer's settings
+            install_constrained_generation(base, sid_vocab, with_end_token=with_end_token)
 
 
 # ---------------------------------------------------------------------------------------------------- GFlowNet
