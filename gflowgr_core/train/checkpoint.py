@@ -9,6 +9,10 @@ at, one complete checkpoint survives:
 * killed between the two renames: ``<name>`` is missing, the complete ``.tmp`` (newest) or ``.old`` remains.
 
 :func:`recover_checkpoint` repairs these states (it runs before every save and load) and says what it did.
+
+A sharded checkpoint (:func:`save_sharded`, written by FSDP runs) follows the same protocol; its ``.tmp`` folder
+holds :data:`SHARDED_DIR`, a ``torch.distributed.checkpoint`` folder to which every rank writes its own shards
+(one ``__<rank>_0.distcp`` file each plus ``.metadata``), instead of a policy folder.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ log = logging.getLogger("gflowgr")
 
 COMPLETE_MARKER = "checkpoint.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
+SHARDED_DIR = "sharded"
 
 
 class CheckpointError(RuntimeError):
@@ -157,8 +162,87 @@ def load_policy(path: str | Path, device: Optional[torch.device | str] = None, r
         if old.exists() or tmp.exists():
             hint = f" ({old.name if old.exists() else tmp.name} is left from an interrupted save)"
         raise FileNotFoundError(f"checkpoint folder {path} does not exist{hint}")
+    if is_sharded(path):
+        raise CheckpointError(f"{path} is a sharded training checkpoint (FSDP, {SHARDED_DIR}/): it resumes a run "
+                              f"launched with torchrun and distributed: fsdp (resume=true), but holds no policy "
+                              f"folder; the same run's best/ folder is the consolidated model to load")
     policy = SIDPolicy.load(path)
     return policy.to(device) if device is not None else policy
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether checkpoint folder ``path`` was written by :func:`save_sharded`."""
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
+def save_sharded(path: str | Path, state: dict, dist, config=None, extra: Optional[dict[str, Any]] = None,
+                 info: Optional[dict] = None) -> Path:
+    """Write a sharded checkpoint folder atomically; every rank of ``dist`` must call it.
+
+    Args:
+        path: the checkpoint folder (on a file system every rank sees); replaced only once the new one is complete.
+        state: this rank's ``{name: state dict of DTensors}`` (e.g. FSDP model and optimiser state from
+            ``torch.distributed.checkpoint.state_dict.get_state_dict``), saved with
+            ``torch.distributed.checkpoint.save`` into ``path/sharded``: each rank writes only its shards.
+        dist: the run's :class:`~gflowgr_core.train.distributed.DistContext`.
+        config, extra, info: as in :func:`save_policy`, written by rank 0 (``extra`` objects must load with
+            ``weights_only=True``, so they hold no DTensor).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from gflowgr_core.train.config import save_config
+
+    path = Path(path)
+    tmp, old = _siblings(path)
+    if dist.is_main:
+        recover_checkpoint(path)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / SHARDED_DIR).mkdir(parents=True)
+    dist.barrier()
+    dcp.save(state, checkpoint_id=str(tmp / SHARDED_DIR))
+    dist.barrier()  # every rank's shards are written before the marker
+    if dist.is_main:
+        if config is not None:
+            save_config(config, tmp / "config.yaml")
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
+        _fsync_tree(tmp)
+        marker = {"format_version": 1, "saved_at": time.time(), "sharded": True, "world_size": dist.world_size,
+                  **(info or {})}
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        _fsync_tree(tmp)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        _fsync_dir(path.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    dist.barrier()
+    return path
+
+
+def load_sharded(path: str | Path, state: dict) -> None:
+    """Read :func:`save_sharded`'s shards into ``state`` in place (every rank, with templates of the same keys,
+    e.g. from ``get_state_dict``); the world size may differ from the saving run's."""
+    import torch.distributed.checkpoint as dcp
+
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER})")
+    if not is_sharded(path):
+        raise CheckpointError(f"{path} holds no {SHARDED_DIR}/ folder: it was not written by an FSDP run (a run "
+                              f"with distributed: auto/off resumes from it)")
+    dcp.load(state, checkpoint_id=str(Path(path) / SHARDED_DIR))
+
+
+def sharded_keys(path: str | Path) -> set[str]:
+    """The flattened keys (``"model.policy.model.lm_head.weight"``, ``"optimizer.state.<param>.exp_avg"``, ...)
+    that the sharded checkpoint ``path`` holds, read from its metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not is_sharded(path):
+        raise CheckpointError(f"{path} holds no {SHARDED_DIR}/ folder: it was not written by an FSDP run")
+    return set(FileSystemReader(str(Path(path) / SHARDED_DIR)).read_metadata().state_dict_metadata)
 
 
 def load_extra(path: str | Path, name: str, map_location: Any = "cpu") -> Any:

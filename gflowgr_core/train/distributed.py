@@ -7,6 +7,11 @@ contiguous block of its rows (:meth:`DistContext.shard_bounds`) and scales its l
 ``rows_on_rank * world_size / global_rows`` (:meth:`DistContext.loss_scale`), so DDP's gradient average equals
 the gradient of the global-batch mean loss — the same loss trajectory as one process at that batch size.
 
+With ``distributed="fsdp"`` the same launch shards the model instead of replicating it
+(:mod:`gflowgr_core.train.fsdp`: ``fully_shard`` on every decoder layer and on the loss module around the
+policy); the batch sharding and loss scaling above are unchanged, since FSDP2's reduce-scatter averages the
+gradients over the ranks as DDP's all-reduce does.
+
 Without ``torchrun`` (or with ``distributed="off"``) :meth:`DistContext.single` gives a context whose
 collectives are no-ops, so the trainer has one code path.
 """
@@ -26,6 +31,8 @@ from gflowgr_core.devices import resolve_device
 log = logging.getLogger("gflowgr")
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+MODES = ("auto", "off", "fsdp")
 
 
 class DistributedError(RuntimeError):
@@ -48,6 +55,7 @@ class DistContext:
         device: the device this rank trains on.
         enabled: whether a process group is in use (``world_size > 1``).
         backend: ``"nccl"``, ``"gloo"`` or ``None`` when not distributed.
+        strategy: ``"ddp"`` (replicated model), ``"fsdp"`` (sharded model) or ``None`` when not distributed.
     """
 
     rank: int = 0
@@ -56,6 +64,7 @@ class DistContext:
     device: torch.device = torch.device("cpu")
     enabled: bool = False
     backend: Optional[str] = None
+    strategy: Optional[str] = None
 
     # ----------------------------------------------------------------------------------- construction
     @classmethod
@@ -71,11 +80,18 @@ class DistContext:
             device: the run's ``TrainConfig.device``. ``"auto"``/``"cuda"`` use GPU ``LOCAL_RANK`` when CUDA is
                 available (NCCL); ``"cpu"`` (or no CUDA) uses gloo. An explicit ``"cuda:K"`` is rejected under
                 more than one rank, since every rank would pick the same GPU.
-            mode: ``"auto"`` (distributed when ``WORLD_SIZE > 1``) or ``"off"`` (always one process).
+            mode: ``"auto"`` (DDP when ``WORLD_SIZE > 1``), ``"fsdp"`` (FSDP2; needs ``torchrun`` with more than
+                one process) or ``"off"`` (always one process).
             timeout_s: collective timeout.
         """
-        if mode not in ("auto", "off"):
-            raise DistributedError(f"distributed={mode!r} is not one of ('auto', 'off')")
+        if mode not in MODES:
+            raise DistributedError(f"distributed={mode!r} is not one of {MODES}")
+        if mode == "fsdp" and not launched_distributed():
+            raise DistributedError(
+                f"distributed: fsdp shards the model over the processes torchrun starts, but this process runs "
+                f"alone (WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')}): launch with `torchrun "
+                f"--nproc_per_node=N -m gflowgr_core.cli train ...` (N >= 2), or set distributed: off (or auto) "
+                f"to train in one process")
         if mode == "off" or not launched_distributed():
             return cls.single(resolve_device(device))
         missing = [k for k in _ENV if k not in os.environ and not dist.is_initialized()]
@@ -105,7 +121,7 @@ class DistContext:
             backend = dist.get_backend()
             rank, world = dist.get_rank(), dist.get_world_size()
         return cls(rank=rank, world_size=world, local_rank=local_rank, device=dev, enabled=world > 1,
-                   backend=backend)
+                   backend=backend, strategy="fsdp" if mode == "fsdp" else "ddp")
 
     # --------------------------------------------------------------------------------------- helpers
     @property

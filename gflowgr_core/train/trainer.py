@@ -22,6 +22,7 @@ Under ``torchrun`` the loop runs data-parallel (see :mod:`gflowgr_core.train.dis
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -47,10 +48,12 @@ from gflowgr_core.data.windows import trunk_windows, window_order
 from gflowgr_core.reward import Reward
 from gflowgr_core.samplers import UserItems, make_sampler
 from gflowgr_core.train.checkpoint import (TRAINER_STATE_FILE, CheckpointError, capture_rng, is_complete,
-                                           load_extra, load_policy, recover_checkpoint, restore_rng, save_policy)
+                                           load_extra, load_policy, recover_checkpoint, restore_rng, save_policy,
+                                           save_sharded)
 from gflowgr_core.train.config import (ConfigError, TrainConfig, checkpoint_model_config, rename_old_keys,
                                        save_config)
 from gflowgr_core.train.distributed import DistContext
+from gflowgr_core.train.fsdp import ShardedTraining
 from gflowgr_core.train.signals import StopRequest
 from gflowgr_core.train.stages import GFlowGRStage, PreferenceStage, SFTStage, Stage, StageContext
 from gflowgr_core.trajectories import ExampleBatch
@@ -182,11 +185,16 @@ class Trainer:
 
         self.steps_per_epoch = math.ceil(len(self.train_index) / config.batch_size)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        # distributed: fsdp shards the policy now: the optimiser must be built on the sharded parameters.
+        self.fsdp: Optional[ShardedTraining] = None
+        if self.dist.strategy == "fsdp":
+            self.fsdp = ShardedTraining(_StageLoss(self), self.policy, self.dist, config.dtype)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
+        # Under FSDP bf16 is FSDP's mixed-precision policy rather than autocast.
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if config.dtype == "bfloat16" and self.device.type == "cuda" else None)
+                         if config.dtype == "bfloat16" and self.device.type == "cuda" and self.fsdp is None else None)
         self.stop = StopRequest(install=config.handle_signals)
         self._ddp: Optional[torch.nn.Module] = None
         self._global_sampling = False
@@ -286,16 +294,17 @@ class Trainer:
         lo, hi = 0, history.shape[0]
         if self._global_sampling and self.dist.enabled:
             lo, hi = self.dist.shard_bounds(history.shape[0])
-        was_training = self.policy.training
-        self.policy.eval()
-        if hi > lo:
-            with torch.no_grad():
-                items = decode(history[lo:hi])
-            if items.shape[1] < k:
-                items = torch.cat([items, items.new_full((items.shape[0], k - items.shape[1]), -1)], dim=1)
-        else:
-            items = torch.full((0, k), -1, dtype=torch.long, device=self.device)
-        self.policy.train(was_training)
+        with self._full_policy():  # FSDP: decode a consolidated copy (every rank enters, even without rows)
+            was_training = self.policy.training
+            self.policy.eval()
+            if hi > lo:
+                with torch.no_grad():
+                    items = decode(history[lo:hi])
+                if items.shape[1] < k:
+                    items = torch.cat([items, items.new_full((items.shape[0], k - items.shape[1]), -1)], dim=1)
+            else:
+                items = torch.full((0, k), -1, dtype=torch.long, device=self.device)
+            self.policy.train(was_training)
         if self._global_sampling and self.dist.enabled:
             items = self.dist.gather_rows(items)
         return items
@@ -358,21 +367,6 @@ class Trainer:
         index = torch.as_tensor(index, dtype=torch.long)
         window = self.windows.index_select(0, index) if self.windows is not None else None
         return ExampleBatch.from_split(self.data.split.train, index, window=window).to(self.device)
-
-    def epoch_generator(self, epoch: int) -> torch.Generator:
-        """The generator of epoch ``epoch``'s order (0-based): seeded from ``seed`` and ``epoch`` alone (epoch 0
-        from ``seed`` itself), apart from the generator the sampler draws from. Every method run with one seed
-        (whatever its sampler draws, or none) therefore sees the same batches at every step of every epoch, and
-        a resumed run the order of an uninterrupted one."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        seed = int(self.cfg.seed)
-        if epoch > 0:  # splitmix64 of (seed, epoch): decorrelated streams for neighbouring epochs
-            z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-            seed = (z ^ (z >> 31)) >> 1  # 63 bits: manual_seed takes it on every platform
-        return torch.Generator(device="cpu").manual_seed(seed)
 
     def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
         """An epoch's order of the training rows, drawn from ``generator`` (the loop passes
@@ -462,7 +456,29 @@ class Trainer:
         self.step += 1
         return logs
 
+    @contextlib.contextmanager
+    def _full_policy(self):
+        """Under FSDP, ``self.policy`` is a consolidated plain copy inside the block (beam search and saving
+        need whole weights); every rank must enter. Elsewhere (and nested) it does nothing."""
+        if self.fsdp is None or self.policy is not self.fsdp.policy:
+            yield
+            return
+        with self.fsdp.consolidated() as plain:
+            sharded, self.policy = self.policy, plain
+            try:
+                yield
+            finally:
+                self.policy = sharded
+
+    def _save_policy(self, path: Path, info: dict) -> None:
+        """Rank 0 writes the policy folder ``path`` (under FSDP, the consolidated weights: every rank gathers)."""
+        with self._full_policy():
+            if self.dist.is_main:
+                save_policy(self.policy, path, self.cfg, info=info)
+
     def _ddp_module(self) -> torch.nn.Module:
+        if self.fsdp is not None:  # the FSDP root computes the loss in its forward, as the DDP wrapper does
+            return self.fsdp.root
         if self._ddp is None:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -511,9 +527,10 @@ class Trainer:
         if max_users is not None and max_users < len(split):
             rng = torch.Generator().manual_seed(1234)  # the same subset in every run and epoch
             index = torch.randperm(len(split), generator=rng)[:max_users].sort().values
-        return evaluate_policy(self.policy, self.data, split_name, index=index, beams=self.cfg.eval_beams,
-                               batch_size=self.cfg.eval_batch_size, device=self.device, backend=self.cfg.backend,
-                               item_key=self.item_key, dist=self.dist)
+        with self._full_policy():
+            return evaluate_policy(self.policy, self.data, split_name, index=index, beams=self.cfg.eval_beams,
+                                   batch_size=self.cfg.eval_batch_size, device=self.device,
+                                   backend=self.cfg.backend, item_key=self.item_key, dist=self.dist)
 
     # ------------------------------------------------------------------------------------------- loop
     def _log(self, record: dict) -> None:
@@ -607,8 +624,7 @@ class Trainer:
             value = metrics[cfg.select_metric]
             if value > st.best_value:
                 st.best_value, st.best_epoch, st.bad_epochs = value, st.epoch, 0
-                if self.dist.is_main:
-                    save_policy(self.policy, self.out / "best", cfg, info={"step": self.step, "epoch": st.epoch})
+                self._save_policy(self.out / "best", info={"step": self.step, "epoch": st.epoch})
             else:
                 st.bad_epochs += 1
             log.info("%s epoch %d: loss %.4f, valid %s %.4f (best %.4f at epoch %d), %.1fs", cfg.stage, st.epoch,
@@ -637,8 +653,8 @@ class Trainer:
     def _finish(self, st: LoopState) -> dict:
         cfg = self.cfg
         best_dir = self.out / "best"
-        if st.best_epoch < 0 and self.dist.is_main:  # no validation ran: keep the last weights
-            save_policy(self.policy, best_dir, cfg, info={"step": self.step, "epoch": st.epoch})
+        if st.best_epoch < 0:  # no validation ran: keep the last weights
+            self._save_policy(best_dir, info={"step": self.step, "epoch": st.epoch})
         self.dist.barrier()
         self.policy = load_policy(best_dir, device=self.device, recover=self.dist.is_main)
         # Tuning runs select on validation and must not read test at all.
@@ -655,26 +671,31 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- resume
     def save_last(self, st: LoopState, last_dir: Optional[Path] = None) -> Path:
-        """Write the resumable checkpoint (rank 0; every rank contributes its random states)."""
+        """Write the resumable checkpoint (rank 0; every rank contributes its random states). Under FSDP every
+        rank also writes its shards of the model (policy and reward) and optimiser (:func:`save_sharded`)."""
         last_dir = Path(last_dir or self.out / "last")
         rng = self.dist.gather_objects(capture_rng(self.generator))
-        if self.dist.is_main:
+        sharded = self.fsdp is not None
+        if self.dist.is_main or sharded:
             state = {
                 "format_version": STATE_FORMAT,
                 "step": self.step,
                 "loop": st.to_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": None if sharded else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict() if self.sampler is not None else None,
-                "reward": self.reward.state_dict() if self.reward is not None else None,
+                "reward": self.reward.state_dict() if self.reward is not None and not sharded else None,
                 "rng": rng,
                 "world_size": self.dist.world_size,
                 "log_bytes": self.log_path.stat().st_size if self.log_path.exists() else 0,
                 "config": self.cfg.to_dict(),
             }
-            save_policy(self.policy, last_dir, self.cfg, extra={TRAINER_STATE_FILE: state},
-                        info={"step": self.step, "epoch": st.epoch, "batch_in_epoch": st.batch,
-                              "resumable": True})
+            info = {"step": self.step, "epoch": st.epoch, "batch_in_epoch": st.batch, "resumable": True}
+            if sharded:
+                save_sharded(last_dir, self.fsdp.sharded_state(self.optimizer), self.dist, self.cfg,
+                             extra={TRAINER_STATE_FILE: state}, info=info)
+            else:
+                save_policy(self.policy, last_dir, self.cfg, extra={TRAINER_STATE_FILE: state}, info=info)
         self.dist.barrier()
         return last_dir
 
@@ -713,13 +734,16 @@ class Trainer:
             raise CheckpointError(f"{last_dir / TRAINER_STATE_FILE}: unsupported format_version "
                                   f"{state.get('format_version')} (expected {STATE_FORMAT})")
         self._check_resume_config(state["config"], last_dir)
-        saved = load_policy(last_dir, device="cpu", recover=False)
-        try:
-            self.policy.load_state_dict(saved.state_dict())
-        except RuntimeError as exc:
-            raise CheckpointError(f"{last_dir}: the saved policy does not fit this run's model: {exc}") from None
-        del saved
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp is not None:  # every rank reads its shards of the model and optimiser
+            self.fsdp.load_sharded_state(self.optimizer, last_dir)
+        else:
+            saved = load_policy(last_dir, device="cpu", recover=False)
+            try:
+                self.policy.load_state_dict(saved.state_dict())
+            except RuntimeError as exc:
+                raise CheckpointError(f"{last_dir}: the saved policy does not fit this run's model: {exc}") from None
+            del saved
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.sampler is not None and state["sampler"] is not None:
             self.sampler.load_state_dict(state["sampler"])

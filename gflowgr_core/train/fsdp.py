@@ -1,0 +1,212 @@
+"""Fully sharded data parallelism (FSDP2, ``torch.distributed.fsdp.fully_shard``) for the library trainer.
+
+``distributed: fsdp`` under ``torchrun`` shards the parameters, gradients and optimiser state over the ranks
+instead of replicating them (DDP). :class:`ShardedTraining` applies ``fully_shard`` to
+
+* every decoder layer of the LM (the classes its ``_no_split_modules`` names: ``Qwen2DecoderLayer``,
+  ``LlamaDecoderLayer``, ...), each its own unit, all-gathered just before its forward and freed after it;
+* the root: the loss module around the policy (the trainer's ``_StageLoss``), whose unit holds everything
+  else: embeddings, final norm, LM head, the ``log Z`` / ``log F`` flow heads and the reward's parameters.
+
+The root's forward computes the *whole* stage loss (packed forward, SID-row log-probs, balance loss). FSDP
+all-gathers the root unit when that forward starts and keeps it gathered until backward, so the fused loss reads
+the LM head's SID rows (``SIDPolicy.sid_head_weight``) as a plain tensor slice of the gathered head, within
+FSDP's own schedule: no vocabulary-sized logits, no extra gather of the head, and the gradient of the rows flows
+into FSDP's reduce-scatter like any other parameter's.
+
+Work that needs whole weights outside that forward (beam-search evaluation, on-policy sampling, the consolidated
+export written to ``best/``) runs on :meth:`ShardedTraining.consolidated`: a plain copy of the policy, filled by
+gathering each parameter once (a collective every rank enters) and emptied again afterwards. Decoding on it
+makes no collective calls, so ranks may decode different numbers of batches.
+
+Mixed precision: on CUDA with ``dtype: bfloat16`` the units compute in bf16 and reduce gradients in fp32
+(``MixedPrecisionPolicy``), the sharded master weights and AdamW state stay fp32; on the CPU (and with
+``dtype: float32``) everything is fp32, which is what makes a 2-process CPU run equal a 1-process run.
+
+Checkpoints (:meth:`ShardedTraining.sharded_state` / :meth:`ShardedTraining.load_sharded_state`) are model and
+optimiser state dicts of DTensors for ``torch.distributed.checkpoint``: every rank writes its own shards.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from gflowgr_core.model.policy import SIDPolicy
+from gflowgr_core.train.checkpoint import load_sharded, sharded_keys
+from gflowgr_core.train.distributed import DistContext, DistributedError
+
+log = logging.getLogger("gflowgr")
+
+__all__ = ["ShardedTraining", "decoder_layers", "mixed_precision_policy"]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of HF causal LM ``model`` that FSDP wraps one by one.
+
+    They are the modules whose class the model lists in ``_no_split_modules`` (every HF decoder does, e.g.
+    ``["Qwen2DecoderLayer"]``); a PEFT-wrapped model keeps its classes, so LoRA changes nothing here.
+
+    Raises:
+        DistributedError: no such module, with what to change.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise DistributedError(
+            f"distributed: fsdp found no decoder layer to shard in {type(model).__name__}: FSDP wraps the modules "
+            f"whose class the model lists in `_no_split_modules`, and it lists {sorted(names) or 'none'}"
+            f"{'' if not names else ' but none of them is a submodule'}. Set "
+            f"`{type(model).__name__}._no_split_modules = ['<YourDecoderLayerClass>']` before training, or use "
+            f"distributed: auto (DDP) for this model")
+    return layers
+
+
+def mixed_precision_policy(device: torch.device, dtype: str):
+    """FSDP2's ``MixedPrecisionPolicy`` for a run: bf16 compute with fp32 gradient reduction on CUDA when
+    ``dtype == "bfloat16"``; ``None`` (fp32 throughout) otherwise, the CPU included (bf16 on the CPU buys little
+    and would break the parity with one process)."""
+    if device.type == "cuda" and dtype == "bfloat16":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return None
+
+
+def _meta_skeleton(policy: SIDPolicy) -> SIDPolicy:
+    """A copy of ``policy`` whose parameters are meta tensors (no memory); buffers, tokenizer, PEFT wrappers and
+    tied weights are copied as they are. :meth:`ShardedTraining.consolidated` fills it with the gathered
+    weights."""
+    memo: dict = {}
+    for p in policy.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(policy, memo)
+
+
+def _owners(module: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """``id(parameter) -> [(module, attribute name), ...]`` over every module (tied weights have several)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mod in module.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((mod, name))
+    return owners
+
+
+class ShardedTraining:
+    """A policy and its loss module sharded with FSDP2 over the ranks of ``dist``.
+
+    Args:
+        root: the module whose forward computes the whole training loss and that holds ``policy`` (and the
+            reward) as submodules; it becomes the FSDP root.
+        policy: the :class:`SIDPolicy` inside ``root`` (plain or with PEFT LoRA adapters), on ``dist.device``.
+        dist: a distributed context with ``world_size > 1``.
+        dtype: the run's ``TrainConfig.dtype`` (see :func:`mixed_precision_policy`).
+
+    Build it before the optimiser: ``fully_shard`` replaces every parameter with a sharded one.
+    """
+
+    def __init__(self, root: nn.Module, policy: SIDPolicy, dist: DistContext, dtype: str = "float32"):
+        if not dist.enabled:
+            raise DistributedError("FSDP needs a process group with more than one rank (launch with torchrun)")
+        if not any(m is policy for m in root.modules()):
+            raise ValueError("the FSDP root module must contain the policy")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        self.root, self.policy, self.dist = root, policy, dist
+        layers = decoder_layers(policy.model)
+        self.layer_class = type(layers[0]).__name__
+        # Taken before sharding, while the parameters still have their full shapes.
+        self._skeleton = _meta_skeleton(policy)
+        self.mp_policy = mixed_precision_policy(dist.device, dtype)
+        self.mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+        kwargs = {"mesh": self.mesh}
+        if self.mp_policy is not None:
+            kwargs["mp_policy"] = self.mp_policy
+        for layer in layers:
+            fully_shard(layer, **kwargs)
+        fully_shard(root, **kwargs)
+        # FSDP picks as root the first unit whose forward runs. Decoding (on-policy sampling, evaluation) never
+        # runs the sharded modules, but initialise the root now so that nothing else can ever claim that role.
+        root._get_fsdp_state()._lazy_init()
+        n_params = sum(p.numel() for p in policy.parameters())
+        log.info("FSDP2: %d %s units + root over %d ranks (%s), %.1fM parameters, %s", len(layers), self.layer_class,
+                 dist.world_size, dist.backend, n_params / 1e6,
+                 "bf16 compute / fp32 reduce" if self.mp_policy is not None else "fp32")
+        self.num_units = len(layers) + 1
+
+    # ------------------------------------------------------------------------------------ whole weights
+    @contextlib.contextmanager
+    def consolidated(self) -> Iterator[SIDPolicy]:
+        """A plain :class:`SIDPolicy` holding the full current weights (fp32 master values) for the block.
+
+        Every rank must enter (each parameter is gathered with one all-gather, in the same order everywhere);
+        inside, the copy is an ordinary module: decode, evaluate or ``save`` it without collectives. Its
+        weights are released on exit. Costs one full copy of the model per rank while open.
+        """
+        from torch.distributed.tensor import DTensor
+
+        skeleton = self._skeleton
+        owners = _owners(skeleton)
+        meta = dict(skeleton.named_parameters())
+        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+        try:
+            with torch.no_grad():
+                for name, p in self.policy.named_parameters():
+                    if name not in meta:
+                        raise RuntimeError(f"FSDP consolidation: parameter {name} is not in the policy's copy "
+                                           f"(was the policy changed after sharding?)")
+                    full = p.full_tensor() if isinstance(p, DTensor) else p.detach().clone()
+                    target = meta[name]
+                    if tuple(full.shape) != tuple(target.shape):
+                        raise RuntimeError(f"FSDP consolidation: {name} gathers to {tuple(full.shape)}, expected "
+                                           f"{tuple(target.shape)}")
+                    new = nn.Parameter(full, requires_grad=target.requires_grad)
+                    for mod, attr in owners[id(target)]:
+                        swapped.append((mod, attr, target))
+                        mod._parameters[attr] = new
+                # Buffers are replicated by FSDP; copy their current values (none change in training today).
+                buffers = dict(skeleton.named_buffers())
+                for name, b in self.policy.named_buffers():
+                    if name in buffers and buffers[name].shape == b.shape:
+                        buffers[name].copy_(b)
+            skeleton.train(self.policy.training)
+            yield skeleton
+        finally:
+            for mod, attr, original in reversed(swapped):
+                mod._parameters[attr] = original
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def sharded_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """``{"model": ..., "optimizer": ...}``: this rank's shards (DTensors) keyed by parameter name, for
+        ``torch.distributed.checkpoint.save``. The model part covers the root: policy and reward."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.root, optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def load_sharded_state(self, optimizer: torch.optim.Optimizer, path) -> None:
+        """Fill the model and ``optimizer`` from the sharded checkpoint folder ``path``
+        (:func:`~gflowgr_core.train.checkpoint.save_sharded`); every rank reads its own shards."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        state = self.sharded_state(optimizer)
+        # Building the template gives every parameter AdamW state (torch runs a zero-lr step on a fresh
+        # optimiser); a parameter that never had a gradient (e.g. log F under TB) has none in the checkpoint and
+        # must have none after loading either, or its first real update would differ from the saving run's.
+        saved = sharded_keys(path)
+        prefixes = {k.rsplit(".", 1)[0] for k in saved if k.startswith("optimizer.state.")}
+        opt_state = state["optimizer"].get("state", {})
+        for fqn in list(opt_state):
+            if f"optimizer.state.{fqn}" not in prefixes:
+                del opt_state[fqn]
+        load_sharded(path, state)
+        set_model_state_dict(self.root, state["model"])  # strict: every parameter and buffer
+        # Not strict only so that the parameters pruned above are allowed to have no state.
+        set_optimizer_state_dict(self.root, optimizer, state["optimizer"], options=StateDictOptions(strict=False))

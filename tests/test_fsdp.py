@@ -1,0 +1,219 @@
+"""FSDP2 training (``distributed: fsdp``): 2 CPU processes (gloo) under ``torchrun`` follow the single-process run at
+the same global batch (losses, consolidated weights, evaluation), for SFT and GFlowGR-TB, on tiny Qwen2 and Llama
+models with and without LoRA; a sharded checkpoint resumes exactly; misconfigurations stop with a clear error.
+
+All the 2-process runs share one ``torchrun`` launch (``tests/fsdp_worker.py``); the single-process references
+run in this process.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gflowgr_core.data.prepared import prepare
+from gflowgr_core.evaluation import evaluate_checkpoint
+from gflowgr_core.train.checkpoint import (SHARDED_DIR, TRAINER_STATE_FILE, CheckpointError, load_extra,
+                                           load_policy, save_policy)
+from gflowgr_core.train.config import load_config
+from gflowgr_core.train.distributed import DistContext, DistributedError
+from gflowgr_core.train.fsdp import decoder_layers, mixed_precision_policy
+from gflowgr_core.train.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fsdp_worker import LoraTrainer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+
+# Relative tolerance between the 1-process and 2-process values: the runs differ only in the order of
+# floating-point sums (per-rank partial means, gradient reduce-scatter, sharded gradient-norm).
+RTOL = 1e-5
+# AdamW divides by sqrt(v): a weight whose gradients are tiny moves by up to lr per step whatever their size, so
+# last-bit differences in them show up in the weights at ~1e-5 after a few steps at lr 3e-3 (the weights
+# move by > 1e-3, checked below).
+ATOL_WEIGHTS = 1e-4
+
+# 15 examples in global batches of 7: 7, 7, 1 rows per step (the last step leaves rank 0 without rows), 2 epochs;
+# validation only after the last epoch, so best/ holds the final weights.
+RUN = ["device=cpu", "model.hidden=32", "model.layers=2", "model.heads=2", "model.kv_heads=2",
+       "model.intermediate=64", "model.flow_hidden=32", "batch_size=7", "max_train_examples=15", "epochs=2",
+       "eval_every=2", "warmup_steps=2", "lr=3e-3", "log_every=1", "valid_max_users=9", "eval_beams=4",
+       "eval_batch_size=64", "save_every_steps=0", "handle_signals=false"]
+TB = ["stage=gflowgr", "gfn.objective=tb", "gfn.sampler=random", "gfn.n_aug=2"]
+
+# name -> (architecture, stage overrides, LoRA)
+SCENARIOS = {
+    "sft_qwen2": ("qwen2", ["stage=sft"], False),
+    "tb_qwen2": ("qwen2", TB, False),
+    "sft_llama_lora": ("llama", ["stage=sft_continue"], True),
+    "tb_llama_lora": ("llama", TB, True),
+}
+RESUMED = "tb_llama_lora"   # also run stopped after step 2 and resumed from its sharded last/
+
+
+def _args(root: Path, data: Path, name: str, out: str) -> list[str]:
+    arch, stage, _ = SCENARIOS[name]
+    return [f"data={data}", f"out={root / out}", f"init_checkpoint={root / ('init_' + arch)}", f"model.arch={arch}",
+            *stage, *RUN]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, beauty_tiny):
+    root = tmp_path_factory.mktemp("fsdp")
+    data = root / "data"
+    prepared = prepare("letter", beauty_tiny, data, max_users=16)
+    for arch in ("qwen2", "llama"):
+        init = Trainer(load_config(None, [f"data={data}", f"out={root / ('build_' + arch)}", "stage=sft",
+                                          f"model.arch={arch}", *RUN]), prepared)
+        save_policy(init.policy, root / f"init_{arch}")
+    spec = [{"args": [*_args(root, data, name, name), "distributed=fsdp"], "lora": SCENARIOS[name][2]}
+            for name in SCENARIOS]
+    spec.append({"args": [*_args(root, data, RESUMED, "resumed"), "distributed=fsdp"], "lora": True, "stop_at": 2,
+                 "resume": True})
+    spec.append({"args": [*_args(root, data, "sft_qwen2", "no_layer_class"), "distributed=fsdp"],
+                 "no_layer_class": True, "expect_error": "no decoder layer"})
+    (root / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+           str(root / "spec.json")]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    first = proc.stderr.find("Traceback")  # a failing rank's own traceback, before torchrun's summary
+    assert proc.returncode == 0, proc.stderr[first:first + 6000] if first >= 0 else proc.stderr[-6000:]
+    # The single-process references at the same global batch.
+    for name, (_, _, lora) in SCENARIOS.items():
+        cls = LoraTrainer if lora else Trainer
+        cls(load_config(None, _args(root, data, name, name + "_one")), prepared).fit()
+    return root, data
+
+
+def _log(out: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # Only the last epoch validates (eval_every=2): its record carries "valid".
+    return [r for r in records if "loss" in r], [r["eval"]["valid"] for r in records if "valid" in r.get("eval", {})]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_policy(folder, recover=False).state_dict()
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_two_ranks_match_one_process(runs, name):
+    root, _ = runs
+    fsdp_steps, fsdp_evals = _log(root / name)
+    one_steps, one_evals = _log(root / f"{name}_one")
+    assert [r["step"] for r in fsdp_steps] == [r["step"] for r in one_steps] == list(range(1, 7))
+    for a, b in zip(fsdp_steps, one_steps):
+        assert a.keys() == b.keys()
+        for key, value in b.items():
+            if isinstance(value, float):
+                assert math.isclose(a[key], value, rel_tol=RTOL, abs_tol=1e-7), (name, a["step"], key, a[key], value)
+    if name.startswith("tb"):
+        assert all(r["gfn"] > 0 for r in fsdp_steps)  # the balance loss really ran
+    # The consolidated export (best/ = the final weights: one validation, after the last epoch).
+    wa, wb = _weights(root / name / "best"), _weights(root / f"{name}_one" / "best")
+    assert wa.keys() == wb.keys()
+    start = _weights(root / f"init_{SCENARIOS[name][0]}")
+    moved = max(float((wb[k] - start[k]).abs().max()) for k in wb if k in start)
+    assert moved > 1e-3  # training changed the weights, so equality below means something
+    for k in wb:
+        assert torch.allclose(wa[k], wb[k], rtol=RTOL, atol=ATOL_WEIGHTS), (name, k, float((wa[k] - wb[k]).abs().max()))
+    # Evaluation during the run and of the consolidated model afterwards.
+    assert len(fsdp_evals) == 1 and fsdp_evals == one_evals
+    fsdp_result = json.loads((root / name / "result.json").read_text())
+    one_result = json.loads((root / f"{name}_one" / "result.json").read_text())
+    assert fsdp_result["world_size"] == 2 and fsdp_result["test"] == one_result["test"]
+
+
+def test_consolidated_export_loads_for_eval_and_generate(runs):
+    from transformers import AutoModelForCausalLM
+
+    root, data = runs
+    name = "tb_llama_lora"
+    # `gflowgr eval --checkpoint best/` on the FSDP run gives the single-process run's metrics.
+    fsdp = evaluate_checkpoint(str(root / name / "best"), split="test", beams=4, device="cpu")
+    one = evaluate_checkpoint(str(root / f"{name}_one" / "best"), split="test", beams=4, device="cpu")
+    assert fsdp == one
+    # best/lm is a plain HF folder (adapters merged): model.generate runs on it.
+    prompt = torch.tensor([[1, 5, 40, 3]])
+    outs = []
+    for folder in (root / name / "best" / "lm", root / f"{name}_one" / "best" / "lm"):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert not any("lora" in k for k in model.state_dict())
+        outs.append(model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0))
+    assert outs[0].shape == (1, 8) and torch.equal(outs[0], outs[1])
+
+
+def test_sharded_checkpoint_layout_and_exact_resume(runs):
+    root, _ = runs
+    last = root / RESUMED / "last"
+    # Each rank wrote its own shards; the trainer state beside them holds no model or optimiser tensors.
+    files = sorted(p.name for p in (last / SHARDED_DIR).iterdir())
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    state = load_extra(last, TRAINER_STATE_FILE)
+    assert state["optimizer"] is None and state["world_size"] == 2 and len(state["rng"]) == 2
+    assert json.loads((last / "checkpoint.json").read_text())["sharded"] is True
+    with pytest.raises(CheckpointError, match="sharded training checkpoint"):
+        load_policy(last)
+    # Stopped after step 2, resumed from the sharded last/: the same steps, losses and final weights, exactly.
+    full_steps, full_evals = _log(root / RESUMED)
+    resumed_steps, resumed_evals = _log(root / "resumed")
+    assert [(r["step"], r["loss"]) for r in resumed_steps] == [(r["step"], r["loss"]) for r in full_steps]
+    assert len(resumed_evals) == 1 and resumed_evals == full_evals
+    wa, wb = _weights(root / "resumed" / "best"), _weights(root / RESUMED / "best")
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)
+
+
+def test_sharded_checkpoint_refuses_a_single_process_resume(runs, tmp_path):
+    root, data = runs
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(root / RESUMED, out)
+    args = [a for a in _args(root, data, RESUMED, "x") if not a.startswith("out=")]
+    with pytest.raises(CheckpointError, match="sharded training checkpoint"):
+        LoraTrainer(load_config(None, [*args, f"out={out}", "resume=true"])).fit()
+
+
+def test_no_decoder_layer_class_stops_with_what_to_change(runs):
+    root, _ = runs
+    messages = [(root / "no_layer_class" / f"error{r}.txt").read_text() for r in (0, 1)]
+    assert all(m.startswith("DistributedError") and "_no_split_modules" in m for m in messages)
+
+
+def test_decoder_layers_found_or_explained():
+    from gflowgr_core.model.policy import build_tiny_causal_lm
+
+    for arch, cls in (("qwen2", "Qwen2DecoderLayer"), ("llama", "LlamaDecoderLayer")):
+        model = build_tiny_causal_lm(20, hidden=16, layers=3, heads=2, arch=arch)
+        assert [type(m).__name__ for m in decoder_layers(model)] == [cls] * 3
+        model._no_split_modules = ["NotALayer"]
+        with pytest.raises(DistributedError, match="NotALayer.*none of them is a submodule"):
+            decoder_layers(model)
+
+
+def test_fsdp_without_torchrun_says_how_to_launch(monkeypatch, tmp_path):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(DistributedError, match="torchrun --nproc_per_node=N"):
+        DistContext.from_env("cpu", "fsdp")
+    with pytest.raises(ValueError, match="is not one of"):
+        load_config(None, ["distributed=zero3"])
+
+
+def test_mixed_precision_only_on_cuda_bf16():
+    assert mixed_precision_policy(torch.device("cpu"), "bfloat16") is None
+    assert mixed_precision_policy(torch.device("cuda", 0), "float32") is None
+    mp = mixed_precision_policy(torch.device("cuda", 0), "bfloat16")
+    assert mp.param_dtype == torch.bfloat16 and mp.reduce_dtype == torch.float32
