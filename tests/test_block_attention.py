@@ -197,3 +197,26 @@ def test_every_unsupported_keyword_is_refused_and_none_is_not(name):
     out, _ = _hf_attention(module, q, k, v, None, block_plan=plan, **{name: None})
     want = dense_masked_attention(q, k, v, allowed).transpose(1, 2)
     assert _rel(out, want) <= 1e-5
+
+
+def test_the_trainer_start_check_reports_a_soft_capped_decoder():
+    """SIDPolicy.check_packing runs the block-sparse path training uses, so the refusal surfaces there, before
+    any step, naming the layer and the keyword."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from gflowgr_core.model.policy import SIDPolicy
+    from gflowgr_core.sid.tokens import SIDTokenMap
+
+    cpl = (4, 5)
+    codes = torch.tensor([[0, 1], [1, 2], [3, 4], [2, 0]])
+    tokens = SIDTokenMap.from_scratch(cpl)
+    lm = Gemma2ForCausalLM(Gemma2Config(vocab_size=tokens.vocab_size, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        head_dim=8, attn_logit_softcapping=30.0, final_logit_softcapping=None,
+                                        sliding_window=64,
+                                        layer_types=["full_attention"], attn_implementation="eager"))
+    policy = SIDPolicy(lm, tokens, codes, cpl, flow_hidden=8)
+    with pytest.raises(PackingUnsupported, match=r"Gemma2Attention passes attention logit soft-capping "
+                                                 r"\(softcap=30.0\).*packing: false"):
+        policy.check_packing()
+    policy.check_packing(sparse=False)   # the model's own attention over the dense mask applies the soft-capping
