@@ -22,9 +22,11 @@ is a function of the inputs and the ``torch.Generator`` state (deterministic for
 ``n_aug=0`` returns an empty ``[B, 0]`` tensor.
 
 "The user's items" are the history window of the example, and, given ``user_items``
-(:class:`UserItems`, built once from the training split), every item of the user's training part: what the
-random sampler, the random fills and (with ``exclude_history``) the curriculum pool and the on-policy
-sampler keep out.
+(:class:`UserItems`, built once from the training split), every item of the user's training part. No
+augmentation is one of them (augmentations are items the user has *not* interacted with): the random sampler,
+the random fills, the logs sampler's co-occurrence fill and, by default (``exclude_history=True``), the
+curriculum pool and the on-policy sampler keep them out. The one exception is by design: the logs sampler's
+first picks *are* items of the user's history window (the "logs" strategy of METHOD.md §4).
 
 Everything is vectorised over the batch (no per-example Python loop). Random numbers are drawn on the
 generator's device and moved to the batch's device.
@@ -549,8 +551,9 @@ class LogsSampler(Sampler):
     For each example, up to ``n_aug`` distinct items of the last ``window`` history positions other than
     the positive are taken (``pick="random"``: a uniform subset; ``"recent"``: the most recent ones). When
     the window holds fewer than ``n_aug`` such items, the remaining slots take the positive's top
-    co-occurring items (``cooccurrence[positive]``, in rank order, skipping items already chosen), then
-    uniform random items outside the user's items. Items with the positive's SID are skipped throughout.
+    co-occurring items (``cooccurrence[positive]``, in rank order, skipping items already chosen and the
+    user's items: the history window and, given ``user_items``, every training item), then uniform random items
+    outside the user's items. Items with the positive's SID are skipped throughout.
     ``last_stats`` reports ``from_history``, ``filled_cooc`` and ``filled_random`` for the batch.
 
     Args:
@@ -610,13 +613,14 @@ class LogsSampler(Sampler):
             items[:, :m] = picked
         from_history = int((items >= 0).sum())
         filled_cooc = 0
+        seen = self._seen(batch, forbidden)
         if self.cooccurrence is not None and bool((items < 0).any()):
-            # Gather on the table's device, move only the [B, C] rows.
+            # Gather on the table's device, move only the [B, C] rows. Co-occurring items the user already
+            # has are skipped: only the history picks above may be the user's own items.
             cooc = self.cooccurrence[batch.positive.to(self.cooccurrence.device)].to(device)
-            items, got = _fill_slots(items, cooc, forbidden)
+            items, got = _fill_slots(items, cooc, seen)
             filled_cooc = int(got.sum())
-        items, got = _random_fill(items, self._seen(batch, forbidden), self.n_items, generator,
-                                  what="LogsSampler random fill")
+        items, got = _random_fill(items, seen, self.n_items, generator, what="LogsSampler random fill")
         self.last_stats = {"from_history": from_history, "filled_cooc": filled_cooc,
                            "filled_random": int(got.sum())}
         return items
@@ -766,17 +770,21 @@ class OnPolicySampler(Sampler):
     (``k`` independent draws per user, repeats allowed, from the policy with its logits divided by
     ``temperature``; ``generator`` is the one given to :meth:`sample`, so the draws follow the run's seed).
     Either runs under ``torch.no_grad()`` with ``k = n_aug + extra``. The first ``n_aug`` distinct items that
-    are neither the positive nor share its SID (nor, with ``exclude_history``, are the user's items) are
-    kept, in the returned order, and any remaining slot is filled with uniform random items outside the
-    user's items (``last_stats["filled_random"]``).
+    are neither the positive nor share its SID nor (with ``exclude_history``, the default) are the user's items
+    are kept, in the returned order, and any remaining slot is filled with uniform random items outside the
+    user's items (``last_stats["filled_random"]``). A recommender's own top items are often items the user
+    already has, so with ``exclude_history`` the default ``extra`` also covers the history window's width ``H``:
+    the decoder is asked for enough items that the history it may return does not leave the slots to random.
 
     Args:
         decode_fn: the beam-search callable (needed with ``mode="beam"``).
         n_items: catalogue size.
         extra: how many more items than ``n_aug`` to request (``None``: 1 with ``"beam"``, where only the
-            positive may have to be dropped; ``n_aug`` with ``"sample"``, whose draws repeat).
+            positive may have to be dropped; ``n_aug`` with ``"sample"``, whose draws repeat; either plus the
+            batch's history width ``H`` with ``exclude_history``).
         exclude_history: also drop items the user already has (history window and, given ``user_items``,
-            all training items).
+            all training items), as every other sampler's augmentations do (default ``True``). ``False``
+            keeps the decoder's picks among the user's items (the positive and its SID still dropped).
         mode: ``"beam"`` (default) or ``"sample"``.
         sample_fn: the sampling callable (needed with ``mode="sample"``).
         temperature: sampling temperature (> 0), passed to ``sample_fn``.
@@ -786,7 +794,7 @@ class OnPolicySampler(Sampler):
     name = "onpolicy"
 
     def __init__(self, decode_fn: Callable[[torch.Tensor, int], torch.Tensor] | None, n_items: int,
-                 extra: int | None = None, exclude_history: bool = False, *, mode: str = "beam",
+                 extra: int | None = None, exclude_history: bool = True, *, mode: str = "beam",
                  sample_fn: Callable[..., torch.Tensor] | None = None, temperature: float = 1.0,
                  user_items: UserItems | None = None, item_codes: Any = None):
         super().__init__(n_items, user_items=user_items, item_codes=item_codes)
@@ -810,7 +818,12 @@ class OnPolicySampler(Sampler):
     def _sample(self, batch, n_aug, generator):
         device = batch.device
         B = batch.size
-        extra = self.extra if self.extra is not None else (1 if self.mode == "beam" else n_aug)
+        if self.extra is not None:
+            extra = self.extra
+        else:
+            extra = 1 if self.mode == "beam" else n_aug
+            if self.exclude_history:
+                extra += int(batch.history.shape[1])
         k = n_aug + extra
         with torch.no_grad():
             if self.mode == "beam":

@@ -381,15 +381,18 @@ def test_onpolicy_takes_decoded_order_excluding_positive_and_fills_missing():
         return torch.tensor([[5, 3, 5, 8, -1], [1, -1, -1, -1, -1]])
 
     batch = ExampleBatch(torch.arange(2), torch.tensor([[0, 1], [2, 1]]), torch.tensor([3, 9]))
-    s = OnPolicySampler(decode, 20, extra=2)
+    s = OnPolicySampler(decode, 20, extra=2, exclude_history=False)
     items = s.sample(batch, 3, torch.Generator().manual_seed(0))
     assert calls == [5]
     assert items[0].tolist() == [5, 8, items[0, 2].item()] and items[0, 2].item() not in {0, 1, 3, 5, 8}
-    # Decoded history items are kept by default; random fills avoid the history.
+    # exclude_history=False keeps decoded history items; random fills avoid the history.
     assert items[1, 0].item() == 1 and not set(items[1, 1:].tolist()) & {1, 2, 9}
     assert s.last_stats == {"from_policy": 3, "filled_random": 3}
-    s = OnPolicySampler(decode, 20, extra=2, exclude_history=True)
-    assert 1 not in s.sample(batch, 3, torch.Generator().manual_seed(0))[1].tolist()
+    # The default drops them, like every sampler's augmentations.
+    s = OnPolicySampler(decode, 20, extra=2)
+    items = s.sample(batch, 3, torch.Generator().manual_seed(0))
+    assert items[0, :2].tolist() == [5, 8] and 1 not in items[1].tolist()
+    assert not set(items[1].tolist()) & {1, 2, 9} and s.last_stats == {"from_policy": 2, "filled_random": 4}
 
 
 def test_onpolicy_bad_decoder_output_is_reported():
@@ -625,6 +628,99 @@ def test_every_random_fill_excludes_the_users_training_items():
         assert not (mask.gather(1, items) & ~from_history).any(), type(s).__name__
 
 
+def _users_own_first(train, n_items):
+    """A decoder that recommends each user's own training items first (a recommender often does), then others."""
+    ui = samplers_mod.UserItems(train)
+    rows_of = {}
+    for r in range(len(train)):
+        rows_of.setdefault(tuple(train.history[r].tolist()), r)
+
+    def decode(history, k):
+        rows = torch.tensor([rows_of[tuple(h.tolist())] for h in history])
+        own = ui.rows(rows)
+        others = fake_decode(n_items)(history, k)
+        return torch.cat([own, others], dim=1)[:, :k].clamp(min=-1)
+    return decode
+
+
+def test_onpolicy_default_excludes_the_users_training_items_and_asks_for_enough():
+    train, train_items = make_split()
+    ui = samplers_mod.UserItems(train)
+    g = torch.Generator().manual_seed(4)
+    batch = ExampleBatch.from_split(train, torch.randint(0, len(train), (48,), generator=g))
+    mask = _user_item_mask(batch.example, train, train_items)
+    decode = _users_own_first(train, 80)
+    # The decoder's first picks are the user's items: kept with exclude_history=False ...
+    kept = OnPolicySampler(decode, 80, user_items=ui, exclude_history=False).sample(batch, 3, g)
+    assert mask.gather(1, kept).float().mean() > 0.9
+    # ... and never by default (make_sampler, as the trainer builds it), with the decoder's own order kept.
+    calls = []
+
+    def recorded(history, k):
+        calls.append(k)
+        return decode(history, k)
+    s = make_sampler("onpolicy", decode_fn=recorded, n_items=80, user_items=ui)
+    items = s.sample(batch, 3, g)
+    check_guarantees(batch, items, 80, 3)
+    assert not mask.gather(1, items).any()
+    assert calls == [3 + 1 + batch.history.shape[1]]  # extra covers the history window: 1 + H
+
+
+def test_trainer_onpolicy_sampler_excludes_the_users_training_items(tmp_path, beauty_tiny):
+    from gflowgr_core.data.prepared import prepare
+    from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
+    from gflowgr_core.train.config import load_config
+    from gflowgr_core.train.trainer import Trainer
+
+    data = prepare("letter", beauty_tiny, tmp_path / "data", max_users=40)
+    lm = build_tiny_causal_lm(data.tokens.vocab_size, hidden=32, layers=1, heads=2, seed=0)
+    SIDPolicy(lm, data.tokens, data.catalog.codes, data.catalog.codes_per_level, flow_hidden=16).save(tmp_path / "sft")
+    trainer = Trainer(load_config(None, [f"data={tmp_path / 'data'}", f"out={tmp_path / 'out'}", "stage=gflowgr",
+                                         f"init_checkpoint={tmp_path / 'sft'}", "gfn.sampler=onpolicy", "gfn.n_aug=3",
+                                         "gfn.reward.use_cm=false", "device=cpu", "model.flow_hidden=16"]), data)
+    train = data.split.train
+    assert trainer.sampler.exclude_history
+    trainer.sampler.decode_fn = _users_own_first(train, data.num_items)  # the worst case: history first
+    index = torch.arange(min(64, len(train)))
+    items = trainer.draw_candidates(index)
+    own = samplers_mod.UserItems(train).rows(index)
+    assert not samplers_mod._member(items.cpu(), own).any()
+    # The beam-search decoder itself runs with the enlarged request (n_aug + 1 + H items).
+    assert trainer._decode_for_sampler(train.history[index[:4]], 3 + 1 + train.history.shape[1]).shape == \
+        (4, 3 + 1 + train.history.shape[1])
+
+
+def test_logs_cooccurrence_fill_skips_the_users_items():
+    train, train_items = make_split(max_history=3)
+    ui = samplers_mod.UserItems(train)
+    rows = torch.tensor([r for r in range(len(train)) if len(train_items[int(train.user[r])]) >= 8][:16])
+    batch = ExampleBatch.from_split(train, rows)
+    mask = _user_item_mask(rows, train, train_items)
+    # Every positive's top co-occurring items are its user's own training items (older than the window),
+    # then items of nobody's history.
+    cooc = torch.full((80, 12), -1, dtype=torch.long)
+    for b, r in enumerate(rows.tolist()):
+        own = sorted(train_items[int(train.user[r])] - {int(train.target[r])})
+        fresh = [i for i in range(80) if not mask[b, i] and i != int(train.target[r])]
+        cooc[int(train.target[r])] = torch.tensor((own[:6] + fresh[:6])[:12])
+    window = LogsSampler(80, cooc, window=1, user_items=ui)
+    items = window.sample(batch, 5, torch.Generator().manual_seed(0))
+    check_guarantees(batch, items, 80, 5)
+    from_history = samplers_mod._member(items, batch.history[:, -1:])
+    assert not (mask.gather(1, items) & ~from_history).any()  # only the history picks are the user's items
+    assert window.last_stats["filled_cooc"] > 0 and window.last_stats["filled_random"] == 0
+    # Without user_items the example's history (here 3 positions, of which `window` picks from the last) is
+    # still kept out of the fill: co-occurrence lists led by the two older history items.
+    for b, r in enumerate(rows.tolist()):
+        older = [int(x) for x in batch.history[b, :2] if x >= 0 and int(x) != int(train.target[r])]
+        cooc[int(train.target[r]), :len(older)] = torch.tensor(older, dtype=torch.long)
+    plain = LogsSampler(80, cooc, window=1)
+    items = plain.sample(batch, 5, torch.Generator().manual_seed(0))
+    check_guarantees(batch, items, 80, 5)
+    older = samplers_mod._member(items, batch.history) & ~samplers_mod._member(items, batch.history[:, -1:])
+    assert not older.any() and plain.last_stats["filled_cooc"] > 0
+
+
 # ---------------------------------------------------------------------------- items sharing the positive's SID
 
 def shared_codes(n_items=60, seed=0):
@@ -680,7 +776,7 @@ def test_no_sampler_offers_an_item_with_the_positives_sid(name):
         assert not (items == sibling(batch.positive)[:, None]).any()
     # Without item_codes the same sampler does offer the sibling (the case the exclusion is for).
     if name in ("onpolicy", "logs_recent_window"):
-        plain = OnPolicySampler(decode, n_items) if name == "onpolicy" else \
+        plain = OnPolicySampler(decode, n_items, exclude_history=False) if name == "onpolicy" else \
             LogsSampler(n_items, cooc, window=3, pick="recent")
         assert (plain.sample(batch, 3, g) == sibling(batch.positive)[:, None]).any()
 
@@ -728,7 +824,7 @@ def test_onpolicy_sample_mode_uses_temperature_generator_and_keeps_distinct_draw
     s = OnPolicySampler(None, 60, mode="sample", sample_fn=fake_sample_fn(60, calls), temperature=0.7)
     batch = make_batch()
     a = s.sample(batch, 4, torch.Generator().manual_seed(9))
-    assert calls == [(8, 0.7)]                        # default extra = n_aug: draws repeat
+    assert calls == [(16, 0.7)]  # default extra = n_aug (draws repeat) + history width 8 (history dropped)
     check_guarantees(batch, a, 60, 4)
     assert s.last_stats["from_policy"] + s.last_stats["filled_random"] == 16 * 4
     b = s.sample(batch, 4, torch.Generator().manual_seed(9))
@@ -740,12 +836,12 @@ def test_onpolicy_sample_mode_uses_temperature_generator_and_keeps_distinct_draw
 def test_onpolicy_sample_mode_keeps_draws_in_order_and_drops_forbidden_ones():
     draws = torch.tensor([[7, 7, 3, 5, 3, 9], [2, 2, 2, 2, 2, 2]])
     batch = ExampleBatch(torch.arange(2), torch.tensor([[0, 5], [1, 4]]), torch.tensor([3, 8]))
-    s = OnPolicySampler(None, 20, mode="sample", sample_fn=lambda h, k, t, g: draws)
+    s = OnPolicySampler(None, 20, mode="sample", sample_fn=lambda h, k, t, g: draws, exclude_history=False)
     items = s.sample(batch, 3, torch.Generator().manual_seed(0))
     assert items[0].tolist() == [7, 5, 9]              # 3 is the positive; 5 is kept (history allowed)
     assert items[1, 0].item() == 2 and not set(items[1, 1:].tolist()) & {1, 4, 8, 2}
     assert s.last_stats == {"from_policy": 4, "filled_random": 2}
-    s = OnPolicySampler(None, 20, mode="sample", sample_fn=lambda h, k, t, g: draws, exclude_history=True)
+    s = OnPolicySampler(None, 20, mode="sample", sample_fn=lambda h, k, t, g: draws, extra=3)  # default: excluded
     assert 5 not in s.sample(batch, 3, torch.Generator().manual_seed(0))[0].tolist()
 
 
@@ -767,7 +863,8 @@ def test_onpolicy_sample_mode_bad_output_is_reported():
         s.sample(make_batch(), 2, torch.Generator())
     s = OnPolicySampler(None, 60, mode="sample",
                         sample_fn=lambda h, k, t, g: torch.zeros(h.shape[0], k + 1, dtype=torch.long))
-    with pytest.raises(SamplerError, match=r"sample_fn\(history\[16, 8\], 4\) returned \(16, 5\)"):
+    # k = n_aug 2 + extra (n_aug 2 + history width 8)
+    with pytest.raises(SamplerError, match=r"sample_fn\(history\[16, 8\], 12\) returned \(16, 13\)"):
         s.sample(make_batch(), 2, torch.Generator())
 
 
