@@ -355,14 +355,18 @@ def completion_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Last-layer hidden states ``[B, K, d]`` that predict the last ``K = logits_to_keep`` tokens of ``input_ids``
     (positions ``S-K-1 .. S-2``; the state at ``p - 1`` predicts token ``p``).
 
-    One forward through ``model`` itself (so DDP / PEFT wrappers see it) with ``output_hidden_states=True`` and
-    ``logits_to_keep=1``: only the last position's logits are formed.
+    One forward through ``model`` itself (so DDP / PEFT wrappers see it) with ``output_hidden_states=True`` and an
+    empty ``logits_to_keep`` index tensor, so the model's head forms no logits (models whose ``logits_to_keep``
+    takes only an int get ``1``: the last position's logits).
     """
     S = input_ids.shape[1]
     if not 1 <= logits_to_keep < S:
         raise ValueError(f"logits_to_keep must be in [1, {S - 1}] for input_ids of width {S}, got {logits_to_keep}")
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
-                use_cache=False)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    try:
+        out = model(**kwargs, logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
+    except (TypeError, IndexError, RuntimeError):
+        out = model(**kwargs, logits_to_keep=1)
     return out.hidden_states[-1][:, S - logits_to_keep - 1:S - 1]
 
 
