@@ -34,7 +34,7 @@ from .data.prepared import PreparedData
 from .debug import oom_hint
 from .pretrained import LoraSettings, apply_lora, apply_prompt_template
 from .train.config import ConfigError, TrainConfig, apply_overrides, from_dict, save_config
-from .train.trainer import Trainer as CoreTrainer
+from .train.trainer import Trainer as CoreTrainer, derived_seed
 
 __all__ = ["GFlowGRConfig", "GFlowGRTrainer", "GFlowGRModel", "SplitIndexDataset", "SplitIndexCollator",
            "STATE_FILE"]
@@ -216,6 +216,12 @@ class GFlowGRTrainer(Trainer):
         if not isinstance(args, GFlowGRConfig):
             raise TypeError(f"args must be a GFlowGRConfig, got {type(args).__name__}")
         core = CoreTrainer(args.to_train_config(), data)
+        # Under Hugging Face's DDP every rank trains on its own rows with its own library trainer, whose
+        # generator would be seeded alike on every rank: the random augmentations would repeat across ranks.
+        # Rank 0 keeps ``seed`` (a single process is unchanged); rank r draws from its own seed.
+        self.sampler_rank = int(args.process_index)
+        if self.sampler_rank:
+            core.generator.manual_seed(derived_seed(int(args.seed), self.sampler_rank, "sampler_rank"))
         if args.prompt_template is not None:
             if core.policy.tokenizer is None:
                 raise ValueError("prompt_template needs a policy with a tokenizer (a pretrained LM); the policy "
@@ -357,6 +363,11 @@ class GFlowGRTrainer(Trainer):
             raise ValueError(f"{path} does not match this model (LoRA or model settings differ?): missing "
                              f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
         self.core.generator.set_state(state["generator"])
+        if self.sampler_rank:
+            # The checkpoint holds rank 0's generator (only the main process saves): every other rank
+            # continues from a stream derived from it and its rank, so ranks still draw differently.
+            base = int(torch.randint(0, 2 ** 62, (1,), generator=self.core.generator))
+            self.core.generator.manual_seed(derived_seed(base, self.sampler_rank, "sampler_rank"))
         if self.core.sampler is not None and "sampler" in state:
             self.core.sampler.load_state_dict(state["sampler"])
 

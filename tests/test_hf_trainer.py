@@ -167,3 +167,42 @@ def test_flow_warmup_follows_the_hugging_face_step(beauty, sft_run, tmp_path):
     trainer.core.stage.loss = recording
     trainer.train()
     assert seen == [0, 1, 2, 3]
+
+
+def _as_rank(config, rank: int):
+    """The config as rank ``rank`` of a Hugging Face DDP run would see it (``process_index``)."""
+    config.__class__ = type(f"Rank{rank}Config", (type(config),), {"process_index": property(lambda self: rank)})
+    return config
+
+
+def test_ddp_ranks_draw_their_own_augmentations(beauty, sft_run, tmp_path):
+    """Every rank seeds its sampler's generator per rank: rank 0 keeps ``seed`` (a single process is unchanged),
+    the others draw other augmentations for the same rows, also after resuming from a checkpoint."""
+    from gflowgr_core.hf_trainer import GFlowGRTrainer
+
+    _, sft_out = sft_run
+    kw = dict(stage="gflowgr", init_checkpoint=str(sft_out / "final"), gfn_sampler="random", n_aug=3,
+              gflowgr_overrides=[*TINY, "gfn.reward.use_cm=false"])
+    rows = torch.arange(16)
+
+    def draws(trainer):
+        return torch.stack([trainer.core.draw_candidates(rows) for _ in range(3)])
+
+    single = GFlowGRTrainer(_config(beauty, tmp_path / "single", **kw), beauty[1])
+    ranks = [GFlowGRTrainer(_as_rank(_config(beauty, tmp_path / f"rank{r}", **kw), r), beauty[1]) for r in range(3)]
+    assert [t.sampler_rank for t in ranks] == [0, 1, 2] and single.sampler_rank == 0
+    got = [draws(t) for t in ranks]
+    assert torch.equal(got[0], draws(single))
+    for a in range(3):
+        for b in range(a + 1, 3):
+            same = (got[a] == got[b]).float().mean()
+            assert same < 0.2, (a, b, float(same))  # random items of ~300: rare coincidences only
+
+    # Resuming: the checkpoint holds rank 0's generator; rank 0 continues it exactly, the others draw apart.
+    single._save(str(tmp_path / "ckpt"))  # rank 0 (the one that saves)
+    expect = draws(single)
+    for t in ranks:
+        t._load_from_checkpoint(str(tmp_path / "ckpt"))
+    resumed = [draws(t) for t in ranks]
+    assert torch.equal(resumed[0], expect)
+    assert (resumed[0] == resumed[1]).float().mean() < 0.2 and (resumed[1] == resumed[2]).float().mean() < 0.2

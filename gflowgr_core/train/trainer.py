@@ -66,6 +66,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Streams of derived_seed: one per purpose, so that e.g. epoch 1's order and rank 1's sampler never share a seed.
+SEED_STREAMS = {"epoch_order": 1, "sampler_rank": 2}
+
+
+def derived_seed(seed: int, index: int, stream: str) -> int:
+    """A 63-bit seed for item ``index`` (an epoch, a rank) of the random ``stream`` (:data:`SEED_STREAMS`) of a
+    run seeded with ``seed``: a splitmix64 mix, so neighbouring indices get unrelated generators."""
+    if stream not in SEED_STREAMS:
+        raise ValueError(f"stream must be one of {sorted(SEED_STREAMS)}, got {stream!r}")
+    mask = 0xFFFFFFFFFFFFFFFF
+    z = int(seed) * 0x9E3779B97F4A7C15 + int(index) * 0xBF58476D1CE4E5B9 + SEED_STREAMS[stream] * 0xD6E8FEB86659FD93
+    z &= mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) >> 1  # 63 bits: manual_seed takes it on every platform
+
+
 # Config keys that may differ between a run and its resumption without changing the trajectory of the weights.
 RESUME_FREE_KEYS = frozenset({"resume", "save_every_steps", "handle_signals", "distributed", "device", "backend",
                               "out", "data", "log_every", "eval_batch_size"})
@@ -367,6 +384,16 @@ class Trainer:
         index = torch.as_tensor(index, dtype=torch.long)
         window = self.windows.index_select(0, index) if self.windows is not None else None
         return ExampleBatch.from_split(self.data.split.train, index, window=window).to(self.device)
+
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        """The generator of epoch ``epoch``'s order (0-based): seeded from ``seed`` and ``epoch`` alone (epoch 0
+        from ``seed`` itself), apart from the generator the sampler draws from. Every method run with one seed
+        (whatever its sampler draws, or none) therefore sees the same batches at every step of every epoch, and
+        a resumed run the order of an uninterrupted one."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        seed = int(self.cfg.seed) if epoch == 0 else derived_seed(self.cfg.seed, epoch, "epoch_order")
+        return torch.Generator(device="cpu").manual_seed(seed)
 
     def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
         """An epoch's order of the training rows, drawn from ``generator`` (the loop passes
