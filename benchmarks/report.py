@@ -413,12 +413,28 @@ def render_quality_file(p: dict) -> str:
         lines += label + ["", md_table(header, body)]
     if p.get("missing"):
         lines += ["", "No finished seed: " + ", ".join(f"`{m}`" for m in p["missing"]) + "."]
+    if p.get("comparisons"):
+        lines += ["", comparisons_table(p["comparisons"])]
     for source, table in (p.get("paper") or {}).items():
         rows = table.items() if all(isinstance(v, dict) for v in table.values()) else [(source, table)]
         cols = list(dict.fromkeys(k for _, v in rows for k in v))
         lines += ["", f"Published figures recorded in the file (`paper.{source}`):", "",
                   md_table(["method"] + cols, [[f"`{m}`"] + [metric(v.get(c)) for c in cols] for m, v in rows])]
     return "\n".join(lines)
+
+
+def comparisons_table(comparisons: dict) -> str:
+    """Paired bootstrap over test users, one row per pair and metric: difference, 95% interval, p-value."""
+    rows = []
+    for pair, per_metric in comparisons.items():
+        for name, c in per_metric.items():
+            lo, hi = c["ci95"]
+            rows.append([f"`{pair}`", name, f"{c['diff']:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]", f"{c['p']:.3g}"])
+    users = next(iter(next(iter(comparisons.values())).values()), {}).get("users")
+    resamples = next(iter(next(iter(comparisons.values())).values()), {}).get("resamples")
+    return "\n".join([f"Paired bootstrap over {users:,} test users ({resamples:,} resamples; per-user metrics averaged "
+                      f"over each method's seeds):", "",
+                      md_table(["pair", "metric", "difference", "95% interval", "p"], rows)])
 
 
 def quality_command(root: Path, folder: str, folders: Sequence[str]) -> str:

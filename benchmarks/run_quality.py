@@ -51,6 +51,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import RESULTS_DIR, environment, format_table, log, write_json  # noqa: E402
+from quality_records import archive_run, records_root, restore_run, run_ranks, saved_sasrec  # noqa: E402
+from quality_stats import compare_methods, per_user_metrics, seed_mean  # noqa: E402
 
 CONFIGS = REPO / "configs"
 DATASETS = ("beauty", "sports", "toys")
@@ -426,11 +428,16 @@ def sasrec_report(spec: RunSpec, data=None) -> Optional[dict]:
     return {**report, "file": str(path)}
 
 
-def aggregate(specs: Sequence[RunSpec], seeds: Sequence[int], data=None) -> dict:
+def aggregate(specs: Sequence[RunSpec], seeds: Sequence[int], data=None,
+              record_of: Optional[Callable[[RunSpec], Path]] = None) -> dict:
     """Mean and std over the finished seeds of each run name in ``specs`` (test split of each run's best
     checkpoint). Names without a finished run are left out of ``methods`` and listed in ``missing``.
     ``runs`` describes every finished run; ``reference.sasrec`` holds the collaborative model's own test
-    metrics over the seeds whose runs trained one (``data``: the prepared dataset, loaded when omitted)."""
+    metrics over the seeds whose runs trained one (``data``: the prepared dataset, loaded when omitted).
+
+    ``record_of(spec)``: the run's committed record (:mod:`quality_records`); with it, every finished run is
+    archived there, and ``comparisons`` holds the paired bootstrap over test users of ``gflowgr_tb`` minus
+    each other method (per-user metrics averaged over each method's seeds; :mod:`quality_stats`)."""
     results: dict[str, dict[int, dict]] = {}
     devices, versions = set(), None
     runs, sasrec = [], {}
@@ -450,10 +457,12 @@ def aggregate(specs: Sequence[RunSpec], seeds: Sequence[int], data=None) -> dict
         if any(r["out"] == str(spec.out) for r in runs):  # an ablation reusing a run of the grid
             continue
         runs.append(_run_entry(spec, res, env))
-        if spec.seed not in sasrec:
-            report = sasrec_report(spec, data)
-            if report is not None:
-                sasrec[spec.seed] = report
+        report = sasrec_report(spec, data)
+        if record_of is not None:
+            archive_run(spec.out, record_of(spec), keep_checkpoint=spec.method == "sft", sasrec=report)
+            report = report or saved_sasrec(record_of(spec))
+        if spec.seed not in sasrec and report is not None:
+            sasrec[spec.seed] = report
     methods, epochs, steps, missing = {}, {}, {}, []
     for name, per_seed in results.items():
         if not per_seed:
@@ -481,8 +490,63 @@ def aggregate(specs: Sequence[RunSpec], seeds: Sequence[int], data=None) -> dict
         entry["seeds_done"] = done
         reference["sasrec"] = entry
     device = sorted(devices)[0] if len(devices) == 1 else (sorted(devices) or None)
+    comparisons = paired_comparisons(specs, results, data, record_of) if record_of is not None else {}
     return {"device": device, "versions": versions, "seeds": list(seeds), "epochs": epochs, "steps": steps,
-            "methods": methods, "missing": missing, "reference": reference, "runs": runs}
+            "methods": methods, "missing": missing, "reference": reference, "runs": runs,
+            "comparisons": comparisons}
+
+
+COMPARED = "gflowgr_tb"
+
+
+def paired_comparisons(specs: Sequence[RunSpec], results: dict, data,
+                       record_of: Callable[[RunSpec], Path]) -> dict:
+    """``{"gflowgr_tb-<method>": {metric: {"diff", "ci95", "p", ...}}}`` from the per-user test ranks of every
+    finished run (seed-averaged per method); methods whose runs lack ranks are left out (and logged)."""
+    per_user: dict[str, list] = {}
+    for spec in specs:
+        if spec.seed not in results.get(spec.name, {}):
+            continue
+        expected = results[spec.name][spec.seed]["test"]
+        ranks = run_ranks(spec.out, record_of(spec), lambda best: _evaluate_ranks(best, data, expected))
+        if ranks is None:
+            log(f"{spec.name} seed {spec.seed}: no per-user test ranks (neither saved nor a checkpoint to "
+                f"evaluate): left out of the paired comparisons")
+            per_user[spec.name] = None
+            continue
+        if per_user.get(spec.name, []) is not None:
+            per_user.setdefault(spec.name, []).append(per_user_metrics(ranks))
+    means = {name: seed_mean(v) for name, v in per_user.items() if v}
+    pairs = [(COMPARED, other) for other in means if other != COMPARED]
+    return compare_methods(means, pairs)
+
+
+def _evaluate_ranks(best: Path, data, expected: dict) -> dict:
+    """Per-user test ranks of a checkpoint that finished before runs saved them; its metrics must equal the
+    ones the run reported (else the ranks would not be the run's), which also checks that evaluation is
+    deterministic."""
+    import numpy as np
+
+    from gflowgr_core.data.prepared import PreparedData
+    from gflowgr_core.evaluation import evaluate_policy
+    from gflowgr_core.train.checkpoint import load_policy
+    from gflowgr_core.train.config import load_config
+
+    cfg = load_config(best / "config.yaml")
+    data = data if data is not None else PreparedData.load(cfg.data)
+    item_key = None
+    if data.catalog.collisions == "share" and int(data.stats.get("sid_collisions", 0)) > 0:
+        item_key = data.trie.item_leaf.cpu()
+    log(f"evaluating {best} on test once more for its per-user ranks")
+    ranks: dict = {}
+    metrics = evaluate_policy(load_policy(best, device="cpu"), data, "test", beams=cfg.eval_beams,
+                              batch_size=cfg.eval_batch_size, backend=cfg.backend, item_key=item_key,
+                              ranks_out=ranks)
+    for key in ("recall@10", "ndcg@10", "renorm/recall@10", "renorm/ndcg@10"):
+        if key in expected and abs(metrics[key] - expected[key]) > 1e-9:
+            raise SystemExit(f"{best}: test {key} is {metrics[key]:.6f} now but the run reported "
+                             f"{expected[key]:.6f}: the per-user ranks would not be the run's")
+    return {(prefix or "headline"): r.numpy().astype(np.int64) for prefix, r in ranks.items()}
 
 
 def quality_table(agg: dict, paper: Optional[dict] = None) -> str:
@@ -634,9 +698,18 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
         return {}
     paper = PAPER_BEAUTY if args.dataset == "beauty" and not ablations else None
     path = output_path(args.dataset, args.quick, ablations, Path(args.results_dir), args.tag)
+    # --quick runs keep their records beside the runs: a pipeline check commits no checkpoint.
+    records = root / "quick" / "records" if args.quick else records_root(path)
+
+    def record_of(spec: RunSpec) -> Path:
+        return records / f"{_slug(spec.name)}_seed{spec.seed}"
+
+    for spec in specs:  # finished runs of earlier machines: skipped, and SFT's checkpoint seeds stage 2
+        if restore_run(spec.out, record_of(spec)):
+            log(f"restored the finished run {spec.out} from {record_of(spec)}")
 
     def write_outputs(data=None) -> dict:
-        agg = aggregate(specs, seeds, data)
+        agg = aggregate(specs, seeds, data, record_of)
         agg["quick"] = args.quick
         if args.quick:
             agg["note"] = ("--quick: a 1-layer 32-wide model, a few steps, the first 300 users; a check that the "

@@ -195,7 +195,9 @@ def test_train_epoch_and_quality_files_render_what_they_hold(tmp_path):
     quality = {**HEADER, "seeds": [42, 43], "steps": {"sft": [100, 110]}, "quick": False,
                "methods": {"sft": {"recall@10": {"mean": 0.05, "std": 0.002}, "renorm/recall@10": {"mean": 0.06},
                                    "seeds_done": [42, 43]}},
-               "reference": {"sasrec": {"recall@10": {"mean": 0.04, "std": 0.0}}}}
+               "reference": {"sasrec": {"recall@10": {"mean": 0.04, "std": 0.0}}},
+               "comparisons": {"gflowgr_tb-sft": {"ndcg@10": {"diff": 0.0021, "ci95": [0.0004, 0.0039], "p": 0.012,
+                                                              "users": 22363, "resamples": 2000}}}}
     root = make_root(tmp_path, "<!-- report:train_epoch -->\n<!-- /report:train_epoch -->\n"
                                "<!-- report:quality -->\n<!-- /report:quality -->\n",
                      {"train_epoch_cuda.json": epoch, "quality_beauty.json": quality})
@@ -206,6 +208,8 @@ def test_train_epoch_and_quality_files_render_what_they_hold(tmp_path):
     assert "pending" not in text.split("report:quality")[0]
     assert "| `sft` | 0.0500 ± 0.0020 | 42, 43 |" in text and "| `sasrec (reference)` | 0.0400 |" in text
     assert "Scoring `renorm/`:" in text and "optimisation steps per seed: sft 100/110" in text
+    assert "Paired bootstrap over 22,363 test users (2,000 resamples" in text
+    assert "| `gflowgr_tb-sft` | ndcg@10 | +0.0021 | [+0.0004, +0.0039] | 0.012 |" in text
 
 
 def test_train_compile_file_renders_every_variant_and_a_failed_one(tmp_path):

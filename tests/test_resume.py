@@ -250,3 +250,19 @@ def test_resume_of_a_run_stopped_before_its_first_log_line(beauty, tmp_path):
     """A stop before log_every steps leaves no log.jsonl: resuming must not need one."""
     resumed, result = _interrupted_then_resumed(("stage=sft", "log_every=1000"), beauty, 1, tmp_path / "run")
     assert result["steps"] == resumed.step and resumed.step > 1
+
+
+def test_resume_of_a_run_saved_before_a_config_key_existed(beauty, tmp_path):
+    """A key added to the config later reads as its default in an older checkpoint: such a run resumes, and
+    a real change of that key is still refused."""
+    data_dir, prepared = beauty
+    trainer = _stop_at(Trainer(_config(data_dir, tmp_path, "stage=sft"), prepared), 2)
+    assert trainer.fit()["status"] == "interrupted"
+    state_file = tmp_path / "last" / TRAINER_STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    del state["config"]["gfn"]["reward"]["cm_temperature"]  # as written before the key existed
+    torch.save(state, state_file)
+    with pytest.raises(ConfigError, match=r"gfn\.reward\.cm_temperature: 1\.0 -> 0\.5"):
+        Trainer(_config(data_dir, tmp_path, "stage=sft", "resume=true", "gfn.reward.cm_temperature=0.5"),
+                prepared).fit()
+    assert Trainer(_config(data_dir, tmp_path, "stage=sft", "resume=true"), prepared).fit()["status"] == "finished"

@@ -544,10 +544,12 @@ class Trainer:
         self.stop.request(reason)
 
     # ------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, split_name: str = "valid", max_users: Optional[int] = None) -> dict:
+    def evaluate(self, split_name: str = "valid", max_users: Optional[int] = None,
+                 ranks_out: Optional[dict] = None) -> dict:
         """Recall/NDCG/coverage/tail share on ``split_name`` from trie-constrained beam search.
 
         Data-parallel runs split the users over ranks and gather the rankings, so every rank gets the metrics.
+        ``ranks_out`` receives the per-user ranks of the held-out item (see :func:`evaluate_policy`).
         """
         split = getattr(self.data.split, split_name)
         index = torch.arange(len(split))
@@ -557,7 +559,8 @@ class Trainer:
         with self._full_policy():
             return evaluate_policy(self.policy, self.data, split_name, index=index, beams=self.cfg.eval_beams,
                                    batch_size=self.cfg.eval_batch_size, device=self.device,
-                                   backend=self.cfg.backend, item_key=self.item_key, dist=self.dist)
+                                   backend=self.cfg.backend, item_key=self.item_key, dist=self.dist,
+                                   ranks_out=ranks_out)
 
     # ------------------------------------------------------------------------------------------- loop
     def _log(self, record: dict) -> None:
@@ -685,7 +688,12 @@ class Trainer:
         self.dist.barrier()
         self.policy = load_policy(best_dir, device=self.device, recover=self.dist.is_main)
         # Tuning runs select on validation and must not read test at all.
-        test = self.evaluate("test") if cfg.evaluate_test else None
+        ranks: dict = {}
+        test = self.evaluate("test", ranks_out=ranks) if cfg.evaluate_test else None
+        if test is not None and self.dist.is_main:
+            # Per-user ranks of the held-out item under each scoring: paired tests between runs read them.
+            per_user = {prefix or "headline": r.to(torch.int8) for prefix, r in ranks.items()}
+            torch.save({"split": "test", "ranks": per_user}, self.out / "test_ranks.pt")
         result = {"status": "finished", "stage": cfg.stage, "best_epoch": st.best_epoch,
                   "best_valid": st.best_value, "steps": self.step, "epochs": st.epoch,
                   "train_seconds": st.train_seconds, "seconds_per_epoch": st.train_seconds / max(1, st.epoch),
@@ -738,8 +746,10 @@ class Trainer:
         # renamed compares under the new name.
         old = json.loads(json.dumps(flat(rename_old_keys(saved, str(where)))))
         new = json.loads(json.dumps(flat(self.cfg.to_dict())))
+        # A key added to the config after the run was saved reads as its default there, which is what it ran with.
+        defaults = json.loads(json.dumps(flat(type(self.cfg)().to_dict())))
         changed = sorted(k for k in set(old) | set(new)
-                         if k.split(".")[0] not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
+                         if k.split(".")[0] not in RESUME_FREE_KEYS and old.get(k, defaults.get(k)) != new.get(k))
         if changed:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
             raise ConfigError(f"resume=true but the config differs from the one {where} was trained with ({diff}); "

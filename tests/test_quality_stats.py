@@ -1,0 +1,122 @@
+"""Paired statistics and committed run records of the quality grid (benchmarks/quality_stats.py,
+benchmarks/quality_records.py, and their use in benchmarks/run_quality.py's aggregate)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gflowgr_core.metrics import hit_rank, ndcg_at_k, recall_at_k
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import quality_records  # noqa: E402
+import quality_stats  # noqa: E402
+from test_configs import runner  # noqa: E402  (benchmarks/run_quality.py, loaded once)
+
+
+def _random_rankings(n: int, items: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ranked = torch.stack([torch.randperm(items, generator=g)[:20] for _ in range(n)])
+    ranked[torch.rand(n, 20, generator=g) < 0.05] = -1  # empty slots
+    target = torch.randint(0, items, (n,), generator=g)
+    return ranked, target
+
+
+def test_per_user_metrics_average_to_the_reported_metrics():
+    ranked, target = _random_rankings(500, 60, seed=0)
+    rank = hit_rank(ranked, target).numpy()
+    per_user = quality_stats.per_user_metrics({"headline": rank, "renorm/": rank})
+    for k in (5, 10):
+        assert per_user[f"recall@{k}"].mean() == pytest.approx(float(recall_at_k(ranked, target, k)), abs=1e-7)
+        assert per_user[f"ndcg@{k}"].mean() == pytest.approx(float(ndcg_at_k(ranked, target, k)), abs=1e-6)
+        assert np.array_equal(per_user[f"renorm/ndcg@{k}"], per_user[f"ndcg@{k}"])
+    assert set(per_user) == set(quality_stats.STAT_METRICS)
+
+
+def test_paired_bootstrap_no_difference_and_a_clear_one():
+    rng = np.random.default_rng(0)
+    a = rng.random(2000)
+    same = quality_stats.paired_bootstrap(a, a.copy(), resamples=300)
+    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["p"] == 1.0
+    better = quality_stats.paired_bootstrap(a + 0.05 + 0.01 * rng.standard_normal(2000), a, resamples=300)
+    assert better["diff"] == pytest.approx(0.05, abs=0.002)
+    assert better["ci95"][0] > 0 and better["p"] <= 1 / 301 + 1e-12
+    noise = quality_stats.paired_bootstrap(a, rng.permutation(a), resamples=500)
+    assert noise["ci95"][0] < 0 < noise["ci95"][1] and noise["p"] > 0.05
+    with pytest.raises(ValueError, match="paired samples"):
+        quality_stats.paired_bootstrap(a, a[:10])
+
+
+def test_ranks_file_round_trip(tmp_path):
+    ranks = {"headline": np.array([0, -1, 19, 3]), "renorm/": np.array([1, 2, -1, -1])}
+    quality_stats.save_ranks(tmp_path / "r.npz", ranks)
+    back = quality_stats.load_ranks(tmp_path / "r.npz")
+    assert set(back) == set(ranks) and all(np.array_equal(back[k], ranks[k]) for k in ranks)
+
+
+def _finished_run(out: Path, value: float, ranks: dict, with_best: bool = False) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    test = {m: value for m in runner.METRICS}
+    (out / "result.json").write_text(json.dumps({"test": test, "train_seconds": 1.0, "epochs": 1, "steps": 2,
+                                                 "device": "cpu"}))
+    (out / "env.json").write_text(json.dumps({"device": "cpu", "versions": {}}))
+    torch.save({"split": "test", "ranks": {k: torch.as_tensor(v, dtype=torch.int8) for k, v in ranks.items()}},
+               out / "test_ranks.pt")
+    if with_best:
+        (out / "best").mkdir()
+        (out / "best" / "weights.bin").write_bytes(b"\x01" * 100)
+
+
+def test_records_survive_a_new_machine_and_feed_the_comparisons(tmp_path):
+    specs = runner.plan_grid("beauty", ["sft_continue", "gflowgr_tb"], [42, 43], tmp_path / "runs", sft_seed=42)
+    records = tmp_path / "results" / "quality_beauty_cpu_runs"
+
+    def record_of(spec):
+        return records / f"{spec.name}_seed{spec.seed}"
+
+    rng = np.random.default_rng(1)
+    n = 3000
+    base = np.where(rng.random(n) < 0.3, rng.integers(0, 20, n), -1)
+    better = np.where(rng.random(n) < 0.15, rng.integers(0, 3, n), base)  # some users' hits move up
+    for spec in specs:
+        ranks = {"headline": better if spec.name == "gflowgr_tb" else base, "renorm/": base}
+        _finished_run(spec.out, 0.1, ranks, with_best=spec.name == "sft")
+    agg = runner.aggregate(specs, [42, 43], data=None, record_of=record_of)
+    comp = agg["comparisons"]
+    assert set(comp) == {"gflowgr_tb-sft", "gflowgr_tb-sft_continue"}
+    ndcg = comp["gflowgr_tb-sft_continue"]["ndcg@10"]
+    assert ndcg["diff"] > 0 and ndcg["ci95"][0] > 0 and ndcg["p"] < 0.01 and ndcg["users"] == n
+    assert comp["gflowgr_tb-sft_continue"]["renorm/ndcg@10"]["diff"] == 0.0
+    assert (record_of(specs[0]) / "best" / "weights.bin").exists()  # only SFT keeps its checkpoint
+    assert not (record_of(specs[1]) / "best").exists()
+
+    # A new machine: the run folders are gone, the records are committed.
+    import shutil
+    shutil.rmtree(tmp_path / "runs")
+    for spec in specs:
+        assert quality_records.restore_run(spec.out, record_of(spec))
+    assert all(spec.done() for spec in specs)
+    assert (specs[0].out / "best" / "weights.bin").read_bytes() == b"\x01" * 100
+    again = runner.aggregate(specs, [42, 43], data=None, record_of=record_of)
+    assert again["comparisons"] == comp
+
+    # A damaged committed checkpoint is refused, not silently used.
+    shutil.rmtree(tmp_path / "runs")
+    (record_of(specs[0]) / "best" / "weights.bin").write_bytes(b"\x02" * 100)
+    with pytest.raises(SystemExit, match="do not match"):
+        quality_records.restore_run(specs[0].out, record_of(specs[0]))
+
+
+def test_a_run_without_ranks_is_left_out_of_the_comparisons(tmp_path):
+    specs = runner.plan_grid("beauty", ["sdpo", "gflowgr_tb"], [42], tmp_path / "runs")
+    for spec in specs:
+        _finished_run(spec.out, 0.1, {"headline": np.zeros(10, dtype=int), "renorm/": np.zeros(10, dtype=int)},
+                      with_best=spec.name == "sft")
+    (specs[1].out / "test_ranks.pt").unlink()  # sdpo: neither ranks nor a checkpoint
+    agg = runner.aggregate(specs, [42], data=None, record_of=lambda s: tmp_path / "rec" / f"{s.name}")
+    assert set(agg["comparisons"]) == {"gflowgr_tb-sft"}
