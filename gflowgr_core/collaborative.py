@@ -694,6 +694,7 @@ class CMScorer:
         self.score_mean = score_mean.to(self.user_repr.device, torch.float32)
         self.score_std = score_std.to(self.user_repr.device, torch.float32)
         self.fingerprint = fingerprint
+        self._score_max: Optional[Tensor] = None  # per-row catalogue maximum, on first use (row_max)
 
     @staticmethod
     def _catalogue_moments(user_repr: Tensor, item_emb: Tensor) -> tuple[Tensor, Tensor]:
@@ -801,14 +802,25 @@ class CMScorer:
         parts = [self.full_scores(rows[s:s + chunk]).topk(m, dim=1).indices for s in range(0, rows.shape[0], chunk)]
         return torch.cat(parts) if parts else torch.zeros(0, m, dtype=torch.long, device=self.device)
 
-    def normalized(self, example_idx: Tensor, items: Tensor, method: str = "sigmoid_z") -> Tensor:
+    def normalized(self, example_idx: Tensor, items: Tensor, method: str = "sigmoid_z",
+                   temperature: float = 1.0) -> Tensor:
         """CM scores of ``items[B, T]`` for rows ``example_idx[B]`` mapped into ``[0, 1]``.
 
         - ``"sigmoid_z"``: ``sigmoid((s - mean_n) / std_n)`` with the row's score mean/std over the
           catalogue (a row whose scores are all equal gives 0.5).
         - ``"percentile"``: ``(#items scored lower + 0.5 * #other items tied) / (n_items - 1)``: the best
           item of the catalogue gets 1, the worst 0.
+        - ``"softmax"``: ``exp((s - max_n) / temperature)``, the CM's softmax over the catalogue at that
+          temperature divided by its largest entry (the row's best item gets 1). A per-row constant does not
+          move the balance objectives' fixed point ``P_F(x | U) ∝ R(x)``, so with this as the whole reward
+          the policy is trained towards the CM's own distribution (distillation of the teacher).
         """
+        if method == "softmax":
+            if not (temperature > 0 and math.isfinite(temperature)):
+                raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+            rows = self._rows(example_idx)
+            s = self.score(rows, items)
+            return torch.exp((s - self.row_max(rows)[:, None]) / temperature).clamp(max=1.0)
         if method == "sigmoid_z":
             rows = self._rows(example_idx)
             s = self.score(rows, items)
@@ -817,7 +829,19 @@ class CMScorer:
             return torch.where(std[:, None] > 0, torch.sigmoid(z), torch.full_like(z, 0.5))
         if method == "percentile":
             return self._percentile(example_idx, items)
-        raise ValueError(f"method must be 'sigmoid_z' or 'percentile', got {method!r}")
+        raise ValueError(f"method must be 'sigmoid_z', 'percentile' or 'softmax', got {method!r}")
+
+    def row_max(self, example_idx: Tensor) -> Tensor:
+        """Each row's largest score over the catalogue, ``FloatTensor[B]`` (every row's, computed in chunks on
+        first use and kept: one pass over the ``[N, n_items]`` scores without holding them)."""
+        rows = self._rows(example_idx)
+        if self._score_max is None:
+            chunk = _row_chunk(self.num_items)
+            self._score_max = torch.cat([self.full_scores(torch.arange(i, min(i + chunk, self.num_examples),
+                                                                       device=self.device)).amax(1)
+                                         for i in range(0, self.num_examples, chunk)]) \
+                if self.num_examples else torch.zeros(0, device=self.device)
+        return self._score_max[rows.clamp(0, max(self.num_examples - 1, 0))]
 
     def _percentile(self, example_idx: Tensor, items: Tensor) -> Tensor:
         rows = self._rows(example_idx)

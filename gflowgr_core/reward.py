@@ -52,7 +52,7 @@ __all__ = [
 COMPONENTS = ("r_a", "r_cm", "r_sim")
 
 _FUSIONS = ("sum", "weighted")
-_CM_NORMS = ("sigmoid_z", "percentile")
+_CM_NORMS = ("sigmoid_z", "percentile", "softmax")
 _CM_SOURCES = ("cm", "lm")
 _R_POS_MODES = ("fixed", "catalogue")
 # Tolerance on the [0, 1] range of normalised scores: float rounding of a sigmoid or a rank ratio.
@@ -84,8 +84,11 @@ class RewardConfig:
         target_share: the positive's share in ``"catalogue"`` mode, in (0, 1).
         r_aug: ``r_a`` of every non-positive candidate (paper: 0).
         cm_norm: how the caller normalises CM scores to [0, 1]: ``"sigmoid_z"`` (sigmoid of the score
-            standardised over the catalogue) or ``"percentile"`` (rank within the catalogue). Read by
+            standardised over the catalogue), ``"percentile"`` (rank within the catalogue) or ``"softmax"``
+            (``exp((s - max s) / cm_temperature)``: the CM's own catalogue distribution up to a per-user
+            constant; with ``use_a=use_sim=False`` the balance loss distils the CM into the policy). Read by
             :func:`cm_component`; :class:`Reward` itself only checks that ``cm_norm`` lies in [0, 1].
+        cm_temperature: temperature of ``cm_norm="softmax"`` (> 0; unused by the other two).
         cm_source: ``"cm"`` (collaborative model score, default) or ``"lm"`` (the LM's own normalised
             generation probability, supplied by the caller, e.g. from :func:`lm_generation_prob`).
         sim_normalize: divide ``r_sim`` by the number of base SID levels (the positive then gets 1).
@@ -106,6 +109,7 @@ class RewardConfig:
     target_share: float = 0.5
     r_aug: float = 0.0
     cm_norm: str = "sigmoid_z"
+    cm_temperature: float = 1.0
     cm_source: str = "cm"
     sim_normalize: bool = False
     use_a: bool = True
@@ -148,6 +152,8 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.r_pos_mode must be one of {_R_POS_MODES}, got {self.r_pos_mode!r}")
         if not any(self.enabled):
             raise ValueError("RewardConfig: at least one of use_a, use_cm, use_sim must be True")
+        if not (math.isfinite(self.cm_temperature) and self.cm_temperature > 0):
+            raise ValueError(f"RewardConfig.cm_temperature must be a finite number > 0, got {self.cm_temperature}")
         for name in ("r_pos", "r_aug", "eps", "clip_max", "beta", "target_share"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"RewardConfig.{name} must be finite, got {getattr(self, name)}")
@@ -534,7 +540,8 @@ def cm_component(config: RewardConfig, scorer: Any, example_idx: torch.Tensor,
                  candidates: torch.Tensor) -> torch.Tensor | None:
     """The ``cm_norm[B, T]`` input of :class:`Reward` for ``cm_source="cm"``.
 
-    Calls ``scorer.normalized(example_idx[B], candidates[B, T], method=config.cm_norm)`` (a ``CMScorer``).
+    Calls ``scorer.normalized(example_idx[B], candidates[B, T], method=config.cm_norm,
+    temperature=config.cm_temperature)`` (a ``CMScorer``).
     Returns ``None`` when ``use_cm`` is off. With ``cm_source="lm"`` the caller must supply the LM
     probability instead (see :func:`lm_generation_prob`), so this raises ``RewardError``.
     """
@@ -544,7 +551,7 @@ def cm_component(config: RewardConfig, scorer: Any, example_idx: torch.Tensor,
         raise RewardError("cm_source='lm': supply the LM's normalised generation probability "
                           "(lm_generation_prob) as cm_norm instead of CM scores")
     with torch.no_grad():
-        return scorer.normalized(example_idx, candidates, method=config.cm_norm)
+        return scorer.normalized(example_idx, candidates, method=config.cm_norm, temperature=config.cm_temperature)
 
 
 def lm_generation_prob(step_logp: torch.Tensor) -> torch.Tensor:

@@ -144,7 +144,8 @@ class GFlowGRStage(Stage):
                 z = (s - mean) / std.clamp_min(torch.finfo(torch.float32).tiny)
                 return torch.where(std > 0, torch.sigmoid(z), torch.full_like(z, 0.5))
             items = torch.arange(self.cm_scorer.num_items, device=example.device)
-            return self.cm_scorer.normalized(example, items.expand(example.shape[0], -1), method=cfg.cm_norm)
+            return self.cm_scorer.normalized(example, items.expand(example.shape[0], -1), method=cfg.cm_norm,
+                                             temperature=cfg.cm_temperature)
 
     def catalogue_mass(self, ctx: StageContext, example: torch.Tensor, positive: torch.Tensor):
         """:meth:`Reward.catalogue_mass` of training rows ``example[B]`` with positives ``positive[B]``: the
