@@ -58,6 +58,8 @@ SCENARIOS = {
     "tb_qwen2": ("qwen2", TB, False),
     "sft_llama_lora": ("llama", ["stage=sft_continue"], True),
     "tb_llama_lora": ("llama", TB, True),
+    # The on-policy sampler decodes with beam search during training: on the consolidated copy under FSDP.
+    "tb_qwen2_onpolicy": ("qwen2", [*TB, "gfn.sampler=onpolicy"], False),
 }
 RESUMED = "tb_llama_lora"   # also run stopped after step 2 and resumed from its sharded last/
 

@@ -133,7 +133,8 @@ class ShardedTraining:
         fully_shard(root, **kwargs)
         # FSDP picks as root the first unit whose forward runs. Decoding (on-policy sampling, evaluation) never
         # runs the sharded modules, but initialise the root now so that nothing else can ever claim that role.
-        root._get_fsdp_state()._lazy_init()
+        state = root._get_fsdp_state()  # no public API does this in torch 2.13
+        state._lazy_init()
         n_params = sum(p.numel() for p in policy.parameters())
         log.info("FSDP2: %d %s units + root over %d ranks (%s), %.1fM parameters, %s", len(layers), self.layer_class,
                  dist.world_size, dist.backend, n_params / 1e6,
