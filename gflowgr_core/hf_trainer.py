@@ -215,7 +215,13 @@ class GFlowGRTrainer(Trainer):
                  optimizers=(None, None), **kwargs):
         if not isinstance(args, GFlowGRConfig):
             raise TypeError(f"args must be a GFlowGRConfig, got {type(args).__name__}")
-        core = CoreTrainer(args.to_train_config(), data)
+        train_config = args.to_train_config()
+        if train_config.distributed == "fsdp":
+            # The library trainer would shard the policy itself, under the Trainer's own DDP wrapping.
+            raise ConfigError("gflowgr_overrides distributed=fsdp shards the model in the library trainer, which "
+                              "GFlowGRTrainer cannot drive: train with `torchrun ... -m gflowgr_core.cli train ... "
+                              "distributed=fsdp` (docs/distributed.md), or drop the override for DDP here")
+        core = CoreTrainer(train_config, data)
         # Under Hugging Face's DDP every rank trains on its own rows with its own library trainer, whose
         # generator would be seeded alike on every rank: the random augmentations would repeat across ranks.
         # Rank 0 keeps ``seed`` (a single process is unchanged); rank r draws from its own seed.

@@ -219,3 +219,13 @@ def test_mixed_precision_only_on_cuda_bf16():
     assert mixed_precision_policy(torch.device("cuda", 0), "float32") is None
     mp = mixed_precision_policy(torch.device("cuda", 0), "bfloat16")
     assert mp.param_dtype == torch.bfloat16 and mp.reduce_dtype == torch.float32
+
+
+def test_hf_trainer_refuses_the_library_fsdp_override(tmp_path):
+    from gflowgr_core.hf_trainer import GFlowGRConfig, GFlowGRTrainer
+    from gflowgr_core.train.config import ConfigError
+
+    args = GFlowGRConfig(output_dir=str(tmp_path), data_dir=str(tmp_path / "data"), stage="sft", use_cpu=True,
+                         report_to="none", gflowgr_overrides=["distributed=fsdp"])
+    with pytest.raises(ConfigError, match="cli train .* distributed=fsdp"):
+        GFlowGRTrainer(args)
