@@ -128,7 +128,7 @@ class ShardedTraining:
         kwargs = {"mesh": self.mesh}
         if self.mp_policy is not None:
             kwargs["mp_policy"] = self.mp_policy
-        for layer in layers:
+        for layer in reversed(layers):  # inner units before the units around them, should the classes nest
             fully_shard(layer, **kwargs)
         fully_shard(root, **kwargs)
         # FSDP picks as root the first unit whose forward runs. Decoding (on-policy sampling, evaluation) never
