@@ -548,6 +548,28 @@ def render_cpu_memory(results: Path) -> str:
     return "\n\n".join(render_cpu_memory_file(load(results, f.name)) for f in files)
 
 
+def render_fsdp_file(p: dict) -> str:
+    """DDP vs FSDP2 per rank: training state, peak memory over the post-import baseline, step time."""
+    sizes = need(p, "sizes")
+    rows = [{"strategy": strategy.upper() if strategy == "ddp" else "FSDP2", "rank": r["rank"],
+             "state_mb": r["state_mb"], "peak_over_baseline_mb": r["peak_over_baseline_mb"],
+             "step_seconds": r["step_seconds"]}
+            for strategy, ranks in need(p, "runs").items() for r in ranks]
+    about = (f"{p.get('world_size')} {p.get('backend')} ranks; a {sizes['parameters']:,}-parameter model "
+             f"({sizes['layers']} layers, hidden {sizes['hidden']}), {sizes['stage']}, {sizes['optimizer']}, "
+             f"{sizes['dtype']}, global batch {sizes['global_batch']}, {sizes['timed_steps']} timed steps")
+    note = f" {p['note'].rstrip('.')}." if p.get("note") else ""
+    return "\n".join([provenance(p), "", f"One run: {about}.{note}", "", records_table(rows), "",
+                      "; ".join(f"`{k}`: {metric(v)}" for k, v in need(p, "summary").items()) + "."])
+
+
+def render_fsdp(results: Path) -> str:
+    files = sorted(results.glob("fsdp_*.json"))
+    if not files:
+        return pending("benchmarks/results/fsdp_cpu.json", "run `python benchmarks/bench_fsdp.py`")
+    return "\n\n".join(render_fsdp_file(load(results, f.name)) for f in files)
+
+
 BATCH_ORDER_TEST = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
@@ -642,7 +664,7 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "train_step": render_train_step, "train_epoch": render_train_epoch, "train_compile": render_train_compile,
     "cpu_memory": render_cpu_memory, "batch_order": render_batch_order,
     "trie_build": render_trie_build,
-    "quality": render_quality, "demo": render_demo, "tuning": render_tuning,
+    "quality": render_quality, "demo": render_demo, "tuning": render_tuning, "fsdp": render_fsdp,
 }
 
 

@@ -334,3 +334,17 @@ def test_batch_order_section_renders_every_run_and_the_means_or_says_how_to_run_
     assert "| shuffled | 42 | 308 | 0.0178 | 0.0305 | 0.0110 | 0.0145 | 0.0000 |" in text
     assert "131,413 training examples, batch 1,024, 4 epochs per run" in text
     assert "**partial**" in text
+
+
+def test_fsdp_file_renders_every_rank_and_the_summary(tmp_path):
+    rank = {"rank": 0, "state_mb": 100.0, "peak_over_baseline_mb": 300.0, "step_seconds": 2.0}
+    payload = {**HEADER, "backend": "gloo", "world_size": 2, "note": "shared CPU",
+               "sizes": {"parameters": 1000, "layers": 2, "hidden": 8, "stage": "sft", "optimizer": "AdamW",
+                         "dtype": "float32", "global_batch": 4, "timed_steps": 3},
+               "runs": {"ddp": [rank], "fsdp": [{**rank, "state_mb": 50.0, "peak_over_baseline_mb": 200.0}]},
+               "summary": {"memory_ratio_fsdp_over_ddp": 0.6667}}
+    root = make_root(tmp_path, "<!-- report:fsdp -->\n<!-- /report:fsdp -->\n", {"fsdp_cpu.json": payload})
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert "| DDP | 0 | 100 | 300 | 2.00 |" in text and "| FSDP2 | 0 | 50.0 | 200 | 2.00 |" in text
+    assert "a 1,000-parameter model (2 layers, hidden 8)" in text and "`memory_ratio_fsdp_over_ddp`: 0.6667" in text

@@ -751,7 +751,7 @@ class Trainer:
         changed = sorted(k for k in set(old) | set(new)
                          if k.split(".")[0] not in RESUME_FREE_KEYS and old.get(k, defaults.get(k)) != new.get(k))
         if changed:
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            diff = ", ".join(f"{k}: {old.get(k, defaults.get(k))!r} -> {new.get(k)!r}" for k in changed)
             raise ConfigError(f"resume=true but the config differs from the one {where} was trained with ({diff}); "
                               f"only {sorted(RESUME_FREE_KEYS)} may change when resuming")
 
