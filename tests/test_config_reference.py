@@ -183,6 +183,7 @@ def test_warmup_longer_than_the_run_warns(tmp_path):
         load_config(None, [f"data={data}", "epochs=2", "batch_size=256", "warmup_steps=9"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        load_config(None, [f"data={data}", "epochs=2", "batch_size=256", "warmup_steps=9"])  # said once
         load_config(None, [f"data={data}", "epochs=2", "batch_size=256", "warmup_steps=8"])
         load_config(None, ["data=x", "warmup_steps=100"])  # run length unknown: no warning
 

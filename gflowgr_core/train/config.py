@@ -288,6 +288,9 @@ def check_device(config: "TrainConfig") -> None:
                               key="device")
 
 
+_WARNED_WARMUPS: set = set()
+
+
 def _warn_long_warmup(cfg: "TrainConfig") -> None:
     """Warn when the learning-rate warm-up is longer than the run (known from max_steps, or from the prepared
     data's training examples when its stats.json is readable)."""
@@ -302,7 +305,8 @@ def _warn_long_warmup(cfg: "TrainConfig") -> None:
             examples = min(examples, cfg.max_train_examples)
         steps = cfg.epochs * math.ceil(examples / cfg.batch_size)
         how = f"{cfg.epochs} epoch(s) of {math.ceil(examples / cfg.batch_size)} steps"
-    if cfg.warmup_steps > steps:
+    if cfg.warmup_steps > steps and (cfg.warmup_steps, steps, cfg.lr, cfg.data) not in _WARNED_WARMUPS:
+        _WARNED_WARMUPS.add((cfg.warmup_steps, steps, cfg.lr, cfg.data))  # load_config, then Trainer: say it once
         warnings.warn(f"warmup_steps={cfg.warmup_steps} is longer than the run ({steps} steps: {how}): the learning "
                       f"rate never reaches lr={cfg.lr}", UserWarning, stacklevel=3)
 
