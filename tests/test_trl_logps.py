@@ -246,3 +246,16 @@ def test_invalid_completion_is_named():
         sid_per_token_logps(model, ids, attn, comp.shape[1], vocab)
     with pytest.raises(ValueError, match="support must be one of"):
         sid_per_token_logps(model, ids, attn, comp.shape[1], vocab, support="full")
+
+
+def test_index_errors_name_the_file_and_item(tmp_path):
+    import json
+
+    tok, _, _, _, _ = tiny_setup()
+    bad = tmp_path / "X.index.json"
+    bad.write_text(json.dumps({"7": ["<a_1>", "<b_2>", "<c_3>"], "9": ["<a_1>", "<c_2>", "<b_3>"]}))
+    with pytest.raises(ValueError, match=r"X.index.json: item '9': .*level 2, expected level 1"):
+        SIDVocabulary.from_index(tok, bad)
+    bad.write_text(json.dumps({"7": ["<a_1>", "<b_2>", "<c_3>"], "9": ["<a_1>", "<b_2>"]}))
+    with pytest.raises(ValueError, match=r"item '9' has a 2-level SID, item '7' has 3 levels"):
+        SIDVocabulary.from_index(tok, bad)

@@ -26,9 +26,9 @@ def _check_completions(tok, vocab, prompt_width, out, with_end):
     return codes
 
 
-@pytest.mark.parametrize("sampling", [dict(do_sample=True, temperature=1.3),
+@pytest.mark.parametrize("sampling", [dict(do_sample=True, temperature=1.3, num_return_sequences=4),
                                       dict(do_sample=True, top_k=3, top_p=0.6, temperature=0.7),
-                                      dict(do_sample=True, min_p=0.2),
+                                      dict(do_sample=True, min_p=0.2, num_return_sequences=4),
                                       dict(num_beams=4, num_return_sequences=4, do_sample=False)])
 @pytest.mark.parametrize("with_end", [True, False])
 def test_constrained_generate_only_emits_catalogue_sids(sampling, with_end):
@@ -43,7 +43,7 @@ def test_constrained_generate_only_emits_catalogue_sids(sampling, with_end):
     install_constrained_generation(model, vocab, with_end_token=with_end)
     torch.manual_seed(0)
     leaves = []
-    for _ in range(3 if "num_beams" in sampling else 25):
+    for _ in range(3 if "num_beams" in sampling else 8):
         out = model.generate(**enc, max_new_tokens=16, pad_token_id=tok.pad_token_id, **sampling)
         codes = _check_completions(tok, vocab, enc["input_ids"].shape[1], out, with_end)
         leaves.append(vocab.trie.leaf_of(codes))

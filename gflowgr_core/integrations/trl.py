@@ -244,16 +244,20 @@ class SIDVocabulary:
         if not isinstance(index, dict) or not index:
             raise ValueError(f"{path}: expected a non-empty JSON object item_id -> list of SID tokens")
         item_ids = [str(k) for k in index]
-        strings = []
+        rows = []
         for item in item_ids:
             value = index[item]
             if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
                 raise ValueError(f"{path}: item {item!r} maps to {value!r}, expected a list of SID token strings")
-            strings.append("".join(value))
-        try:
-            codes = sid_codes_from_strings(strings)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc} (strings[i] is item {{item_ids[i]}} in file order)") from None
+            try:
+                row = sid_codes_from_strings(["".join(value)])[0]
+            except ValueError as exc:
+                raise ValueError(f"{path}: item {item!r}: {exc}") from None
+            if rows and row.numel() != rows[0].numel():
+                raise ValueError(f"{path}: item {item!r} has a {row.numel()}-level SID, item {item_ids[0]!r} has "
+                                 f"{rows[0].numel()} levels")
+            rows.append(row)
+        codes = torch.stack(rows)
         return cls.from_tokenizer(tokenizer, codes, end_token_id=end_token_id,
                                   add_missing_tokens=add_missing_tokens), item_ids
 
