@@ -145,7 +145,9 @@ class TrainConfig:
     resume: bool = False           # continue from out/last/ (model, optimiser, RNG, sampler, epoch position)
     save_every_steps: int = 500    # also write out/last/ every N steps (0 = only at epoch ends and on stop)
     handle_signals: bool = True    # SIGTERM/SIGINT: checkpoint at the next step boundary, then return
-    distributed: str = "auto"      # "auto": DDP when launched by torchrun (WORLD_SIZE > 1) | "off"
+    # "auto": DDP when launched by torchrun (WORLD_SIZE > 1) | "fsdp": shard the model over the torchrun ranks
+    # (FSDP2, docs/distributed.md) | "off"
+    distributed: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)   # the causal LM
     gfn: GFNConfig = field(default_factory=GFNConfig)   # stage gflowgr: objective, sampler, reward
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)   # stages dpo / sdpo
