@@ -570,6 +570,28 @@ def render_fsdp(results: Path) -> str:
     return "\n\n".join(render_fsdp_file(load(results, f.name)) for f in files)
 
 
+TRL_LOGPS_COLUMNS = ("variant", "baseline", "cpu_median_ms", "median_ms", "tensor_peak_mb", "rss_extra_peak_mb")
+
+
+def render_trl_logps_file(p: dict) -> str:
+    """The per-token log-prob step, TRL's and forks' ways against the SID-row path: CPU time, wall time, memory."""
+    sizes = need(p, "sizes")
+    rows = [{c: r.get(c) for c in TRL_LOGPS_COLUMNS} for r in need(p, "rows")]
+    about = (f"V = {sizes['vocab']:,}, hidden {sizes['hidden']}, {sizes['layers']} layers, "
+             f"{'tied' if sizes.get('tied_embeddings') else 'untied'} embeddings, {sizes['dtype']}; "
+             f"{sizes['batch']} completions after {sizes['prompt']}-token prompts; median of {sizes['reps']} steps")
+    return "\n".join([provenance(p), "", f"One run{' (`--quick`)' if p.get('quick') else ''}: {about}.", "",
+                      records_table(rows), "",
+                      "; ".join(f"`{k}`: {metric(v)}" for k, v in need(p, "summary").items()) + "."])
+
+
+def render_trl_logps(results: Path) -> str:
+    files = sorted(results.glob("trl_logps_*.json"))
+    if not files:
+        return pending("benchmarks/results/trl_logps_cpu.json", "run `python benchmarks/bench_trl_logps.py`")
+    return "\n\n".join(render_trl_logps_file(load(results, f.name)) for f in files)
+
+
 BATCH_ORDER_TEST = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 
 
@@ -665,6 +687,7 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "cpu_memory": render_cpu_memory, "batch_order": render_batch_order,
     "trie_build": render_trie_build,
     "quality": render_quality, "demo": render_demo, "tuning": render_tuning, "fsdp": render_fsdp,
+    "trl_logps": render_trl_logps,
 }
 
 

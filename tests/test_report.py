@@ -348,3 +348,20 @@ def test_fsdp_file_renders_every_rank_and_the_summary(tmp_path):
     text = (root / "README.md").read_text()
     assert "| DDP | 0 | 100 | 300 | 2.00 |" in text and "| FSDP2 | 0 | 50.0 | 200 | 2.00 |" in text
     assert "a 1,000-parameter model (2 layers, hidden 8)" in text and "`memory_ratio_fsdp_over_ddp`: 0.6667" in text
+
+
+def test_trl_logps_file_renders_each_variant_and_the_summary(tmp_path):
+    row = {"variant": "trl_fused", "baseline": True, "cpu_median_ms": 2000.0, "median_ms": 2500.0,
+           "tensor_peak_mb": 238.5, "rss_extra_peak_mb": 900.0, "reps": 2}
+    payload = {**HEADER, "quick": False,
+               "sizes": {"vocab": 151936, "hidden": 256, "layers": 2, "tied_embeddings": True, "dtype": "float32",
+                         "batch": 32, "prompt": 48, "reps": 2},
+               "rows": [row, {**row, "variant": "sid_trie", "baseline": False, "cpu_median_ms": 500.0}],
+               "summary": {"trl_fused_over_sid_trie_cpu_time": 4.0}}
+    root = make_root(tmp_path, "<!-- report:trl_logps -->\n<!-- /report:trl_logps -->\n",
+                     {"trl_logps_cpu.json": payload})
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert "| trl_fused | yes | 2,000 | 2,500 | 238 | 900 |" in text and "| sid_trie | no | 500 |" in text
+    assert "V = 151,936, hidden 256, 2 layers, tied embeddings" in text
+    assert "`trl_fused_over_sid_trie_cpu_time`: 4.00" in text
