@@ -13,13 +13,14 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # data
-    "Interactions": "gflowgr_core.data.loaders", "load_interactions": "gflowgr_core.data.loaders",
+    "Interactions": "gflowgr_core.data.loaders", "load_interactions": "gflowgr_core.data.formats",
     "DataError": "gflowgr_core.data.loaders", "leave_one_out": "gflowgr_core.data.split",
     "kcore_filter": "gflowgr_core.data.split", "SplitData": "gflowgr_core.data.split",
     "Split": "gflowgr_core.data.split", "prepare": "gflowgr_core.data.prepared",
     "PreparedData": "gflowgr_core.data.prepared",
     # semantic IDs
     "Catalog": "gflowgr_core.sid.catalog", "Trie": "gflowgr_core.sid.trie", "SIDTokenMap": "gflowgr_core.sid.tokens",
+    "parse_sid": "gflowgr_core.sid.tokens", "format_sid": "gflowgr_core.sid.tokens",
     "rq_kmeans": "gflowgr_core.sid.tokenizer", "build_catalog": "gflowgr_core.sid.tokenizer",
     # model, objectives, decoding
     "SIDPolicy": "gflowgr_core.model.policy", "build_tiny_causal_lm": "gflowgr_core.model.policy",

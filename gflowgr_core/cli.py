@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from gflowgr_core.data.loaders import FORMATS
+from gflowgr_core.data.formats import FORMATS
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -26,16 +26,12 @@ from gflowgr_core.data.prepared import PreparedData
 from gflowgr_core.data.split import Split
 from gflowgr_core.decoding.search import beam_search_scorings
 from gflowgr_core.devices import resolve_device
-from gflowgr_core.metrics import evaluate_rankings, hit_rank
+from gflowgr_core.metrics import AGREEMENT_KEY, EVAL_KS, SCORINGS, evaluate_rankings, hit_rank
 from gflowgr_core.model.policy import SIDPolicy
 from gflowgr_core.sid.trie import Trie
 from gflowgr_core.train.checkpoint import load_policy
 from gflowgr_core.train.distributed import DistContext
 
-EVAL_KS = (5, 10, 20)
-# Key prefix of each scoring, headline first: (prefix, renormalize).
-SCORINGS = (("", False), ("renorm/", True))
-AGREEMENT_KEY = f"scoring_agreement@{max(EVAL_KS)}"
 
 
 def top_k_agreement(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -50,6 +50,13 @@ __all__ = [
 _NO_KEY = torch.iinfo(torch.int64).min
 
 
+
+# What every evaluation reports (gflowgr_core.evaluation): the cut-offs, the two scorings of a SID as (key prefix,
+# renormalised over trie children), headline first, and the key of their top-20 agreement.
+EVAL_KS = (5, 10, 20)
+SCORINGS = (("", False), ("renorm/", True))
+AGREEMENT_KEY = f"scoring_agreement@{max(EVAL_KS)}"
+
 def _check_ranked(ranked: Tensor, num_items: Optional[int]) -> None:
     if ranked.dim() != 2:
         raise ValueError(f"ranked must be a 2-D LongTensor [N, K'], got shape {tuple(ranked.shape)}")

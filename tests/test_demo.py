@@ -120,10 +120,10 @@ def test_signal_between_runs_stops_before_the_next_one(quick_demo, tmp_path, mon
     (tmp_path / "sft" / "result.json").unlink()  # SFT trained but not yet tested: the call resumes it
     original = Trainer.evaluate
 
-    def evaluate(self, split_name="valid", max_users=None):
+    def evaluate(self, split_name="valid", max_users=None, **kwargs):
         if split_name == "test":
             signal.raise_signal(signal.SIGTERM)
-        return original(self, split_name, max_users)
+        return original(self, split_name, max_users, **kwargs)
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     result = run_demo(tmp_path, device="cpu", quick=True)

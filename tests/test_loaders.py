@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from gflowgr_core.data import loaders
-from gflowgr_core.data.loaders import (DataError, Interactions, letter_paths, load_csv, load_interactions,
-                                       load_letter, load_ml100k, load_p5)
+from gflowgr_core.data.formats import load_interactions
+from gflowgr_core.data.loaders import (DataError, Interactions, letter_paths, load_csv, load_letter, load_ml100k,
+                                       load_p5)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
 DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from gflowgr_core.cli import main
-from gflowgr_core.data.loaders import DataError, load_csv, load_interactions
+from gflowgr_core.data.formats import load_interactions
+from gflowgr_core.data.loaders import DataError, load_csv
 from gflowgr_core.data.minionerec import load_minionerec, minionerec_files
 from gflowgr_core.data.prepared import PreparedData, prepare
 from gflowgr_core.sid.tokens import format_sid, parse_sid

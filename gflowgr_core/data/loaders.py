@@ -1,5 +1,6 @@
 """Interaction loaders: LETTER JSON, P5 ``user_sequence.txt``, CSV/TSV (incl. RecBole ``.inter``), ML-100K;
-MiniOneRec's pre-split CSVs are read by :mod:`gflowgr_core.data.minionerec`.
+MiniOneRec's pre-split CSVs are read by :mod:`gflowgr_core.data.minionerec`; :mod:`gflowgr_core.data.formats`
+picks the loader of a format name.
 
 Every loader returns an :class:`Interactions`: one chronological sequence of dense item indices per user.
 Items are re-indexed ``0..n_items-1`` in the order of their raw ids (numerical order when every raw id is
@@ -35,13 +36,10 @@ __all__ = [
     "load_p5",
     "load_csv",
     "load_ml100k",
-    "load_interactions",
-    "FORMATS",
 ]
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("letter", "p5", "csv", "minionerec", "ml100k")
 
 _INTEGER_ID = re.compile(r"-?[0-9]+")
 # RecBole atomic-file headers carry a type after a colon: ``user_id:token``, ``rating:float``.
@@ -512,36 +510,3 @@ def load_ml100k() -> Interactions:
     data = load_csv(_ml100k_path(), user_col="user_id", item_col="item_id", time_col="timestamp", sep="\t")
     data.source = f"ml100k:{data.source.split(':', 1)[1]}"
     return data
-
-
-# ---------------------------------------------------------------------------------------------- dispatch
-
-
-def load_interactions(format: str, path: str | Path | None = None, **kwargs) -> Interactions:
-    """Load interactions by format name.
-
-    Args:
-        format: one of ``"letter"``, ``"p5"``, ``"csv"``, ``"minionerec"``, ``"ml100k"``.
-        path: the file or folder (not used by ``"ml100k"``).
-        **kwargs: passed to :func:`load_csv` (column names, separator); only valid for ``"csv"``.
-    """
-    name = format.lower()
-    if name not in FORMATS:
-        raise ValueError(f"unknown interaction format {format!r}; expected one of {list(FORMATS)}")
-    if kwargs and name != "csv":
-        raise ValueError(f"format {name!r} takes no options, got {sorted(kwargs)}")
-    if name == "ml100k":
-        if path is not None:
-            raise ValueError("format 'ml100k' reads the copy bundled with recbole; it takes no path")
-        return load_ml100k()
-    if path is None:
-        raise ValueError(f"format {name!r} needs a path")
-    if name == "letter":
-        return load_letter(path)
-    if name == "p5":
-        return load_p5(path)
-    if name == "minionerec":
-        from .minionerec import load_minionerec
-
-        return load_minionerec(path)
-    return load_csv(path, **kwargs)

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gflowgr_core.data.loaders import Interactions, letter_paths, load_interactions
+from gflowgr_core.data.formats import load_interactions
+from gflowgr_core.data.loaders import Interactions, letter_paths
 from gflowgr_core.data.split import SplitData, Split, kcore_filter, leave_one_out
 from gflowgr_core.metrics import item_popularity
 from gflowgr_core.sid.catalog import Catalog

@@ -257,8 +257,7 @@ def select_metric_names() -> tuple[str, ...]:
     ``renorm/ndcg@10``, ...), read from the evaluation code itself so that the list cannot go stale."""
     import torch
 
-    from gflowgr_core.evaluation import AGREEMENT_KEY, EVAL_KS, SCORINGS
-    from gflowgr_core.metrics import evaluate_rankings
+    from gflowgr_core.metrics import AGREEMENT_KEY, EVAL_KS, SCORINGS, evaluate_rankings
 
     width = max(EVAL_KS)
     ranked = torch.arange(width)[None, :]
