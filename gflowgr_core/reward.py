@@ -540,8 +540,8 @@ def cm_component(config: RewardConfig, scorer: Any, example_idx: torch.Tensor,
                  candidates: torch.Tensor) -> torch.Tensor | None:
     """The ``cm_norm[B, T]`` input of :class:`Reward` for ``cm_source="cm"``.
 
-    Calls ``scorer.normalized(example_idx[B], candidates[B, T], method=config.cm_norm,
-    temperature=config.cm_temperature)`` (a ``CMScorer``).
+    Calls ``scorer.normalized(example_idx[B], candidates[B, T], method=config.cm_norm)`` (a ``CMScorer``), with
+    ``temperature=config.cm_temperature`` for ``cm_norm="softmax"``.
     Returns ``None`` when ``use_cm`` is off. With ``cm_source="lm"`` the caller must supply the LM
     probability instead (see :func:`lm_generation_prob`), so this raises ``RewardError``.
     """
@@ -551,7 +551,9 @@ def cm_component(config: RewardConfig, scorer: Any, example_idx: torch.Tensor,
         raise RewardError("cm_source='lm': supply the LM's normalised generation probability "
                           "(lm_generation_prob) as cm_norm instead of CM scores")
     with torch.no_grad():
-        return scorer.normalized(example_idx, candidates, method=config.cm_norm, temperature=config.cm_temperature)
+        if config.cm_norm == "softmax":  # the only method with a temperature; other scorers need not take one
+            return scorer.normalized(example_idx, candidates, method="softmax", temperature=config.cm_temperature)
+        return scorer.normalized(example_idx, candidates, method=config.cm_norm)
 
 
 def lm_generation_prob(step_logp: torch.Tensor) -> torch.Tensor:

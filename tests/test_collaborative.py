@@ -155,7 +155,7 @@ def test_cm_normalisations(scorer):
     order = own.argsort(1)
     assert torch.all(sig.gather(1, order).diff(dim=1) >= 0)
     with pytest.raises(ValueError, match="sigmoid_z"):
-        scorer.normalized(rows, items, "softmax")
+        scorer.normalized(rows, items, "tanh")
 
 
 def test_cm_save_load_and_fingerprint(scorer, data, tmp_path):
