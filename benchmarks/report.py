@@ -531,6 +531,19 @@ def render_train_compile(results: Path) -> str:
     return per_device(results, "train_compile", render_train_compile_file)
 
 
+def summary_line(p: dict) -> str:
+    """The file's ``summary`` as one line of ``key: value`` pairs."""
+    return "; ".join(f"`{k}`: {metric(v)}" for k, v in need(p, "summary").items()) + "."
+
+
+def every_file(results: Path, stem: str, render_file: Callable[[dict], str], how: str) -> str:
+    """Every ``<stem>_*.json`` rendered, or a pending line saying ``how`` to produce ``<stem>_cpu.json``."""
+    files = sorted(results.glob(f"{stem}_*.json"))
+    if not files:
+        return pending(f"benchmarks/results/{stem}_cpu.json", how)
+    return "\n\n".join(render_file(load(results, f.name)) for f in files)
+
+
 def render_cpu_memory_file(p: dict) -> str:
     rows = need(p, "rows")
     about = [str(p[k]) for k in ("data", "dtype") if p.get(k)] + ([f"model {p['model']}"] if p.get("model") else [])
@@ -538,14 +551,11 @@ def render_cpu_memory_file(p: dict) -> str:
     about += load_over_run(p)
     return "\n".join([provenance(p), "", "One run" + (" (`--quick`)" if p.get("quick") else "") + ": "
                       + "; ".join(about) + ".", "", records_table(rows), "",
-                      "; ".join(f"`{k}`: {metric(v)}" for k, v in need(p, "summary").items()) + "."])
+                      summary_line(p)])
 
 
 def render_cpu_memory(results: Path) -> str:
-    files = sorted(results.glob("cpu_memory_*.json"))
-    if not files:
-        return pending("benchmarks/results/cpu_memory_cpu.json", "run `python benchmarks/bench_cpu_memory.py`")
-    return "\n\n".join(render_cpu_memory_file(load(results, f.name)) for f in files)
+    return every_file(results, "cpu_memory", render_cpu_memory_file, "run `python benchmarks/bench_cpu_memory.py`")
 
 
 def render_fsdp_file(p: dict) -> str:
@@ -560,14 +570,11 @@ def render_fsdp_file(p: dict) -> str:
              f"{sizes['dtype']}, global batch {sizes['global_batch']}, {sizes['timed_steps']} timed steps")
     note = f" {p['note'].rstrip('.')}." if p.get("note") else ""
     return "\n".join([provenance(p), "", f"One run: {about}.{note}", "", records_table(rows), "",
-                      "; ".join(f"`{k}`: {metric(v)}" for k, v in need(p, "summary").items()) + "."])
+                      summary_line(p)])
 
 
 def render_fsdp(results: Path) -> str:
-    files = sorted(results.glob("fsdp_*.json"))
-    if not files:
-        return pending("benchmarks/results/fsdp_cpu.json", "run `python benchmarks/bench_fsdp.py`")
-    return "\n\n".join(render_fsdp_file(load(results, f.name)) for f in files)
+    return every_file(results, "fsdp", render_fsdp_file, "run `python benchmarks/bench_fsdp.py`")
 
 
 TRL_LOGPS_COLUMNS = ("variant", "baseline", "cpu_median_ms", "median_ms", "tensor_peak_mb", "rss_extra_peak_mb")
@@ -582,14 +589,11 @@ def render_trl_logps_file(p: dict) -> str:
              f"{sizes['batch']} completions after {sizes['prompt']}-token prompts; median of {sizes['reps']} steps")
     return "\n".join([provenance(p), "", f"One run{' (`--quick`)' if p.get('quick') else ''}: {about}.", "",
                       records_table(rows), "",
-                      "; ".join(f"`{k}`: {metric(v)}" for k, v in need(p, "summary").items()) + "."])
+                      summary_line(p)])
 
 
 def render_trl_logps(results: Path) -> str:
-    files = sorted(results.glob("trl_logps_*.json"))
-    if not files:
-        return pending("benchmarks/results/trl_logps_cpu.json", "run `python benchmarks/bench_trl_logps.py`")
-    return "\n\n".join(render_trl_logps_file(load(results, f.name)) for f in files)
+    return every_file(results, "trl_logps", render_trl_logps_file, "run `python benchmarks/bench_trl_logps.py`")
 
 
 BATCH_ORDER_TEST = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")

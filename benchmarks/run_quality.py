@@ -182,7 +182,8 @@ def _base_overrides(root: Path, dataset: str, method: str, seed: int, out: Path,
                     extra: Sequence[str], sft_seed: Optional[int] = None) -> list[str]:
     overrides = [f"data={data_dir(root, dataset, quick)}", f"out={out}", f"seed={seed}"]
     if method != "sft":
-        overrides.append(f"init_checkpoint={root / dataset / 'sft' / f'seed{seed if sft_seed is None else sft_seed}' / 'best'}")
+        sft_from = seed if sft_seed is None else sft_seed
+        overrides.append(f"init_checkpoint={root / dataset / 'sft' / f'seed{sft_from}' / 'best'}")
     if quick:
         overrides += QUICK_OVERRIDES + (QUICK_SFT if method == "sft" else QUICK_STAGE2)
         if method.startswith("gflowgr"):
@@ -528,19 +529,16 @@ def _evaluate_ranks(best: Path, data, expected: dict) -> dict:
     import numpy as np
 
     from gflowgr_core.data.prepared import PreparedData
-    from gflowgr_core.evaluation import evaluate_policy
+    from gflowgr_core.evaluation import evaluate_policy, item_key_of
     from gflowgr_core.train.checkpoint import load_policy
     from gflowgr_core.train.config import load_config
 
     cfg = load_config(best / "config.yaml")
     data = data if data is not None else PreparedData.load(cfg.data)
-    item_key = None
-    if data.catalog.collisions == "share" and int(data.stats.get("sid_collisions", 0)) > 0:
-        item_key = data.trie.item_leaf.cpu()
     log(f"evaluating {best} on test once more for its per-user ranks")
     ranks: dict = {}
     metrics = evaluate_policy(load_policy(best, device="cpu"), data, "test", beams=cfg.eval_beams,
-                              batch_size=cfg.eval_batch_size, backend=cfg.backend, item_key=item_key,
+                              batch_size=cfg.eval_batch_size, backend=cfg.backend, item_key=item_key_of(data),
                               ranks_out=ranks)
     for key in ("recall@10", "ndcg@10", "renorm/recall@10", "renorm/ndcg@10"):
         if key in expected and abs(metrics[key] - expected[key]) > 1e-9:

@@ -34,6 +34,14 @@ from gflowgr_core.train.distributed import DistContext
 
 
 
+def item_key_of(data: PreparedData) -> Optional[torch.Tensor]:
+    """Leaf node per item when the catalogue shares SIDs between items (then SID-match metrics are reported
+    too), else ``None``."""
+    if data.catalog.collisions == "share" and int(data.stats.get("sid_collisions", 0)) > 0:
+        return data.trie.item_leaf.cpu()
+    return None
+
+
 def top_k_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over rows of ``|a_u ∩ b_u| / k`` for two rankings ``[N, k]`` (``-1`` slots match nothing)."""
     if a.shape != b.shape or a.dim() != 2:
@@ -153,7 +161,4 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", data: Optional[str
     dev = resolve_device(device)
     prepared = PreparedData.load(data_dir)
     policy = load_policy(ckpt, device=dev)
-    item_key = None
-    if prepared.catalog.collisions == "share" and int(prepared.stats.get("sid_collisions", 0)) > 0:
-        item_key = prepared.trie.item_leaf.cpu()
-    return evaluate_policy(policy, prepared, split, beams=beams, device=dev, item_key=item_key)
+    return evaluate_policy(policy, prepared, split, beams=beams, device=dev, item_key=item_key_of(prepared))

@@ -42,7 +42,7 @@ from gflowgr_core.data.prepared import PreparedData
 from gflowgr_core.debug import oom_hint
 from gflowgr_core.decoding.search import beam_search, sample
 from gflowgr_core.devices import retain_freed_cpu_memory
-from gflowgr_core.evaluation import evaluate_policy
+from gflowgr_core.evaluation import evaluate_policy, item_key_of
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
 from gflowgr_core.data.windows import trunk_windows, window_order
 from gflowgr_core.reward import Reward
@@ -248,9 +248,7 @@ class Trainer:
 
     def _item_key(self) -> Optional[torch.Tensor]:
         """Leaf node per item when SIDs are shared, so that SID-match metrics are reported too."""
-        if self.data.catalog.collisions == "share" and int(self.data.stats.get("sid_collisions", 0)) > 0:
-            return self.data.trie.item_leaf.cpu()
-        return None
+        return item_key_of(self.data)
 
     def _needs_cm(self) -> bool:
         """Whether this stage's sampler or reward reads the collaborative model."""
