@@ -1,0 +1,154 @@
+"""Validation-only tuning of GFlowGR on a grid dataset (Beauty's CPU protocol).
+
+Every setting is one stage-2 run of the grid's budget (same SFT checkpoint, seed, examples, epochs and steps
+as ``benchmarks/run_quality.py``'s runs) with the named overrides on top of the method's YAML, scored on the
+grid's validation subset under both scorings; ``evaluate_test=false``, so the test split is never decoded.
+The grid's own finished runs of the tuning seed (``sft``, ``sft_continue``, ``sdpo``, ``gflowgr_tb``) are the
+reference rows, read from their validation history only.
+
+    python benchmarks/tune_quality.py --dataset beauty --config-dir configs/beauty_cpu --tag cpu \
+        --root /work/runs --sft-seed 42                        # every setting of TUNING not yet run
+    python benchmarks/tune_quality.py ... --settings teacher   # only these
+    python benchmarks/report.py --section tuning_quality       # renders the table into docs/reproduce.md
+
+Runs live under ``<root>/<dataset>/tune/<setting>/seed<S>``; each finished one is recorded (result, config,
+env; no checkpoint) under ``benchmarks/results/tune_<dataset>_<tag>_runs/`` and the table
+``benchmarks/results/tune_<dataset>_<tag>.json`` is rewritten, so tuning resumes on a new machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_json  # noqa: E402
+from quality_records import archive_run, restore_run  # noqa: E402
+from run_quality import (DATASETS, RESULTS_DIR, RunSpec, _base_overrides, _slug, ensure_data,  # noqa: E402
+                         output_path, plan_grid, records_root, run_specs)
+
+SELECT = "ndcg@10"
+SEED = 42
+REPORTED = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10")
+REFERENCES = ("sft", "sft_continue", "sdpo", "gflowgr_tb")
+# The reward that makes trajectory balance a distillation of the collaborative model: R(x) = the CM's softmax
+# over the catalogue (divided by its top entry), no r_a or r_sim (TB's fixed point is P_F(x | U) ∝ R(x)).
+TEACHER = ["gfn.reward.cm_norm=softmax", "gfn.reward.cm_temperature=1.0", "gfn.reward.use_a=false",
+           "gfn.reward.use_sim=false", "gfn.reward.r_pos_mode=fixed", "gfn.reward.beta=1.0"]
+# name -> (method, overrides on top of configs/<...>/<method>.yaml), in the order they are run.
+TUNING: dict[str, tuple[str, list[str]]] = {
+    "teacher": ("gflowgr_tb", TEACHER),
+    "teacher, lambda 1": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=1.0"]),
+    "lambda 0.03": ("gflowgr_tb", ["gfn.lambda_gfn=0.03"]),
+    "teacher, n_aug 7": ("gflowgr_tb", [*TEACHER, "gfn.n_aug=7"]),
+    "teacher, tau 0.5": ("gflowgr_tb", [*TEACHER, "gfn.reward.cm_temperature=0.5"]),
+}
+log = logging.getLogger("gflowgr")
+
+
+def plan_tuning(dataset: str, root: Path, names: list[str], config_dir: Optional[Path], sft_seed: int,
+                extra: list[str]) -> list[RunSpec]:
+    """One run per setting name, starting from the grid's SFT checkpoint of ``sft_seed``."""
+    unknown = [n for n in names if n not in TUNING]
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {unknown}; known: {', '.join(map(repr, TUNING))}")
+    specs = []
+    for name in names:
+        method, overrides = TUNING[name]
+        out = root / dataset / "tune" / _slug(name) / f"seed{SEED}"
+        specs.append(RunSpec(name=name, method=method, seed=SEED, out=out, dataset=dataset, config_dir=config_dir,
+                             needs=[root / dataset / "sft" / f"seed{sft_seed}"],
+                             overrides=_base_overrides(root, dataset, method, SEED, out, False,
+                                                       [*extra, *overrides, "evaluate_test=false"], sft_seed)))
+    return specs
+
+
+def validation_row(spec: RunSpec, overrides: list[str]) -> dict:
+    """The best validation epoch of a finished run (both scorings), its curve, steps and train time."""
+    res = json.loads((spec.out / "result.json").read_text())
+    history = [r for r in res.get("history", []) if isinstance(r.get("valid"), dict)]
+    if not history:
+        raise SystemExit(f"{spec.out}/result.json has no validation history")
+    best = max(history, key=lambda r: r["valid"][SELECT])
+    keys = [p + m for p in ("", "renorm/") for m in REPORTED]
+    return {"setting": spec.name, "method": spec.method, "overrides": overrides,
+            "valid": {k: float(best["valid"][k]) for k in keys if k in best["valid"]},
+            "best_epoch": best["epoch"], "epochs": res.get("epochs"), "steps": res.get("steps"),
+            "train_seconds": res.get("train_seconds"),
+            "curve": [{"epoch": r["epoch"], SELECT: r["valid"][SELECT]} for r in history]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=DATASETS, default="beauty")
+    p.add_argument("--settings", nargs="+", default=list(TUNING), metavar="NAME",
+                   help=f"settings to run (default: all): {', '.join(map(repr, TUNING))}")
+    p.add_argument("--root", default="runs", help="folder of prepared data and runs (as run_quality.py)")
+    p.add_argument("--config-dir", default=None, metavar="DIR", help="folder of the method YAMLs")
+    p.add_argument("--sft-seed", type=int, default=SEED, help="the grid's SFT run every setting starts from")
+    p.add_argument("--tag", default="", help="suffix of the results files, as run_quality.py's --tag")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR))
+    p.add_argument("--aggregate-only", action="store_true", help="train nothing; rewrite the table")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every setting")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root, results = Path(args.root), Path(args.results_dir)
+    config_dir = None if args.config_dir is None else Path(args.config_dir)
+    suffix = f"_{args.tag}" if args.tag else ""
+    path = results / f"tune_{args.dataset}{suffix}.json"
+    records = records_root(path)
+    grid_records = records_root(output_path(args.dataset, False, False, results, args.tag))
+    grid = plan_grid(args.dataset, list(REFERENCES), [SEED], root, extra=args.overrides, config_dir=config_dir,
+                     sft_seed=args.sft_seed)
+    specs = plan_tuning(args.dataset, root, list(TUNING), config_dir, args.sft_seed, list(args.overrides))
+    for spec in grid:
+        restore_run(spec.out, grid_records / f"{_slug(spec.name)}_seed{spec.seed}")
+    for spec in specs:
+        restore_run(spec.out, records / _slug(spec.name))
+
+    def write_table(device: str = "cpu") -> dict:
+        payload = {"benchmark": "tune_quality", "what": __doc__.strip().splitlines()[0],
+                   **environment(device), "dataset": args.dataset, "select_metric": SELECT, "seed": SEED,
+                   "sft_seed": args.sft_seed, "config_dir": str(config_dir or f"configs/{args.dataset}"),
+                   "overrides": list(args.overrides), "references": [], "runs": []}
+        for spec in grid:
+            if spec.done():
+                payload["references"].append(validation_row(spec, []))
+        for spec in specs:
+            if spec.done():
+                archive_run(spec.out, records / _slug(spec.name), keep_checkpoint=False)
+                payload["runs"].append(validation_row(spec, TUNING[spec.name][1]))
+        done = [s for s in grid if s.method != "sft" and s.done() and (s.out / "config.yaml").exists()]
+        if done:  # the budget every row shares (tuning runs differ only in their overrides)
+            cfg = yaml.safe_load((done[0].out / "config.yaml").read_text())
+            payload["budget"] = {k: cfg.get(k) for k in ("epochs", "batch_size", "lr", "warmup_steps", "valid_max_users", "eval_beams")}
+        rows = payload["runs"] + [r for r in payload["references"] if r["method"] == "gflowgr_tb"]
+        if rows:
+            payload["selected"] = max(rows, key=lambda r: r["valid"][SELECT])["setting"]
+        write_json(path, payload)
+        return payload
+
+    if not args.aggregate_only:
+        data = ensure_data(args.dataset, root)
+        wanted = [s for s in specs if s.name in args.settings]
+        run_specs(wanted, data, on_finished=lambda spec: write_table(), resume=True)
+    payload = write_table()
+    for r in payload["references"] + payload["runs"]:
+        print(f"{r['setting']:<22} valid {SELECT} {r['valid'][SELECT]:.4f}  renorm/{SELECT} "
+              f"{r['valid']['renorm/' + SELECT]:.4f}  coverage@10 {r['valid']['coverage@10']:.3f}  "
+              f"(best epoch {r['best_epoch']})")
+    print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
