@@ -685,12 +685,46 @@ def render_tuning(results: Path) -> str:
                        md_table(header, rows)])
 
 
+def render_tuning_quality(results: Path) -> str:
+    """The validation-only GFlowGR tuning on the quality grid's datasets (``benchmarks/tune_quality.py``): the
+    grid's own runs of the seed as references, then every tried setting in the order run."""
+    files = sorted(results.glob("tune_*.json"))
+    files = [f for f in files if f.name != "tune_demo_cpu.json"]
+    if not files:
+        return pending("benchmarks/results/tune_beauty_cpu.json", "run `python benchmarks/tune_quality.py`")
+    parts = []
+    for f in files:
+        p = load(results, f.name)
+        budget = p.get("budget") or {}
+        about = (f"{p.get('dataset', '?')}, stage 2 from the grid's SFT checkpoint (seed {p.get('sft_seed', '?')}), "
+                 f"seed {p.get('seed', '?')}: {budget.get('epochs', '?')} epochs at batch {budget.get('batch_size', '?')}, "
+                 f"lr {budget.get('lr', '?')}, the best validation epoch kept; validation on "
+                 f"{num(budget.get('valid_max_users'))} users, beam {budget.get('eval_beams', '?')}; test never read "
+                 f"by these runs; YAMLs from `{p.get('config_dir', '?')}`")
+        rows = []
+        for kind, key in (("grid run", "references"), ("tuning", "runs")):
+            for i, r in enumerate(need(p, key)):
+                if not isinstance(r.get("valid"), dict):
+                    raise ReportError(f"benchmarks/results/{f.name}: {key}[{i}] has no 'valid' metrics")
+                setting = ", ".join(f"`{o}`" for o in r.get("overrides") or []) or "as in its YAML"
+                rows.append([kind, f"`{r['method']}`", r.get("setting", ""), setting, r.get("best_epoch")] +
+                            [metric(r["valid"].get(c)) for c in TUNING_COLUMNS] +
+                            ["–" if r.get("train_seconds") is None else f"{r['train_seconds'] / 60:.0f} min"])
+        header = ["row", "method", "name", "overrides", "best epoch"] + [f"valid {c}" for c in TUNING_COLUMNS] + \
+            ["train time"]
+        chosen = p.get("selected")
+        parts += [provenance(p), "", f"One run per setting: {about}.", "", md_table(header, rows), ""]
+        if chosen:
+            parts.append(f"Highest validation {p.get('select_metric', 'ndcg@10')} among the GFlowGR rows: **{chosen}**.")
+    return "\n".join(parts)
+
+
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "decode": render_decode, "hf_processor": render_hf_processor, "gfn_loss": render_gfn_loss,
     "train_step": render_train_step, "train_epoch": render_train_epoch, "train_compile": render_train_compile,
     "cpu_memory": render_cpu_memory, "batch_order": render_batch_order,
     "trie_build": render_trie_build,
-    "quality": render_quality, "demo": render_demo, "tuning": render_tuning, "fsdp": render_fsdp,
+    "quality": render_quality, "demo": render_demo, "tuning": render_tuning, "tuning_quality": render_tuning_quality, "fsdp": render_fsdp,
     "trl_logps": render_trl_logps,
 }
 
