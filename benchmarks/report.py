@@ -414,7 +414,7 @@ def render_quality_file(p: dict) -> str:
     if p.get("missing"):
         lines += ["", "No finished seed: " + ", ".join(f"`{m}`" for m in p["missing"]) + "."]
     if p.get("comparisons"):
-        lines += ["", comparisons_table(p["comparisons"])]
+        lines += ["", comparisons_table(p["comparisons"]), "", comparisons_verdict(p["comparisons"])]
     for source, table in (p.get("paper") or {}).items():
         rows = table.items() if all(isinstance(v, dict) for v in table.values()) else [(source, table)]
         cols = list(dict.fromkeys(k for _, v in rows for k in v))
@@ -437,6 +437,24 @@ def comparisons_table(comparisons: dict) -> str:
                       md_table(["pair", "metric", "difference", "95% interval", "p"], rows)])
 
 
+def comparisons_verdict(comparisons: dict, metrics: Sequence[str] = ("ndcg@10", "renorm/ndcg@10")) -> str:
+    """One plain sentence per compared pair: above, below or not distinguishable (95% interval containing 0)."""
+    said = []
+    for pair, per_metric in comparisons.items():
+        ours, other = pair.split("-", 1)
+        parts = []
+        for name in metrics:
+            c = per_metric.get(name)
+            if c is None:
+                continue
+            lo, hi = c["ci95"]
+            verdict = "above" if lo > 0 else "below" if hi < 0 else "not distinguishable from"
+            parts.append(f"{verdict} it on {name} ({c['diff']:+.4f}, p = {c['p']:.2g})")
+        if parts:
+            said.append(f"`{ours}` vs `{other}`: " + "; ".join(parts) + ".")
+    return "What it shows: " + " ".join(said) if said else ""
+
+
 def quality_command(root: Path, folder: str, folders: Sequence[str]) -> str:
     """How to produce ``quality_<folder>.json`` for the config folder ``configs/<folder>``. A folder
     ``<dataset>_<tag>`` beside ``configs/<dataset>`` is another protocol of that dataset: ``run_quality.py``
@@ -452,10 +470,16 @@ def quality_command(root: Path, folder: str, folders: Sequence[str]) -> str:
     return f"run `python benchmarks/run_quality.py --dataset {folder}` on a GPU"
 
 
+GRID_DATASETS = ("beauty", "sports", "toys")  # run_quality.py's --dataset choices
+
+
 def render_quality(results: Path) -> str:
     out = []
     root = results.parents[1]
-    datasets = sorted(d.name for d in (root / "configs").iterdir() if d.is_dir()) if (root / "configs").is_dir() else []
+    # Only the grid's datasets and their protocols (configs/<dataset>_<tag>); other config folders (e.g. the
+    # templates for a user's own data) have no quality grid.
+    datasets = sorted(d.name for d in (root / "configs").iterdir()
+                      if d.is_dir() and d.name.split("_", 1)[0] in GRID_DATASETS) if (root / "configs").is_dir() else []
     for ds in datasets:
         if not (results / f"quality_{ds}.json").is_file():
             out.append(pending(f"benchmarks/results/quality_{ds}.json", quality_command(root, ds, datasets)))
@@ -578,12 +602,15 @@ def render_fsdp(results: Path) -> str:
 
 
 TRL_LOGPS_COLUMNS = ("variant", "baseline", "cpu_median_ms", "median_ms", "tensor_peak_mb", "rss_extra_peak_mb")
+TRL_LOGPS_CUDA_COLUMNS = ("variant", "baseline", "median_ms", "cuda_peak_mb", "cuda_allocated_before_mb")
 
 
 def render_trl_logps_file(p: dict) -> str:
-    """The per-token log-prob step, TRL's and forks' ways against the SID-row path: CPU time, wall time, memory."""
+    """The per-token log-prob step, TRL's and forks' ways against the SID-row path: CPU time, wall time, memory
+    (on CUDA: synchronized wall time and ``max_memory_allocated`` of the first step)."""
     sizes = need(p, "sizes")
-    rows = [{c: r.get(c) for c in TRL_LOGPS_COLUMNS} for r in need(p, "rows")]
+    cols = TRL_LOGPS_CUDA_COLUMNS if p.get("device_kind") == "cuda" else TRL_LOGPS_COLUMNS
+    rows = [{c: r.get(c) for c in cols} for r in need(p, "rows")]
     about = (f"V = {sizes['vocab']:,}, hidden {sizes['hidden']}, {sizes['layers']} layers, "
              f"{'tied' if sizes.get('tied_embeddings') else 'untied'} embeddings, {sizes['dtype']}; "
              f"{sizes['batch']} completions after {sizes['prompt']}-token prompts; median of {sizes['reps']} steps")

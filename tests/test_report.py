@@ -210,6 +210,15 @@ def test_train_epoch_and_quality_files_render_what_they_hold(tmp_path):
     assert "Scoring `renorm/`:" in text and "optimisation steps per seed: sft 100/110" in text
     assert "Paired bootstrap over 22,363 test users (2,000 resamples" in text
     assert "| `gflowgr_tb-sft` | ndcg@10 | +0.0021 | [+0.0004, +0.0039] | 0.012 |" in text
+    assert "What it shows: `gflowgr_tb` vs `sft`: above it on ndcg@10 (+0.0021, p = 0.012)." in text
+
+
+def test_the_verdict_says_below_and_not_distinguishable_from_the_interval():
+    c = {"gflowgr_tb-sdpo": {"ndcg@10": {"diff": -0.002, "ci95": [-0.003, -0.001], "p": 0.001},
+                             "renorm/ndcg@10": {"diff": 0.001, "ci95": [-0.0005, 0.0025], "p": 0.2}}}
+    assert report.comparisons_verdict(c) == ("What it shows: `gflowgr_tb` vs `sdpo`: below it on ndcg@10 (-0.0020, "
+                                             "p = 0.001); not distinguishable from it on renorm/ndcg@10 (+0.0010, "
+                                             "p = 0.2).")
 
 
 def test_train_compile_file_renders_every_variant_and_a_failed_one(tmp_path):
@@ -365,3 +374,22 @@ def test_trl_logps_file_renders_each_variant_and_the_summary(tmp_path):
     assert "| trl_fused | yes | 2,000 | 2,500 | 238 | 900 |" in text and "| sid_trie | no | 500 |" in text
     assert "V = 151,936, hidden 256, 2 layers, tied embeddings" in text
     assert "`trl_fused_over_sid_trie_cpu_time`: 4.00" in text
+
+
+def test_trl_logps_cuda_file_renders_the_cuda_columns_beside_the_cpu_file(tmp_path):
+    sizes = {"vocab": 151936, "hidden": 256, "layers": 2, "tied_embeddings": True, "dtype": "float32", "batch": 32,
+             "prompt": 48, "reps": 10}
+    cpu_row = {"variant": "trl_fused", "baseline": True, "cpu_median_ms": 2000.0, "median_ms": 2500.0,
+               "tensor_peak_mb": 238.5, "rss_extra_peak_mb": 900.0}
+    cuda_row = {"variant": "trl_fused", "baseline": True, "median_ms": 3.5, "cuda_peak_mb": 1234.0,
+                "cuda_allocated_before_mb": 300.0}
+    cuda = {**HEADER, "device": "NVIDIA H100 80GB HBM3", "device_kind": "cuda", "quick": False, "sizes": sizes,
+            "rows": [cuda_row], "summary": {"trl_fused_over_sid_trie_cuda_peak": 2.5}}
+    cpu = {**HEADER, "quick": False, "sizes": sizes, "rows": [cpu_row], "summary": {"x_cpu_time": 1.0}}
+    root = make_root(tmp_path, "<!-- report:trl_logps -->\n<!-- /report:trl_logps -->\n",
+                     {"trl_logps_cpu.json": cpu, "trl_logps_cuda.json": cuda})
+    assert report.main(["--root", str(root)]) == 0
+    text = (root / "README.md").read_text()
+    assert "| trl_fused | yes | 2,000 | 2,500 | 238 | 900 |" in text
+    assert "| trl_fused | yes | 3.50 | 1,234 | 300 |" in text and "NVIDIA H100" in text
+    assert "`trl_fused_over_sid_trie_cuda_peak`: 2.50" in text
