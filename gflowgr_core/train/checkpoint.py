@@ -16,6 +16,7 @@ holds :data:`SHARDED_DIR`, a ``torch.distributed.checkpoint`` folder to which ev
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +36,29 @@ log = logging.getLogger("gflowgr")
 COMPLETE_MARKER = "checkpoint.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "sharded"
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Inside the block, transformers shows no progress bars and logs warnings and errors only; both settings
+    are restored afterwards.
+
+    A run saves and loads checkpoints many times; each ``save_pretrained``/``from_pretrained`` would draw its own
+    "Writing model shards"/"Loading weights" bar (printed in full into a batch job's log, where there is no
+    terminal to redraw it) and repeat the same INFO lines. The switch is scoped so that a user's own
+    transformers settings hold everywhere else in their process.
+    """
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity(max(verbosity, hf_logging.WARNING))
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class CheckpointError(RuntimeError):
@@ -128,7 +152,8 @@ def save_policy(policy: SIDPolicy, path: str | Path, config=None, extra: Optiona
     recover_checkpoint(path)  # never delete the only good copy a previous crash left as .old
     if tmp.exists():
         shutil.rmtree(tmp)
-    policy.save(tmp)
+    with quiet_transformers():
+        policy.save(tmp)
     if config is not None:
         save_config(config, tmp / "config.yaml")
     for name, obj in (extra or {}).items():
@@ -166,7 +191,8 @@ def load_policy(path: str | Path, device: Optional[torch.device | str] = None, r
         raise CheckpointError(f"{path} is a sharded training checkpoint (FSDP, {SHARDED_DIR}/): it resumes a run "
                               f"launched with torchrun and distributed: fsdp (resume=true), but holds no policy "
                               f"folder; the same run's best/ folder is the consolidated model to load")
-    policy = SIDPolicy.load(path)
+    with quiet_transformers():
+        policy = SIDPolicy.load(path)
     return policy.to(device) if device is not None else policy
 
 
