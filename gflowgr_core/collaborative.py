@@ -80,8 +80,10 @@ class SASRecConfig:
         grad_clip: max global gradient norm, ``None`` for no clipping.
         seed: seeds initialisation, shuffling and dropout (the caller's global RNG state is restored).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... or ``"auto"`` (CUDA when available).
-        progress: show tqdm bars.
-        verbose: print one summary line per evaluation and the final valid/test metrics.
+        progress: show tqdm bars while stderr is a terminal (none in batch jobs, where the epoch lines report).
+        verbose: also print the per-epoch lines and the final valid/test metrics on the console when logging
+            does not show the ``gflowgr`` logger's INFO lines (no logging configured, as in a notebook). They
+            are logged at INFO whatever this says (``gflowgr`` commands show them).
         log_path: append one JSON line per epoch to this file.
     """
 
@@ -475,11 +477,19 @@ def train_sasrec(split_data, config: Optional[SASRecConfig] = None) -> SASRec:
     model.train_report = {"best_epoch": best_epoch, "epochs_run": len(epochs),
                           "seconds": time.perf_counter() - started, "valid": valid, "test": test,
                           "epochs": epochs, "config": config.to_dict()}
-    if config.verbose:
-        shown = [key for key in ("recall@10", "ndcg@10") if key in valid]
-        tqdm.write(f"SASRec best epoch {best_epoch}: " + "  ".join(
-            f"valid {key} {valid[key]:.4f}  test {key} {test[key]:.4f}" for key in shown))
+    shown = [key for key in ("recall@10", "ndcg@10") if key in valid]
+    _report(f"SASRec best epoch {best_epoch} of {len(epochs)}: " + "  ".join(
+        f"valid {key} {valid[key]:.4f}  test {key} {test[key]:.4f}" for key in shown), config)
     return model
+
+
+def _report(line: str, config: SASRecConfig) -> None:
+    """Log ``line`` at INFO; with ``config.verbose`` print it instead when logging would not show it, so that it
+    appears once either way."""
+    if config.verbose and not (log.isEnabledFor(logging.INFO) and log.hasHandlers()):
+        tqdm.write(line)
+    else:
+        log.info(line)
 
 
 def _fit(model: SASRec, rows: SequenceRows, valid_split, popularity: Tensor, config: SASRecConfig,
@@ -502,6 +512,7 @@ def _fit(model: SASRec, rows: SequenceRows, valid_split, popularity: Tensor, con
     try:
         for epoch in range(1, config.max_epochs + 1):
             model.train()
+            epoch_started = time.perf_counter()
             order = torch.randperm(len(rows), generator=shuffle).to(device)
             train_loss = _train_epoch(model, optimizer, history, labels, order, config, epoch)
             valid = evaluate_sasrec(model, valid_split, popularity, config.eval_ks, config.eval_batch_size,
@@ -519,9 +530,10 @@ def _fit(model: SASRec, rows: SequenceRows, valid_split, popularity: Tensor, con
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-            if config.verbose:
-                tqdm.write(f"SASRec epoch {epoch}: loss {train_loss:.4f}  valid {config.early_stop_metric} "
-                           f"{value:.4f}{'  *' if improved else ''}")
+            # One line per epoch, on by default: a large catalogue's SASRec takes minutes before the main run.
+            _report(f"SASRec epoch {epoch}/{config.max_epochs}: loss {train_loss:.4f}, valid "
+                    f"{config.early_stop_metric} {value:.4f} (best {best_value:.4f} at epoch {best_epoch}), "
+                    f"{time.perf_counter() - epoch_started:.1f}s", config)
             if bad_evals >= config.patience:
                 break
     finally:
@@ -538,8 +550,9 @@ def _train_epoch(model: SASRec, optimizer: torch.optim.Optimizer, history: Tenso
     Raises ``FloatingPointError`` when that loss is not finite (so a diverged run stops at once).
     """
     total, steps = torch.zeros((), device=history.device), 0
+    # disable=None: no bar when stderr is not a terminal (a batch job's log would hold every redraw).
     bar = tqdm(range(0, len(order), config.batch_size), desc=f"SASRec epoch {epoch}",
-               disable=not config.progress, leave=False)
+               disable=None if config.progress else True, leave=False)
     for start in bar:
         idx = order[start:start + config.batch_size]
         loss = _sequence_loss(model, history[idx], labels[idx])
@@ -639,6 +652,9 @@ def load_or_train_sasrec(split_data, config: Optional[SASRecConfig] = None, cach
             if not os.access(cache_dir, os.W_OK):
                 raise OSError(f"the SASRec cache folder {cache_dir} is not writable; pass another cache_dir "
                               f"or set {CACHE_ENV}")
+            log.info("collaborative model (SASRec): training on %d users' sequences, up to %d epochs (early stopping "
+                     "on validation %s, patience %d); it will be cached in %s", len(split_data.valid),
+                     config.max_epochs, config.early_stop_metric, config.patience, path)
             model = train_sasrec(split_data, config)
             model.save(path)
             log.info("collaborative model (SASRec) trained, %s; saved to %s", _metrics_line(model.train_report), path)
