@@ -4,6 +4,8 @@ Stage 1 trains SFT, stage 2 fine-tunes the SFT checkpoint with CE + TB over the 
 items (CM-curriculum sampler, reward r_a + r_cm + r_sim). Both stages are ``GFlowGRTrainer`` runs; the
 loss, sampler and reward are the library's own.
 
+    python examples/hf_trainer_gflowgr.py                   # $GFLOWGR_DATA/letter/Beauty, a few minutes on CPU
+    python examples/hf_trainer_gflowgr.py --smoke           # a handful of steps (well under a minute)
     python examples/hf_trainer_gflowgr.py --data ../shared/data/letter/Beauty --out runs/hf_example
     python examples/hf_trainer_gflowgr.py --pretrained /path/to/smollm2 --lora-r 8 \\
         --template "A user bought: {history} Next:"     # a pretrained LM (see docs/pretrained.md)
@@ -13,19 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 from pathlib import Path
 
 from gflowgr_core.data.prepared import PreparedData, prepare
 from gflowgr_core.hf_trainer import GFlowGRConfig, GFlowGRTrainer
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "letter" / "Beauty"
+DEFAULT_DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) \
+    / "letter" / "Beauty"
 TINY_MODEL = ["model.hidden=64", "model.layers=2", "model.heads=2", "model.kv_heads=2", "model.intermediate=128",
               "model.flow_hidden=32"]
 FAST_CM = ["cm.dim=32", "cm.num_blocks=1", "cm.max_epochs=5", "cm.progress=false", "cm.verbose=false",
            "gfn.curriculum_pool=50", "gfn.curriculum_random=20"]
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="LETTER Beauty folder (Beauty.inter.json)")
     parser.add_argument("--out", default="runs/hf_example")
@@ -37,8 +42,15 @@ def main() -> None:
     parser.add_argument("--template", default=None, help="prompt template with {history} (pretrained LMs)")
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: train every weight)")
     parser.add_argument("--lr", type=float, default=None, help="default 3e-3 (tiny LM) or 1e-4 (pretrained)")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="a handful of steps on a small slice (seconds)")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not (Path(args.data) / "Beauty.inter.json").is_file():
+        raise SystemExit(f"{args.data} has no Beauty.inter.json: pass --data or set GFLOWGR_DATA")
+    eval_users, eval_beams, fast_cm = 100, 10, FAST_CM
+    if args.smoke:
+        args.users, args.sft_steps, args.gfn_steps, args.batch_size = 60, 3, 2, 8
+        eval_users, eval_beams, fast_cm = 8, 5, [*FAST_CM, "cm.max_epochs=1"]
 
     out = Path(args.out)
     data_dir = out / "data"
@@ -47,24 +59,29 @@ def main() -> None:
     lr = args.lr if args.lr is not None else (1e-4 if args.pretrained else 3e-3)
     model = [] if args.pretrained else TINY_MODEL
     common = dict(data_dir=str(data_dir), per_device_train_batch_size=args.batch_size, learning_rate=lr,
-                  warmup_steps=5, logging_steps=10, report_to="none", use_cpu=True, eval_max_users=100,
-                  eval_beams=10, save_strategy="no", lora_r=args.lora_r, prompt_template=args.template)
+                  warmup_steps=5, logging_steps=10, report_to="none", use_cpu=True, eval_max_users=eval_users,
+                  eval_beams=eval_beams, save_strategy="no", lora_r=args.lora_r, prompt_template=args.template)
 
     sft = GFlowGRTrainer(GFlowGRConfig(output_dir=str(out / "sft"), stage="sft", max_steps=args.sft_steps,
                                        pretrained=args.pretrained, gflowgr_overrides=model, **common), data)
     sft.train()
-    print("SFT valid:", json.dumps({k: round(v, 4) for k, v in sft.evaluate().items()}))
+    sft_valid = sft.evaluate()
+    print("SFT valid:", json.dumps({k: round(v, 4) for k, v in sft_valid.items()}))
     sft.save_model(str(out / "sft" / "final"))
 
     # The SFT checkpoint carries the template and merged weights; stage 2 adds fresh adapters when asked.
     common["prompt_template"] = None
     gfn = GFlowGRTrainer(GFlowGRConfig(output_dir=str(out / "gflowgr"), stage="gflowgr", max_steps=args.gfn_steps,
                                        init_checkpoint=str(out / "sft" / "final"), objective="tb", n_aug=3,
-                                       gfn_sampler="cm_curriculum", gflowgr_overrides=FAST_CM, **common), data)
+                                       gfn_sampler="cm_curriculum", gflowgr_overrides=fast_cm, **common), data)
     gfn.train()
-    print("GFlowGR valid:", json.dumps({k: round(v, 4) for k, v in gfn.evaluate().items()}))
-    gfn.save_model(str(out / "gflowgr" / "final"))
-    print(f"checkpoints in {out}; evaluate on test with: gflowgr eval {out / 'gflowgr' / 'final'}")
+    gfn_valid = gfn.evaluate()
+    print("GFlowGR valid:", json.dumps({k: round(v, 4) for k, v in gfn_valid.items()}))
+    final = out / "gflowgr" / "final"
+    gfn.save_model(str(final))
+    command = f"gflowgr eval --checkpoint {shlex.quote(str(final))} --data {shlex.quote(str(data_dir))} --split test"
+    print(f"checkpoints in {out}; evaluate on test with:\n  {command}")
+    return {"sft_valid": sft_valid, "gflowgr_valid": gfn_valid, "checkpoint": str(final), "eval_command": command}
 
 
 if __name__ == "__main__":
