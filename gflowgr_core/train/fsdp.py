@@ -42,7 +42,8 @@ from gflowgr_core.train.distributed import DistContext, DistributedError
 
 log = logging.getLogger("gflowgr")
 
-__all__ = ["ShardedTraining", "decoder_layers", "mixed_precision_policy"]
+__all__ = ["PolicyConsolidator", "ShardedTraining", "decoder_layers", "drop_unsaved_optimizer_state",
+           "mixed_precision_policy"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -77,6 +78,28 @@ def mixed_precision_policy(device: torch.device, dtype: str):
     return None
 
 
+def drop_unsaved_optimizer_state(optim_state: dict, saved_keys: set[str], prefix: str = "optimizer") -> None:
+    """Remove from the optimiser state dict template ``optim_state`` (``get_optimizer_state_dict``'s, to be
+    filled by ``torch.distributed.checkpoint.load``) the parameters that have no state in the checkpoint.
+
+    Building the template gives every parameter AdamW state (torch runs a zero-lr step on a fresh optimiser); a
+    parameter that never had a gradient (e.g. log F under TB, the flow heads under SFT) has none in the checkpoint
+    and must have none after loading either, or its first real update would differ from the saving run's. Load
+    the pruned template with ``set_optimizer_state_dict(..., options=StateDictOptions(strict=False))``.
+
+    Args:
+        optim_state: the template, changed in place.
+        saved_keys: the checkpoint's flattened keys (its metadata's ``state_dict_metadata``).
+        prefix: the key under which the optimiser state was saved.
+    """
+    head = f"{prefix}.state."
+    saved = {k[len(head):].rsplit(".", 1)[0] for k in saved_keys if k.startswith(head)}
+    state = optim_state.get("state", {})
+    for fqn in list(state):
+        if fqn not in saved:
+            del state[fqn]
+
+
 def _meta_skeleton(policy: SIDPolicy) -> SIDPolicy:
     """A copy of ``policy`` whose parameters are meta tensors (no memory); buffers, tokenizer, PEFT wrappers and
     tied weights are copied as they are. :meth:`ShardedTraining.consolidated` fills it with the gathered
@@ -97,49 +120,21 @@ def _owners(module: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return owners
 
 
-class ShardedTraining:
-    """A policy and its loss module sharded with FSDP2 over the ranks of ``dist``.
+class PolicyConsolidator:
+    """Whole weights of a policy that FSDP2 shards, for the work that needs them outside the sharded forward.
+
+    Build it *before* the policy is sharded (it copies the module structure, with meta parameters, while every
+    parameter still has its full shape); :meth:`consolidated` then gathers the current weights into that copy.
+    :class:`ShardedTraining` (the library trainer) is one; ``GFlowGRTrainer`` builds one for the policy that
+    accelerate's FSDP2 plugin shards.
 
     Args:
-        root: the module whose forward computes the whole training loss and that holds ``policy`` (and the
-            reward) as submodules; it becomes the FSDP root.
-        policy: the :class:`SIDPolicy` inside ``root`` (plain or with PEFT LoRA adapters), on ``dist.device``.
-        dist: a distributed context with ``world_size > 1``.
-        dtype: the run's ``TrainConfig.dtype`` (see :func:`mixed_precision_policy`).
-
-    Build it before the optimiser: ``fully_shard`` replaces every parameter with a sharded one.
+        policy: the :class:`SIDPolicy` (plain or with PEFT LoRA adapters) that is about to be sharded.
     """
 
-    def __init__(self, root: nn.Module, policy: SIDPolicy, dist: DistContext, dtype: str = "float32"):
-        if not dist.enabled:
-            raise DistributedError("FSDP needs a process group with more than one rank (launch with torchrun)")
-        if not any(m is policy for m in root.modules()):
-            raise ValueError("the FSDP root module must contain the policy")
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        self.root, self.policy, self.dist = root, policy, dist
-        layers = decoder_layers(policy.model)
-        self.layer_class = type(layers[0]).__name__
-        # Taken before sharding, while the parameters still have their full shapes.
+    def __init__(self, policy: SIDPolicy):
+        self.policy = policy
         self._skeleton = _meta_skeleton(policy)
-        self.mp_policy = mixed_precision_policy(dist.device, dtype)
-        self.mesh = init_device_mesh(dist.device.type, (dist.world_size,))
-        kwargs = {"mesh": self.mesh}
-        if self.mp_policy is not None:
-            kwargs["mp_policy"] = self.mp_policy
-        for layer in reversed(layers):  # inner units before the units around them, should the classes nest
-            fully_shard(layer, **kwargs)
-        fully_shard(root, **kwargs)
-        # FSDP picks as root the first unit whose forward runs. Decoding (on-policy sampling, evaluation) never
-        # runs the sharded modules, but initialise the root now so that nothing else can ever claim that role.
-        state = root._get_fsdp_state()  # no public API does this in torch 2.13
-        state._lazy_init()
-        n_params = sum(p.numel() for p in policy.parameters())
-        log.info("FSDP2: %d %s units + root over %d ranks (%s), %.1fM parameters, %s", len(layers), self.layer_class,
-                 dist.world_size, dist.backend, n_params / 1e6,
-                 "bf16 compute / fp32 reduce" if self.mp_policy is not None else "fp32")
-        self.num_units = len(layers) + 1
 
     # ------------------------------------------------------------------------------------ whole weights
     @contextlib.contextmanager
@@ -182,6 +177,51 @@ class ShardedTraining:
             for mod, attr, original in reversed(swapped):
                 mod._parameters[attr] = original
 
+
+class ShardedTraining(PolicyConsolidator):
+    """A policy and its loss module sharded with FSDP2 over the ranks of ``dist``.
+
+    Args:
+        root: the module whose forward computes the whole training loss and that holds ``policy`` (and the
+            reward) as submodules; it becomes the FSDP root.
+        policy: the :class:`SIDPolicy` inside ``root`` (plain or with PEFT LoRA adapters), on ``dist.device``.
+        dist: a distributed context with ``world_size > 1``.
+        dtype: the run's ``TrainConfig.dtype`` (see :func:`mixed_precision_policy`).
+
+    Build it before the optimiser: ``fully_shard`` replaces every parameter with a sharded one.
+    """
+
+    def __init__(self, root: nn.Module, policy: SIDPolicy, dist: DistContext, dtype: str = "float32"):
+        if not dist.enabled:
+            raise DistributedError("FSDP needs a process group with more than one rank (launch with torchrun)")
+        if not any(m is policy for m in root.modules()):
+            raise ValueError("the FSDP root module must contain the policy")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        self.root, self.dist = root, dist
+        layers = decoder_layers(policy.model)
+        self.layer_class = type(layers[0]).__name__
+        # The consolidation copy is taken before sharding, while the parameters still have their full shapes.
+        super().__init__(policy)
+        self.mp_policy = mixed_precision_policy(dist.device, dtype)
+        self.mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+        kwargs = {"mesh": self.mesh}
+        if self.mp_policy is not None:
+            kwargs["mp_policy"] = self.mp_policy
+        for layer in reversed(layers):  # inner units before the units around them, should the classes nest
+            fully_shard(layer, **kwargs)
+        fully_shard(root, **kwargs)
+        # FSDP picks as root the first unit whose forward runs. Decoding (on-policy sampling, evaluation) never
+        # runs the sharded modules, but initialise the root now so that nothing else can ever claim that role.
+        state = root._get_fsdp_state()  # no public API does this in torch 2.13
+        state._lazy_init()
+        n_params = sum(p.numel() for p in policy.parameters())
+        log.info("FSDP2: %d %s units + root over %d ranks (%s), %.1fM parameters, %s", len(layers), self.layer_class,
+                 dist.world_size, dist.backend, n_params / 1e6,
+                 "bf16 compute / fp32 reduce" if self.mp_policy is not None else "fp32")
+        self.num_units = len(layers) + 1
+
     # ---------------------------------------------------------------------------------------- checkpoints
     def sharded_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """``{"model": ..., "optimizer": ...}``: this rank's shards (DTensors) keyed by parameter name, for
@@ -198,15 +238,7 @@ class ShardedTraining:
                                                              set_optimizer_state_dict)
 
         state = self.sharded_state(optimizer)
-        # Building the template gives every parameter AdamW state (torch runs a zero-lr step on a fresh
-        # optimiser); a parameter that never had a gradient (e.g. log F under TB) has none in the checkpoint and
-        # must have none after loading either, or its first real update would differ from the saving run's.
-        saved = sharded_keys(path)
-        prefixes = {k.rsplit(".", 1)[0] for k in saved if k.startswith("optimizer.state.")}
-        opt_state = state["optimizer"].get("state", {})
-        for fqn in list(opt_state):
-            if f"optimizer.state.{fqn}" not in prefixes:
-                del opt_state[fqn]
+        drop_unsaved_optimizer_state(state["optimizer"], sharded_keys(path))
         load_sharded(path, state)
         set_model_state_dict(self.root, state["model"])  # strict: every parameter and buffer
         # Not strict only so that the parameters pruned above are allowed to have no state.
