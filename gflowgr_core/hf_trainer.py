@@ -17,11 +17,21 @@ Saved checkpoints (``save_model`` and every ``checkpoint-N``) hold a :class:`SID
 with ``gflowgr_core.train.checkpoint.load_policy`` and ``gflowgr eval``; LoRA weights merged) plus
 ``gflowgr_state.pt`` with the exact module state (adapters included), sampler and generator state, from
 which ``train(resume_from_checkpoint=...)`` resumes.
+
+Under ``accelerate launch`` with an FSDP2 config (``examples/accelerate_fsdp2.yaml``) accelerate shards the
+module Hugging Face optimises (:class:`GFlowGRModel`): each decoder layer is its own unit and the root unit holds
+the rest (embeddings, LM head, flow heads). The root's forward computes the whole stage loss, so the fused
+loss reads the LM head's SID rows while FSDP holds them gathered, as in the library trainer's
+``distributed: fsdp`` (``gflowgr_core.train.fsdp``). Beam-search evaluation, the on-policy sampler and saving
+run on a consolidated copy of the policy (:class:`~gflowgr_core.train.fsdp.PolicyConsolidator`).
+See docs/distributed.md.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,15 +44,74 @@ from .data.prepared import PreparedData
 from .debug import oom_hint
 from .pretrained import LoraSettings, apply_lora, apply_prompt_template
 from .train.config import ConfigError, TrainConfig, apply_overrides, from_dict, save_config
+from .train.fsdp import PolicyConsolidator
 from .train.trainer import Trainer as CoreTrainer, derived_seed
 
 __all__ = ["GFlowGRConfig", "GFlowGRTrainer", "GFlowGRModel", "SplitIndexDataset", "SplitIndexCollator",
-           "STATE_FILE"]
+           "STATE_FILE", "check_fsdp_plugin", "fsdp_requested"]
 
 log = logging.getLogger("gflowgr")
 
 #: Exact training state written beside the policy folder in every checkpoint.
 STATE_FILE = "gflowgr_state.pt"
+
+#: The accelerate launch line of the FSDP2 path, named in error messages.
+FSDP_LAUNCH = ("accelerate launch --config_file examples/accelerate_fsdp2.yaml --num_processes N "
+               "your_script.py ...")
+
+
+def fsdp_requested(args: TrainingArguments) -> bool:
+    """Whether this run asks for FSDP: ``accelerate launch`` with an FSDP config (it sets
+    ``ACCELERATE_USE_FSDP=true``) or the ``fsdp`` / ``fsdp_config`` training arguments."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            or getattr(args, "fsdp_plugin_args", None) is not None)
+
+
+def check_fsdp_plugin(plugin, model: nn.Module, head: Optional[nn.Module] = None) -> list[str]:
+    """Check that accelerate's FSDP ``plugin`` can shard ``model`` for the GFlowGR loss; return the decoder
+    layer classes it will wrap.
+
+    The loss reads the LM head's SID rows inside the root unit's forward, so FSDP2 must wrap the decoder layers
+    (by class name) and nothing that holds the head. Raises :class:`ConfigError` saying what to change in the
+    accelerate config otherwise.
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    version = int(getattr(plugin, "fsdp_version", 1) or 1)
+    if version != 2:
+        raise ConfigError(f"GFlowGRTrainer shards with FSDP2, the accelerate config asks for fsdp_version: "
+                          f"{version}: set `fsdp_version: 2` under fsdp_config (examples/accelerate_fsdp2.yaml)")
+    if getattr(plugin, "cpu_ram_efficient_loading", False):
+        raise ConfigError("fsdp_cpu_ram_efficient_loading: true moves the model of every rank but the first to the "
+                          "meta device, but each rank builds its own policy (SID tables, flow heads) and keeps "
+                          "references to it: set `fsdp_cpu_ram_efficient_loading: false` in the accelerate config")
+    wrap = plugin.auto_wrap_policy
+    wrap = getattr(wrap, "func", wrap)
+    if wrap is not transformer_auto_wrap_policy:
+        name = getattr(wrap, "__name__", repr(wrap))
+        raise ConfigError(f"the accelerate config wraps with {name}; GFlowGRTrainer needs "
+                          f"`fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP` (a size-based or absent policy may "
+                          f"put the LM head into a unit that is not gathered when the loss reads its SID rows)")
+    classes = {type(m).__name__: m for m in model.modules()}
+    default = [n for n in (getattr(model, "_no_split_modules", None) or ()) if n in classes]
+    names = list(plugin.transformer_cls_names_to_wrap or default)
+    hint = (f"set `fsdp_transformer_layer_cls_to_wrap: {','.join(default)}` in the accelerate config" if default
+            else "set `fsdp_transformer_layer_cls_to_wrap` in the accelerate config to the class of the model's "
+                 "decoder layers")
+    if not names:
+        raise ConfigError(f"FSDP found no decoder layer class to wrap: the accelerate config names none and the "
+                          f"model lists none in `_no_split_modules`: {hint}")
+    missing = [n for n in names if n not in classes]
+    if missing:
+        raise ConfigError(f"fsdp_transformer_layer_cls_to_wrap names {missing}, which this model does not contain: "
+                          f"{hint}")
+    if head is not None:
+        holders = sorted({n for n in names if any(m is head for m in classes[n].modules())})
+        if holders:
+            raise ConfigError(f"fsdp_transformer_layer_cls_to_wrap names {holders}, which holds the LM head: the "
+                              f"loss reads the head's SID rows in the root unit, so wrap only the decoder layers: "
+                              f"{hint}")
+    return names
 
 
 @dataclass
@@ -188,6 +257,9 @@ class GFlowGRModel(nn.Module):
         super().__init__()
         self.policy = core.policy
         self.__dict__["core"] = core  # not a module: only its policy holds parameters
+        # accelerate's FSDP wraps the classes a model lists here when its config names none: the LM's decoder
+        # layers (the LM head stays in the root unit, whose forward computes the loss).
+        self._no_split_modules = list(getattr(core.policy.model, "_no_split_modules", None) or ())
 
     def forward(self, index: torch.Tensor, step: Optional[int] = None) -> dict:
         # The split tensors live on the CPU; the library trainer moves the gathered rows to the device.
@@ -209,6 +281,14 @@ class GFlowGRTrainer(Trainer):
         policy: ``core.policy`` (with LoRA adapters when ``args.lora_r > 0``).
         last_logs: the values of the most recent training step (``loss``, ``ce``, ``gfn``, reward summary...).
         loss_backend: kernel backend the GFlowNet loss ran on in the last step (``None`` before any step).
+        fsdp_consolidator: under accelerate's FSDP2 plugin, the
+            :class:`~gflowgr_core.train.fsdp.PolicyConsolidator` that evaluation, the on-policy sampler and
+            saving read whole weights from; ``None`` otherwise.
+
+    FSDP2 (``accelerate launch --config_file examples/accelerate_fsdp2.yaml ...``): each rank trains on its own
+    rows, as under DDP; accelerate shards :class:`GFlowGRModel` (decoder layers as units, the rest in the root).
+    A configuration that cannot work (no distributed launch, ``fsdp_version`` 1, a layer class the model lacks,
+    a wrap policy other than ``TRANSFORMER_BASED_WRAP``) raises :class:`ConfigError` naming the setting.
     """
 
     def __init__(self, args: GFlowGRConfig, data: Optional[PreparedData] = None, callbacks=None,
@@ -221,6 +301,11 @@ class GFlowGRTrainer(Trainer):
             raise ConfigError("gflowgr_overrides distributed=fsdp shards the model in the library trainer, which "
                               "GFlowGRTrainer cannot drive: train with `torchrun ... -m gflowgr_core.cli train ... "
                               "distributed=fsdp` (docs/distributed.md), or drop the override for DDP here")
+        if fsdp_requested(args) and args.world_size < 2:
+            raise ConfigError(f"FSDP shards the model over the processes of a distributed launch, but this process "
+                              f"runs alone (world size {args.world_size}): launch with `{FSDP_LAUNCH}` (N >= 2), or "
+                              f"drop the FSDP config (ACCELERATE_USE_FSDP / fsdp / fsdp_config) to train in one "
+                              f"process")
         core = CoreTrainer(train_config, data)
         # Under Hugging Face's DDP every rank trains on its own rows with its own library trainer, whose
         # generator would be seeded alike on every rank: the random augmentations would repeat across ranks.
@@ -237,6 +322,12 @@ class GFlowGRTrainer(Trainer):
         if lora is not None:
             apply_lora(core.policy, lora)
         self.core = core
+        self.fsdp_consolidator: Optional[PolicyConsolidator] = None
+        if fsdp_requested(args):
+            # Taken now, while the policy is whole: accelerate shards it when training starts. The library trainer
+            # reads whole weights for beam-search evaluation and on-policy sampling through ``core.fsdp``.
+            self.fsdp_consolidator = PolicyConsolidator(core.policy)
+            core.fsdp = self.fsdp_consolidator
         self.last_logs: dict = {}
         self.loss_backend: Optional[str] = None
         self._pending: dict[str, list[float]] = {}
@@ -246,10 +337,49 @@ class GFlowGRTrainer(Trainer):
         super().__init__(model=GFlowGRModel(core), args=args, train_dataset=train, eval_dataset=valid,
                          data_collator=SplitIndexCollator(len(split.train)), callbacks=callbacks,
                          optimizers=optimizers, **kwargs)
+        if self.fsdp_consolidator is not None:
+            if not self.is_fsdp_enabled:
+                raise ConfigError(f"FSDP was requested but accelerate runs {self.accelerator.distributed_type} "
+                                  f"without its FSDP plugin: launch with `{FSDP_LAUNCH}`")
+            layers = check_fsdp_plugin(self.accelerator.state.fsdp_plugin, self.model,
+                                       head=core.policy.model.get_output_embeddings())
+            log.info("GFlowGRTrainer: FSDP2 over %d ranks, wrapping %s", args.world_size, ", ".join(layers))
 
     @property
     def policy(self):
         return self.core.policy
+
+    def create_accelerator_and_postprocess(self):
+        """Hugging Face's accelerator, with accelerate's FSDP plugin attached on CPU process groups too.
+
+        accelerate 1.16 attaches the plugin only when the processes use accelerators (``MULTI_GPU`` and kin); on
+        CPUs (gloo) it silently trains without sharding. FSDP2 itself runs on gloo, so the plugin the launch
+        asked for is attached here: the same accelerate config then shards on CPUs (how the tests run it).
+        """
+        super().create_accelerator_and_postprocess()
+        from accelerate.utils import DistributedType
+
+        state = self.accelerator.state
+        if fsdp_requested(self.args) and not self.is_fsdp_enabled and state.distributed_type == DistributedType.MULTI_CPU:
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            plugin_args = self.args.fsdp_plugin_args
+            plugin = FullyShardedDataParallelPlugin(**plugin_args) if plugin_args is not None else \
+                FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch sets
+            if self.accelerator.mixed_precision != "no":
+                plugin.set_mixed_precision(self.accelerator.mixed_precision)
+            state.fsdp_plugin = plugin
+            state.distributed_type = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
+    @contextlib.contextmanager
+    def _whole_policy(self):
+        """The policy with whole weights: under FSDP a consolidated copy (every rank must enter), else itself."""
+        if self.fsdp_consolidator is None:
+            yield self.core.policy
+            return
+        with self.fsdp_consolidator.consolidated() as plain:
+            yield plain
 
     # ---------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -332,9 +462,10 @@ class GFlowGRTrainer(Trainer):
                                 f"{type(eval_dataset).__name__}")
             from .evaluation import evaluate_policy
 
-            metrics = evaluate_policy(core.policy, core.data, "valid", index=eval_dataset.index,
-                                      beams=core.cfg.eval_beams, batch_size=core.cfg.eval_batch_size,
-                                      device=core.device, backend=core.cfg.backend, item_key=core.item_key)
+            with self._whole_policy() as policy:
+                metrics = evaluate_policy(policy, core.data, "valid", index=eval_dataset.index,
+                                          beams=core.cfg.eval_beams, batch_size=core.cfg.eval_batch_size,
+                                          device=core.device, backend=core.cfg.backend, item_key=core.item_key)
         self.model.train()
         metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in metrics.items()}
         self.log(metrics)
@@ -342,16 +473,33 @@ class GFlowGRTrainer(Trainer):
         return metrics
 
     # ---------------------------------------------------------------------------- saving / resuming
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Hugging Face's ``save_model``; under FSDP every rank gathers the whole policy once and the main process
+        writes the same folder as without FSDP (a plain HF model folder in ``lm/``, see :meth:`_save`)."""
+        if self.fsdp_consolidator is None:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        with self.fsdp_consolidator.consolidated() as plain:
+            if self.args.should_save:
+                # The keys GFlowGRModel.state_dict() has without FSDP, so either run resumes from either.
+                self._write(output_dir, plain, {f"policy.{k}": v for k, v in plain.state_dict().items()})
+        self.accelerator.wait_for_everyone()
+
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         """Write the policy folder, the run config and the exact training state into ``output_dir``."""
         output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
         if not self.args.should_save:
             return
+        if self.fsdp_consolidator is not None:
+            raise RuntimeError("under FSDP the policy is sharded: save with save_model(), which every rank calls")
+        self._write(output_dir, self.core.policy, self.model.state_dict())
+
+    def _write(self, output_dir: Path, policy, model_state: dict) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         core = self.core
-        core.policy.save(output_dir)
+        policy.save(output_dir)
         save_config(core.cfg, output_dir / "config.yaml")
-        state = {"model": self.model.state_dict(), "generator": core.generator.get_state()}
+        state = {"model": model_state, "generator": core.generator.get_state()}
         if core.sampler is not None:
             state["sampler"] = core.sampler.state_dict()
         torch.save(state, output_dir / STATE_FILE)
@@ -364,10 +512,21 @@ class GFlowGRTrainer(Trainer):
                                     f"GFlowGRTrainer")
         state = torch.load(path, map_location="cpu", weights_only=True)
         target = self.model if model is None else model
-        missing, unexpected = target.load_state_dict(state["model"], strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path} does not match this model (LoRA or model settings differ?): missing "
-                             f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(target, FSDPModule):
+            # Sharded by accelerate: every rank keeps its shard of each whole tensor in the file.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            try:
+                set_model_state_dict(target, state["model"], options=StateDictOptions(full_state_dict=True))
+            except (RuntimeError, KeyError) as exc:
+                raise ValueError(f"{path} does not match this model (LoRA or model settings differ?): {exc}") from exc
+        else:
+            missing, unexpected = target.load_state_dict(state["model"], strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{path} does not match this model (LoRA or model settings differ?): missing "
+                                 f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
         self.core.generator.set_state(state["generator"])
         if self.sampler_rank:
             # The checkpoint holds rank 0's generator (only the main process saves): every other rank
@@ -376,6 +535,30 @@ class GFlowGRTrainer(Trainer):
             self.core.generator.manual_seed(derived_seed(base, self.sampler_rank, "sampler_rank"))
         if self.core.sampler is not None and "sampler" in state:
             self.core.sampler.load_state_dict(state["sampler"])
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        """Hugging Face's, except for FSDP checkpoints written with ``SHARDED_STATE_DICT``: parameters that never had
+        a gradient (the flow heads under SFT, log F under TB) have no optimiser state there, which accelerate's
+        loader refuses; they are dropped from the template, as the library trainer's sharded resume does."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        folder = Path(checkpoint) / "optimizer_0" if checkpoint is not None else None
+        if plugin is None or folder is None or not folder.is_dir():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
+        from transformers.trainer import SCHEDULER_NAME
+
+        from .train.fsdp import drop_unsaved_optimizer_state
+
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper -> torch's
+        template = get_optimizer_state_dict(self.model, optimizer)
+        saved = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+        drop_unsaved_optimizer_state(template, saved)
+        state = {"optimizer": template}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_optimizer_state_dict(self.model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
