@@ -2,7 +2,8 @@
 
 The step is what ``GRPOTrainer._compute_loss`` runs for a batch of rollouts: the forward over prompt + completion,
 the per-token log-probabilities (and entropies) of the completion tokens, then the backward of the log-probs. At a
-pretrained vocabulary (Qwen2.5's 151,936 tokens) with a small model geometry that fits the CPU (sizes recorded).
+pretrained vocabulary (Qwen2.5's 151,936 tokens) with a small model geometry that fits the CPU (sizes recorded), in
+float32 on either device (``--device auto`` picks CUDA when present; model and inputs live on the device).
 
 Variants (the baseline rows measured in the same run):
 
@@ -15,15 +16,22 @@ Variants (the baseline rows measured in the same run):
 * ``sid_trie``: the same with ``support="trie"`` (only the SID rows of the head; the exact log-prob of the
   trie-constrained sampler).
 
-Memory on the CPU: each variant runs in its own process. ``tensor_peak_mb`` is the largest sum of live tensor
+Each variant runs in its own process. Memory on the CPU: ``tensor_peak_mb`` is the largest sum of live tensor
 allocations during the first step (the profiler's memory events), so it includes the gradients the backward
 allocates (the tied ``[V, d]`` embedding/head gradient in every row); ``rss_extra_peak_mb`` is the process's peak
 resident size after that step minus its size before it (allocator effects included). Time: the first step is the
 warm-up, then the median of ``--reps`` steps, as wall time and as the process's CPU time (``cpu_median_ms``: on a
 machine shared with other jobs the wall time mostly measures the other jobs; the load average is recorded).
-Results: ``benchmarks/results/trl_logps_cpu.json`` (``--quick``: ``trl_logps_cpu_quick.json``).
 
-    nice -n 15 python benchmarks/bench_trl_logps.py [--quick] [--batch B] [--prompt P] [--hidden D]
+Memory on CUDA: ``cuda_peak_mb`` is ``torch.cuda.max_memory_allocated`` during the first step after
+``torch.cuda.reset_peak_memory_stats``, so it includes what was already allocated before the step (model, inputs:
+``cuda_allocated_before_mb``) and the gradients the backward allocates. Time: the first step is the warm-up, then the
+median wall time of ``--reps`` steps (default 10 on CUDA), each bracketed by ``torch.cuda.synchronize()``.
+
+Results: ``benchmarks/results/trl_logps_<cpu|cuda>.json`` (``--quick``: ``trl_logps_<cpu|cuda>_quick.json``).
+
+    nice -n 15 python benchmarks/bench_trl_logps.py [--quick] [--device auto|cpu|cuda] [--batch B] [--prompt P]
+        [--hidden D] [--layers L] [--reps N]
 """
 from __future__ import annotations
 
@@ -51,6 +59,7 @@ VOCAB = 151_936
 LEVELS, CODES = 3, 256
 SIZES = {False: dict(batch=32, prompt=48, hidden=256, layers=2, reps=2),
          True: dict(batch=8, prompt=24, hidden=64, layers=1, reps=2)}
+CUDA_REPS = 10  # timed steps on CUDA when --reps is not given (milliseconds each, so more than on the CPU)
 
 
 def _rss_kb() -> int:
@@ -96,7 +105,7 @@ def _setup(batch: int, prompt: int, hidden: int, layers: int, seed: int = 0):
     return model, vocab, torch.cat([p_ids, comp], 1), torch.cat([p_mask, c_mask], 1), comp.shape[1]
 
 
-def _step_fn(variant: str, model, vocab, ids, attn, K, tmp: Path):
+def _step_fn(variant: str, model, vocab, ids, attn, K, tmp: Path, device: str):
     from gflowgr_core.integrations.trl import sid_per_token_logps
 
     if variant == "trl_fused":
@@ -104,7 +113,7 @@ def _step_fn(variant: str, model, vocab, ids, attn, K, tmp: Path):
         from trl import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(output_dir=str(tmp), per_device_train_batch_size=2, num_generations=2, report_to="none",
-                          use_cpu=True, bf16=False, max_completion_length=K)
+                          use_cpu=device == "cpu", bf16=False, max_completion_length=K)
         trainer = GRPOTrainer(model=model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
                               args=args, train_dataset=Dataset.from_list([{"prompt": "x"}] * 2),
                               processing_class=_tokenizer())
@@ -157,12 +166,40 @@ def _tensor_peak_bytes(fn):
     return peak, out
 
 
-def worker(variant: str, batch: int, prompt: int, hidden: int, layers: int, reps: int) -> dict:
+def _cuda_worker(step, model, reps: int) -> dict:
+    """The CUDA measurements: peak allocated memory of the first step, then the median of ``reps`` synchronized steps."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step()  # the first step, also the warm-up of the timed ones
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    model.zero_grad(set_to_none=True)
+    wall = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        model.zero_grad(set_to_none=True)
+    return {"cuda_peak_mb": round(peak / 2**20, 1), "cuda_allocated_before_mb": round(before / 2**20, 1),
+            "reps": reps, "median_ms": statistics.median(wall), "min_ms": min(wall), "max_ms": max(wall),
+            "logps_checksum": float(out.sum())}
+
+
+def worker(variant: str, batch: int, prompt: int, hidden: int, layers: int, reps: int, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     model, vocab, ids, attn, K = _setup(batch, prompt, hidden, layers)
+    model, ids, attn = model.to(device), ids.to(device), attn.to(device)
     model.train()
+    head = {"variant": variant, "baseline": variant in BASELINES, "batch": batch, "prompt_tokens": prompt,
+            "completion_tokens": K, "hidden": hidden, "layers": layers, "vocab": VOCAB,
+            "sid_rows": int(vocab.sid_token_ids.numel())}
     with tempfile.TemporaryDirectory() as tmp:
-        step = _step_fn(variant, model, vocab, ids, attn, K, Path(tmp))
+        step = _step_fn(variant, model, vocab, ids, attn, K, Path(tmp), device)
+        if device == "cuda":
+            return {**head, **_cuda_worker(step, model, reps)}
         before_kb = _rss_kb()
         peak_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         tensor_peak, out = _tensor_peak_bytes(step)  # the first step, also the warm-up of the timed ones
@@ -176,9 +213,7 @@ def worker(variant: str, batch: int, prompt: int, hidden: int, layers: int, reps
             cpu.append((time.process_time() - c0) * 1e3)
             model.zero_grad(set_to_none=True)
     raised = peak_after_kb > peak_before_kb
-    return {"variant": variant, "baseline": variant in BASELINES, "batch": batch, "prompt_tokens": prompt,
-            "completion_tokens": K, "hidden": hidden, "layers": layers, "vocab": VOCAB,
-            "sid_rows": int(vocab.sid_token_ids.numel()),
+    return {**head,
             "tensor_peak_mb": round(tensor_peak / 2**20, 1),
             "rss_extra_peak_mb": round((peak_after_kb - before_kb) / 1024, 1) if raised else None,
             "rss_before_mb": round(before_kb / 1024, 1), "reps": reps,
@@ -192,17 +227,24 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
     for name in ("batch", "prompt", "hidden", "layers", "reps"):
         ap.add_argument(f"--{name}", type=int, default=None)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where model and inputs live (auto: cuda when available)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_trl_logps: --device cuda but torch sees no CUDA device")
     sizes = dict(SIZES[args.quick])
+    if device == "cuda" and not args.quick:
+        sizes["reps"] = CUDA_REPS
     for k in sizes:
         if getattr(args, k) is not None:
             sizes[k] = getattr(args, k)
     if args.worker:
-        print(json.dumps(worker(args.worker, **sizes)))
+        print(json.dumps(worker(args.worker, **sizes, device=device)))
         return {}
-    env = environment("cpu")
+    env = environment(device)
     try:
         import trl
         env["versions"]["trl"] = trl.__version__
@@ -210,21 +252,26 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise SystemExit("bench_trl_logps needs trl: pip install 'gflowgr[trl]'")
     rows = []
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--worker", variant] + [f"--{k}={v}" for k, v in sizes.items()]
+        cmd = [sys.executable, __file__, "--worker", variant, f"--device={device}"] + [
+            f"--{k}={v}" for k, v in sizes.items()]
         if args.quick:
             cmd.append("--quick")
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"worker {variant} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        log(f"{variant}: {rows[-1]['median_ms']:.1f} ms wall, {rows[-1]['cpu_median_ms']:.1f} ms CPU, tensor peak "
-            f"{rows[-1]['tensor_peak_mb']} MB")
+        r = rows[-1]
+        log(f"{variant}: {r['median_ms']:.1f} ms wall, " + (f"CUDA peak {r['cuda_peak_mb']} MB" if device == "cuda"
+            else f"{r['cpu_median_ms']:.1f} ms CPU, tensor peak {r['tensor_peak_mb']} MB"))
     by = {r["variant"]: r for r in rows}
+    # CPU: process CPU time and profiler tensor peak; CUDA: synchronized wall time and max_memory_allocated
+    time_key, mem_key = ("median_ms", "cuda_peak_mb") if device == "cuda" else ("cpu_median_ms", "tensor_peak_mb")
+    time_name, mem_name = ("time", "cuda_peak") if device == "cuda" else ("cpu_time", "tensor_peak")
     summary = {}
     for ours in ("sid_vocab", "sid_trie"):
         for base in BASELINES:
-            summary[f"{base}_over_{ours}_cpu_time"] = by[base]["cpu_median_ms"] / by[ours]["cpu_median_ms"]
-            summary[f"{base}_over_{ours}_tensor_peak"] = by[base]["tensor_peak_mb"] / by[ours]["tensor_peak_mb"]
+            summary[f"{base}_over_{ours}_{time_name}"] = by[base][time_key] / by[ours][time_key]
+            summary[f"{base}_over_{ours}_{mem_name}"] = by[base][mem_key] / by[ours][mem_key]
     # sid_vocab computes TRL's value: same log-probs, so the same checksum (fp32 rounding aside)
     summary["sid_vocab_checksum_minus_trl"] = by["sid_vocab"]["logps_checksum"] - by["trl_fused"]["logps_checksum"]
     env["load_average_end"] = list(os.getloadavg())
@@ -233,12 +280,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                                      "dtype": "float32"},
                "step": "forward + per-token log-probs and entropies of the completion + backward of the log-probs",
                "rows": rows, "summary": summary}
-    out = args.out or RESULTS_DIR / ("trl_logps_cpu_quick.json" if args.quick else "trl_logps_cpu.json")
+    if device == "cuda":
+        payload["memory"] = ("cuda_peak_mb: torch.cuda.max_memory_allocated during the first step after "
+                             "reset_peak_memory_stats (includes cuda_allocated_before_mb: model and inputs)")
+    out = args.out or RESULTS_DIR / f"trl_logps_{device}{'_quick' if args.quick else ''}.json"
     write_json(out, payload)
     print(f"{env['device']}; trl {env['versions']['trl']}; B={sizes['batch']} completions, prompt {sizes['prompt']}, "
           f"d={sizes['hidden']}, {sizes['layers']} layers, V={VOCAB}")
-    print(format_table(rows, ["variant", "baseline", "cpu_median_ms", "median_ms", "tensor_peak_mb",
-                              "rss_extra_peak_mb", "sid_rows"]))
+    print(format_table(rows, ["variant", "baseline", "median_ms", "cuda_peak_mb", "cuda_allocated_before_mb",
+                              "sid_rows"] if device == "cuda" else
+                       ["variant", "baseline", "cpu_median_ms", "median_ms", "tensor_peak_mb", "rss_extra_peak_mb",
+                        "sid_rows"]))
     print(f"summary: {json.dumps({k: round(v, 4) for k, v in summary.items()})}")
     print(f"wrote {out}")
     return payload

@@ -10,8 +10,10 @@
 #   1. pip install --no-build-isolation --no-deps -e .   (offline; builds gflowgr_core._C, with the CUDA
 #      ops when torch has CUDA). GPU_CHECK_SKIP_INSTALL=1 skips it.
 #   2. pytest on the kernel test files (they parametrize on CUDA at full size when a GPU is present).
-#   3. benchmarks/bench_decode.py, bench_gfn_loss.py, bench_hf_processor.py, bench_train_step.py and
-#      bench_compile.py (static rows, torch.compile, CUDA graphs) at full size (JSON under benchmarks/results/).
+#   3. benchmarks/bench_decode.py, bench_gfn_loss.py, bench_hf_processor.py, bench_train_step.py,
+#      bench_compile.py (static rows, torch.compile, CUDA graphs) and bench_trl_logps.py (TRL's per-token
+#      log-prob step vs the SID-row path, float32; needs trl, skipped without it) at full size (JSON under
+#      benchmarks/results/).
 # GPU_CHECK_STAGES="bench_compile bench_epoch" runs only the stages named, after the install (to rerun the ones
 # a short device session did not reach); unset runs them all.
 # Without a GPU the GPU-only parts are skipped with a message: the tests run on CPU (Triton in the
@@ -22,6 +24,8 @@ PY=${PYTHON:-python3}
 RESULTS=benchmarks/results
 LOGS=$(mktemp -d)/gpu_check_logs
 mkdir -p "$RESULTS" "$LOGS"
+STAMP="$(dirname "$LOGS")/started"  # results newer than this were written by this run
+touch "$STAMP"
 echo "stage logs: $LOGS"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 declare -a STAGES=()
@@ -86,6 +90,12 @@ fi
 stage bench_hf_proc 90 "$PY" benchmarks/bench_hf_processor.py "${QUICK[@]}"
 stage bench_train 120 "$PY" benchmarks/bench_train_step.py "${QUICK[@]}"
 stage bench_compile 300 "$PY" benchmarks/bench_compile.py "${QUICK[@]}"
+if "$PY" -c "import trl, datasets" 2>/dev/null; then
+  # trl_logps_cuda.json (CUDA: max_memory_allocated of the first step, synchronized times) / trl_logps_cpu_quick.json
+  stage bench_trl_logps 480 "$PY" benchmarks/bench_trl_logps.py "${QUICK[@]}"
+else
+  echo "=== bench_trl_logps skipped: trl is not installed (pip install 'gflowgr[trl]')"
+fi
 if [ "$HAS_CUDA" = "1" ]; then
   # Packed vs per-prefix Beauty epochs in bf16 (needs data_carry/Beauty: see benchmarks/gpu_quality.sh --help).
   stage bench_epoch 300 "$PY" benchmarks/bench_train_step.py --epoch --per-prefix-minutes 1 --eval-users 2000
@@ -124,15 +134,19 @@ show("train_step", ["gflowgr_over_sft_step_time", "cm_curriculum_over_sft_step_t
 if suffix == "":
     show("train_epoch_cuda", None)
 show("train_compile_cuda" if suffix == "" else "train_compile_cpu", None)
+show("trl_logps_cuda" if suffix == "" else "trl_logps_cpu", None)
 EOF
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
+  # Only the files this run wrote (the tree's committed ones are already here): the device tool returns at most
+  # 8 files, and a full CUDA run writes 7 JSON files plus the log archive.
   for f in "$RESULTS"/decode*.json "$RESULTS"/gfn_loss*.json "$RESULTS"/hf_processor*.json \
-           "$RESULTS"/train_step*.json "$RESULTS"/train_epoch_cuda.json "$RESULTS"/train_compile_cuda.json; do
-    [ -f "$f" ] && cp "$f" "$OUT"/
+           "$RESULTS"/train_step*.json "$RESULTS"/train_epoch_cuda.json "$RESULTS"/train_compile_cuda.json \
+           "$RESULTS"/trl_logps_cuda*.json "$RESULTS"/trl_logps_cpu_quick.json; do
+    [ -f "$f" ] && [ "$f" -nt "$STAMP" ] && cp "$f" "$OUT"/
   done
-  # The device tool returns at most 8 files: the stage logs travel as one archive.
+  # The stage logs travel as one archive.
   tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$(dirname "$LOGS")" gpu_check_logs
   echo "results and gpu_check_logs.tar.gz copied to $OUT"
 fi
