@@ -27,7 +27,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from gflowgr_core.train.config import load_config
-    from gflowgr_core.train.trainer import run_training
+    from gflowgr_core.train.trainer import run_training, summary_table
 
     if args.print_config:  # the merged config of this command line, as a YAML file would hold it; no run
         import yaml
@@ -39,18 +39,50 @@ def _train(args: argparse.Namespace) -> int:
     result = run_training(config)
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel run: rank 0 reports for all
         return 0
-    print(json.dumps(result, indent=2))
-    if result.get("status") == "interrupted":  # a clean, resumable stop (SIGTERM/SIGINT): exit code 0
-        print(result["message"], file=sys.stderr)
+    # A clean, resumable stop (SIGTERM/SIGINT) also exits 0; its message says how to continue.
+    if args.json:  # for scripts: the summary result.json holds, on stdout
+        print(json.dumps(result, indent=2))
+        if result.get("status") == "interrupted":
+            print(result["message"], file=sys.stderr)
+    else:
+        print(summary_table(result))
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from gflowgr_core.evaluation import evaluate_checkpoint
+# Metrics of the printed `gflowgr eval` table (the JSON, --json or --out, has every key).
+EVAL_TABLE_METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10")
 
-    metrics = evaluate_checkpoint(args.checkpoint, split=args.split, data=args.data, beams=args.beams,
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gflowgr_core.evaluation import checkpoint_data_dir, evaluate_checkpoint
+    from gflowgr_core.train.checkpoint import COMPLETE_MARKER
+
+    data_dir = checkpoint_data_dir(args.checkpoint, args.data)
+    metrics = evaluate_checkpoint(args.checkpoint, split=args.split, data=data_dir, beams=args.beams,
                                   device=args.device)
-    print(json.dumps(metrics, indent=2))
+    # The file names what was evaluated, so that a metrics file found later still says what it measures.
+    marker = Path(args.checkpoint) / COMPLETE_MARKER
+    saved = json.loads(marker.read_text()) if marker.is_file() else {}
+    report = {"split": args.split, "checkpoint": str(Path(args.checkpoint).resolve()),
+              "checkpoint_step": saved.get("step"), "checkpoint_epoch": saved.get("epoch"),
+              "data": str(Path(data_dir).resolve()), "beams": args.beams, "users": int(metrics["num_examples"]),
+              "metrics": metrics}
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.split} split of {report['data']}, {report['users']} users, checkpoint {report['checkpoint']}, "
+          f"beam {args.beams}")
+    print(f"{'scoring':<10}" + "".join(f"{m:>13}" for m in EVAL_TABLE_METRICS))
+    for prefix, name in (("", "headline"), ("renorm/", "renorm")):
+        print(f"{name:<10}" + "".join(f"{metrics[prefix + m]:>13.4f}" for m in EVAL_TABLE_METRICS))
+    if args.out:
+        print(f"metrics written to {args.out}")
     return 0
 
 
@@ -111,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key=value overrides, e.g. gfn.n_aug=5 stage=gflowgr (every key: docs/config.md)")
     p.add_argument("--print-config", action="store_true",
                    help="print the merged config (defaults, file, overrides) as YAML and exit without training")
+    p.add_argument("--json", action="store_true",
+                   help="print the result summary (out/result.json) as JSON instead of the end-of-run table")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint with trie-constrained beam search")
@@ -119,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="prepared data folder (default: the one the run used)")
     p.add_argument("--beams", type=int, default=20)
     p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None,
+                   help="write the metrics as JSON to this file, with the split, checkpoint and data they measure")
+    p.add_argument("--json", action="store_true", help="print that JSON instead of the table")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="MovieLens-100K: SFT then GFlowGR-TB, table + metrics.json + plot")

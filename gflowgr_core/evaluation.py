@@ -148,9 +148,9 @@ def _check_device(policy: SIDPolicy, device: Optional[torch.device]) -> None:
         raise ValueError(f"evaluation on {want} but the policy is on {have}: move the policy there first")
 
 
-def evaluate_checkpoint(checkpoint: str, split: str = "test", data: Optional[str] = None, beams: int = 20,
-                        device: str = "auto") -> dict:
-    """Evaluate a saved checkpoint (the ``gflowgr eval`` command) on its prepared dataset."""
+def checkpoint_data_dir(checkpoint: str | Path, data: Optional[str] = None) -> str:
+    """The prepared data folder to evaluate ``checkpoint`` on: ``data`` when given, else the ``data`` of the
+    checkpoint's ``config.yaml`` (the folder its run trained on)."""
     from gflowgr_core.train.config import load_config
 
     ckpt = Path(checkpoint)
@@ -158,6 +158,15 @@ def evaluate_checkpoint(checkpoint: str, split: str = "test", data: Optional[str
     data_dir = data or (config.data if config is not None else None)
     if not data_dir:
         raise FileNotFoundError(f"{ckpt} has no config.yaml naming its data folder: pass --data DIR")
+    return str(data_dir)
+
+
+def evaluate_checkpoint(checkpoint: str, split: str = "test", data: Optional[str] = None, beams: int = 20,
+                        device: str = "auto") -> dict:
+    """Evaluate a saved checkpoint (the ``gflowgr eval`` command) on its prepared dataset
+    (:func:`checkpoint_data_dir`)."""
+    ckpt = Path(checkpoint)
+    data_dir = checkpoint_data_dir(ckpt, data)
     dev = resolve_device(device)
     prepared = PreparedData.load(data_dir)
     policy = load_policy(ckpt, device=dev)

@@ -74,7 +74,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, beauty_tiny):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "gflowgr_core.cli", "train", *args, f"out={tmp_path / 'ddp'}"]
+           "-m", "gflowgr_core.cli", "train", "--json", *args, f"out={tmp_path / 'ddp'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ddp_result = json.loads(proc.stdout)  # printed once, by rank 0

@@ -135,7 +135,7 @@ def test_sigterm_subprocess_then_resume(beauty, sft_reference, tmp_path):
     data_dir, prepared = beauty
     args = [f"data={data_dir}", f"out={tmp_path}", *RUN, "stage=sft", "handle_signals=true"]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "gflowgr_core.cli", "train", *args], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "gflowgr_core.cli", "train", "--json", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     log_file = tmp_path / "log.jsonl"

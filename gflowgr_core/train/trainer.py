@@ -37,7 +37,9 @@ from typing import Optional
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from gflowgr_core.backends import available_backends
 from gflowgr_core.data.prepared import PreparedData
 from gflowgr_core.debug import oom_hint
 from gflowgr_core.decoding.search import beam_search, sample
@@ -88,6 +90,11 @@ RESUME_FREE_KEYS = frozenset({"resume", "save_every_steps", "handle_signals", "d
                               "out", "data", "log_every", "eval_batch_size"})
 
 STATE_FORMAT = 1
+
+# Parts of a step's loss shown in the periodic log line, when the stage reports them (log.jsonl has every value).
+LOSS_PARTS = ("ce", "gfn", "pref", "log_z")
+# Validation/test metrics in the end-of-run table (headline scoring; result.json has every key).
+SUMMARY_METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10")
 
 
 @dataclass
@@ -561,6 +568,46 @@ class Trainer:
                                    ranks_out=ranks_out)
 
     # ------------------------------------------------------------------------------------------- loop
+    def banner_lines(self) -> list[str]:
+        """What the run is about to do, logged once at its start (rank 0): examples, steps per epoch and in all,
+        the model's parameters, device, backends, and where the logs and checkpoints go."""
+        cfg = self.cfg
+        n_train, available = len(self.train_index), len(self.data.split.train)
+        subset = f" (a seeded subset of {available:,})" if n_train < available else ""
+        if cfg.max_steps is not None:
+            length = f"max_steps = {self.total_steps:,} steps"
+        else:
+            length = f"{cfg.epochs} epoch(s) = {self.total_steps:,} steps"
+        # Under FSDP the parameters are sharded tensors whose numel is still the whole tensor's.
+        params = sum(p.numel() for p in self.policy.parameters())
+        trained = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)
+        init = (f"from {cfg.init_checkpoint}" if cfg.init_checkpoint else
+                f"from {cfg.model.pretrained}" if cfg.model.pretrained else "from scratch")
+        start = f"resuming at step {self.step:,}" if cfg.resume else "new run"
+        processes = (f", {self.dist.world_size} processes ({self.dist.strategy})" if self.dist.enabled else "")
+        return [
+            f"gflowgr train: stage {cfg.stage}, {start}, writing to {self.out}",
+            f"  data {cfg.data}: {n_train:,} training examples{subset}, {self.steps_per_epoch:,} steps per epoch "
+            f"of {cfg.batch_size} examples, {length}",
+            f"  model: {params:,} parameters ({trained:,} trained), {init}",
+            f"  device {self.device}{processes}, dtype {cfg.dtype}, backend {cfg.backend} "
+            f"(available: {', '.join(available_backends())})",
+            f"  a log line every {cfg.log_every} steps (all values in {self.log_path.name}); validation every "
+            f"{cfg.eval_every} epoch(s) on {cfg.valid_max_users or 'all'} users, selecting on {cfg.select_metric}",
+        ]
+
+    def _progress_line(self, st: LoopState, window: list[dict], lr: float, examples: int, seconds: float) -> str:
+        """The periodic log line: mean loss (and its parts) over the steps since the last line, learning rate,
+        throughput, and the time left for the remaining training steps at that pace (validation not counted)."""
+        parts = [f"{key} {np.mean([w[key] for w in window]):.4f}" for key in LOSS_PARTS
+                 if all(key in w for w in window) and any(w[key] != w["loss"] for w in window)]
+        loss = f"loss {np.mean([w['loss'] for w in window]):.4f}" + (f" ({', '.join(parts)})" if parts else "")
+        per_step = seconds / max(1, len(window))
+        eta = _duration(per_step * max(0, self.total_steps - self.step))
+        return (f"{self.cfg.stage} step {self.step:,}/{self.total_steps:,} (epoch {st.epoch + 1}, batch {st.batch}/"
+                f"{self.steps_per_epoch}): {loss}, lr {lr:.2e}, {examples / max(seconds, 1e-9):,.1f} examples/s, "
+                f"ETA {eta}")
+
     def _log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
@@ -591,7 +638,11 @@ class Trainer:
                 self.log_path.replace(previous)
                 log.info("starting a new run in %s (resume=false): the previous log moved to %s%s", self.out,
                          previous.name, ", last/ will be replaced" if last_dir.exists() else "")
-        with self.stop:
+        if self.dist.is_main:
+            for line in self.banner_lines():
+                log.info(line)
+        # A visible progress bar and log lines share the terminal: the lines print above the bar.
+        with self.stop, logging_redirect_tqdm():
             interrupted = self._train_loop(st, last_dir)
         if interrupted is not None:
             return interrupted
@@ -608,20 +659,33 @@ class Trainer:
                 st.perm = self.epoch_order(self.epoch_generator(st.epoch))
                 st.batch, st.running, st.epoch_seconds = 0, [], 0.0
             epoch_clock = time.time() - st.epoch_seconds
-            bar = tqdm(total=self.steps_per_epoch, initial=st.batch, desc=f"{cfg.stage} epoch {st.epoch + 1}",
+            # The epoch's last batch, or where max_steps ends the run inside it.
+            epoch_steps = min(self.steps_per_epoch, st.batch + self.total_steps - self.step)
+            # disable=None: no bar when stderr is not a terminal (nohup, a pipe); the log lines report instead.
+            bar = tqdm(total=epoch_steps, initial=st.batch, desc=f"{cfg.stage} epoch {st.epoch + 1}",
                        leave=False, disable=None if self.dist.is_main else True)
+            window: list[dict] = []   # the logged values of the steps since the last log line
+            window_examples, window_clock = 0, time.time()
             while st.batch < self.steps_per_epoch and not st.steps_exhausted:
                 b = st.batch
                 if self.sampler is not None and hasattr(self.sampler, "set_progress"):
                     self.sampler.set_progress(self.step / max(1, self.total_steps - 1))
-                logs = self.train_step(st.perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+                rows = st.perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                logs = self.train_step(rows)
                 st.running.append(logs["loss"])
                 st.batch = b + 1
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or st.batch == self.steps_per_epoch:
-                    self._log({"step": self.step, "epoch": st.epoch + 1, "lr": self.scheduler.get_last_lr()[0],
-                               **logs})
+                window.append(logs)
+                window_examples += len(rows)
+                # Every log_every steps, and at the end of an epoch or of the run (max_steps).
+                if (self.step % cfg.log_every == 0 or st.batch == self.steps_per_epoch
+                        or self.step >= self.total_steps):
+                    lr = self.scheduler.get_last_lr()[0]
+                    self._log({"step": self.step, "epoch": st.epoch + 1, "lr": lr, **logs})
                     bar.set_postfix(loss=f"{np.mean(st.running[-cfg.log_every:]):.4f}")
+                    if self.dist.is_main:
+                        log.info(self._progress_line(st, window, lr, window_examples, time.time() - window_clock))
+                    window, window_examples, window_clock = [], 0, time.time()
                 st.steps_exhausted = self.step >= self.total_steps
                 st.epoch_seconds = time.time() - epoch_clock
                 st.train_seconds = time.time() - clock
@@ -697,10 +761,22 @@ class Trainer:
                   "train_seconds": st.train_seconds, "seconds_per_epoch": st.train_seconds / max(1, st.epoch),
                   "test": test, "history": st.history, "checkpoint": str(best_dir), "device": str(self.device),
                   "collaborative_model": self.cm_report,
-                  "world_size": self.dist.world_size}
+                  "world_size": self.dist.world_size, "files": self._written_files()}
         if self.dist.is_main:
             (self.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
+
+    def _written_files(self) -> dict[str, str]:
+        """``{path: what it holds}`` for the files and folders of a finished run in ``out``."""
+        what = {"result.json": "the run's summary, with every metric and the per-epoch history",
+                "log.jsonl": "one JSON line per logged step and per epoch",
+                "config.yaml": "the run's merged config",
+                "best": "the best validation checkpoint (gflowgr eval --checkpoint)",
+                "last": "the resumable state (resume=true)",
+                "test_ranks.pt": "each test user's rank of the held-out item (paired tests)"}
+        # Folders end in "/" so that the table tells them from files.
+        return {str(self.out / name) + ("/" if (self.out / name).is_dir() else ""): text
+                for name, text in what.items() if name == "result.json" or (self.out / name).exists()}
 
     # ----------------------------------------------------------------------------------------- resume
     def save_last(self, st: LoopState, last_dir: Optional[Path] = None) -> Path:
@@ -809,6 +885,40 @@ class Trainer:
             return
         with self.log_path.open("r+b") as f:
             f.truncate(size)
+
+
+def _duration(seconds: float) -> str:
+    """``3h04m``, ``4m05s`` or ``12s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def summary_table(result: dict) -> str:
+    """The end of a run as ``gflowgr train`` prints it: status, best epoch, the headline validation (at the best
+    epoch) and test metrics, training time, and the files the run wrote (``result["files"]``)."""
+    if result.get("status") != "finished":
+        return result.get("message", f"status: {result.get('status')}")
+    valid = next((r["valid"] for r in result.get("history", []) if r.get("epoch") == result["best_epoch"]
+                  and "valid" in r), None)
+    lines = [f"{result['stage']}: finished, {result['epochs']} epoch(s), {result['steps']:,} steps, training "
+             f"{_duration(result['train_seconds'])} ({result['seconds_per_epoch']:.1f} s per epoch) on "
+             f"{result['device']}; best validation epoch {result['best_epoch']}",
+             f"{'':<18}" + "".join(f"{m:>13}" for m in SUMMARY_METRICS)]
+    for name, metrics in ((f"valid (epoch {result['best_epoch']})", valid), ("test", result.get("test"))):
+        if metrics is None:
+            lines.append(f"{name:<18}  not evaluated")
+        else:
+            lines.append(f"{name:<18}" + "".join(f"{metrics.get(m, float('nan')):>13.4f}" for m in SUMMARY_METRICS))
+    files = result.get("files") or {}
+    if files:
+        width = max(len(path) for path in files)
+        lines.append("wrote:")
+        lines += [f"  {path:<{width}}  {text}" for path, text in files.items()]
+    return "\n".join(lines)
 
 
 def run_training(config: TrainConfig, data: Optional[PreparedData] = None) -> dict:
