@@ -9,11 +9,12 @@ Every measured figure in the documentation sits between two markers that name a 
 and this script rewrites the text between them from the JSON files, naming for each file the device, the
 sizes and the git commit it records. A file is one run: the tables quote that run (the medians over its
 timed repetitions), never the best of several runs. A results file that does not exist yet is shown as
-pending, with the command that produces it. Sections (:data:`SECTIONS`): ``decode``, ``hf_processor``,
-``gfn_loss``, ``train_step``, ``train_epoch``, ``train_compile``, ``cpu_memory``,
-``trie_build``, ``quality``, ``demo``, ``tuning``; a
-section may appear in
-several files.
+pending, with the command that produces it. Sections: the keys of :data:`SECTIONS`. A section may appear
+in several files; where each one is today: ``demo`` in README.md; the benchmark tables (``decode``,
+``hf_processor``, ``gfn_loss``, ``train_step``, ``trie_build``, ``fsdp``, ``trl_logps``) in docs/benchmarks.md;
+the packed-training ones (``batch_order``, ``train_epoch``, ``train_compile``, ``cpu_memory``) in
+docs/packing.md; ``quality`` and the tuning tables in docs/reproduce.md. A section that no document holds is
+named on stderr (it would otherwise go unrendered without a word).
 
     python benchmarks/report.py            # rewrite every section in README.md and docs/*.md
     python benchmarks/report.py --check    # exit 1 when a section differs from what the JSON gives
@@ -831,6 +832,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if only is None and not args.print_only:
+        held = {m.group(1) for doc in documents(args.root) for m in OPEN.finditer(doc.read_text(encoding="utf-8"))}
+        unplaced = [name for name in SECTIONS if name not in held]
+        if unplaced:
+            print(f"note: no document holds section(s) {', '.join(unplaced)}: add <!-- report:NAME --> "
+                  f"<!-- /report:NAME --> to README.md or docs/*.md", file=sys.stderr)
     if args.check and stale:
         print("out of date with benchmarks/results/ (run python benchmarks/report.py):\n  " + "\n  ".join(stale),
               file=sys.stderr)
