@@ -89,6 +89,14 @@ def compare_methods(per_user: Mapping[str, Mapping[str, np.ndarray]], pairs: Seq
     return out
 
 
+def mean_intervals(per_user: Mapping[str, Mapping[str, np.ndarray]], metrics: Sequence[str] = STAT_METRICS,
+                   resamples: int = 2000, seed: int = 0) -> dict:
+    """``{method: {metric: [lo, hi]}}``: the 95% bootstrap interval over users of each method's mean (the
+    paired bootstrap of the method against zero: the same user draws as :func:`paired_bootstrap`)."""
+    return {name: {m: paired_bootstrap(v[m], np.zeros_like(v[m]), resamples, seed)["ci95"] for m in metrics if m in v}
+            for name, v in per_user.items()}
+
+
 def save_ranks(path: Path, ranks: Mapping[str, np.ndarray]) -> None:
     """Write per-user ranks (int8, compressed: ~20 KB per run on Beauty) to ``path`` (.npz)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import RESULTS_DIR, environment, format_table, log, write_json  # noqa: E402
 from quality_records import archive_run, records_root, restore_run, run_ranks, saved_sasrec  # noqa: E402
-from quality_stats import compare_methods, per_user_metrics, seed_mean  # noqa: E402
+from quality_stats import compare_methods, mean_intervals, per_user_metrics, seed_mean  # noqa: E402
 
 CONFIGS = REPO / "configs"
 DATASETS = ("beauty", "sports", "toys")
@@ -498,18 +498,19 @@ def aggregate(specs: Sequence[RunSpec], seeds: Sequence[int], data=None,
         entry["seeds_done"] = done
         reference["sasrec"] = entry
     device = sorted(devices)[0] if len(devices) == 1 else (sorted(devices) or None)
-    comparisons = paired_comparisons(specs, results, data, record_of) if record_of is not None else {}
+    comparisons, intervals = ({}, {}) if record_of is None else paired_comparisons(specs, results, data, record_of)
     return {"device": device, "versions": versions, "seeds": list(seeds), "epochs": epochs, "steps": steps,
             "methods": methods, "missing": missing, "reference": reference, "runs": runs,
-            "comparisons": comparisons}
+            "comparisons": comparisons, "intervals": intervals}
 
 
 COMPARED = "gflowgr_tb"
 
 
 def paired_comparisons(specs: Sequence[RunSpec], results: dict, data,
-                       record_of: Callable[[RunSpec], Path]) -> dict:
-    """``{"gflowgr_tb-<method>": {metric: {"diff", "ci95", "p", ...}}}`` from the per-user test ranks of every
+                       record_of: Callable[[RunSpec], Path]) -> tuple[dict, dict]:
+    """``({"gflowgr_tb-<method>": {metric: {"diff", "ci95", "p", ...}}}, {method: {metric: [lo, hi]}})``: the
+    paired comparisons and each method's 95% interval over users, from the per-user test ranks of every
     finished run (seed-averaged per method); methods whose runs lack ranks are left out (and logged)."""
     per_user: dict[str, list] = {}
     for spec in specs:
@@ -526,7 +527,7 @@ def paired_comparisons(specs: Sequence[RunSpec], results: dict, data,
             per_user.setdefault(spec.name, []).append(per_user_metrics(ranks))
     means = {name: seed_mean(v) for name, v in per_user.items() if v}
     pairs = [(COMPARED, other) for other in means if other != COMPARED]
-    return compare_methods(means, pairs)
+    return compare_methods(means, pairs), mean_intervals(means)
 
 
 def _evaluate_ranks(best: Path, data, expected: dict) -> dict:
@@ -619,16 +620,33 @@ def plot_quality(agg: dict, path: Path) -> Optional[Path]:
     bars = [("recall@10", "R@10"), ("ndcg@10", "N@10"), ("renorm/recall@10", "R@10 renorm"),
             ("renorm/ndcg@10", "N@10 renorm")]
     rows = list(agg["methods"].items()) + [(f"{n} (ref.)", e) for n, e in agg.get("reference", {}).items()]
+    intervals = agg.get("intervals") or {}
     width = 0.8 / len(bars)
     for i, (key, label) in enumerate(bars):
         xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(rows))]
         means = [e[key]["mean"] if key in e else 0.0 for _, e in rows]
-        stds = [e[key]["std"] if key in e else 0.0 for _, e in rows]
-        right.bar(xs, means, width, yerr=stds, label=label)
+        # the 95% interval over test users where per-user ranks exist, else the std over seeds
+        lows, highs = [], []
+        for (name, e), m in zip(rows, means):
+            ci = intervals.get(name, {}).get(key)
+            spread = (m - ci[0], ci[1] - m) if ci else ((e[key]["std"],) * 2 if key in e else (0.0, 0.0))
+            lows.append(max(spread[0], 0.0))
+            highs.append(max(spread[1], 0.0))
+        drawn = right.bar(xs, means, width, yerr=[lows, highs], capsize=2, label=label)
+        right.bar_label(drawn, labels=[f"{m:.4f}" if m else "" for m in means], fontsize=6, rotation=90,
+                        padding=3)
     right.set_xticks(range(len(rows)))
-    right.set_xticklabels([n for n, _ in rows], rotation=30, ha="right", fontsize=8)
-    right.set_title(f"test (best validation checkpoint), seeds {', '.join(map(str, agg['seeds']))}")
-    right.legend(fontsize=8)
+    right.set_xticklabels([f"{n}\n(seeds {', '.join(map(str, e.get('seeds_done', [])))})" if e.get("seeds_done")
+                           else n for n, e in rows], fontsize=8)
+    right.set_title("test: mean over finished seeds, 95% interval over users")
+    target = next(iter(((agg.get("paper") or {}).get("published_same_split") or {}).items()), None)
+    if target is not None:  # the first published row on this split: the figure to beat
+        for key, style in (("recall@10", "--"), ("ndcg@10", ":")):
+            if key in target[1]:
+                right.axhline(target[1][key], color="grey", linestyle=style, linewidth=1,
+                              label=f"{target[0]} {key}")
+    right.set_ylim(0, max(e[k]["mean"] for _, e in rows for k, _ in bars if k in e) * 1.3)
+    right.legend(fontsize=7, ncol=3, loc="upper center")
     fig.suptitle(f"{'--quick pipeline check, not results: ' if agg.get('quick') else ''}{agg['device']}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -120,3 +120,14 @@ def test_a_run_without_ranks_is_left_out_of_the_comparisons(tmp_path):
     (specs[1].out / "test_ranks.pt").unlink()  # sdpo: neither ranks nor a checkpoint
     agg = runner.aggregate(specs, [42], data=None, record_of=lambda s: tmp_path / "rec" / f"{s.name}")
     assert set(agg["comparisons"]) == {"gflowgr_tb-sft"}
+
+
+def test_mean_intervals_bracket_each_methods_mean_and_narrow_with_more_users():
+    rng = np.random.default_rng(3)
+    small = {"a": {"recall@10": (rng.random(200) < 0.1).astype(float)}}
+    large = {"a": {"recall@10": (rng.random(20000) < 0.1).astype(float)}}
+    lo_s, hi_s = quality_stats.mean_intervals(small, metrics=["recall@10"], resamples=500)["a"]["recall@10"]
+    lo_l, hi_l = quality_stats.mean_intervals(large, metrics=["recall@10"], resamples=500)["a"]["recall@10"]
+    assert lo_s < small["a"]["recall@10"].mean() < hi_s
+    assert lo_l < large["a"]["recall@10"].mean() < hi_l
+    assert (hi_l - lo_l) < (hi_s - lo_s) / 5  # 100x the users: ~10x narrower
