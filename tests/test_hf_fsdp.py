@@ -1,8 +1,8 @@
 """GFlowGRTrainer under accelerate's FSDP2 plugin: 2 CPU processes (gloo) started by ``accelerate launch
 --config_file examples/accelerate_fsdp2.yaml`` follow the single-process run at the same global batch (losses,
-gradient norms, consolidated weights, evaluation) for SFT and GFlowGR-TB on a tiny Qwen2; ``save_model`` and
-``checkpoint-N`` are plain HF folders; resuming from ``checkpoint-N`` continues the run; configurations that
-cannot work stop with what to change.
+gradient norms, consolidated weights, evaluation) for SFT, GFlowGR-TB and SFT with LoRA on a tiny Qwen2;
+``save_model`` and ``checkpoint-N`` are plain HF folders; resuming from ``checkpoint-N`` continues the run;
+configurations that cannot work stop with what to change.
 
 As in tests/test_fsdp.py, all 2-process runs share one launch; its worker is this file run as a script
 (``python tests/test_hf_fsdp.py SPEC.json``); the single-process references run in the pytest process.
@@ -31,6 +31,7 @@ TINY = ["model.hidden=32", "model.layers=2", "model.heads=2", "model.kv_heads=2"
         "model.flow_hidden=16"]
 STEPS = 4
 PER_RANK = 4  # 2 ranks x 4 rows = the single process's 8 rows per step; 16 rows: 2 steps per epoch
+SCENARIOS = ("sft", "tb", "sft_lora")
 
 
 def _config_kwargs(out: Path, data: Path, root: Path, name: str, batch: int) -> dict:
@@ -41,6 +42,9 @@ def _config_kwargs(out: Path, data: Path, root: Path, name: str, batch: int) -> 
               save_strategy="steps", save_steps=2, gflowgr_overrides=list(TINY))
     if name == "sft":
         kw.update(stage="sft")
+    elif name == "sft_lora":  # PEFT LoRA on the attention, the base weights frozen but sharded too
+        kw.update(stage="sft_continue", init_checkpoint=str(root / "init_qwen2"), lora_r=4, lora_alpha=8,
+                  lora_target_modules=["q_proj", "v_proj"])
     else:  # TB with the on-policy sampler (beam search on the consolidated policy inside the sharded forward),
         # whose augmentations, unlike the random samplers', are the same on every rank and in one process.
         kw.update(stage="gflowgr", objective="tb", gfn_sampler="onpolicy", n_aug=2,
@@ -103,7 +107,7 @@ def runs(tmp_path_factory, beauty_tiny):
     init = Trainer(load_config(None, [f"data={data}", f"out={root / 'build'}", "stage=sft", "device=cpu", *TINY]),
                    prepared)
     save_policy(init.policy, root / "init_qwen2")
-    spec = [{"kwargs": _config_kwargs(root / name, data, root, name, PER_RANK)} for name in ("sft", "tb")]
+    spec = [{"kwargs": _config_kwargs(root / name, data, root, name, PER_RANK)} for name in SCENARIOS]
     # Stopped-and-resumed: a fresh run that resumes from the SFT run's checkpoint-2 and trains to step 4.
     spec.append({"kwargs": _config_kwargs(root / "sft_resumed", data, root, "sft", PER_RANK),
                  "resume": str(root / "sft" / "checkpoint-2")})
@@ -116,7 +120,7 @@ def runs(tmp_path_factory, beauty_tiny):
     first = proc.stderr.find("Traceback")
     assert proc.returncode == 0, proc.stderr[first:first + 6000] if first >= 0 else proc.stderr[-6000:]
     # The single-process references at the same global batch, in this (undistributed) process.
-    for name in ("sft", "tb"):
+    for name in SCENARIOS:
         result = _run(_config_kwargs(root / f"{name}_one", data, root, name, 2 * PER_RANK))
         (root / f"{name}_one" / "run.json").write_text(json.dumps(result))
     return root
@@ -132,7 +136,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_policy(folder, recover=False).state_dict()
 
 
-@pytest.mark.parametrize("name", ["sft", "tb"])
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_two_ranks_match_one_process(runs, name):
     root = runs
     two = json.loads((root / name / "run.json").read_text())
@@ -150,8 +154,8 @@ def test_two_ranks_match_one_process(runs, name):
         assert all(r["gfn"] > 0 for r in a)
     wa, wb = _weights(root / name / "final"), _weights(root / f"{name}_one" / "final")
     assert wa.keys() == wb.keys()
-    start = _weights(root / "init_qwen2") if name == "tb" else None
-    if start is not None:
+    if name != "sft":  # started from init_qwen2: training moved the weights, so equality means something
+        start = _weights(root / "init_qwen2")
         assert max(float((wb[k] - start[k]).abs().max()) for k in wb if k in start) > 1e-3
     for k in wb:
         assert torch.allclose(wa[k], wb[k], rtol=RTOL, atol=ATOL_WEIGHTS), (name, k, float((wa[k] - wb[k]).abs().max()))
@@ -166,9 +170,11 @@ def test_saved_folders_are_plain_hf_models(runs):
 
     root = runs
     prompt = torch.tensor([[1, 5, 40, 3]])
-    for folder in (root / "sft" / "final", root / "sft" / "checkpoint-2", root / "tb" / "final"):
+    for folder in (root / "sft" / "final", root / "sft" / "checkpoint-2", root / "tb" / "final",
+                   root / "sft_lora" / "final"):
         assert (folder / STATE_FILE).is_file() and (folder / "config.yaml").is_file()
         model = AutoModelForCausalLM.from_pretrained(folder / "lm")
+        assert not any("lora" in k for k in model.state_dict())  # adapters merged
         lm = {k: v for k, v in _weights(folder).items() if k.startswith("model.")}
         for k, v in model.state_dict().items():
             assert torch.equal(v, lm[f"model.{k}"]), (folder, k)
