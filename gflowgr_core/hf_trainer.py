@@ -537,12 +537,16 @@ class GFlowGRTrainer(Trainer):
             self.core.sampler.load_state_dict(state["sampler"])
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
-        """Hugging Face's, except for FSDP checkpoints written with ``SHARDED_STATE_DICT``: parameters that never had
-        a gradient (the flow heads under SFT, log F under TB) have no optimiser state there, which accelerate's
-        loader refuses; they are dropped from the template, as the library trainer's sharded resume does."""
+        """Hugging Face's, except for FSDP checkpoints: parameters that never had a gradient (the flow heads under
+        SFT, log F under TB) have no optimiser state there, which accelerate's loader refuses. They get none after
+        loading either (as in the library trainer's sharded resume), so their first update equals the saving
+        run's. ``SHARDED_STATE_DICT`` (``optimizer_0/``): each rank reads its shards; ``FULL_STATE_DICT``
+        (``optimizer.bin``): the main process reads the file and FSDP hands every rank its shards."""
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
-        folder = Path(checkpoint) / "optimizer_0" if checkpoint is not None else None
-        if plugin is None or folder is None or not folder.is_dir():
+        if plugin is None or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        sharded, full = Path(checkpoint) / "optimizer_0", Path(checkpoint) / "optimizer.bin"
+        if not sharded.is_dir() and not full.is_file():
             return super()._load_optimizer_and_scheduler(checkpoint)
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
@@ -552,12 +556,18 @@ class GFlowGRTrainer(Trainer):
         from .train.fsdp import drop_unsaved_optimizer_state
 
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper -> torch's
-        template = get_optimizer_state_dict(self.model, optimizer)
-        saved = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
-        drop_unsaved_optimizer_state(template, saved)
-        state = {"optimizer": template}
-        dcp.load(state, checkpoint_id=str(folder))
-        set_optimizer_state_dict(self.model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
+        if sharded.is_dir():
+            template = get_optimizer_state_dict(self.model, optimizer)
+            saved = set(dcp.FileSystemReader(str(sharded)).read_metadata().state_dict_metadata)
+            drop_unsaved_optimizer_state(template, saved)
+            state = {"optimizer": template}
+            dcp.load(state, checkpoint_id=str(sharded))
+            # Not strict only so that the parameters without saved state are allowed to have none.
+            set_optimizer_state_dict(self.model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
+        else:
+            state = torch.load(full, map_location="cpu", weights_only=True) if self.args.process_index == 0 else {}
+            set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True, strict=False))
         self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_NAME, weights_only=True))
 
     def _load_best_model(self) -> None:

@@ -94,6 +94,18 @@ pytestmark = pytest.mark.skipif(
     reason="needs accelerate and torch.distributed with gloo")
 
 
+def _launch(spec_file: Path, spec: list[dict], *options: str) -> None:
+    """``accelerate launch --config_file examples/accelerate_fsdp2.yaml`` on 2 processes running ``spec``."""
+    spec_file.write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
+           *options, str(Path(__file__).resolve()), str(spec_file)]
+    proc = subprocess.run(cmd, cwd=spec_file.parent, env=env, capture_output=True, text=True, timeout=900)
+    first = proc.stderr.find("Traceback")  # a failing rank's own traceback, before torchrun's summary
+    assert proc.returncode == 0, proc.stderr[first:first + 6000] if first >= 0 else proc.stderr[-6000:]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, beauty_tiny):
     from gflowgr_core.data.prepared import prepare
@@ -111,14 +123,12 @@ def runs(tmp_path_factory, beauty_tiny):
     # Stopped-and-resumed: a fresh run that resumes from the SFT run's checkpoint-2 and trains to step 4.
     spec.append({"kwargs": _config_kwargs(root / "sft_resumed", data, root, "sft", PER_RANK),
                  "resume": str(root / "sft" / "checkpoint-2")})
-    (root / "spec.json").write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
-           str(Path(__file__).resolve()), str(root / "spec.json")]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    first = proc.stderr.find("Traceback")
-    assert proc.returncode == 0, proc.stderr[first:first + 6000] if first >= 0 else proc.stderr[-6000:]
+    _launch(root / "spec.json", spec)
+    # The same with the other checkpoint format accelerate writes (optimizer.bin instead of optimizer_0/).
+    full = [{"kwargs": _config_kwargs(root / "sft_full", data, root, "sft", PER_RANK)},
+            {"kwargs": _config_kwargs(root / "sft_full_resumed", data, root, "sft", PER_RANK),
+             "resume": str(root / "sft_full" / "checkpoint-2")}]
+    _launch(root / "spec_full.json", full, "--fsdp_state_dict_type", "FULL_STATE_DICT")
     # The single-process references at the same global batch, in this (undistributed) process.
     for name in SCENARIOS:
         result = _run(_config_kwargs(root / f"{name}_one", data, root, name, 2 * PER_RANK))
@@ -181,16 +191,20 @@ def test_saved_folders_are_plain_hf_models(runs):
         assert model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 7)
 
 
-def test_resume_from_checkpoint_continues_the_run(runs):
+@pytest.mark.parametrize("name", ["sft", "sft_full"])
+def test_resume_from_checkpoint_continues_the_run(runs, name):
+    """``sft``: accelerate's SHARDED_STATE_DICT checkpoint (``optimizer_0/``), ``sft_full``: FULL_STATE_DICT
+    (``optimizer.bin``); both hold the flow heads without optimiser state (no gradient under SFT)."""
     root = runs
-    full = json.loads((root / "sft" / "run.json").read_text())
-    resumed = json.loads((root / "sft_resumed" / "run.json").read_text())
+    assert (root / name / "checkpoint-2" / ("optimizer_0" if name == "sft" else "optimizer.bin")).exists()
+    full = json.loads((root / name / "run.json").read_text())
+    resumed = json.loads((root / f"{name}_resumed" / "run.json").read_text())
     # Only steps 3 and 4 ran, from the checkpoint's weights, optimiser shards and scheduler; the log of steps 1-2
     # comes back from the checkpoint.
     assert full["steps_run"] == [1, 2, 3, 4] and resumed["steps_run"] == [3, 4]
     want = [(r["step"], r["loss"], r["grad_norm"]) for r in _steps(full)]
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in _steps(resumed)] == want
-    wa, wb = _weights(root / "sft_resumed" / "final"), _weights(root / "sft" / "final")
+    wa, wb = _weights(root / f"{name}_resumed" / "final"), _weights(root / name / "final")
     assert all(torch.equal(wa[k], wb[k]) for k in wb)
 
 
