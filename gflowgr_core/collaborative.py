@@ -652,7 +652,7 @@ def load_or_train_sasrec(split_data, config: Optional[SASRecConfig] = None, cach
             if not os.access(cache_dir, os.W_OK):
                 raise OSError(f"the SASRec cache folder {cache_dir} is not writable; pass another cache_dir "
                               f"or set {CACHE_ENV}")
-            log.info("collaborative model (SASRec): training on %d users' sequences, up to %d epochs (early stopping "
+            log.info("collaborative model (SASRec): training on %d users' sequences, up to %d epoch(s) (early stopping "
                      "on validation %s, patience %d); it will be cached in %s", len(split_data.valid),
                      config.max_epochs, config.early_stop_metric, config.patience, path)
             model = train_sasrec(split_data, config)
