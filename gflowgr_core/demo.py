@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,13 @@ QUICK = {"valid_max_users": 50, "cm.max_epochs": 1, "epochs": 1, "max_train_exam
 QUICK_STAGE2 = {"max_train_examples": 512}
 
 
+def _quick_warmup(settings: dict) -> int:
+    """A quick run's learning-rate warm-up: a tenth of its steps (at least one), about the share of the full
+    runs (SFT 40 of 563 steps, stage 2 6 of 63), so that it never outlasts the run."""
+    steps = settings["epochs"] * math.ceil(settings["max_train_examples"] / settings["batch_size"])
+    return max(1, steps // 10)
+
+
 def _overrides(*dicts: dict) -> list[str]:
     merged: dict = {}
     for d in dicts:
@@ -85,9 +93,11 @@ def _overrides(*dicts: dict) -> list[str]:
 def demo_configs(out: str | Path, device: str = "auto", quick: bool = False) -> dict[str, TrainConfig]:
     """The config of each run of the demo, by row name (``sft`` first; the others start from its best)."""
     out = Path(out)
-    common = {**COMMON, "data": str(out / "data"), "device": device}
-    quick_sft = QUICK if quick else {}
-    configs = {"sft": load_config(None, _overrides(common, SFT, quick_sft, {"out": str(out / "sft")}))}
+    sft = {**COMMON, "data": str(out / "data"), "device": device, **SFT, "out": str(out / "sft")}
+    if quick:
+        sft.update(QUICK)
+        sft["warmup_steps"] = _quick_warmup(sft)
+    configs = {"sft": load_config(None, _overrides(sft))}
     for name in METHODS:
         configs[name] = stage2_config(out, name, device=device, quick=quick)
     return configs
@@ -99,10 +109,13 @@ def stage2_config(out: str | Path, method: str, device: str = "auto", quick: boo
     from ``out/sft/best``; ``extra`` overrides go on top (e.g. a tuning run's settings) and ``run_dir``
     replaces ``out/<method>``."""
     out = Path(out)
-    quick_stage2 = {**QUICK, **QUICK_STAGE2} if quick else {}
-    return load_config(None, _overrides(COMMON, {"data": str(out / "data"), "device": device}, STAGE2,
-                                        METHODS[method], quick_stage2, extra or {}, {
-        "init_checkpoint": str(out / "sft" / "best"), "out": str(run_dir or out / method)}))
+    settings = {**COMMON, "data": str(out / "data"), "device": device, **STAGE2, **METHODS[method]}
+    if quick:
+        settings.update({**QUICK, **QUICK_STAGE2})
+        settings["warmup_steps"] = _quick_warmup(settings)
+    settings.update({**(extra or {}), "init_checkpoint": str(out / "sft" / "best"),
+                     "out": str(run_dir or out / method)})
+    return load_config(None, _overrides(settings))
 
 
 def budget(configs: dict[str, TrainConfig], data: PreparedData, quick: bool) -> dict:
@@ -172,8 +185,8 @@ def _train(cfg: TrainConfig, data: PreparedData, stop: StopRequest) -> dict:
         trainer.dist.shutdown()
 
 
-def _row(name: str, result: dict) -> dict:
-    row = {"method": name}
+def _row(name: str, result: dict, seed: int) -> dict:
+    row = {"method": name, "seed": int(seed)}
     for prefix, _ in SCORINGS:
         row.update({prefix + m: float(result["test"][prefix + m]) for m in TABLE_METRICS})
     row.update({"epochs": int(result["epochs"]), "best_epoch": int(result["best_epoch"]),
@@ -224,7 +237,7 @@ def run_demo(out: str | Path = "runs/demo", device: str = "auto", quick: bool = 
             results[name] = result
         if stop.requested:  # the signal came during the last run's test evaluation: that run finished
             log.info("%s received after the last run finished: writing the results", stop.reason)
-    rows = [_row(name, r) for name, r in results.items()]
+    rows = [_row(name, r, configs[name].seed) for name, r in results.items()]
     metrics = {
         "status": "finished",
         "data": (f"MovieLens-100K, {b['users']} users, {b['items']} items; each run on a seeded random subset of "
@@ -242,7 +255,7 @@ def run_demo(out: str | Path = "runs/demo", device: str = "auto", quick: bool = 
     if cm:
         print(f"collaborative model (SASRec, the reward's teacher, full-catalogue scores): test recall@10 "
               f"{cm.get('recall@10', float('nan')):.4f}, ndcg@10 {cm.get('ndcg@10', float('nan')):.4f}")
-    plot_demo(out, rows)
+    plot_demo(out, rows, quick=quick)
     print(f"wrote {out / 'metrics.json'} and {out / 'demo.png'} ({metrics['wall_seconds']:.0f} s)")
     return metrics
 
@@ -296,40 +309,101 @@ def _train_curve(run_dir: Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
+def _valid_curve(run_dir: Path, metric: str = "ndcg@10") -> tuple[list[int], list[float]]:
+    """The validation ``metric`` at each evaluated epoch of a run (its log's epoch records)."""
+    steps, values = [], []
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line).get("eval", {})
+        if metric in rec.get("valid", {}):
+            steps.append(rec["step"])
+            values.append(rec["valid"][metric])
+    return steps, values
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values: the trend of a noisy per-step loss."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
 LABELS = {"sft": "SFT (CE)", "sft_continue": "continued SFT (CE)", "gflowgr_tb": "GFlowGR-TB (CE + TB)"}
+COLORS = {"sft": "tab:gray", "sft_continue": "tab:blue", "gflowgr_tb": "tab:orange"}
+BAR_METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")  # coverage has its own panel: another scale
 
 
-def plot_demo(out: Path, rows: list[dict]) -> Path:
-    """Training curves of the three runs (stage 2 drawn from the end of SFT) and the headline test metrics,
-    as ``out/demo.png``."""
+def demo_figure(out: Path, rows: list[dict], quick: bool = False):
+    """The demo's figure (a matplotlib ``Figure``) from the runs' logs in ``out/<method>/log.jsonl`` and the test
+    ``rows``: SFT's training CE and validation NDCG@10; the stage-2 runs' CE over their own steps, with their
+    validation NDCG@10 in the legend; the headline test metrics and, on its own axis, coverage@10, with the value
+    on every bar. The title names the seeds of the runs that finished (the rows), not the planned ones."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.5))
-    sft_end = 0
-    for row in rows:
-        name = row["method"]
+    fig, ((ax_sft, ax_stage2), (ax_bar, ax_cov)) = plt.subplots(2, 2, figsize=(13, 9),
+                                                                 gridspec_kw={"width_ratios": [1.5, 1]})
+    names = [row["method"] for row in rows]
+    for name in names:
         steps, losses = _train_curve(out / name)
-        offset = 0 if name == "sft" else sft_end
-        ax_loss.plot([offset + s for s in steps], losses, marker="o" if len(steps) < 20 else None,
-                     label=LABELS.get(name, name))
+        valid_steps, valid = _valid_curve(out / name)
         if name == "sft":
-            sft_end = steps[-1] if steps else 0
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("training cross-entropy of the positive")
-    ax_loss.set_title("training curves (stage 2 starts from the best SFT checkpoint)")
-    ax_loss.legend()
+            ax_sft.plot(steps, losses, color=COLORS["sft"], marker="o" if len(steps) < 20 else None,
+                        label="training CE of the positive")
+            if valid:  # validation NDCG@10 per epoch on its own axis: another scale than the loss
+                ax_valid = ax_sft.twinx()
+                ax_valid.plot(valid_steps, valid, color="tab:green", marker="s", label="validation NDCG@10")
+                ax_valid.set_ylabel("validation NDCG@10", color="tab:green")
+                for x, y in zip(valid_steps, valid):
+                    ax_valid.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6),
+                                      ha="center", fontsize=8, color="tab:green")
+                handles = ax_sft.get_legend_handles_labels()
+                extra = ax_valid.get_legend_handles_labels()
+                ax_sft.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper right")
+            continue
+        # Raw per-step CE faint, its trend bold: the two stage-2 runs cross often and would hide each other.
+        label = LABELS.get(name, name) + (f", valid NDCG@10 {valid[-1]:.3f}" if valid else "")
+        color = COLORS.get(name)
+        ax_stage2.plot(steps, losses, color=color, alpha=0.3, linewidth=1)
+        ax_stage2.plot(steps, _moving_average(losses, max(1, len(steps) // 8)), color=color, linewidth=2,
+                       marker="o" if len(steps) < 20 else None, label=label)
+    ax_sft.set_xlabel("SFT step")
+    ax_sft.set_ylabel("training cross-entropy of the positive")
+    ax_sft.set_title("stage 1: SFT from scratch")
+    ax_stage2.set_xlabel("stage-2 step (both runs start from SFT's best checkpoint)")
+    ax_stage2.set_ylabel("training cross-entropy of the positive")
+    for ax in (ax_sft, ax_stage2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax_stage2.set_title("stage 2: same examples, batches and steps")
+    if len(names) > 1:
+        ax_stage2.legend(fontsize=8)
+
     width = 0.8 / len(rows)
-    xs = range(len(TABLE_METRICS))
-    for i, row in enumerate(rows):
-        ax_bar.bar([x + (i - (len(rows) - 1) / 2) * width for x in xs], [row[m] for m in TABLE_METRICS], width,
-                   label=row["method"])
-    ax_bar.set_xticks(list(xs), TABLE_METRICS)
+    for ax, metrics in ((ax_bar, BAR_METRICS), (ax_cov, ("coverage@10",))):
+        xs = range(len(metrics))
+        for i, row in enumerate(rows):
+            bars = ax.bar([x + (i - (len(rows) - 1) / 2) * width for x in xs], [row[m] for m in metrics], width,
+                          label=LABELS.get(row["method"], row["method"]), color=COLORS.get(row["method"]))
+            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+        ax.set_xticks(list(xs), metrics)
+        ax.margins(y=0.15)  # room for the value labels above the tallest bar
     ax_bar.set_title("test metrics (trie-constrained beam search, headline scoring)")
-    ax_bar.legend()
+    ax_bar.legend(fontsize=8, loc="upper left")
+    ax_cov.set_title("test coverage@10 (catalogue share)")
+    seeds = sorted({row["seed"] for row in rows if "seed" in row})
+    fig.suptitle(f"gflowgr demo, MovieLens-100K{' (--quick)' if quick else ''}: seed"
+                 f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds)) or 'unknown'} finished for "
+                 f"{', '.join(names)}")
     fig.tight_layout()
+    return fig
+
+
+def plot_demo(out: Path, rows: list[dict], quick: bool = False) -> Path:
+    """:func:`demo_figure` written as ``out/demo.png``."""
+    import matplotlib.pyplot as plt
+
+    fig = demo_figure(out, rows, quick=quick)
     path = out / "demo.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,12 +8,13 @@ import json
 import math
 import shutil
 import signal
+import warnings
 
 import pytest
 
 from gflowgr_core.cli import main
 from gflowgr_core.data.loaders import load_ml100k
-from gflowgr_core.demo import METHODS, TABLE_METRICS, run_demo
+from gflowgr_core.demo import METHODS, TABLE_METRICS, demo_figure, run_demo
 from gflowgr_core.train.checkpoint import is_complete
 from gflowgr_core.train.trainer import Trainer
 
@@ -30,12 +31,15 @@ ROWS = ["sft", *METHODS]
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
-    """One uninterrupted ``gflowgr demo --quick`` (its own SASRec cache), with what it printed."""
+    """One uninterrupted ``gflowgr demo --quick`` (its own SASRec cache), with what it printed and warned."""
     root = tmp_path_factory.mktemp("demo")
     printed = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         mp.setenv("GFLOWGR_CACHE", str(root / "cache"))
         rc = main(["demo", "--out", str(root / "out"), "--quick"])
+    root.joinpath("warnings.txt").write_text("\n".join(str(w.message) for w in caught))
     return root, rc, printed.getvalue()
 
 
@@ -69,6 +73,45 @@ def test_demo_quick_writes_table_metrics_and_plot(quick_demo):
     assert all(name in printed for name in ROWS) and "recall@10" in printed
     stats = json.loads((out / "data" / "stats.json").read_text())
     assert stats["num_users"] == 200 and stats["num_items"] == 1682
+    # The quick runs' warm-up is sized to their few steps: no "warmup_steps=... is longer than the run".
+    assert "warmup_steps" not in (root / "warnings.txt").read_text()
+    assert all(row["seed"] == 42 for row in metrics["rows"])
+
+
+def _fake_run(run_dir, steps: int, eval_steps: list[int]) -> None:
+    """A run folder whose log.jsonl has a CE per step and a validation NDCG@10 at ``eval_steps``."""
+    run_dir.mkdir(parents=True)
+    lines = [json.dumps({"step": s, "loss": 5.0 - s / steps, "ce": 5.0 - s / steps}) for s in range(1, steps + 1)]
+    lines += [json.dumps({"eval": {"step": s, "valid": {"ndcg@10": 0.01 * s}}}) for s in eval_steps]
+    run_dir.joinpath("log.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_demo_figure_panels_labels_and_finished_seeds(tmp_path):
+    """Stage 2 on its own axis from step 1, coverage on its own panel, every bar labelled with its value, and a
+    title naming the seeds of the rows (the finished runs)."""
+    _fake_run(tmp_path / "sft", 60, [30, 60])
+    _fake_run(tmp_path / "sft_continue", 8, [8])
+    _fake_run(tmp_path / "gflowgr_tb", 8, [8])
+    values = {"recall@5": 0.031, "recall@10": 0.052, "ndcg@5": 0.021, "ndcg@10": 0.027, "coverage@10": 0.412}
+    rows = [{"method": name, "seed": 7 if name == "gflowgr_tb" else 42,
+             **{m: v + 0.001 * i for m, v in values.items()}} for i, name in enumerate(ROWS)]
+    fig = demo_figure(tmp_path, rows, quick=True)
+    ax_sft, ax_stage2, ax_bar, ax_cov, ax_valid = fig.axes
+    stage2 = [line for line in ax_stage2.get_lines() if line.get_label().startswith(("continued", "GFlowGR"))]
+    assert len(stage2) == 2 and all(min(line.get_xdata()) == 1 for line in stage2)  # their own steps
+    assert all("valid NDCG@10 0.080" in line.get_label() for line in stage2)
+    assert max(max(line.get_xdata()) for line in ax_sft.get_lines()) == 60
+    assert list(ax_valid.get_lines()[0].get_ydata()) == [0.3, 0.6]
+    bar_texts = {t.get_text() for t in ax_bar.texts}
+    assert {"0.031", "0.052", "0.021", "0.027", "0.032", "0.054"} <= bar_texts
+    assert {t.get_text() for t in ax_cov.texts} == {"0.412", "0.413", "0.414"}
+    assert [t.get_text() for t in ax_cov.get_xticklabels()] == ["coverage@10"]
+    assert "coverage@10" not in [t.get_text() for t in ax_bar.get_xticklabels()]
+    title = fig._suptitle.get_text()
+    assert "seeds 7, 42 finished" in title and "sft_continue" in title
+    # A demo stopped after SFT would plot one row: its seed only.
+    one = demo_figure(tmp_path, rows[:1])
+    assert "seed 42 finished for sft" in one._suptitle.get_text()
 
 
 def _copy_prepared_and_sft(quick_demo, dest):
