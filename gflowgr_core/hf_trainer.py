@@ -44,7 +44,7 @@ from .data.prepared import PreparedData
 from .debug import oom_hint
 from .pretrained import LoraSettings, apply_lora, apply_prompt_template
 from .train.config import ConfigError, TrainConfig, apply_overrides, from_dict, save_config
-from .train.fsdp import PolicyConsolidator
+from .train.fsdp import PolicyConsolidator, drop_unsaved_optimizer_state
 from .train.trainer import Trainer as CoreTrainer, derived_seed
 
 __all__ = ["GFlowGRConfig", "GFlowGRTrainer", "GFlowGRModel", "SplitIndexDataset", "SplitIndexCollator",
@@ -552,8 +552,6 @@ class GFlowGRTrainer(Trainer):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                              set_optimizer_state_dict)
         from transformers.trainer import SCHEDULER_NAME
-
-        from .train.fsdp import drop_unsaved_optimizer_state
 
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper -> torch's
         if sharded.is_dir():
