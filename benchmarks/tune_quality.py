@@ -47,6 +47,9 @@ TUNING: dict[str, tuple[str, list[str]]] = {
     "lambda 0.03": ("gflowgr_tb", ["gfn.lambda_gfn=0.03"]),
     "teacher, n_aug 7": ("gflowgr_tb", [*TEACHER, "gfn.n_aug=7"]),
     "teacher, tau 0.5": ("gflowgr_tb", [*TEACHER, "gfn.reward.cm_temperature=0.5"]),
+    "teacher, tau 2": ("gflowgr_tb", [*TEACHER, "gfn.reward.cm_temperature=2.0"]),
+    "teacher, lambda 0.3": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=0.3"]),
+    "teacher, lambda 3": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=3.0"]),
 }
 log = logging.getLogger("gflowgr")
 
