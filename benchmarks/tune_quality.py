@@ -40,16 +40,17 @@ REFERENCES = ("sft", "sft_continue", "sdpo", "gflowgr_tb")
 # over the catalogue (divided by its top entry), no r_a or r_sim (TB's fixed point is P_F(x | U) ∝ R(x)).
 TEACHER = ["gfn.reward.cm_norm=softmax", "gfn.reward.cm_temperature=1.0", "gfn.reward.use_a=false",
            "gfn.reward.use_sim=false", "gfn.reward.r_pos_mode=fixed", "gfn.reward.beta=1.0"]
-# name -> (method, overrides on top of configs/<...>/<method>.yaml), in the order they are run.
+# name (also the run folder's and the record's name) -> (method, overrides on top of configs/<...>/<method>.yaml),
+# in the order they are run.
 TUNING: dict[str, tuple[str, list[str]]] = {
     "teacher": ("gflowgr_tb", TEACHER),
-    "teacher, lambda 1": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=1.0"]),
-    "lambda 0.03": ("gflowgr_tb", ["gfn.lambda_gfn=0.03"]),
-    "teacher, n_aug 7": ("gflowgr_tb", [*TEACHER, "gfn.n_aug=7"]),
-    "teacher, tau 0.5": ("gflowgr_tb", [*TEACHER, "gfn.reward.cm_temperature=0.5"]),
-    "teacher, tau 2": ("gflowgr_tb", [*TEACHER, "gfn.reward.cm_temperature=2.0"]),
-    "teacher, lambda 0.3": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=0.3"]),
-    "teacher, lambda 3": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=3.0"]),
+    "teacher_lambda1": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=1.0"]),
+    "lambda0p03": ("gflowgr_tb", ["gfn.lambda_gfn=0.03"]),
+    "teacher_naug7": ("gflowgr_tb", [*TEACHER, "gfn.n_aug=7"]),
+    "teacher_tau0p5": ("gflowgr_tb", [*TEACHER, "gfn.reward.cm_temperature=0.5"]),
+    "teacher_tau2": ("gflowgr_tb", [*TEACHER, "gfn.reward.cm_temperature=2.0"]),
+    "teacher_lambda0p3": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=0.3"]),
+    "teacher_lambda3": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=3.0"]),
 }
 log = logging.getLogger("gflowgr")
 
