@@ -43,7 +43,7 @@ from gflowgr_core.backends import available_backends
 from gflowgr_core.data.prepared import PreparedData
 from gflowgr_core.debug import oom_hint
 from gflowgr_core.decoding.search import beam_search, sample
-from gflowgr_core.devices import retain_freed_cpu_memory
+from gflowgr_core.devices import cpu_memory_retained, retain_freed_cpu_memory
 from gflowgr_core.evaluation import evaluate_policy, item_key_of
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
 from gflowgr_core.data.windows import trunk_windows, window_order
@@ -55,7 +55,7 @@ from gflowgr_core.train.checkpoint import (TRAINER_STATE_FILE, CheckpointError, 
 from gflowgr_core.train.config import (ConfigError, TrainConfig, checkpoint_model_config, rename_old_keys,
                                        save_config)
 from gflowgr_core.train.distributed import DistContext
-from gflowgr_core.train.fsdp import ShardedTraining
+from gflowgr_core.train.fsdp import ShardedTraining, build_on_rank0
 from gflowgr_core.train.signals import StopRequest
 from gflowgr_core.train.stages import GFlowGRStage, PreferenceStage, SFTStage, Stage, StageContext
 from gflowgr_core.trajectories import ExampleBatch
@@ -154,8 +154,10 @@ class Trainer:
         self.dist = DistContext.from_env(config.device, config.distributed)
         self.device = self.dist.device
         if self.device.type == "cpu" and config.retain_cpu_memory:
+            already = cpu_memory_retained()  # a process-wide setting: said once, not by every run of the process
             if retain_freed_cpu_memory():
-                log.info("CPU memory freed by tensors stays in this process (retain_cpu_memory: true)")
+                if not already:
+                    log.info("CPU memory freed by tensors stays in this process (retain_cpu_memory: true)")
             else:
                 log.info("retain_cpu_memory: true has no effect here: the C library is not glibc")
         self.data = data if data is not None else PreparedData.load(config.data)
@@ -167,7 +169,13 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
 
-        self.policy = self._build_policy().to(self.device)
+        # distributed: fsdp builds the policy on rank 0 only (the others get its structure on `meta`), unless a
+        # frozen reference needs whole weights on every rank anyway; ShardedTraining then spreads the weights.
+        self._built_on_rank0 = self.dist.strategy == "fsdp" and config.stage not in ("dpo", "sdpo")
+        if self._built_on_rank0:
+            self.policy, self.cfg = build_on_rank0(lambda: (self._build_policy(), self.cfg), self.dist)
+        else:
+            self.policy = self._build_policy().to(self.device)
         self.reference: Optional[SIDPolicy] = None
         if config.stage in ("dpo", "sdpo"):
             self.reference = copy.deepcopy(self.policy).eval()
@@ -199,7 +207,7 @@ class Trainer:
                                 rows=config.pack_rows, sparse=config.pack_sparse)
         if config.stage == "gflowgr":
             self._init_log_z()
-        if config.packing:
+        if config.packing and (self.dist.is_main or not self._built_on_rank0):  # rank 0 holds the only weights
             self.policy.check_packing(sparse=config.pack_sparse)
         if config.compile_mode != "eager":
             if self.dist.enabled:
@@ -212,7 +220,8 @@ class Trainer:
         # distributed: fsdp shards the policy now: the optimiser must be built on the sharded parameters.
         self.fsdp: Optional[ShardedTraining] = None
         if self.dist.strategy == "fsdp":
-            self.fsdp = ShardedTraining(_StageLoss(self), self.policy, self.dist, config.dtype)
+            self.fsdp = ShardedTraining(_StageLoss(self), self.policy, self.dist, config.dtype,
+                                        from_rank0=self._built_on_rank0)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
