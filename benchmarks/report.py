@@ -471,6 +471,32 @@ def quality_command(root: Path, folder: str, folders: Sequence[str]) -> str:
     return f"run `python benchmarks/run_quality.py --dataset {folder}` on a GPU"
 
 
+SUMMARY_COLUMNS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10")
+
+
+def render_quality_summary(results: Path) -> str:
+    """README's short Beauty table (CPU protocol): our methods' headline test metrics (mean ± std over finished
+    seeds), the collaborative model and the published figures on the same split, then the paired verdict."""
+    name = "quality_beauty_cpu.json"
+    p = load(results, name)
+    if p is None:
+        return pending(f"benchmarks/results/{name}", "run `python benchmarks/run_quality.py --dataset beauty "
+                                                    "--config-dir configs/beauty_cpu --tag cpu --sft-seed 42`")
+    rows = [[f"`{m}`", ", ".join(map(str, e.get("seeds_done", [])))] + [_mean_std(e.get(c)) for c in SUMMARY_COLUMNS]
+            for m, e in need(p, "methods").items()]
+    rows += [[f"{m} (teacher, reference)", ", ".join(map(str, e.get("seeds_done", [])))] +
+             [_mean_std(e.get(c)) for c in SUMMARY_COLUMNS] for m, e in (p.get("reference") or {}).items()]
+    published = (p.get("paper") or {}).get("published_same_split") or {}
+    rows += [[f"{m} (published)", "–"] + [metric(v.get(c)) for c in SUMMARY_COLUMNS] for m, v in published.items()]
+    lines = [provenance(p), "", "Amazon Beauty, LETTER SIDs, full test split (22,363 users), HF-style scoring; "
+             "mean ± std over the finished seeds; every stage-2 method starts from the same SFT checkpoint with "
+             "the same budget. All tables, both scorings and the paired tests: [docs/reproduce.md](docs/reproduce.md).",
+             "", md_table(["method", "seeds"] + list(SUMMARY_COLUMNS), rows)]
+    if p.get("comparisons"):
+        lines += ["", comparisons_verdict(p["comparisons"])]
+    return "\n".join(lines)
+
+
 GRID_DATASETS = ("beauty", "sports", "toys")  # run_quality.py's --dataset choices
 
 
@@ -752,7 +778,7 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "train_step": render_train_step, "train_epoch": render_train_epoch, "train_compile": render_train_compile,
     "cpu_memory": render_cpu_memory, "batch_order": render_batch_order,
     "trie_build": render_trie_build,
-    "quality": render_quality, "demo": render_demo, "tuning": render_tuning, "tuning_quality": render_tuning_quality, "fsdp": render_fsdp,
+    "quality": render_quality, "quality_summary": render_quality_summary, "demo": render_demo, "tuning": render_tuning, "tuning_quality": render_tuning_quality, "fsdp": render_fsdp,
     "trl_logps": render_trl_logps,
 }
 

@@ -393,3 +393,17 @@ def test_trl_logps_cuda_file_renders_the_cuda_columns_beside_the_cpu_file(tmp_pa
     assert "| trl_fused | yes | 2,000 | 2,500 | 238 | 900 |" in text
     assert "| trl_fused | yes | 3.50 | 1,234 | 300 |" in text and "NVIDIA H100" in text
     assert "`trl_fused_over_sid_trie_cuda_peak`: 2.50" in text
+
+
+def test_quality_summary_puts_ours_the_teacher_and_published_rows_in_one_table(tmp_path):
+    quality = {**HEADER, "methods": {"gflowgr_tb": {"recall@10": {"mean": 0.065, "std": 0.001}, "seeds_done": [42, 43]}},
+               "reference": {"sasrec": {"recall@10": {"mean": 0.0846, "std": 0.0}, "seeds_done": [42]}},
+               "paper": {"published_same_split": {"LETTER-TIGER": {"recall@10": 0.0672, "ndcg@10": 0.0364}}},
+               "comparisons": {"gflowgr_tb-sdpo": {"ndcg@10": {"diff": 0.001, "ci95": [0.0002, 0.0018], "p": 0.01}}}}
+    (tmp_path / "quality_beauty_cpu.json").write_text(json.dumps(quality))
+    text = report.render_quality_summary(tmp_path)
+    assert "| `gflowgr_tb` | 42, 43 | – | 0.0650 ± 0.0010 | – | – | – |" in text
+    assert "| sasrec (teacher, reference) | 42 | – | 0.0846 | – | – | – |" in text
+    assert "| LETTER-TIGER (published) | – | – | 0.0672 | – | 0.0364 | – |" in text
+    assert "`gflowgr_tb` vs `sdpo`: above it on ndcg@10 (+0.0010, p = 0.01)." in text
+    assert "pending" in report.render_quality_summary(tmp_path / "absent")
