@@ -2,8 +2,13 @@
 the same global batch (losses, consolidated weights, evaluation), for SFT and GFlowGR-TB, on tiny Qwen2 and Llama
 models with and without LoRA; a sharded checkpoint resumes exactly; misconfigurations stop with a clear error.
 
-All the 2-process runs share one ``torchrun`` launch (``tests/fsdp_worker.py``); the single-process references
-run in this process.
+The sharded build (only rank 0 builds the policy; every rank's shards are allocated from ``meta`` and filled from it)
+is checked on its own: no rank shards a materialised module, every rank keeps only its slice, and the weights equal
+the single-process build exactly (from config, with a tied LM head, and from an ``init_checkpoint`` with the flow
+heads set up by the stage).
+
+All the 2-process training runs share one ``torchrun`` launch (``tests/fsdp_worker.py``), the build checks another
+(``tests/fsdp_build_worker.py``); the single-process references run in this process.
 """
 from __future__ import annotations
 
@@ -28,10 +33,12 @@ from gflowgr_core.train.fsdp import decoder_layers, mixed_precision_policy
 from gflowgr_core.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fsdp_build_worker import TiedTrainer  # noqa: E402
 from fsdp_worker import LoraTrainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
+BUILD_WORKER = Path(__file__).resolve().parent / "fsdp_build_worker.py"
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -229,3 +236,93 @@ def test_hf_trainer_refuses_the_library_fsdp_override(tmp_path):
                          report_to="none", gflowgr_overrides=["distributed=fsdp"])
     with pytest.raises(ConfigError, match="cli train .* distributed=fsdp"):
         GFlowGRTrainer(args)
+
+
+# name -> (overrides beyond RUN, tied LM head)
+BUILDS = {
+    "sft_qwen2_config": (["stage=sft", "model.arch=qwen2"], False),
+    "sft_llama_tied": (["stage=sft", "model.arch=llama"], True),
+    "tb_qwen2_checkpoint": ([*TB, "model.arch=qwen2"], False),   # from init_checkpoint; log Z set from the data
+}
+
+
+def _torchrun(worker: Path, spec: Path, cwd: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), str(spec)]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    first = proc.stderr.find("Traceback")
+    assert proc.returncode == 0, proc.stderr[first:first + 6000] if first >= 0 else proc.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory, beauty_tiny):
+    root = tmp_path_factory.mktemp("fsdp_build")
+    data = root / "data"
+    prepared = prepare("letter", beauty_tiny, data, max_users=16)
+    init = Trainer(load_config(None, [f"data={data}", f"out={root / 'build'}", "stage=sft", "model.arch=qwen2", *RUN]),
+                   prepared)
+    save_policy(init.policy, root / "init")
+
+    def args(name, out):
+        init = [f"init_checkpoint={root / 'init'}"] if name.startswith("tb") else []  # the others from config
+        return [f"data={data}", f"out={root / out}", *init, *BUILDS[name][0], *RUN]
+
+    spec = [{"args": [*args(name, name), "distributed=fsdp"], "tied": tied, "result": str(root / name)}
+            for name, (_, tied) in BUILDS.items()]
+    (root / "spec.json").write_text(json.dumps(spec))
+    _torchrun(BUILD_WORKER, root / "spec.json", root)
+    references = {}
+    for name, (_, tied) in BUILDS.items():
+        policy = (TiedTrainer if tied else Trainer)(load_config(None, args(name, name + "_one")), prepared).policy
+        references[name] = policy
+    return root, references
+
+
+@pytest.mark.parametrize("name", list(BUILDS))
+def test_sharded_build_never_materialises_the_whole_model(builds, name):
+    root, references = builds
+    ranks = json.loads((root / f"{name}.json").read_text())
+    assert len(ranks) == 2
+    # Rank 0 built the policy on the CPU; rank 1 received its structure without memory (meta parameters).
+    assert ranks[0]["received_cpu"] and not ranks[0]["received_meta"]
+    assert ranks[1]["received_meta"]
+    # Every module was sharded while its parameters were meta, on both ranks (rank 0's included): sharding never
+    # started from a materialised module.
+    for seen in ranks:
+        assert seen["shard_calls"] == 3 and seen["shard_calls_on_meta"] == 3  # 2 decoder layers + root
+        assert seen["plain"] == []  # every parameter is a DTensor
+    # Each rank holds its dim-0 slice: the two local shards add up to the parameter, neither holds more than half
+    # of its rows (rounded up).
+    shards0, shards1 = ranks[0]["shards"], ranks[1]["shards"]
+    assert shards0.keys() == shards1.keys()
+    reference = dict(references[name].named_parameters())
+    assert shards0.keys() == reference.keys()
+    for key, (local0, numel) in shards0.items():
+        local1 = shards1[key][0]
+        rows = reference[key].shape[0]
+        per_row = numel // rows
+        assert local0 + local1 == numel == reference[key].numel(), key
+        assert max(local0, local1) <= math.ceil(rows / 2) * per_row, key
+
+
+@pytest.mark.parametrize("name", list(BUILDS))
+def test_sharded_build_equals_the_single_process_build(builds, name):
+    root, references = builds
+    ranks = json.loads((root / f"{name}.json").read_text())
+    built = torch.load(root / f"{name}.pt", weights_only=True)
+    policy = references[name]
+    weights = policy.state_dict()
+    assert built["weights"].keys() == weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(built["weights"][key], value), (name, key)
+    buffers = dict(policy.named_buffers())
+    assert built["buffers"].keys() == buffers.keys()
+    for key, value in buffers.items():
+        assert torch.equal(built["buffers"][key], value), (name, key)
+    # The tie of LM head and input embedding survives sharding and consolidation.
+    tied = BUILDS[name][1]
+    assert all(seen["tied"] == tied and seen["consolidated_tied"] == tied for seen in ranks)
+    if name.startswith("tb"):  # the stage set log Z from the data before sharding: rank 0's value reached every rank
+        bias = built["weights"]["log_z_head.net.2.bias"]
+        assert float(bias.abs().max()) > 0 and torch.equal(bias, weights["log_z_head.net.2.bias"])

@@ -25,13 +25,20 @@ Mixed precision: on CUDA with ``dtype: bfloat16`` the units compute in bf16 and 
 
 Checkpoints (:meth:`ShardedTraining.sharded_state` / :meth:`ShardedTraining.load_sharded_state`) are model and
 optimiser state dicts of DTensors for ``torch.distributed.checkpoint``: every rank writes its own shards.
+
+Building sharded (:func:`build_on_rank0` + ``ShardedTraining(..., from_rank0=True)``): only rank 0 builds the policy
+(from config, ``model.pretrained`` or ``init_checkpoint``, exactly as one process does, on the CPU); the other ranks
+receive its structure with ``meta`` parameters (no memory). Sharding then turns every rank's parameters into
+``meta`` DTensors, allocates each rank's shards (``to_empty``) and fills them from rank 0 one parameter at a time
+(a broadcast, of which each rank keeps its slice). No rank other than 0 ever holds a whole parameter set, none
+holds the whole model on the training device, and the weights are the single-process build's bit for bit.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -42,8 +49,8 @@ from gflowgr_core.train.distributed import DistContext, DistributedError
 
 log = logging.getLogger("gflowgr")
 
-__all__ = ["PolicyConsolidator", "ShardedTraining", "decoder_layers", "drop_unsaved_optimizer_state",
-           "mixed_precision_policy"]
+__all__ = ["PolicyConsolidator", "ShardedTraining", "build_on_rank0", "decoder_layers",
+           "drop_unsaved_optimizer_state", "mixed_precision_policy"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -120,6 +127,50 @@ def _owners(module: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return owners
 
 
+def build_on_rank0(build: Callable[[], tuple[SIDPolicy, Any]], dist: DistContext) -> tuple[SIDPolicy, Any]:
+    """Run ``build`` on rank 0 only and give every other rank the policy's structure with ``meta`` parameters.
+
+    ``build()`` returns ``(policy, extra)``: the whole policy on the CPU, built as one process builds it, and any
+    picklable value every rank needs from the build (the trainer passes its configuration, which loading an
+    ``init_checkpoint`` rewrites). Rank 0 keeps its real policy: it is the source of the weights that
+    ``ShardedTraining(..., from_rank0=True)`` spreads over the ranks. The other ranks get a copy whose parameters
+    are ``meta`` tensors (shapes, dtypes and weight ties, no memory) and whose buffers (SID tables, rotary
+    frequencies) are rank 0's; their policy must not be run before it is sharded.
+
+    Returns:
+        ``(policy, extra)`` on every rank.
+    """
+    if not dist.enabled:
+        raise DistributedError("build_on_rank0 needs a process group with more than one rank (launch with torchrun)")
+    payload = None
+    if dist.is_main:
+        policy, extra = build()
+        payload = (_meta_skeleton(policy), extra)
+    received = dist.broadcast_object(payload)
+    if dist.is_main:
+        return policy, extra
+    return received
+
+
+def _meta_parameters(module: nn.Module) -> None:
+    """Replace every parameter of ``module`` by a ``meta`` one of the same shape, dtype and ``requires_grad``, in
+    place, keeping weight ties (a parameter shared by several modules stays one parameter); buffers are left."""
+    for old_id, slots in _owners(module).items():
+        mod, attr = slots[0]
+        p = mod._parameters[attr]
+        new = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for mod, attr in slots:
+            mod._parameters[attr] = new
+
+
+def _local_rows(full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's dim-0 slice of ``full`` as FSDP2 shards it (``torch.chunk``; trailing ranks may get none)."""
+    chunks = torch.chunk(full, world_size, dim=0)
+    if rank < len(chunks):
+        return chunks[rank]
+    return full.new_empty((0, *full.shape[1:]))
+
+
 class PolicyConsolidator:
     """Whole weights of a policy that FSDP2 shards, for the work that needs them outside the sharded forward.
 
@@ -187,11 +238,17 @@ class ShardedTraining(PolicyConsolidator):
         policy: the :class:`SIDPolicy` inside ``root`` (plain or with PEFT LoRA adapters), on ``dist.device``.
         dist: a distributed context with ``world_size > 1``.
         dtype: the run's ``TrainConfig.dtype`` (see :func:`mixed_precision_policy`).
+        from_rank0: the policy came from :func:`build_on_rank0`: rank 0's ``root`` holds the weights, the other
+            ranks' policy has ``meta`` parameters. Every rank's parameters are then sharded as ``meta`` tensors,
+            allocated shard by shard on ``dist.device`` and filled from rank 0 (:meth:`_fill_from_rank0`), so no
+            rank allocates the whole model on ``dist.device``. Otherwise every rank holds the same whole ``root``
+            on ``dist.device`` and shards it where it is.
 
     Build it before the optimiser: ``fully_shard`` replaces every parameter with a sharded one.
     """
 
-    def __init__(self, root: nn.Module, policy: SIDPolicy, dist: DistContext, dtype: str = "float32"):
+    def __init__(self, root: nn.Module, policy: SIDPolicy, dist: DistContext, dtype: str = "float32",
+                 from_rank0: bool = False):
         if not dist.enabled:
             raise DistributedError("FSDP needs a process group with more than one rank (launch with torchrun)")
         if not any(m is policy for m in root.modules()):
@@ -202,6 +259,14 @@ class ShardedTraining(PolicyConsolidator):
         self.root, self.dist = root, dist
         layers = decoder_layers(policy.model)
         self.layer_class = type(layers[0]).__name__
+        buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+        if from_rank0:
+            # The policy was built on the CPU (rank 0) or received (the others): its buffers (SID tables, rotary
+            # frequencies) go to the device now, before the consolidation copy below takes them.
+            buffers = [(mod, name, b.to(dist.device)) for mod in root.modules() for name, b in mod._buffers.items()
+                       if b is not None]
+            for mod, name, b in buffers:
+                mod._buffers[name] = b
         # The consolidation copy is taken before sharding, while the parameters still have their full shapes.
         super().__init__(policy)
         self.mp_policy = mixed_precision_policy(dist.device, dtype)
@@ -209,9 +274,22 @@ class ShardedTraining(PolicyConsolidator):
         kwargs = {"mesh": self.mesh}
         if self.mp_policy is not None:
             kwargs["mp_policy"] = self.mp_policy
+        source: dict[str, torch.Tensor] = {}
+        if from_rank0:
+            # Rank 0 keeps its whole parameters (on the CPU) as the source of the broadcast below; its module gets
+            # meta parameters like the other ranks', so that sharding allocates nothing yet. Buffers are real on
+            # every rank; `to_empty` would wipe them, so they are put back afterwards.
+            if dist.is_main:
+                source = {name: p.detach() for name, p in root.named_parameters()}
+            _meta_parameters(root)
         for layer in reversed(layers):  # inner units before the units around them, should the classes nest
             fully_shard(layer, **kwargs)
         fully_shard(root, **kwargs)
+        if from_rank0:
+            root.to_empty(device=dist.device)  # allocates this rank's shards only (uninitialised)
+            for mod, name, b in buffers:
+                mod._buffers[name] = b
+            self._fill_from_rank0(root, source)
         # FSDP picks as root the first unit whose forward runs. Decoding (on-policy sampling, evaluation) never
         # runs the sharded modules, but initialise the root now so that nothing else can ever claim that role.
         state = root._get_fsdp_state()  # no public API does this in torch 2.13
@@ -221,6 +299,41 @@ class ShardedTraining(PolicyConsolidator):
                  dist.world_size, dist.backend, n_params / 1e6,
                  "bf16 compute / fp32 reduce" if self.mp_policy is not None else "fp32")
         self.num_units = len(layers) + 1
+
+    def _fill_from_rank0(self, root: nn.Module, source: dict[str, torch.Tensor]) -> None:
+        """Fill every rank's parameter shards of the sharded ``root`` with rank 0's whole weights ``source``
+        (empty on the other ranks), one parameter at a time: rank 0 broadcasts it, every rank copies its dim-0
+        slice into its shard. The largest transient allocation on a rank is one whole parameter, and rank 0
+        releases each source tensor once it is sent."""
+        import torch.distributed as torch_dist
+        from torch.distributed.tensor import DTensor
+
+        dist = self.dist
+        with torch.no_grad():
+            for name, p in root.named_parameters():
+                if not isinstance(p, DTensor):
+                    raise RuntimeError(f"FSDP build: parameter {name} is not sharded (is it outside the FSDP root?)")
+                if dist.is_main:
+                    if name not in source:
+                        raise RuntimeError(f"FSDP build: parameter {name} of the sharded module is not a parameter "
+                                           f"of the built one (a weight tie was lost?)")
+                    full = source.pop(name).to(dist.device)
+                else:
+                    full = torch.empty(p.shape, dtype=p.dtype, device=dist.device)
+                if tuple(full.shape) != tuple(p.shape):
+                    raise RuntimeError(f"FSDP build: {name} is {tuple(full.shape)} on rank 0, the sharded parameter "
+                                       f"{tuple(p.shape)}")
+                torch_dist.broadcast(full, src=0)
+                local = p.to_local()
+                rows = _local_rows(full, dist.rank, dist.world_size)
+                if rows.shape != local.shape:
+                    raise RuntimeError(f"FSDP build: {name}: rank {dist.rank} holds a {tuple(local.shape)} shard, "
+                                       f"expected the rows {tuple(rows.shape)} of {tuple(full.shape)}")
+                local.copy_(rows)
+                del full, rows
+        if source:
+            raise RuntimeError(f"FSDP build: parameters of the built module missing from the sharded one: "
+                               f"{sorted(source)[:5]}")
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def sharded_state(self, optimizer: torch.optim.Optimizer) -> dict:
