@@ -8,6 +8,9 @@ own ``torchrun --nproc_per_node=2`` (gloo); every rank reports
   ``peak_over_baseline_mb``: the same minus the resident set after importing torch, transformers and the
   trainer, before the model is built (what training adds: model, gradients, optimiser state, activations,
   communication buffers);
+* ``build_peak_over_baseline_mb``: the high-water mark once the trainer is built (model built, and sharded under
+  FSDP, whose rank 0 alone builds the whole model), and ``step_peak_over_baseline_mb``: after each step, warm-up
+  included, so that the peak can be told apart into the build and the steps;
 * ``state_mb``: the bytes of the parameters, gradients and AdamW state this rank holds (its shards under FSDP);
 * ``step_seconds``: median wall time of the timed steps (after one warm-up step).
 
@@ -37,6 +40,11 @@ def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _peak_mb() -> float:
+    """The process's resident-set high-water mark so far (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _state_mb(trainer) -> float:
@@ -74,9 +82,10 @@ def worker(args) -> None:
                  f"model.intermediate={args.intermediate}", f"batch_size={args.batch_size}", "handle_signals=false",
                  "save_every_steps=0", "warmup_steps=1"]
     trainer = Trainer(load_config(None, overrides))
+    build_peak = _peak_mb() - baseline
     n_params = sum(p.numel() for p in trainer.policy.parameters())  # a DTensor's numel is the global one
     order = trainer.epoch_order(torch.Generator().manual_seed(0))
-    times = []
+    times, step_peaks = [], []
     for step in range(args.steps + 1):
         index = order[step * args.batch_size:(step + 1) * args.batch_size]
         trainer.dist.barrier()
@@ -85,9 +94,11 @@ def worker(args) -> None:
         trainer.dist.barrier()
         if step > 0:  # the first step allocates gradients and optimiser state
             times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        step_peaks.append(_peak_mb() - baseline)
+    peak = _peak_mb()
     record = {"rank": trainer.dist.rank, "parameters": n_params, "peak_rss_mb": peak, "baseline_rss_mb": baseline,
-              "peak_over_baseline_mb": peak - baseline, "state_mb": _state_mb(trainer),
+              "peak_over_baseline_mb": peak - baseline, "build_peak_over_baseline_mb": build_peak,
+              "step_peak_over_baseline_mb": step_peaks, "state_mb": _state_mb(trainer),
               "step_seconds": statistics.median(times), "step_seconds_all": times}
     records = trainer.dist.gather_objects(record)
     if trainer.dist.is_main:
@@ -169,6 +180,8 @@ def main() -> None:
             "peak_rss_ratio_fsdp_over_ddp": worst("fsdp", "peak_rss_mb") / worst("ddp", "peak_rss_mb"),
             "state_ratio_fsdp_over_ddp": worst("fsdp", "state_mb") / worst("ddp", "state_mb"),
             "step_time_ratio_fsdp_over_ddp": worst("fsdp", "step_seconds") / worst("ddp", "step_seconds"),
+            "ddp_build_peak_over_baseline_mb": worst("ddp", "build_peak_over_baseline_mb"),
+            "fsdp_build_peak_over_baseline_mb": worst("fsdp", "build_peak_over_baseline_mb"),
             "ddp_peak_over_baseline_mb": worst("ddp", "peak_over_baseline_mb"),
             "fsdp_peak_over_baseline_mb": worst("fsdp", "peak_over_baseline_mb"),
             "ddp_step_seconds": worst("ddp", "step_seconds"),
