@@ -328,6 +328,9 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 LABELS = {"sft": "SFT (CE)", "sft_continue": "continued SFT (CE)", "gflowgr_tb": "GFlowGR-TB (CE + TB)"}
 COLORS = {"sft": "tab:gray", "sft_continue": "tab:blue", "gflowgr_tb": "tab:orange"}
+# Where the stage-2 curves coincide (e.g. while GFlowGR's flow warm-up trains only log Z / log F), the dashed
+# line on top lets the solid one show through.
+LINESTYLES = {"gflowgr_tb": "--"}
 BAR_METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")  # coverage has its own panel: another scale
 
 
@@ -356,18 +359,18 @@ def demo_figure(out: Path, rows: list[dict], quick: bool = False):
                 ax_valid.plot(valid_steps, valid, color="tab:green", marker="s", label="validation NDCG@10")
                 ax_valid.set_ylabel("validation NDCG@10", color="tab:green")
                 for x, y in zip(valid_steps, valid):
-                    ax_valid.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6),
+                    ax_valid.annotate(f"{y:.4f}", (x, y), textcoords="offset points", xytext=(0, 6),
                                       ha="center", fontsize=8, color="tab:green")
                 handles = ax_sft.get_legend_handles_labels()
                 extra = ax_valid.get_legend_handles_labels()
                 ax_sft.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper right")
             continue
         # Raw per-step CE faint, its trend bold: the two stage-2 runs cross often and would hide each other.
-        label = LABELS.get(name, name) + (f", valid NDCG@10 {valid[-1]:.3f}" if valid else "")
+        label = LABELS.get(name, name) + (f", valid NDCG@10 {valid[-1]:.4f}" if valid else "")
         color = COLORS.get(name)
         ax_stage2.plot(steps, losses, color=color, alpha=0.3, linewidth=1)
         ax_stage2.plot(steps, _moving_average(losses, max(1, len(steps) // 8)), color=color, linewidth=2,
-                       marker="o" if len(steps) < 20 else None, label=label)
+                       linestyle=LINESTYLES.get(name, "-"), marker="o" if len(steps) < 20 else None, label=label)
     ax_sft.set_xlabel("SFT step")
     ax_sft.set_ylabel("training cross-entropy of the positive")
     ax_sft.set_title("stage 1: SFT from scratch")
@@ -385,7 +388,7 @@ def demo_figure(out: Path, rows: list[dict], quick: bool = False):
         for i, row in enumerate(rows):
             bars = ax.bar([x + (i - (len(rows) - 1) / 2) * width for x in xs], [row[m] for m in metrics], width,
                           label=LABELS.get(row["method"], row["method"]), color=COLORS.get(row["method"]))
-            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+            ax.bar_label(bars, fmt="%.4f", fontsize=7, padding=2)  # the printed table's precision
         ax.set_xticks(list(xs), metrics)
         ax.margins(y=0.15)  # room for the value labels above the tallest bar
     ax_bar.set_title("test metrics (trie-constrained beam search, headline scoring)")

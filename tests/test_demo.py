@@ -99,12 +99,12 @@ def test_demo_figure_panels_labels_and_finished_seeds(tmp_path):
     ax_sft, ax_stage2, ax_bar, ax_cov, ax_valid = fig.axes
     stage2 = [line for line in ax_stage2.get_lines() if line.get_label().startswith(("continued", "GFlowGR"))]
     assert len(stage2) == 2 and all(min(line.get_xdata()) == 1 for line in stage2)  # their own steps
-    assert all("valid NDCG@10 0.080" in line.get_label() for line in stage2)
+    assert all("valid NDCG@10 0.0800" in line.get_label() for line in stage2)
     assert max(max(line.get_xdata()) for line in ax_sft.get_lines()) == 60
     assert list(ax_valid.get_lines()[0].get_ydata()) == [0.3, 0.6]
     bar_texts = {t.get_text() for t in ax_bar.texts}
-    assert {"0.031", "0.052", "0.021", "0.027", "0.032", "0.054"} <= bar_texts
-    assert {t.get_text() for t in ax_cov.texts} == {"0.412", "0.413", "0.414"}
+    assert {"0.0310", "0.0520", "0.0210", "0.0270", "0.0320", "0.0540"} <= bar_texts
+    assert {t.get_text() for t in ax_cov.texts} == {"0.4120", "0.4130", "0.4140"}
     assert [t.get_text() for t in ax_cov.get_xticklabels()] == ["coverage@10"]
     assert "coverage@10" not in [t.get_text() for t in ax_bar.get_xticklabels()]
     title = fig._suptitle.get_text()
