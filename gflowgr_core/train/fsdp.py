@@ -155,7 +155,7 @@ def build_on_rank0(build: Callable[[], tuple[SIDPolicy, Any]], dist: DistContext
 def _meta_parameters(module: nn.Module) -> None:
     """Replace every parameter of ``module`` by a ``meta`` one of the same shape, dtype and ``requires_grad``, in
     place, keeping weight ties (a parameter shared by several modules stays one parameter); buffers are left."""
-    for old_id, slots in _owners(module).items():
+    for slots in _owners(module).values():
         mod, attr = slots[0]
         p = mod._parameters[attr]
         new = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
