@@ -769,7 +769,7 @@ def render_tuning_quality(results: Path) -> str:
         chosen = p.get("selected")
         parts += [provenance(p), "", f"One run per setting: {about}.", "", md_table(header, rows), ""]
         if chosen:
-            parts.append(f"Highest validation {p.get('select_metric', 'ndcg@10')} among the GFlowGR rows: **{chosen}**.")
+            parts.append(f"Highest validation {p.get('select_metric', 'ndcg@10')} among the tuning rows: **{chosen}**.")
     return "\n".join(parts)
 
 

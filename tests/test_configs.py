@@ -102,12 +102,30 @@ def test_gflowgr_variants_differ_only_in_objective(dataset):
     for method, cfg in cfgs.items():
         assert cfg.gfn.objective == method.split("_")[1]
         assert dataclasses.replace(cfg.gfn, objective="tb") == cfgs["gflowgr_tb"].gfn
-        # lambda_gfn 0.1, beta 2 and the catalogue-scaled r_pos: the setting picked on validation (docs/reproduce.md).
-        assert cfg.gfn.sampler == "cm_curriculum" and cfg.gfn.n_aug == 3 and cfg.gfn.lambda_gfn == 0.1
-        assert cfg.gfn.reward.beta == 2.0 and cfg.gfn.reward.r_pos_mode == "catalogue"
+        assert cfg.gfn.sampler == "cm_curriculum" and cfg.gfn.n_aug == 3
+        if dataset != "beauty_cpu":  # beauty_cpu: test_beauty_cpu_gflowgr_is_the_setting_selected_on_validation
+            # lambda_gfn 0.1, beta 2 and the catalogue-scaled r_pos: picked on MovieLens-100K (docs/reproduce.md)
+            r = cfg.gfn.reward
+            assert cfg.gfn.lambda_gfn == 0.1 and r.beta == 2.0 and r.r_pos_mode == "catalogue"
         assert cfg.cm == cfgs["gflowgr_tb"].cm
     sdpo = load_config(CONFIGS / dataset / "sdpo.yaml")
     assert sdpo.pref.n_neg == cfgs["gflowgr_tb"].gfn.n_aug  # as many extra trajectories as GFlowGR
+
+
+def test_beauty_cpu_gflowgr_is_the_setting_selected_on_validation():
+    """The Beauty CPU protocol's GFlowGR YAMLs hold the tuning setting with the highest validation NDCG@10
+    (benchmarks/results/tune_beauty_cpu.json's ``selected``): its overrides change nothing in them."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        tune_quality = importlib.import_module("tune_quality")
+    finally:
+        sys.path.pop(0)
+    tuned = json.loads((REPO / "benchmarks" / "results" / "tune_beauty_cpu.json").read_text())
+    method, overrides = tune_quality.TUNING[tuned["selected"]]
+    assert tuned["selected"] == max(tuned["runs"], key=lambda r: r["valid"]["ndcg@10"])["setting"]
+    for objective in ("tb", "db", "subtb"):
+        path = CONFIGS / "beauty_cpu" / f"gflowgr_{objective}.yaml"
+        assert load_config(path, overrides) == load_config(path), f"{path} is not the setting {tuned['selected']!r}"
 
 
 @pytest.mark.parametrize("name", list(runner.ABLATIONS))
