@@ -1,7 +1,7 @@
 """GFlowGRTrainer under accelerate's FSDP2 plugin: 2 CPU processes (gloo) started by ``accelerate launch
 --config_file examples/accelerate_fsdp2.yaml`` follow the single-process run at the same global batch (losses,
-gradient norms, consolidated weights, evaluation) for SFT, GFlowGR-TB and SFT with LoRA on a tiny Qwen2;
-``save_model`` and ``checkpoint-N`` are plain HF folders; resuming from ``checkpoint-N`` continues the run;
+gradient norms, consolidated weights, evaluation) for SFT, GFlowGR-TB and SFT with LoRA on a tiny Qwen2, and for
+SFT on a tiny Llama (its own launch, wrapping ``LlamaDecoderLayer``); ``save_model`` and ``checkpoint-N`` are plain HF folders; resuming from ``checkpoint-N`` continues the run;
 configurations that cannot work stop with what to change.
 
 As in tests/test_fsdp.py, all 2-process runs share one launch; its worker is this file run as a script
@@ -42,6 +42,8 @@ def _config_kwargs(out: Path, data: Path, root: Path, name: str, batch: int) -> 
               save_strategy="steps", save_steps=2, gflowgr_overrides=list(TINY))
     if name == "sft":
         kw.update(stage="sft")
+    elif name == "sft_llama":  # from config, the other decoder family
+        kw.update(stage="sft", gflowgr_overrides=[*TINY, "model.arch=llama"])
     elif name == "sft_lora":  # PEFT LoRA on the attention, the base weights frozen but sharded too
         kw.update(stage="sft_continue", init_checkpoint=str(root / "init_qwen2"), lora_r=4, lora_alpha=8,
                   lora_target_modules=["q_proj", "v_proj"])
@@ -136,6 +138,22 @@ def runs(tmp_path_factory, beauty_tiny):
     return root
 
 
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, beauty_tiny):
+    """SFT on a tiny Llama: 2 processes (the example config with ``LlamaDecoderLayer`` as the unit class) and the
+    single-process reference."""
+    from gflowgr_core.data.prepared import prepare
+
+    root = tmp_path_factory.mktemp("hf_fsdp_llama")
+    data = root / "data"
+    prepare("letter", beauty_tiny, data, max_users=16)
+    _launch(root / "spec.json", [{"kwargs": _config_kwargs(root / "sft_llama", data, root, "sft_llama", PER_RANK)}],
+            "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer")
+    result = _run(_config_kwargs(root / "sft_llama_one", data, root, "sft_llama", 2 * PER_RANK))
+    (root / "sft_llama_one" / "run.json").write_text(json.dumps(result))
+    return root
+
+
 def _steps(run: dict) -> list[dict]:
     return [r for r in run["log"] if "loss" in r]
 
@@ -148,7 +166,18 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_two_ranks_match_one_process(runs, name):
-    root = runs
+    _check_two_ranks_match_one_process(runs, name)
+
+
+def test_two_ranks_match_one_process_llama(llama_run):
+    _check_two_ranks_match_one_process(llama_run, "sft_llama")
+    model = json.loads((llama_run / "sft_llama" / "run.json").read_text())
+    assert model["sharded"]
+    cfg = json.loads((llama_run / "sft_llama" / "final" / "lm" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+
+
+def _check_two_ranks_match_one_process(root: Path, name: str) -> None:
     two = json.loads((root / name / "run.json").read_text())
     one = json.loads((root / f"{name}_one" / "run.json").read_text())
     # Really sharded: 2 decoder-layer units + the root, every parameter a DTensor.
@@ -164,7 +193,7 @@ def test_two_ranks_match_one_process(runs, name):
         assert all(r["gfn"] > 0 for r in a)
     wa, wb = _weights(root / name / "final"), _weights(root / f"{name}_one" / "final")
     assert wa.keys() == wb.keys()
-    if name != "sft":  # started from init_qwen2: training moved the weights, so equality means something
+    if name in ("tb", "sft_lora"):  # started from init_qwen2: training moved the weights, so equality means something
         start = _weights(root / "init_qwen2")
         assert max(float((wb[k] - start[k]).abs().max()) for k in wb if k in start) > 1e-3
     for k in wb:
