@@ -773,13 +773,43 @@ def render_tuning_quality(results: Path) -> str:
     return "\n".join(parts)
 
 
+def render_benchmark_rows(results: Path) -> str:
+    """README's one row per integration benchmark (the TRL log-prob step, DDP vs FSDP2), from the committed CPU
+    JSON, baseline and ours measured in the same run; the full tables are in docs/benchmarks.md."""
+    rows = []
+    trl = load(results, "trl_logps_cpu.json")
+    if trl is not None:
+        by = {r["variant"]: r for r in need(trl, "rows")}
+        z = trl.get("sizes") or {}
+        size = f"V = {num(z.get('vocab'))}, {z.get('batch')} completions, d = {z.get('hidden')}, {z.get('layers')} layers"
+        for ours in ("sid_vocab", "sid_trie"):
+            base, mine = by["trl_fused"], by[ours]
+            rows.append([f"TRL log-prob step, `{ours}` vs trl's own (`bench_trl_logps.py`)", size,
+                         f"{num(base['cpu_median_ms'])} ms, {num(base['tensor_peak_mb'])} MB",
+                         f"{num(mine['cpu_median_ms'])} ms, {num(mine['tensor_peak_mb'])} MB",
+                         f"{num(base['cpu_median_ms'] / mine['cpu_median_ms'])}x less CPU time"])
+    fsdp = load(results, "fsdp_cpu.json")
+    if fsdp is not None:
+        sm, z = need(fsdp, "summary"), fsdp.get("sizes") or {}
+        size = f"{num(z.get('parameters'))}-parameter Qwen2, 2 gloo ranks"
+        rows.append(["FSDP2 vs DDP, per-rank peak (`bench_fsdp.py`)", size,
+                     f"{num(sm['ddp_peak_over_baseline_mb'])} MB", f"{num(sm['fsdp_peak_over_baseline_mb'])} MB",
+                     f"ratio {sm['memory_ratio_fsdp_over_ddp']:.2f} (state each rank holds: "
+                     f"{sm['state_ratio_fsdp_over_ddp']:.2f})"])
+    if not rows:
+        return pending("benchmarks/results/trl_logps_cpu.json", "run `python benchmarks/bench_trl_logps.py`")
+    where = "; ".join(f"`{p['_file']}` on {p.get('device', 'an unrecorded device')}" for p in (trl, fsdp) if p is not None)
+    return "\n".join([f"From {where}; each row's baseline ran in the same run:", "",
+                       md_table(["benchmark", "size", "baseline", "ours", ""], rows)])
+
+
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "decode": render_decode, "hf_processor": render_hf_processor, "gfn_loss": render_gfn_loss,
     "train_step": render_train_step, "train_epoch": render_train_epoch, "train_compile": render_train_compile,
     "cpu_memory": render_cpu_memory, "batch_order": render_batch_order,
     "trie_build": render_trie_build,
     "quality": render_quality, "quality_summary": render_quality_summary, "demo": render_demo, "tuning": render_tuning, "tuning_quality": render_tuning_quality, "fsdp": render_fsdp,
-    "trl_logps": render_trl_logps,
+    "trl_logps": render_trl_logps, "benchmark_rows": render_benchmark_rows,
 }
 
 

@@ -407,3 +407,14 @@ def test_quality_summary_puts_ours_the_teacher_and_published_rows_in_one_table(t
     assert "| LETTER-TIGER (published) | – | – | 0.0672 | – | 0.0364 | – |" in text
     assert "`gflowgr_tb` vs `sdpo`: above it on ndcg@10 (+0.0010, p = 0.01)." in text
     assert "pending" in report.render_quality_summary(tmp_path / "absent")
+
+
+def test_benchmark_rows_quote_baseline_and_ours_from_the_same_file(tmp_path):
+    trl = {**HEADER, "sizes": {"vocab": 151936, "batch": 32, "hidden": 256, "layers": 2},
+           "rows": [{"variant": "trl_fused", "cpu_median_ms": 200.0, "tensor_peak_mb": 240.0},
+                    {"variant": "sid_vocab", "cpu_median_ms": 50.0, "tensor_peak_mb": 400.0},
+                    {"variant": "sid_trie", "cpu_median_ms": 20.0, "tensor_peak_mb": 240.0}]}
+    (tmp_path / "trl_logps_cpu.json").write_text(json.dumps(trl))
+    text = report.render_benchmark_rows(tmp_path)
+    assert "| 200 ms, 240 MB | 20.0 ms, 240 MB | 10.0x less CPU time |" in text
+    assert "`trl_logps_cpu.json` on CPU: Test CPU (2 logical cores)" in text and "FSDP2" not in text
