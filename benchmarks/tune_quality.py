@@ -28,6 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
+from gflowgr_core.devices import resolve_device  # noqa: E402
 from quality_records import archive_run, restore_run  # noqa: E402
 from run_quality import (DATASETS, RESULTS_DIR, RunSpec, _base_overrides, _slug, ensure_data,  # noqa: E402
                          output_path, plan_grid, records_root, run_specs)
@@ -43,7 +44,8 @@ TEACHER = ["gfn.reward.cm_norm=softmax", "gfn.reward.cm_temperature=1.0", "gfn.r
 # The setting shipped before Beauty was tuned (picked on MovieLens-100K): r_a + r_cm + r_sim, the positive's share
 # of the reward mass 0.5, beta 2, lambda 0.1.
 SHIPPED = ["gfn.reward.cm_norm=sigmoid_z", "gfn.reward.use_a=true", "gfn.reward.use_sim=true",
-           "gfn.reward.r_pos_mode=catalogue", "gfn.reward.target_share=0.5", "gfn.reward.beta=2.0", "gfn.lambda_gfn=0.1"]
+           "gfn.reward.r_pos_mode=catalogue", "gfn.reward.target_share=0.5", "gfn.reward.beta=2.0",
+           "gfn.lambda_gfn=0.1"]
 # name (also the run folder's and the record's name) -> (method, overrides on top of configs/<...>/<method>.yaml),
 # in the order they are run.
 TUNING: dict[str, tuple[str, list[str]]] = {
@@ -124,9 +126,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for spec in specs:
         restore_run(spec.out, records / _slug(spec.name))
 
-    def write_table(device: str = "cpu") -> dict:
+    def write_table() -> dict:
         payload = {"benchmark": "tune_quality", "what": __doc__.strip().splitlines()[0],
-                   **environment(device), "dataset": args.dataset, "select_metric": SELECT, "seed": SEED,
+                   **environment(resolve_device("auto")), "dataset": args.dataset, "select_metric": SELECT,
+                   "seed": SEED,
                    "sft_seed": args.sft_seed, "config_dir": str(config_dir or f"configs/{args.dataset}"),
                    "overrides": list(args.overrides), "references": [], "runs": []}
         for spec in grid:
@@ -139,7 +142,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         done = [s for s in grid if s.method != "sft" and s.done() and (s.out / "config.yaml").exists()]
         if done:  # the budget every row shares (tuning runs differ only in their overrides)
             cfg = yaml.safe_load((done[0].out / "config.yaml").read_text())
-            payload["budget"] = {k: cfg.get(k) for k in ("epochs", "batch_size", "lr", "warmup_steps", "valid_max_users", "eval_beams")}
+            payload["budget"] = {k: cfg.get(k) for k in ("epochs", "batch_size", "lr", "warmup_steps",
+                                                         "valid_max_users", "eval_beams")}
         if payload["runs"]:  # the tuning runs only: the grid's gflowgr_tb row is whichever setting its YAML holds
             payload["selected"] = max(payload["runs"], key=lambda r: r["valid"][SELECT])["setting"]
         write_json(path, payload)
