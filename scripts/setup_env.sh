@@ -109,6 +109,10 @@ if [[ -n "$reason" ]]; then
   # --no-build-isolation: the extension builds against the torch installed above, not a fresh download.
   "$PY" -m pip install -q --no-build-isolation -e ".[test]"
   mkdir -p build && echo "$key" > "$STAMP"
+  # pip -q hides the compiler; setup.py records what it built, and why not more.
+  if [[ -f build/extension_build.txt ]]; then
+    echo "gflowgr extension: $(cat build/extension_build.txt)"
+  fi
 else
   echo "gflowgr: already installed from this checkout with its extension up to date"
 fi
