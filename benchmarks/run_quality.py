@@ -214,12 +214,15 @@ def scoped_overrides(extra: Sequence[str], method: str) -> list[str]:
 
 def plan_grid(dataset: str, methods: Sequence[str], seeds: Sequence[int], root: Path, quick: bool = False,
               extra: Sequence[str] = (), config_dir: Optional[Path] = None,
-              sft_seed: Optional[int] = None) -> list[RunSpec]:
+              sft_seed: Optional[int] = None, single_seed: Sequence[str] = ()) -> list[RunSpec]:
     """The runs of ``methods`` x ``seeds``, seed-major (a seed's SFT first, then its stage-2 methods), so a
     partly run grid already holds complete seeds. SFT is added for every seed a stage-2 method needs.
     ``config_dir`` holds the method YAMLs (default ``configs/<dataset>``). ``sft_seed``: every stage-2 run
     starts from that one SFT run (trained once) and its seed varies only stage 2; by default each seed
-    trains its own SFT."""
+    trains its own SFT. ``single_seed``: methods run at the first seed only (secondary rows of a grid)."""
+    unplanned = [m for m in single_seed if m not in methods]
+    if unplanned:
+        raise SystemExit(f"--single-seed names {unplanned}, which are not among --methods {list(methods)}")
     _check_names(dataset, methods)
     root = Path(root) / "quick" if quick else Path(root)
     wanted = list(dict.fromkeys(["sft", *methods] if any(m != "sft" for m in methods) else methods))
@@ -228,6 +231,8 @@ def plan_grid(dataset: str, methods: Sequence[str], seeds: Sequence[int], root: 
         sft_from = seed if sft_seed is None else sft_seed
         for method in wanted:
             if method == "sft" and seed != sft_from:
+                continue
+            if method in single_seed and seed != seeds[0]:
                 continue
             out = root / dataset / method / f"seed{seed}"
             needs = [] if method == "sft" else [root / dataset / "sft" / f"seed{sft_from}"]
@@ -684,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-seed", type=int, default=None,
                    help="train SFT once with this seed and start every stage-2 seed from it (default: one SFT "
                         "per seed)")
+    p.add_argument("--single-seed", nargs="+", default=[], choices=METHODS, metavar="METHOD",
+                   help="methods trained at the first of --seeds only (e.g. the secondary baselines of a grid)")
     p.add_argument("--tag", default="", help="suffix of the results file: quality_<dataset>_<tag>.json")
     p.add_argument("--resume", action="store_true",
                    help="continue interrupted runs from their last/ checkpoint instead of training them again")
@@ -707,7 +714,7 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
         seeds = [ABLATION_SEED]
     else:
         specs = plan_grid(args.dataset, args.methods, seeds, root, args.quick, args.overrides,
-                          None if args.config_dir is None else Path(args.config_dir), args.sft_seed)
+                          None if args.config_dir is None else Path(args.config_dir), args.sft_seed, args.single_seed)
     if args.dry_run:
         ddir = data_dir(root / "quick" if args.quick else root, args.dataset, args.quick)
         print(f"data: {ddir} ({'ready' if (ddir / 'stats.json').exists() else 'prepared on first run'})")

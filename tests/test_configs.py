@@ -186,6 +186,16 @@ def test_plan_grid_one_sft_for_every_seed_and_a_config_dir(tmp_path):
     assert runner.output_path("beauty", False, False, tmp_path, "cpu") == tmp_path / "quality_beauty_cpu.json"
 
 
+def test_plan_grid_single_seed_methods_run_at_the_first_seed_only(tmp_path):
+    specs = runner.plan_grid("beauty", ["sft_continue", "dpo", "gflowgr_db"], [42, 43, 44], tmp_path, sft_seed=42,
+                             single_seed=["dpo", "gflowgr_db"])
+    assert [(s.name, s.seed) for s in specs] == [
+        ("sft", 42), ("sft_continue", 42), ("dpo", 42), ("gflowgr_db", 42), ("sft_continue", 43),
+        ("sft_continue", 44)]
+    with pytest.raises(SystemExit, match="gflowgr_subtb"):
+        runner.plan_grid("beauty", ["dpo"], [42], tmp_path, single_seed=["gflowgr_subtb"])
+
+
 def test_run_specs_resume_continues_from_last(tmp_path):
     specs = runner.plan_grid("beauty", ["gflowgr_tb"], [42], tmp_path)
     (specs[0].out).mkdir(parents=True)
