@@ -14,9 +14,15 @@ own ``torchrun --nproc_per_node=2`` (gloo); every rank reports
 * ``state_mb``: the bytes of the parameters, gradients and AdamW state this rank holds (its shards under FSDP);
 * ``step_seconds``: median wall time of the timed steps (after one warm-up step).
 
-Usage: ``python benchmarks/bench_fsdp.py [--hidden 768 --layers 12 --steps 4]``; writes
-``benchmarks/results/fsdp_cpu.json`` with the device, versions, commit, sizes, per-rank numbers and a summary
-with ``memory_ratio_fsdp_over_ddp`` (per-rank peak over baseline, the larger rank of each run).
+The high-water mark counts what the C library keeps as well as what tensors hold. ``retain_cpu_memory: true``
+(the trainer's CPU default: glibc keeps freed memory in the process, so a step does not page its activations in
+again) lets FSDP's per-step gather and reduce buffers, of many sizes, pile up in the heap; ``--retain-cpu-memory
+false`` returns freed memory to the OS, so the peak follows what is live. Each setting is its own JSON.
+
+Usage: ``python benchmarks/bench_fsdp.py [--hidden 768 --layers 12 --steps 4] [--retain-cpu-memory false]``;
+writes ``benchmarks/results/fsdp_cpu.json`` (``fsdp_cpu_memory_returned.json`` under ``--retain-cpu-memory
+false``) with the device, versions, commit, sizes (the setting included), per-rank numbers and a summary with
+``memory_ratio_fsdp_over_ddp`` (per-rank peak over baseline, the larger rank of each run).
 """
 from __future__ import annotations
 
@@ -80,7 +86,7 @@ def worker(args) -> None:
                  f"distributed={'fsdp' if args.strategy == 'fsdp' else 'auto'}", f"model.hidden={args.hidden}",
                  f"model.layers={args.layers}", f"model.heads={args.heads}", f"model.kv_heads={args.heads}",
                  f"model.intermediate={args.intermediate}", f"batch_size={args.batch_size}", "handle_signals=false",
-                 "save_every_steps=0", "warmup_steps=1"]
+                 "save_every_steps=0", "warmup_steps=1", f"retain_cpu_memory={args.retain_cpu_memory}"]
     trainer = Trainer(load_config(None, overrides))
     build_peak = _peak_mb() - baseline
     n_params = sum(p.numel() for p in trainer.policy.parameters())  # a DTensor's numel is the global one
@@ -124,7 +130,10 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=3072)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "fsdp_cpu.json"))
+    parser.add_argument("--retain-cpu-memory", choices=("true", "false"), default="true",
+                        help="the trainer's retain_cpu_memory setting for both strategies (default: true, as trained)")
+    parser.add_argument("--json", help="output (default: benchmarks/results/fsdp_cpu.json, or "
+                        "fsdp_cpu_memory_returned.json under --retain-cpu-memory false)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", choices=("ddp", "fsdp"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -150,7 +159,7 @@ def main() -> None:
                "--worker", "--strategy", strategy, "--data", str(tmp / "data"), "--out", str(tmp / "runs"),
                "--result", str(result), "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads",
                str(args.heads), "--intermediate", str(args.intermediate), "--batch-size", str(args.batch_size),
-               "--steps", str(args.steps)]
+               "--steps", str(args.steps), "--retain-cpu-memory", args.retain_cpu_memory]
         started = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -172,7 +181,8 @@ def main() -> None:
         "commit": commit,
         "sizes": {"parameters": runs["ddp"][0]["parameters"], "hidden": args.hidden, "layers": args.layers,
                   "heads": args.heads, "intermediate": args.intermediate, "global_batch": args.batch_size,
-                  "timed_steps": args.steps, "stage": "sft", "dtype": "float32", "optimizer": "AdamW"},
+                  "timed_steps": args.steps, "stage": "sft", "dtype": "float32", "optimizer": "AdamW",
+                  "retain_cpu_memory": args.retain_cpu_memory == "true"},
         "note": "CPU shared with other work: step times are indicative; memory is per process (RSS high-water mark)",
         "runs": runs,
         "summary": {
@@ -188,8 +198,10 @@ def main() -> None:
             "fsdp_step_seconds": worst("fsdp", "step_seconds"),
         },
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    json_path = Path(args.json) if args.json else REPO / "benchmarks" / "results" / (
+        "fsdp_cpu.json" if args.retain_cpu_memory == "true" else "fsdp_cpu_memory_returned.json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"{'':6}{'peak-baseline MB':>18}{'state MB':>10}{'step s':>8}")
     for strategy in ("ddp", "fsdp"):
         print(f"{strategy:6}{worst(strategy, 'peak_over_baseline_mb'):18.0f}{worst(strategy, 'state_mb'):10.0f}"

@@ -618,10 +618,18 @@ def render_fsdp_file(p: dict) -> str:
             for strategy, ranks in need(p, "runs").items() for r in ranks]
     about = (f"{p.get('world_size')} {p.get('backend')} ranks; a {sizes['parameters']:,}-parameter model "
              f"({sizes['layers']} layers, hidden {sizes['hidden']}), {sizes['stage']}, {sizes['optimizer']}, "
-             f"{sizes['dtype']}, global batch {sizes['global_batch']}, {sizes['timed_steps']} timed steps")
+             f"{sizes['dtype']}, global batch {sizes['global_batch']}, {sizes['timed_steps']} timed steps"
+             + retain_setting(sizes))
     note = f" {p['note'].rstrip('.')}." if p.get("note") else ""
     return "\n".join([provenance(p), "", f"One run: {about}.{note}", "", records_table(rows), "",
                       summary_line(p)])
+
+
+def retain_setting(sizes: dict) -> str:
+    """How a bench_fsdp run treated freed CPU memory (runs before the setting was recorded kept it)."""
+    retained = sizes.get("retain_cpu_memory", True)
+    return ", `retain_cpu_memory: " + ("true` (freed memory kept in the process)" if retained
+                                        else "false` (freed memory returned to the OS)")
 
 
 def render_fsdp(results: Path) -> str:
@@ -788,17 +796,17 @@ def render_benchmark_rows(results: Path) -> str:
                          f"{num(base['cpu_median_ms'])} ms, {num(base['tensor_peak_mb'])} MB",
                          f"{num(mine['cpu_median_ms'])} ms, {num(mine['tensor_peak_mb'])} MB",
                          f"{num(base['cpu_median_ms'] / mine['cpu_median_ms'])}x less CPU time"])
-    fsdp = load(results, "fsdp_cpu.json")
-    if fsdp is not None:
+    fsdps = [load(results, f.name) for f in sorted(results.glob("fsdp_cpu*.json"))]
+    for fsdp in fsdps:
         sm, z = need(fsdp, "summary"), fsdp.get("sizes") or {}
-        size = f"{num(z.get('parameters'))}-parameter Qwen2, 2 gloo ranks"
+        size = f"{num(z.get('parameters'))}-parameter Qwen2, 2 gloo ranks" + retain_setting(z)
         rows.append(["FSDP2 vs DDP, per-rank peak (`bench_fsdp.py`)", size,
                      f"{num(sm['ddp_peak_over_baseline_mb'])} MB", f"{num(sm['fsdp_peak_over_baseline_mb'])} MB",
                      f"ratio {sm['memory_ratio_fsdp_over_ddp']:.2f} (state each rank holds: "
                      f"{sm['state_ratio_fsdp_over_ddp']:.2f})"])
     if not rows:
         return pending("benchmarks/results/trl_logps_cpu.json", "run `python benchmarks/bench_trl_logps.py`")
-    where = "; ".join(f"`{p['_file']}` on {p.get('device', 'an unrecorded device')}" for p in (trl, fsdp) if p is not None)
+    where = "; ".join(f"`{p['_file']}` on {p.get('device', 'an unrecorded device')}" for p in (trl, *fsdps) if p is not None)
     return "\n".join([f"From {where}; each row's baseline ran in the same run:", "",
                        md_table(["benchmark", "size", "baseline", "ours", ""], rows)])
 
