@@ -5,12 +5,16 @@ scenarios ``{"args": [config overrides], "lora": bool, "stop_at": step or null, 
 the other in the same process group; each writes its usual ``out`` folder (log, best/, last/, result.json).
 A scenario may also be ``{"expect_error": "...", ...}``: the trainer must raise an exception whose message
 contains that text, and rank 0 writes the message to ``<out>/error.txt``.
+A scenario with ``"probe": path`` also has rank 0 write to that JSON file what the sharding set up and what the
+training forwards saw (:func:`probe`): each FSDP unit's mixed-precision policy, the dtypes of the master (sharded)
+parameters and of the parameters inside the forward.
 """
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 from gflowgr_core.pretrained import LoraSettings, apply_lora
 from gflowgr_core.train.config import load_config
@@ -48,6 +52,45 @@ def stop_at(trainer: Trainer, step: int) -> Trainer:
     return trainer
 
 
+def probe(trainer: Trainer) -> Callable[[], dict]:
+    """Record, from now on, the dtype of the weights the sharded forwards compute with: a forward pre-hook on the
+    first ``nn.Linear`` of every decoder layer (a layer unit) and on the input embedding (the root unit) reads the
+    weight FSDP has gathered (and cast by its ``MixedPrecisionPolicy``) for that forward. Returns a function
+    that gives the report: ``units`` (module class, ``param_dtype``, ``reduce_dtype`` of every FSDP module),
+    ``master_dtypes`` (the sharded parameters' dtypes), ``compute_dtypes`` (``{"layer": [...], "root": [...]}``,
+    the dtypes seen in training forwards) and ``world_size``."""
+    from torch import nn
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp = trainer.fsdp
+    assert fsdp is not None, "probe needs distributed=fsdp"
+    seen: dict[str, set] = {"layer": set(), "root": set()}
+
+    def hook(kind: str, module: nn.Module):
+        def pre(mod, args):
+            seen[kind].add(str(mod.weight.dtype))
+        module.register_forward_pre_hook(pre)
+
+    # The decoder layers are the FSDP units inside the policy (fully_shard renamed their classes: FSDP<Class>).
+    layers = [m for m in fsdp.policy.model.modules() if isinstance(m, FSDPModule)]
+    assert len(layers) == fsdp.num_units - 1, (len(layers), fsdp.num_units)
+    for layer in layers:
+        hook("layer", next(m for m in layer.modules() if isinstance(m, nn.Linear)))
+    hook("root", fsdp.policy.model.get_input_embeddings())
+
+    def report() -> dict:
+        units = []
+        for m in fsdp.root.modules():
+            if isinstance(m, FSDPModule):
+                mp = m._get_fsdp_state()._mp_policy  # private (no public accessor in torch 2.13)
+                units.append({"module": type(m).__name__, "param_dtype": str(mp.param_dtype),
+                              "reduce_dtype": str(mp.reduce_dtype)})
+        return {"units": units, "world_size": trainer.dist.world_size,
+                "master_dtypes": sorted({str(p.dtype) for p in fsdp.root.parameters()}),
+                "compute_dtypes": {k: sorted(v) for k, v in seen.items()}}
+    return report
+
+
 def run(scenario: dict) -> None:
     cls = LoraTrainer if scenario.get("lora") else Trainer
     if scenario.get("no_layer_class"):
@@ -63,6 +106,7 @@ def run(scenario: dict) -> None:
             return
         raise AssertionError(f"expected an error containing {scenario['expect_error']!r}")
     trainer = cls(load_config(None, args))
+    report = probe(trainer) if scenario.get("probe") else None
     if scenario.get("stop_at"):
         stop_at(trainer, int(scenario["stop_at"]))
     summary = trainer.fit()
@@ -71,6 +115,8 @@ def run(scenario: dict) -> None:
         trainer = cls(load_config(None, [*args, "resume=true"]))
         summary = trainer.fit()
     assert summary["status"] == "finished", summary
+    if report is not None and load_rank() == 0:
+        Path(scenario["probe"]).write_text(json.dumps(report()))
 
 
 def load_rank() -> int:

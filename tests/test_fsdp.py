@@ -246,10 +246,11 @@ BUILDS = {
 }
 
 
-def _torchrun(worker: Path, spec: Path, cwd: Path) -> None:
+def _torchrun(worker: Path, spec: Path, cwd: Path, nproc: int = 2) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), str(spec)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(worker),
+           str(spec)]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     first = proc.stderr.find("Traceback")
     assert proc.returncode == 0, proc.stderr[first:first + 6000] if first >= 0 else proc.stderr[-6000:]
@@ -326,3 +327,69 @@ def test_sharded_build_equals_the_single_process_build(builds, name):
     if name.startswith("tb"):  # the stage set log Z from the data before sharding: rank 0's value reached every rank
         bias = built["weights"]["log_z_head.net.2.bias"]
         assert float(bias.abs().max()) > 0 and torch.equal(bias, weights["log_z_head.net.2.bias"])
+
+
+# ------------------------------------------------------------------------------------------- CUDA, bf16
+# One GPU (what a GPU check session gets): `torchrun --nproc_per_node=1` with NCCL runs the whole FSDP2 code path
+# (fully_shard on a 1-rank mesh, MixedPrecisionPolicy, sharded build, consolidated export) without splitting.
+CUDA_RUN = [*(a for a in RUN if not a.startswith("device=")), "device=cuda", "dtype=bfloat16"]
+CUDA_STAGES = {"sft": ["stage=sft"], "tb": TB}   # name -> stage overrides (tiny Qwen2 from one init checkpoint)
+# FSDP's bf16 (MixedPrecisionPolicy) vs the single-process bf16 (autocast), same fp32 master weights and rows.
+# Both run the matmuls in bf16 from the same bf16-rounded weights, but autocast keeps the ops on its fp32 list
+# (softmax / log-softmax, norms, losses) and every non-matmul parameter (norm weights, flow heads) in fp32,
+# whereas FSDP casts every parameter to bf16 and those ops run on bf16 inputs: per-op relative rounding up to
+# 2^-8 ~ 4e-3, which over a few SID levels and a row mean moves the step-1 loss by < 1e-2 relative; the five
+# AdamW updates after it (lr <= 3e-3) add a small drift on top, hence 2e-2. A wrong loss (weights not filled
+# from rank 0, wrong rows or scaling, a missing balance term) is off by far more than that.
+RTOL_BF16 = 2e-2
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs a CUDA device")
+def test_cuda_bf16_fsdp_one_gpu_matches_autocast(tmp_path, beauty_tiny):
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data"
+    prepared = prepare("letter", beauty_tiny, data, max_users=16)
+    init = Trainer(load_config(None, [f"data={data}", f"out={tmp_path / 'build'}", "stage=sft", "model.arch=qwen2",
+                                      *RUN]), prepared)
+    save_policy(init.policy, tmp_path / "init")
+
+    def args(name: str, out: str) -> list[str]:
+        return [f"data={data}", f"out={tmp_path / out}", f"init_checkpoint={tmp_path / 'init'}", "model.arch=qwen2",
+                *CUDA_STAGES[name], *CUDA_RUN]
+
+    spec = [{"args": [*args(name, name), "distributed=fsdp"], "probe": str(tmp_path / f"{name}_probe.json")}
+            for name in CUDA_STAGES]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    _torchrun(WORKER, tmp_path / "spec.json", tmp_path, nproc=1)
+    for name in CUDA_STAGES:  # the references: one process, no torchrun, bf16 by autocast
+        Trainer(load_config(None, [*args(name, name + "_autocast"), "distributed=auto"]), prepared).fit()
+
+    for name in CUDA_STAGES:
+        fsdp_steps, _ = _log(tmp_path / name)
+        ref_steps, _ = _log(tmp_path / f"{name}_autocast")
+        assert [r["step"] for r in fsdp_steps] == [r["step"] for r in ref_steps] == list(range(1, 7))
+        keys = ("loss", "ce", "gfn") if name == "tb" else ("loss", "ce")
+        for a, b in zip(fsdp_steps, ref_steps):
+            for key in keys:
+                assert math.isfinite(a[key]) and math.isfinite(b[key]), (name, a["step"], key, a[key], b[key])
+                assert math.isclose(a[key], b[key], rel_tol=RTOL_BF16), (name, a["step"], key, a[key], b[key])
+        if name == "tb":
+            assert all(r["gfn"] > 0 for r in fsdp_steps)  # the balance loss really ran
+        # The policy computed in bf16: every FSDP unit (2 decoder layers + root) carries the bf16 / fp32-reduce
+        # policy, the master shards stay fp32, and the weights inside the training forwards were bf16 in a
+        # layer unit and in the root unit.
+        probe = json.loads((tmp_path / f"{name}_probe.json").read_text())
+        assert probe["world_size"] == 1
+        assert len(probe["units"]) == 3, probe["units"]
+        assert all(u["param_dtype"] == "torch.bfloat16" and u["reduce_dtype"] == "torch.float32"
+                   for u in probe["units"]), probe["units"]
+        assert probe["master_dtypes"] == ["torch.float32"], probe
+        assert probe["compute_dtypes"] == {"layer": ["torch.bfloat16"], "root": ["torch.bfloat16"]}, probe
+        # The consolidated export holds the fp32 master weights (read from the files: load_policy would cast).
+        best = tmp_path / name / "best"
+        lm = {k: v for f in sorted((best / "lm").glob("*.safetensors")) for k, v in load_file(f).items()}
+        heads = torch.load(best / "flow_heads.pt", weights_only=True)
+        tensors = [*lm.values(), *(v for sd in heads.values() for v in sd.values())]
+        assert lm and {t.dtype for t in tensors if t.is_floating_point()} == {torch.float32}
+

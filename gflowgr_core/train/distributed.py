@@ -53,7 +53,8 @@ class DistContext:
         world_size: number of processes.
         local_rank: rank on this node (selects the GPU).
         device: the device this rank trains on.
-        enabled: whether a process group is in use (``world_size > 1``).
+        enabled: whether a process group is in use (``world_size > 1``, or FSDP under ``torchrun`` with one
+            process).
         backend: ``"nccl"``, ``"gloo"`` or ``None`` when not distributed.
         strategy: ``"ddp"`` (replicated model), ``"fsdp"`` (sharded model) or ``None`` when not distributed.
     """
@@ -80,19 +81,21 @@ class DistContext:
             device: the run's ``TrainConfig.device``. ``"auto"``/``"cuda"`` use GPU ``LOCAL_RANK`` when CUDA is
                 available (NCCL); ``"cpu"`` (or no CUDA) uses gloo. An explicit ``"cuda:K"`` is rejected under
                 more than one rank, since every rank would pick the same GPU.
-            mode: ``"auto"`` (DDP when ``WORLD_SIZE > 1``), ``"fsdp"`` (FSDP2; needs ``torchrun`` with more than
-                one process) or ``"off"`` (always one process).
+            mode: ``"auto"`` (DDP when ``WORLD_SIZE > 1``), ``"fsdp"`` (FSDP2; needs ``torchrun``, which may
+                start a single process: ``--nproc_per_node=1`` runs the sharded code path on one device, e.g. to
+                check FSDP's mixed precision on one GPU) or ``"off"`` (always one process).
             timeout_s: collective timeout.
         """
         if mode not in MODES:
             raise DistributedError(f"distributed={mode!r} is not one of {MODES}")
-        if mode == "fsdp" and not launched_distributed():
+        # torchrun sets WORLD_SIZE even for one process; FSDP then runs on a 1-rank process group.
+        fsdp_launch = mode == "fsdp" and "WORLD_SIZE" in os.environ
+        if mode == "fsdp" and not fsdp_launch:
             raise DistributedError(
-                f"distributed: fsdp shards the model over the processes torchrun starts, but this process runs "
-                f"alone (WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')}): launch with `torchrun "
-                f"--nproc_per_node=N -m gflowgr_core.cli train ...` (N >= 2), or set distributed: off (or auto) "
-                f"to train in one process")
-        if mode == "off" or not launched_distributed():
+                f"distributed: fsdp shards the model over the processes torchrun starts, but this process was "
+                f"not started by torchrun (WORLD_SIZE is unset): launch with `torchrun --nproc_per_node=N -m "
+                f"gflowgr_core.cli train ...`, or set distributed: off (or auto) to train in one process")
+        if mode == "off" or not (launched_distributed() or fsdp_launch):
             return cls.single(resolve_device(device))
         missing = [k for k in _ENV if k not in os.environ and not dist.is_initialized()]
         if missing:
@@ -120,7 +123,8 @@ class DistContext:
         else:
             backend = dist.get_backend()
             rank, world = dist.get_rank(), dist.get_world_size()
-        return cls(rank=rank, world_size=world, local_rank=local_rank, device=dev, enabled=world > 1,
+        # A 1-rank FSDP run uses its process group too (FSDP's collectives run on it, trivially).
+        return cls(rank=rank, world_size=world, local_rank=local_rank, device=dev, enabled=world > 1 or mode == "fsdp",
                    backend=backend, strategy="fsdp" if mode == "fsdp" else "ddp")
 
     # --------------------------------------------------------------------------------------- helpers

@@ -141,7 +141,7 @@ def build_on_rank0(build: Callable[[], tuple[SIDPolicy, Any]], dist: DistContext
         ``(policy, extra)`` on every rank.
     """
     if not dist.enabled:
-        raise DistributedError("build_on_rank0 needs a process group with more than one rank (launch with torchrun)")
+        raise DistributedError("build_on_rank0 needs a process group (launch with torchrun)")
     payload = None
     if dist.is_main:
         policy, extra = build()
@@ -236,7 +236,7 @@ class ShardedTraining(PolicyConsolidator):
         root: the module whose forward computes the whole training loss and that holds ``policy`` (and the
             reward) as submodules; it becomes the FSDP root.
         policy: the :class:`SIDPolicy` inside ``root`` (plain or with PEFT LoRA adapters), on ``dist.device``.
-        dist: a distributed context with ``world_size > 1``.
+        dist: a distributed context with a process group (``torchrun``; one rank is allowed).
         dtype: the run's ``TrainConfig.dtype`` (see :func:`mixed_precision_policy`).
         from_rank0: the policy came from :func:`build_on_rank0`: rank 0's ``root`` holds the weights, the other
             ranks' policy has ``meta`` parameters. Every rank's parameters are then sharded as ``meta`` tensors,
@@ -250,7 +250,7 @@ class ShardedTraining(PolicyConsolidator):
     def __init__(self, root: nn.Module, policy: SIDPolicy, dist: DistContext, dtype: str = "float32",
                  from_rank0: bool = False):
         if not dist.enabled:
-            raise DistributedError("FSDP needs a process group with more than one rank (launch with torchrun)")
+            raise DistributedError("FSDP needs a process group (launch with torchrun)")
         if not any(m is policy for m in root.modules()):
             raise ValueError("the FSDP root module must contain the policy")
         from torch.distributed.device_mesh import init_device_mesh
