@@ -131,7 +131,8 @@ class TrainConfig:
     # wants pack_rows) | "max-autotune". Eager by default: benchmarks/bench_compile.py measures it.
     compile_mode: str = "eager"
     # On a CPU device (glibc), keep memory freed by tensors in the process rather than returning it to the OS and
-    # page-faulting it back every step (gflowgr_core.devices.retain_freed_cpu_memory); false: the C library's default.
+    # page-faulting it back every step (gflowgr_core.devices.retain_freed_cpu_memory); false: the C library's default,
+    # which keeps distributed: fsdp's per-rank memory saving on a CPU (retained, FSDP's freed buffers pile up).
     retain_cpu_memory: bool = True
     max_train_examples: Optional[int] = None   # train on a fixed seeded random subset of N training examples
     eval_every: int = 1            # epochs between validation runs

@@ -158,6 +158,11 @@ class Trainer:
             if retain_freed_cpu_memory():
                 if not already:
                     log.info("CPU memory freed by tensors stays in this process (retain_cpu_memory: true)")
+                if config.distributed == "fsdp" and self.dist.is_main:
+                    # FSDP frees gathered layers and buffers of many sizes every step; kept, they grow each
+                    # rank's peak to about DDP's (benchmarks/results/fsdp_cpu*.json).
+                    log.info("distributed: fsdp with retain_cpu_memory: true: the retained memory raises each "
+                             "rank's peak to about DDP's; set retain_cpu_memory: false to keep sharding's saving")
             else:
                 log.info("retain_cpu_memory: true has no effect here: the C library is not glibc")
         self.data = data if data is not None else PreparedData.load(config.data)
