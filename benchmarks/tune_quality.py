@@ -58,6 +58,13 @@ TUNING: dict[str, tuple[str, list[str]]] = {
     "teacher_tau2": ("gflowgr_tb", [*TEACHER, "gfn.reward.cm_temperature=2.0"]),
     "teacher_lambda0p3": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=0.3"]),
     "teacher_lambda3": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=3.0"]),
+    # The sampler's curriculum: hard items (close to the user's taste) from the start, or easy ones throughout.
+    "teacher_curriculum_hard": ("gflowgr_tb", [*TEACHER, "gfn.curriculum_start=0.5", "gfn.curriculum_end=0.9"]),
+    "teacher_curriculum_easy": ("gflowgr_tb", [*TEACHER, "gfn.curriculum_start=0.1", "gfn.curriculum_end=0.5"]),
+    # The flow heads' learning rate (log F, log Z) and their warm-up alone.
+    "teacher_flowlr0p001": ("gflowgr_tb", [*TEACHER, "gfn.flow_lr=0.001"]),
+    "teacher_flowlr0p1": ("gflowgr_tb", [*TEACHER, "gfn.flow_lr=0.1"]),
+    "teacher_flowwarmup0": ("gflowgr_tb", [*TEACHER, "gfn.flow_warmup_steps=0"]),
 }
 log = logging.getLogger("gflowgr")
 

@@ -128,6 +128,24 @@ def test_beauty_cpu_gflowgr_is_the_setting_selected_on_validation():
         assert load_config(path, overrides) == load_config(path), f"{path} is not the setting {tuned['selected']!r}"
 
 
+def test_every_tuning_setting_loads_and_changes_its_method_config():
+    """A misspelt key or value in benchmarks/tune_quality.py's TUNING fails here, not after a run has started."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        tune_quality = importlib.import_module("tune_quality")
+    finally:
+        sys.path.pop(0)
+    for name, (method, overrides) in tune_quality.TUNING.items():
+        path = CONFIGS / "beauty_cpu" / f"{method}.yaml"
+        tuned = load_config(path, overrides).validate()
+        if name != tuned_selected():
+            assert tuned != load_config(path), f"the tuning setting {name!r} changes nothing in {path}"
+
+
+def tuned_selected() -> str:
+    return json.loads((REPO / "benchmarks" / "results" / "tune_beauty_cpu.json").read_text())["selected"]
+
+
 @pytest.mark.parametrize("name", list(runner.ABLATIONS))
 def test_ablation_overrides_apply(name):
     method, overrides = runner.ABLATIONS[name]
