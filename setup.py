@@ -75,6 +75,13 @@ def _extension_modules():
         "gflowgr_core._C", cpp_sources, extra_compile_args=cxx_flags, extra_link_args=link_flags)
     ext = cpu_ext
     cuda_error = None
+    if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch picks the CUDA architectures from the visible GPUs; with none (a CPU machine with a CUDA build of
+        # torch) its build fails with a bare IndexError, so say what is missing instead of trying.
+        use_cuda = False
+        cuda_error = ("no GPU is visible to choose the CUDA architectures from; set TORCH_CUDA_ARCH_LIST "
+                      "(e.g. '9.0' for H100) to build the CUDA ops anyway")
+        print(f"gflowgr: the CUDA ops are not built: {cuda_error}", file=sys.stderr)
     if use_cuda:
         try:
             ext = cpp_extension.CUDAExtension(
@@ -112,7 +119,7 @@ def _extension_modules():
                 if ext is not cpu_ext:
                     _write_status("built: C++ CPU ops and CUDA ops")
                 elif cuda_error is not None:
-                    _write_status(f"built: C++ CPU ops only; the CUDA ops cannot be built ({cuda_error})")
+                    _write_status(f"built: C++ CPU ops only; the CUDA ops were not built ({cuda_error})")
                 else:
                     _write_status("built: C++ CPU ops (no CUDA ops: torch has no CUDA, nvcc was not found or "
                                   "GFLOWGR_NO_CUDA_EXT=1)")

@@ -60,7 +60,7 @@ def test_failed_cuda_compile_falls_back_to_the_cpu_ops(tmp_path):
         torch.utils.cpp_extension.CUDA_HOME = {str(cuda_home)!r}
     """))
     env = dict(os.environ, CUDA_HOME=str(cuda_home), PATH=f"{cuda_home / 'bin'}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(shim), MAX_JOBS="2")
+               PYTHONPATH=str(shim), MAX_JOBS="2", TORCH_CUDA_ARCH_LIST="9.0")
     for key in ("GFLOWGR_NO_EXT", "GFLOWGR_NO_CUDA_EXT", "GFLOWGR_REQUIRE_EXT"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, env=env,
@@ -99,10 +99,40 @@ def test_failed_cuda_compile_fails_the_install_when_the_extension_is_required(tm
         f"import torch, torch.utils.cpp_extension\ntorch.version.cuda = '99.0'\n"
         f"torch.utils.cpp_extension.CUDA_HOME = {str(cuda_home)!r}\n")
     env = dict(os.environ, CUDA_HOME=str(cuda_home), PATH=f"{cuda_home / 'bin'}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(shim), GFLOWGR_REQUIRE_EXT="1")
+               PYTHONPATH=str(shim), GFLOWGR_REQUIRE_EXT="1", TORCH_CUDA_ARCH_LIST="9.0")
     env.pop("GFLOWGR_NO_EXT", None)
     env.pop("GFLOWGR_NO_CUDA_EXT", None)
     proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0
     assert "GFLOWGR_REQUIRE_EXT=1" in proc.stderr + proc.stdout
+
+
+def test_no_visible_gpu_and_no_arch_list_builds_the_cpu_ops_and_says_why(tmp_path):
+    """torch chooses CUDA architectures from the visible GPUs; with none and no TORCH_CUDA_ARCH_LIST its build
+    would fail with a bare IndexError, so the CUDA ops are skipped up front with the setting to use."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _copy_sources(src)
+    cuda_home = tmp_path / "cuda"
+    (cuda_home / "bin").mkdir(parents=True)
+    nvcc = cuda_home / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\nexit 1\n")
+    nvcc.chmod(0o755)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        f"import torch, torch.utils.cpp_extension\ntorch.version.cuda = '99.0'\n"
+        f"torch.cuda.is_available = lambda: False\n"
+        f"torch.utils.cpp_extension.CUDA_HOME = {str(cuda_home)!r}\n")
+    env = dict(os.environ, CUDA_HOME=str(cuda_home), PATH=f"{cuda_home / 'bin'}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(shim))
+    for key in ("GFLOWGR_NO_EXT", "GFLOWGR_NO_CUDA_EXT", "GFLOWGR_REQUIRE_EXT", "TORCH_CUDA_ARCH_LIST"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = (src / "build" / "extension_build.txt").read_text()
+    assert status.startswith("built: C++ CPU ops only; the CUDA ops were not built (no GPU is visible"), status
+    assert "TORCH_CUDA_ARCH_LIST" in status
+    assert len(list((src / "gflowgr_core").glob("_C*.so"))) == 1
