@@ -32,11 +32,11 @@ def _no_extension(what: str, fix: str) -> None:
         "  Set GFLOWGR_REQUIRE_EXT=1 to make this an install error.",
         "=" * 78,
     ]
+    _write_status(f"not built: {what}")
     if REQUIRE_EXT:
         raise SystemExit("\n".join(["gflowgr: GFLOWGR_REQUIRE_EXT=1 and the compiled extension cannot be built:",
                                      f"  {what}", f"  Fix: {fix}"]))
     print("\n".join(lines), file=sys.stderr)
-    _write_status(f"not built: {what}")
 
 
 def _write_status(text: str) -> None:

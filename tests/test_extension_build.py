@@ -106,6 +106,7 @@ def test_failed_cuda_compile_fails_the_install_when_the_extension_is_required(tm
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0
     assert "GFLOWGR_REQUIRE_EXT=1" in proc.stderr + proc.stdout
+    assert (src / "build" / "extension_build.txt").read_text().startswith("not built: compiling csrc/module.cpp")
 
 
 def test_no_visible_gpu_and_no_arch_list_builds_the_cpu_ops_and_says_why(tmp_path):
