@@ -40,12 +40,17 @@ def _copy_sources(dst: Path) -> None:
     (dst / "kernels").mkdir()
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
-def test_failed_cuda_compile_falls_back_to_the_cpu_ops(tmp_path):
+NEEDS_COMPILER = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler")
+
+
+def _build(tmp_path: Path, gpu_visible: bool = True, **env_extra: str):
+    """``setup.py build_ext --inplace`` on the stand-in sources, with a torch that claims a CUDA build (and, with
+    ``gpu_visible=False``, sees no GPU) and an nvcc that fails the way a mismatched toolkit does. Returns the
+    source folder and the finished process."""
     src = tmp_path / "src"
     src.mkdir()
     _copy_sources(src)
-    # A torch that claims a CUDA build, and an nvcc that fails the way a mismatched toolkit does.
     cuda_home = tmp_path / "cuda"
     (cuda_home / "bin").mkdir(parents=True)
     nvcc = cuda_home / "bin" / "nvcc"
@@ -53,18 +58,23 @@ def test_failed_cuda_compile_falls_back_to_the_cpu_ops(tmp_path):
     nvcc.chmod(0o755)
     shim = tmp_path / "shim"
     shim.mkdir()
-    (shim / "sitecustomize.py").write_text(textwrap.dedent(f"""
-        import torch
-        import torch.utils.cpp_extension
-        torch.version.cuda = "99.0"
-        torch.utils.cpp_extension.CUDA_HOME = {str(cuda_home)!r}
-    """))
+    (shim / "sitecustomize.py").write_text(
+        f"import torch, torch.utils.cpp_extension\ntorch.version.cuda = '99.0'\n"
+        f"torch.utils.cpp_extension.CUDA_HOME = {str(cuda_home)!r}\n"
+        + ("" if gpu_visible else "torch.cuda.is_available = lambda: False\n"))
     env = dict(os.environ, CUDA_HOME=str(cuda_home), PATH=f"{cuda_home / 'bin'}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(shim), MAX_JOBS="2", TORCH_CUDA_ARCH_LIST="9.0")
-    for key in ("GFLOWGR_NO_EXT", "GFLOWGR_NO_CUDA_EXT", "GFLOWGR_REQUIRE_EXT"):
+               PYTHONPATH=str(shim), MAX_JOBS="2")
+    for key in ("GFLOWGR_NO_EXT", "GFLOWGR_NO_CUDA_EXT", "GFLOWGR_REQUIRE_EXT", "TORCH_CUDA_ARCH_LIST"):
         env.pop(key, None)
+    env.update(env_extra)
     proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, env=env,
                           capture_output=True, text=True, timeout=900)
+    return src, proc
+
+
+@NEEDS_COMPILER
+def test_failed_cuda_compile_falls_back_to_the_cpu_ops(tmp_path):
+    src, proc = _build(tmp_path, TORCH_CUDA_ARCH_LIST="9.0")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "the CUDA ops failed to compile" in proc.stderr
     status = (src / "build" / "extension_build.txt").read_text()
@@ -85,53 +95,17 @@ def test_failed_cuda_compile_falls_back_to_the_cpu_ops(tmp_path):
 
 
 def test_failed_cuda_compile_fails_the_install_when_the_extension_is_required(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    _copy_sources(src)
-    cuda_home = tmp_path / "cuda"
-    (cuda_home / "bin").mkdir(parents=True)
-    nvcc = cuda_home / "bin" / "nvcc"
-    nvcc.write_text("#!/bin/sh\nexit 1\n")
-    nvcc.chmod(0o755)
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(
-        f"import torch, torch.utils.cpp_extension\ntorch.version.cuda = '99.0'\n"
-        f"torch.utils.cpp_extension.CUDA_HOME = {str(cuda_home)!r}\n")
-    env = dict(os.environ, CUDA_HOME=str(cuda_home), PATH=f"{cuda_home / 'bin'}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(shim), GFLOWGR_REQUIRE_EXT="1", TORCH_CUDA_ARCH_LIST="9.0")
-    env.pop("GFLOWGR_NO_EXT", None)
-    env.pop("GFLOWGR_NO_CUDA_EXT", None)
-    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, env=env,
-                          capture_output=True, text=True, timeout=900)
+    src, proc = _build(tmp_path, TORCH_CUDA_ARCH_LIST="9.0", GFLOWGR_REQUIRE_EXT="1")
     assert proc.returncode != 0
     assert "GFLOWGR_REQUIRE_EXT=1" in proc.stderr + proc.stdout
     assert (src / "build" / "extension_build.txt").read_text().startswith("not built: compiling csrc/module.cpp")
 
 
+@NEEDS_COMPILER
 def test_no_visible_gpu_and_no_arch_list_builds_the_cpu_ops_and_says_why(tmp_path):
     """torch chooses CUDA architectures from the visible GPUs; with none and no TORCH_CUDA_ARCH_LIST its build
     would fail with a bare IndexError, so the CUDA ops are skipped up front with the setting to use."""
-    src = tmp_path / "src"
-    src.mkdir()
-    _copy_sources(src)
-    cuda_home = tmp_path / "cuda"
-    (cuda_home / "bin").mkdir(parents=True)
-    nvcc = cuda_home / "bin" / "nvcc"
-    nvcc.write_text("#!/bin/sh\nexit 1\n")
-    nvcc.chmod(0o755)
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(
-        f"import torch, torch.utils.cpp_extension\ntorch.version.cuda = '99.0'\n"
-        f"torch.cuda.is_available = lambda: False\n"
-        f"torch.utils.cpp_extension.CUDA_HOME = {str(cuda_home)!r}\n")
-    env = dict(os.environ, CUDA_HOME=str(cuda_home), PATH=f"{cuda_home / 'bin'}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(shim))
-    for key in ("GFLOWGR_NO_EXT", "GFLOWGR_NO_CUDA_EXT", "GFLOWGR_REQUIRE_EXT", "TORCH_CUDA_ARCH_LIST"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, env=env,
-                          capture_output=True, text=True, timeout=900)
+    src, proc = _build(tmp_path, gpu_visible=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = (src / "build" / "extension_build.txt").read_text()
     assert status.startswith("built: C++ CPU ops only; the CUDA ops were not built (no GPU is visible"), status
