@@ -109,7 +109,7 @@ def worker(args) -> None:
     records = trainer.dist.gather_objects(record)
     if trainer.dist.is_main:
         Path(args.result).write_text(json.dumps(records))
-    trainer.dist.shutdown()
+    trainer.close()
 
 
 def _device() -> str:

@@ -93,7 +93,7 @@ def run(cfg, data) -> tuple[dict, float, dict]:
     try:
         result = trainer.fit()
     finally:
-        trainer.dist.shutdown()
+        trainer.close()
     if result["status"] != "finished":
         raise SystemExit(f"run {cfg.out} did not finish: {result.get('message')}")
     best = max(result["history"], key=lambda r: r["valid"][SELECT])
@@ -146,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         cfg = tuning_config(work, args.device, "sft_continue", {}, tmp / "sft_eval")
         trainer = Trainer(cfg, data)
         metrics = valid_metrics(trainer.evaluate("valid"))
-        trainer.dist.shutdown()
+        trainer.close()
         payload["runs"].append({"round": "reference", "factor": "-", "stage": "sft", "overrides": {},
                                 "setting": "the SFT checkpoint, no stage 2", "valid": metrics, "seconds": 0.0})
         save(out, payload)

@@ -182,7 +182,7 @@ def _train(cfg: TrainConfig, data: PreparedData, stop: StopRequest) -> dict:
             trainer.request_stop(stop.reason)
         return trainer.fit()
     finally:
-        trainer.dist.shutdown()
+        trainer.close()
 
 
 def _row(name: str, result: dict, seed: int) -> dict:

@@ -9,6 +9,7 @@ buffers (``.pt``) and, beside it (``.json``), every rank's observations and its 
 """
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -87,6 +88,9 @@ def main() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # The scenarios' trainers are garbage in reference cycles that hold the group: collect them while
+        # the interpreter is whole (see Trainer.close).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -11,6 +11,7 @@ parameters and of the parameters inside the forward.
 """
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -131,6 +132,9 @@ def main() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # The scenarios' trainers are garbage in reference cycles that hold the group: collect them while
+        # the interpreter is whole (see Trainer.close).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -100,3 +100,35 @@ def test_torchrun_two_processes_match_one_process(tmp_path, beauty_tiny):
     assert ddp_result["best_epoch"] == one_result["best_epoch"]
     # Rank 0 alone wrote the checkpoints and the log (one record per step, not one per rank).
     assert (tmp_path / "ddp" / "best").is_dir() and (tmp_path / "ddp" / "last").is_dir()
+
+
+def test_close_frees_the_ddp_wrapper_before_leaving_the_group(tmp_path, beauty_tiny, monkeypatch):
+    """The DDP wrapper reaches the trainer back through its loss module (a reference cycle): left to Python's
+    final collection, it keeps the gloo group alive into interpreter shutdown, where a rank can abort after a
+    finished run. ``close()`` must free it, and leave the group, while the trainer is still referenced."""
+    import gc
+
+    import torch.distributed as dist
+
+    from gflowgr_core.train import trainer as trainer_module
+
+    data_dir = tmp_path / "data"
+    prepared = prepare("letter", beauty_tiny, data_dir, max_users=16)
+    # A one-rank gloo group standing in for torchrun, with DDP forced on so that the wrapper is built.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ctx = DistContext(rank=0, world_size=1, enabled=True, backend="gloo", strategy="ddp")
+        monkeypatch.setattr(trainer_module.DistContext, "from_env", classmethod(lambda cls, *a, **k: ctx))
+        config = load_config(None, [f"data={data_dir}", f"out={tmp_path / 'run'}", "stage=sft",
+                                    "evaluate_test=false", *RUN[1:]])
+        trainer = Trainer(config, prepared)
+        assert trainer.fit()["status"] == "finished"
+        wrappers = [o for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel)]
+        assert wrappers, "the run did not train through DDP: the test checks nothing"
+        del wrappers
+        trainer.close()
+        assert not dist.is_initialized()
+        assert not [o for o in gc.get_objects() if isinstance(o, torch.nn.parallel.DistributedDataParallel)]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -558,6 +559,20 @@ class Trainer:
         logs = self.dist.reduce_logs(logs, hi - lo)
         return loss * scale, logs
 
+    def close(self) -> None:
+        """Leave the process group at the end of the run (every rank, once; a no-op in one process).
+
+        The DDP wrapper and the FSDP state reach the trainer back through the loss module, a reference cycle
+        that keeps the process group and its last collectives alive until Python's final garbage collection.
+        Destroyed there, gloo's worker threads die while the interpreter is finalising and the process aborts
+        ("terminate called without an active exception", exit -6) after a successful run. So the wrappers
+        are dropped and collected here, while the interpreter is whole, before the group is destroyed.
+        """
+        self._ddp = None
+        self.fsdp = None
+        gc.collect()
+        self.dist.shutdown()
+
     def request_stop(self, reason: str = "requested") -> None:
         """Ask :meth:`fit` to save ``out/last/`` and return at the next step boundary (as SIGTERM does)."""
         self.stop.request(reason)
@@ -946,4 +961,4 @@ def run_training(config: TrainConfig, data: Optional[PreparedData] = None) -> di
     try:
         return trainer.fit()
     finally:
-        trainer.dist.shutdown()
+        trainer.close()
