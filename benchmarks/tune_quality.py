@@ -46,6 +46,7 @@ TEACHER = ["gfn.reward.cm_norm=softmax", "gfn.reward.cm_temperature=1.0", "gfn.r
 SHIPPED = ["gfn.reward.cm_norm=sigmoid_z", "gfn.reward.use_a=true", "gfn.reward.use_sim=true",
            "gfn.reward.r_pos_mode=catalogue", "gfn.reward.target_share=0.5", "gfn.reward.beta=2.0",
            "gfn.lambda_gfn=0.1"]
+POSITIVE_SHARE = ["gfn.reward.use_a=true", "gfn.reward.r_pos_mode=catalogue"]
 # name (also the run folder's and the record's name) -> (method, overrides on top of configs/<...>/<method>.yaml),
 # in the order they are run.
 TUNING: dict[str, tuple[str, list[str]]] = {
@@ -65,6 +66,10 @@ TUNING: dict[str, tuple[str, list[str]]] = {
     "teacher_flowlr0p001": ("gflowgr_tb", [*TEACHER, "gfn.flow_lr=0.001"]),
     "teacher_flowlr0p1": ("gflowgr_tb", [*TEACHER, "gfn.flow_lr=0.1"]),
     "teacher_flowwarmup0": ("gflowgr_tb", [*TEACHER, "gfn.flow_warmup_steps=0"]),
+    # The positive's share of the reward mass on top of the teacher: r_a calibrated per user so that the held-out
+    # item holds this share of R's mass over the catalogue (the teacher alone gives it its softmax share).
+    "teacher_share0p1": ("gflowgr_tb", [*TEACHER, *POSITIVE_SHARE, "gfn.reward.target_share=0.1"]),
+    "teacher_share0p5": ("gflowgr_tb", [*TEACHER, *POSITIVE_SHARE, "gfn.reward.target_share=0.5"]),
 }
 log = logging.getLogger("gflowgr")
 
