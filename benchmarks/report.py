@@ -758,9 +758,13 @@ def render_tuning_quality(results: Path) -> str:
     for f in files:
         p = load(results, f.name)
         budget = p.get("budget") or {}
-        about = (f"{p.get('dataset', '?')}, stage 2 from the grid's SFT checkpoint (seed {p.get('sft_seed', '?')}), "
-                 f"seed {p.get('seed', '?')}: {budget.get('epochs', '?')} epochs at batch {budget.get('batch_size', '?')}, "
-                 f"lr {budget.get('lr', '?')}, the best validation epoch kept; validation on "
+        if p.get("stage", "gflowgr") == "sft":
+            start = (f"SFT from scratch, seed {p.get('seed', '?')}: the grid's SFT ({budget.get('epochs', '?')} epochs "
+                     f"at batch {budget.get('batch_size', '?')}, lr {budget.get('lr', '?')}) with each row's overrides")
+        else:
+            start = (f"stage 2 from the grid's SFT checkpoint (seed {p.get('sft_seed', '?')}), seed {p.get('seed', '?')}: "
+                     f"{budget.get('epochs', '?')} epochs at batch {budget.get('batch_size', '?')}, lr {budget.get('lr', '?')}")
+        about = (f"{p.get('dataset', '?')}, {start}, the best validation epoch kept; validation on "
                  f"{num(budget.get('valid_max_users'))} users, beam {budget.get('eval_beams', '?')}; test never read "
                  f"by these runs; YAMLs from `{p.get('config_dir', '?')}`")
         rows = []

@@ -14,6 +14,10 @@ reference rows, read from their validation history only.
 Runs live under ``<root>/<dataset>/tune/<setting>/seed<S>``; each finished one is recorded (result, config,
 env; no checkpoint) under ``benchmarks/results/tune_<dataset>_<tag>_runs/`` and the table
 ``benchmarks/results/tune_<dataset>_<tag>.json`` is rewritten, so tuning resumes on a new machine.
+
+``--stage sft`` tunes the SFT the grid starts from instead (``SFT_TUNING``): every setting trains from scratch
+with its overrides on top of ``sft.yaml``, selected on the same validation users, test never read; its table
+is ``tune_<dataset>_sft_<tag>.json`` and its reference row the grid's own SFT run.
 """
 from __future__ import annotations
 
@@ -36,7 +40,6 @@ from run_quality import (DATASETS, RESULTS_DIR, RunSpec, _base_overrides, _slug,
 SELECT = "ndcg@10"
 SEED = 42
 REPORTED = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10")
-REFERENCES = ("sft", "sft_continue", "sdpo", "gflowgr_tb")
 # The reward that makes trajectory balance a distillation of the collaborative model: R(x) = the CM's softmax
 # over the catalogue (divided by its top entry), no r_a or r_sim (TB's fixed point is P_F(x | U) ∝ R(x)).
 TEACHER = ["gfn.reward.cm_norm=softmax", "gfn.reward.cm_temperature=1.0", "gfn.reward.use_a=false",
@@ -71,21 +74,33 @@ TUNING: dict[str, tuple[str, list[str]]] = {
     "teacher_share0p1": ("gflowgr_tb", [*TEACHER, *POSITIVE_SHARE, "gfn.reward.target_share=0.1"]),
     "teacher_share0p5": ("gflowgr_tb", [*TEACHER, *POSITIVE_SHARE, "gfn.reward.target_share=0.5"]),
 }
+# The SFT of the CPU protocol (configs/beauty_cpu/sft.yaml: cosine over 20 epochs) peaks at epoch 10 and then
+# overfits while the learning rate is still high: a schedule that ends sooner, more weight decay, a wider model.
+# Validation every epoch so that each setting's best epoch is found, not the nearest even one.
+SFT_TUNING: dict[str, tuple[str, list[str]]] = {
+    "sft_cosine10": ("sft", ["epochs=10", "eval_every=1"]),
+    "sft_cosine12_wd0p1": ("sft", ["epochs=12", "eval_every=1", "weight_decay=0.1"]),
+    "sft_wide192_cosine12": ("sft", ["epochs=12", "eval_every=1", "model.hidden=192", "model.intermediate=768"]),
+}
+STAGES = {"gflowgr": (TUNING, ("sft", "sft_continue", "sdpo", "gflowgr_tb")), "sft": (SFT_TUNING, ("sft",))}
 log = logging.getLogger("gflowgr")
 
 
 def plan_tuning(dataset: str, root: Path, names: list[str], config_dir: Optional[Path], sft_seed: int,
-                extra: list[str]) -> list[RunSpec]:
-    """One run per setting name, starting from the grid's SFT checkpoint of ``sft_seed``."""
-    unknown = [n for n in names if n not in TUNING]
+                extra: list[str], settings: Optional[dict] = None) -> list[RunSpec]:
+    """One run per setting name of ``settings`` (default ``TUNING``): a stage-2 setting starts from the grid's
+    SFT checkpoint of ``sft_seed``, an SFT setting trains from scratch."""
+    settings = TUNING if settings is None else settings
+    unknown = [n for n in names if n not in settings]
     if unknown:
-        raise SystemExit(f"unknown setting(s) {unknown}; known: {', '.join(map(repr, TUNING))}")
+        raise SystemExit(f"unknown setting(s) {unknown}; known: {', '.join(map(repr, settings))}")
     specs = []
     for name in names:
-        method, overrides = TUNING[name]
+        method, overrides = settings[name]
         out = root / dataset / "tune" / _slug(name) / f"seed{SEED}"
+        needs = [] if method == "sft" else [root / dataset / "sft" / f"seed{sft_seed}"]
         specs.append(RunSpec(name=name, method=method, seed=SEED, out=out, dataset=dataset, config_dir=config_dir,
-                             needs=[root / dataset / "sft" / f"seed{sft_seed}"],
+                             needs=needs,
                              overrides=_base_overrides(root, dataset, method, SEED, out, False,
                                                        [*extra, *overrides, "evaluate_test=false"], sft_seed)))
     return specs
@@ -109,8 +124,11 @@ def validation_row(spec: RunSpec, overrides: list[str]) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default="beauty")
-    p.add_argument("--settings", nargs="+", default=list(TUNING), metavar="NAME",
-                   help=f"settings to run (default: all): {', '.join(map(repr, TUNING))}")
+    p.add_argument("--stage", choices=list(STAGES), default="gflowgr",
+                   help="tune stage 2 (TUNING, from the grid's SFT) or the SFT itself (SFT_TUNING, from scratch)")
+    p.add_argument("--settings", nargs="+", default=None, metavar="NAME",
+                   help=f"settings to run (default: all of the stage): {', '.join(map(repr, TUNING))}; "
+                        f"--stage sft: {', '.join(map(repr, SFT_TUNING))}")
     p.add_argument("--root", default="runs", help="folder of prepared data and runs (as run_quality.py)")
     p.add_argument("--config-dir", default=None, metavar="DIR", help="folder of the method YAMLs")
     p.add_argument("--sft-seed", type=int, default=SEED, help="the grid's SFT run every setting starts from")
@@ -126,13 +144,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root, results = Path(args.root), Path(args.results_dir)
     config_dir = None if args.config_dir is None else Path(args.config_dir)
-    suffix = f"_{args.tag}" if args.tag else ""
+    settings, references = STAGES[args.stage]
+    suffix = ("_sft" if args.stage == "sft" else "") + (f"_{args.tag}" if args.tag else "")
     path = results / f"tune_{args.dataset}{suffix}.json"
     records = records_root(path)
     grid_records = records_root(output_path(args.dataset, False, False, results, args.tag))
-    grid = plan_grid(args.dataset, list(REFERENCES), [SEED], root, extra=args.overrides, config_dir=config_dir,
+    grid = plan_grid(args.dataset, list(references), [SEED], root, extra=args.overrides, config_dir=config_dir,
                      sft_seed=args.sft_seed)
-    specs = plan_tuning(args.dataset, root, list(TUNING), config_dir, args.sft_seed, list(args.overrides))
+    # Every setting is planned (the table lists all finished ones); naming an unknown one fails here.
+    plan_tuning(args.dataset, root, args.settings or [], config_dir, args.sft_seed, [], settings)
+    specs = plan_tuning(args.dataset, root, list(settings), config_dir, args.sft_seed, list(args.overrides),
+                        settings)
     for spec in grid:
         restore_run(spec.out, grid_records / f"{_slug(spec.name)}_seed{spec.seed}")
     for spec in specs:
@@ -141,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     def write_table() -> dict:
         payload = {"benchmark": "tune_quality", "what": __doc__.strip().splitlines()[0],
                    **environment(resolve_device("auto")), "dataset": args.dataset, "select_metric": SELECT,
-                   "seed": SEED,
+                   "seed": SEED, "stage": args.stage,
                    "sft_seed": args.sft_seed, "config_dir": str(config_dir or f"configs/{args.dataset}"),
                    "overrides": list(args.overrides), "references": [], "runs": []}
         for spec in grid:
@@ -150,20 +172,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for spec in specs:
             if spec.done():
                 archive_run(spec.out, records / _slug(spec.name), keep_checkpoint=False)
-                payload["runs"].append(validation_row(spec, TUNING[spec.name][1]))
-        done = [s for s in grid if s.method != "sft" and s.done() and (s.out / "config.yaml").exists()]
-        if done:  # the budget every row shares (tuning runs differ only in their overrides)
+                payload["runs"].append(validation_row(spec, settings[spec.name][1]))
+        # The grid's budget every row starts from (tuning rows differ from it only in their overrides).
+        done = [s for s in grid if (s.method == "sft") == (args.stage == "sft") and s.done()
+                and (s.out / "config.yaml").exists()]
+        if done:
             cfg = yaml.safe_load((done[0].out / "config.yaml").read_text())
             payload["budget"] = {k: cfg.get(k) for k in ("epochs", "batch_size", "lr", "warmup_steps",
                                                          "valid_max_users", "eval_beams")}
-        if payload["runs"]:  # the tuning runs only: the grid's gflowgr_tb row is whichever setting its YAML holds
+        if payload["runs"]:  # the tuning runs only: the grid's own row is whichever setting its YAML holds
             payload["selected"] = max(payload["runs"], key=lambda r: r["valid"][SELECT])["setting"]
         write_json(path, payload)
         return payload
 
     if not args.aggregate_only:
         data = ensure_data(args.dataset, root)
-        wanted = [s for s in specs if s.name in args.settings]
+        wanted = [s for s in specs if args.settings is None or s.name in args.settings]
         run_specs(wanted, data, on_finished=lambda spec: write_table(), resume=True)
     payload = write_table()
     for r in payload["references"] + payload["runs"]:

@@ -135,11 +135,21 @@ def test_every_tuning_setting_loads_and_changes_its_method_config():
         tune_quality = importlib.import_module("tune_quality")
     finally:
         sys.path.pop(0)
-    for name, (method, overrides) in tune_quality.TUNING.items():
+    for name, (method, overrides) in {**tune_quality.TUNING, **tune_quality.SFT_TUNING}.items():
         path = CONFIGS / "beauty_cpu" / f"{method}.yaml"
         tuned = load_config(path, overrides).validate()
         if name != tuned_selected():
             assert tuned != load_config(path), f"the tuning setting {name!r} changes nothing in {path}"
+    assert {m for m, _ in tune_quality.SFT_TUNING.values()} == {"sft"}
+    # An SFT setting trains from scratch (no SFT checkpoint needed); a stage-2 one starts from the grid's SFT.
+    root = Path("runs")
+    sft, = tune_quality.plan_tuning("beauty", root, ["sft_cosine10"], None, 42, [], tune_quality.SFT_TUNING)
+    assert sft.needs == [] and not any(o.startswith("init_checkpoint=") for o in sft.overrides)
+    assert "evaluate_test=false" in sft.overrides
+    tb, = tune_quality.plan_tuning("beauty", root, ["teacher"], None, 42, [])
+    assert tb.needs == [root / "beauty" / "sft" / "seed42"]
+    with pytest.raises(SystemExit, match="unknown setting"):
+        tune_quality.plan_tuning("beauty", root, ["teacher"], None, 42, [], tune_quality.SFT_TUNING)
 
 
 def tuned_selected() -> str:
