@@ -41,9 +41,10 @@ SELECT = "ndcg@10"
 SEED = 42
 REPORTED = ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "coverage@10")
 # The reward that makes trajectory balance a distillation of the collaborative model: R(x) = the CM's softmax
-# over the catalogue (divided by its top entry), no r_a or r_sim (TB's fixed point is P_F(x | U) ∝ R(x)).
+# over the catalogue (divided by its top entry), no r_a or r_sim (TB's fixed point is P_F(x | U) ∝ R(x)), at the
+# lambda_gfn it was first run with: the settings below vary one factor of it, whatever the YAMLs now hold.
 TEACHER = ["gfn.reward.cm_norm=softmax", "gfn.reward.cm_temperature=1.0", "gfn.reward.use_a=false",
-           "gfn.reward.use_sim=false", "gfn.reward.r_pos_mode=fixed", "gfn.reward.beta=1.0"]
+           "gfn.reward.use_sim=false", "gfn.reward.r_pos_mode=fixed", "gfn.reward.beta=1.0", "gfn.lambda_gfn=0.1"]
 # The setting shipped before Beauty was tuned (picked on MovieLens-100K): r_a + r_cm + r_sim, the positive's share
 # of the reward mass 0.5, beta 2, lambda 0.1.
 SHIPPED = ["gfn.reward.cm_norm=sigmoid_z", "gfn.reward.use_a=true", "gfn.reward.use_sim=true",
@@ -56,7 +57,7 @@ TUNING: dict[str, tuple[str, list[str]]] = {
     "shipped": ("gflowgr_tb", SHIPPED),
     "teacher": ("gflowgr_tb", TEACHER),
     "teacher_lambda1": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=1.0"]),
-    "lambda0p03": ("gflowgr_tb", ["gfn.lambda_gfn=0.03"]),
+    "lambda0p03": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=0.03"]),  # the teacher's reward (the YAMLs' when named)
     "teacher_naug7": ("gflowgr_tb", [*TEACHER, "gfn.n_aug=7"]),
     "teacher_tau0p5": ("gflowgr_tb", [*TEACHER, "gfn.reward.cm_temperature=0.5"]),
     "teacher_tau2": ("gflowgr_tb", [*TEACHER, "gfn.reward.cm_temperature=2.0"]),
