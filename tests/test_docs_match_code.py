@@ -22,7 +22,10 @@ def test_reproduce_table_quotes_the_shipped_lambda_gfn():
     text = (REPO / "docs" / "reproduce.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| `gflowgr_tb.yaml` |"))
     quoted = float(re.search(r"CE \+ ([\d.]+) · TB", row).group(1))
-    shipped = {yaml.safe_load(p.read_text())["gfn"]["lambda_gfn"] for p in REPO.glob("configs/*/gflowgr_*.yaml")}
+    # The table describes configs/<dataset>/; the Beauty CPU protocol's YAMLs hold their own setting, tuned on
+    # Beauty's validation split (tests/test_configs.py checks it against benchmarks/results/tune_beauty_cpu.json).
+    shipped = {yaml.safe_load(p.read_text())["gfn"]["lambda_gfn"] for p in REPO.glob("configs/*/gflowgr_*.yaml")
+               if p.parent.name != "beauty_cpu"}
     assert shipped == {quoted}, (quoted, shipped)
     assert f"λ_gfn = {quoted:g}" in row
 
