@@ -492,9 +492,29 @@ def render_quality_summary(results: Path) -> str:
              "mean ± std over the finished seeds; every stage-2 method starts from the same SFT checkpoint with "
              "the same budget. All tables, both scorings and the paired tests: [docs/reproduce.md](docs/reproduce.md).",
              "", md_table(["method", "seeds"] + list(SUMMARY_COLUMNS), rows)]
+    used = gflowgr_settings(p.get("runs") or [])
+    if used:
+        lines += ["", f"The GFlowGR rows were trained with {used} (each run's recorded config)."]
     if p.get("comparisons"):
         lines += ["", comparisons_verdict(p["comparisons"])]
     return "\n".join(lines)
+
+
+def gflowgr_settings(runs: list) -> str:
+    """The balance weight and reward the grid's GFlowGR runs used, read from their configs: the YAMLs may since
+    hold another setting (they follow the tuning), the finished runs do not change."""
+    seen = []
+    for run in runs:
+        cfg = run.get("config") or {}
+        if cfg.get("stage") != "gflowgr":
+            continue
+        gfn, reward = cfg.get("gfn") or {}, (cfg.get("gfn") or {}).get("reward") or {}
+        parts = [f"r_cm (`cm_norm: {reward.get('cm_norm')}`, τ {reward.get('cm_temperature')})"]
+        parts += [name for name, key in (("r_a", "use_a"), ("r_sim", "use_sim")) if reward.get(key)]
+        text = f"λ_gfn {gfn.get('lambda_gfn')} and the reward {' + '.join(parts)}"
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen)
 
 
 GRID_DATASETS = ("beauty", "sports", "toys")  # run_quality.py's --dataset choices

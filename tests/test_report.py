@@ -407,6 +407,22 @@ def test_quality_summary_puts_ours_the_teacher_and_published_rows_in_one_table(t
     assert "| LETTER-TIGER (published) | – | – | 0.0672 | – | 0.0364 | – |" in text
     assert "`gflowgr_tb` vs `sdpo`: above it on ndcg@10 (+0.0010, p = 0.01)." in text
     assert "pending" in report.render_quality_summary(tmp_path / "absent")
+    assert "The GFlowGR rows were trained" not in text  # no run configs in this file
+
+
+def test_quality_summary_names_the_setting_the_gflowgr_runs_used(tmp_path):
+    def run(stage, lam, **reward):
+        return {"config": {"stage": stage, "gfn": {"lambda_gfn": lam, "reward": {"cm_norm": "softmax",
+                                                                                   "cm_temperature": 1.0, **reward}}}}
+    runs = [run("sft", 1.0), run("gflowgr", 0.1, use_a=False), run("gflowgr", 0.1, use_a=False),
+            run("gflowgr", 0.3, use_a=True, use_sim=True)]
+    quality = {**HEADER, "methods": {"gflowgr_tb": {"recall@10": {"mean": 0.065, "std": 0.001}, "seeds_done": [42]}},
+               "runs": runs}
+    (tmp_path / "quality_beauty_cpu.json").write_text(json.dumps(quality))
+    text = report.render_quality_summary(tmp_path)
+    assert ("The GFlowGR rows were trained with λ_gfn 0.1 and the reward r_cm (`cm_norm: softmax`, τ 1.0); "
+            "λ_gfn 0.3 and the reward r_cm (`cm_norm: softmax`, τ 1.0) + r_a + r_sim (each run's recorded config)."
+            in text)
 
 
 def test_benchmark_rows_quote_baseline_and_ours_from_the_same_file(tmp_path):
