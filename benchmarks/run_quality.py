@@ -168,10 +168,24 @@ class RunSpec:
     def done(self) -> bool:
         return (self.out / "result.json").exists()
 
+    def config_changes(self) -> list[str]:
+        """The config keys whose value in the finished run's ``config.yaml`` differs from what its YAML and
+        overrides give now (a YAML edited after the run, e.g. by the tuning), ignoring ``UNCOMPARED_KEYS``.
+        Empty when the run is not finished or wrote no config."""
+        from gflowgr_core.train.config import load_config
+
+        if not (self.done() and (self.out / "config.yaml").exists()):
+            return []
+        ran = _flatten(load_config(self.out / "config.yaml").to_dict())
+        planned = _flatten(load_config(self.config_path, self.overrides).to_dict())
+        return sorted(k for k in ran.keys() | planned.keys()
+                      if k not in UNCOMPARED_KEYS and ran.get(k, "<absent>") != planned.get(k, "<absent>"))
+
     def status(self) -> str:
-        """``done``, ``stale`` (folder without result.json: retrained) or ``pending``."""
+        """``done``, ``changed`` (finished with another config than the planned one), ``resumable``, ``stale``
+        (folder without result.json: retrained) or ``pending``."""
         if self.done():
-            return "done"
+            return "changed" if self.config_changes() else "done"
         if self.resumable():
             return "resumable"
         return "stale" if self.out.exists() else "pending"
@@ -179,6 +193,22 @@ class RunSpec:
     def command(self) -> str:
         """The equivalent ``gflowgr train`` command line."""
         return " ".join(["gflowgr train --config", str(self.config_path), *self.overrides])
+
+
+# Config keys that change neither the trained weights nor the validation that selects them: where this machine
+# keeps data and runs, resuming, logging, and whether the test split is decoded after training.
+UNCOMPARED_KEYS = ("data", "out", "init_checkpoint", "resume", "evaluate_test", "log_every", "handle_signals",
+                   "save_every_steps")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "mixture":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def data_dir(root: Path, dataset: str, quick: bool) -> Path:
@@ -313,8 +343,14 @@ def _require(path: Path) -> None:
 
 def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] = None,
               train_fn: Optional[Callable] = None, device: str = "auto",
-              on_finished: Optional[Callable[[RunSpec], None]] = None, resume: bool = False) -> dict:
+              on_finished: Optional[Callable[[RunSpec], None]] = None, resume: bool = False,
+              retrain_changed: bool = False) -> dict:
     """Train the unfinished runs in order, within ``max_minutes`` (no new run starts after it).
+
+    A finished run is skipped unless its config differs from the planned one (:meth:`RunSpec.config_changes`)
+    or it starts from a run retrained here: then ``retrain_changed`` trains it again (its folder is removed;
+    its committed record is replaced when it finishes), and without it the call stops, naming the runs and
+    keys, before training anything: results of two settings must not be aggregated as one.
 
     ``resume``: an unfinished run that saved ``out/last/`` continues from it (``resume=true``: the same weights
     as an uninterrupted run) instead of being removed and trained again; so a grid stopped with its session
@@ -333,13 +369,18 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
         train_fn = run_training
     start = time.time()
     report = {"trained": [], "skipped": [], "not_started": []}
+    outdated = _outdated(specs)
+    if outdated and not retrain_changed:
+        lines = [f"  {out}: {why}" for out, why in outdated.items()]
+        raise SystemExit("these finished runs do not match their configs as they are now:\n" + "\n".join(lines) +
+                         "\npass --retrain-changed to train them again, or restore the configs they ran with")
     seen: set[Path] = set()
     stopped = False
     for spec in specs:
         if spec.out in seen:  # an ablation that reuses a run of the grid
             continue
         seen.add(spec.out)
-        if spec.done():
+        if spec.done() and spec.out not in outdated:
             report["skipped"].append(str(spec.out))
             continue
         if stopped or (max_minutes is not None and time.time() - start > 60 * max_minutes):
@@ -351,7 +392,10 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
             log(f"skipping {spec.out}: it starts from {missing}, which did not finish")
             continue
         overrides = list(spec.overrides)
-        if resume and spec.resumable():
+        if spec.out in outdated:
+            log(f"training {spec.out} again: {outdated[spec.out]}")
+            shutil.rmtree(spec.out)
+        elif resume and spec.resumable():
             log(f"resuming the interrupted run {spec.out} from its last/ checkpoint")
             overrides.append("resume=true")
         elif spec.out.exists():
@@ -378,6 +422,22 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
         if on_finished is not None and spec.done():
             on_finished(spec)
     return report
+
+
+def _outdated(specs: Sequence[RunSpec]) -> dict[Path, str]:
+    """``{run folder: why}`` for the finished runs to train again: their config changed, or they start from
+    such a run (its checkpoint will be another one), in plan order so that a run's needs come first."""
+    outdated: dict[Path, str] = {}
+    for spec in specs:
+        if not spec.done() or spec.out in outdated:
+            continue
+        changed = spec.config_changes()
+        upstream = [str(n) for n in spec.needs if n in outdated]
+        if changed:
+            outdated[spec.out] = f"config changed ({', '.join(changed)})"
+        elif upstream:
+            outdated[spec.out] = f"starts from {', '.join(upstream)}, which is trained again"
+    return outdated
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -692,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-seed", nargs="+", default=[], choices=METHODS, metavar="METHOD",
                    help="methods trained at the first of --seeds only (e.g. the secondary baselines of a grid)")
     p.add_argument("--tag", default="", help="suffix of the results file: quality_<dataset>_<tag>.json")
+    p.add_argument("--retrain-changed", action="store_true",
+                   help="train again the finished runs whose config changed since (e.g. a YAML the tuning "
+                        "updated) and the runs that start from them; without it such runs stop the grid")
     p.add_argument("--resume", action="store_true",
                    help="continue interrupted runs from their last/ checkpoint instead of training them again")
     p.add_argument("overrides", nargs="*",
@@ -761,7 +824,7 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
         data = ensure_data(args.dataset, root, args.quick, None if args.data is None else Path(args.data))
         # The aggregate is rewritten after every finished run, so a grid cut short still leaves its results.
         report = run_specs(specs, data, args.max_minutes, train_fn, on_finished=lambda spec: write_outputs(data),
-                           resume=args.resume)
+                           resume=args.resume, retrain_changed=args.retrain_changed)
         log(f"trained {len(report['trained'])}, skipped (finished) {len(report['skipped'])}, "
             f"not started {len(report['not_started'])}")
     agg = write_outputs(data)

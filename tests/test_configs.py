@@ -275,6 +275,39 @@ def test_run_specs_skips_finished_resumes_stale_and_respects_needs(tmp_path):
     assert trained == [] and len(report["skipped"]) == 4
 
 
+def test_run_specs_stops_on_a_finished_run_whose_config_changed_and_retrains_it_on_request(tmp_path):
+    from gflowgr_core.train.config import load_config, save_config
+
+    specs = runner.plan_grid("beauty", ["gflowgr_tb"], [42], tmp_path)
+    sft, tb = specs
+    for spec, lam in ((sft, None), (tb, 0.3)):  # both finished; GFlowGR with a lambda its YAML no longer holds
+        spec.out.mkdir(parents=True)
+        cfg = load_config(spec.config_path, spec.overrides + ([f"gfn.lambda_gfn={lam}"] if lam else []))
+        # Where the run lived on its machine is not a change.
+        save_config(dataclasses.replace(cfg, data="/elsewhere/data", evaluate_test=False), spec.out / "config.yaml")
+        (spec.out / "result.json").write_text(json.dumps(_fake_result(None, 0.1)))
+    assert sft.config_changes() == [] and sft.status() == "done"
+    assert tb.config_changes() == ["gfn.lambda_gfn"] and tb.status() == "changed"
+    trained = []
+
+    def fake_train(config, data):
+        assert not (Path(config.out) / "result.json").exists(), "the outdated run's folder is cleared first"
+        trained.append(Path(config.out))
+        save_config(config, Path(config.out) / "config.yaml")
+        (Path(config.out) / "result.json").write_text(json.dumps(_fake_result(None, 0.2)))
+        return {}
+
+    with pytest.raises(SystemExit, match=r"gflowgr_tb/seed42: config changed \(gfn.lambda_gfn\)"):
+        runner.run_specs(specs, data=None, train_fn=fake_train)
+    assert trained == []
+    report = runner.run_specs(specs, data=None, train_fn=fake_train, retrain_changed=True)
+    assert trained == [tb.out] and report["skipped"] == [str(sft.out)] and tb.status() == "done"
+    # A retrained SFT makes every run that starts from it outdated too.
+    save_config(load_config(sft.config_path, sft.overrides + ["lr=0.01"]), sft.out / "config.yaml")
+    outdated = runner._outdated(specs)
+    assert list(outdated) == [sft.out, tb.out] and "starts from" in outdated[tb.out]
+
+
 def test_run_specs_time_budget_and_missing_sft(tmp_path):
     specs = runner.plan_grid("beauty", ["gflowgr_tb"], [42], tmp_path)
     report = runner.run_specs(specs[1:], data=None, train_fn=lambda c, d: pytest.fail("must not train"))
