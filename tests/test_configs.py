@@ -152,6 +152,41 @@ def test_every_tuning_setting_loads_and_changes_its_method_config():
         tune_quality.plan_tuning("beauty", root, ["teacher"], None, 42, [], tune_quality.SFT_TUNING)
 
 
+def test_sft_tuning_table_holds_each_finished_setting_and_the_grid_sft_as_reference(tmp_path):
+    """``tune_quality.py --stage sft`` aggregates finished SFT settings (validation only) into their own table,
+    with the grid's SFT run as the reference and the best setting selected; the report renders it as SFT."""
+    from gflowgr_core.train.config import save_config
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        tune_quality = importlib.import_module("tune_quality")
+        report = importlib.import_module("report")
+    finally:
+        sys.path.pop(0)
+    root, results = tmp_path / "runs", tmp_path / "results"
+    grid_sft, = runner.plan_grid("beauty", ["sft"], [42], root, config_dir=CONFIGS / "beauty_cpu")
+    tuned = tune_quality.plan_tuning("beauty", root, list(tune_quality.SFT_TUNING), CONFIGS / "beauty_cpu", 42, [],
+                                     tune_quality.SFT_TUNING)
+    for spec, best in ((grid_sft, 0.0464), (tuned[0], 0.0470), (tuned[1], 0.0481)):  # tuned[2] unfinished
+        spec.out.mkdir(parents=True)
+        save_config(load_config(spec.config_path, spec.overrides), spec.out / "config.yaml")
+        history = [{"epoch": e, "valid": {k: best - 0.001 * (2 - e) for k in ("ndcg@10", "renorm/ndcg@10",
+                                                                             "recall@10", "renorm/recall@10",
+                                                                             "coverage@10")}} for e in (1, 2)]
+        (spec.out / "result.json").write_text(json.dumps({"status": "finished", "history": history, "epochs": 2,
+                                                          "steps": 100, "train_seconds": 60.0}))
+    payload = tune_quality.main(["--stage", "sft", "--aggregate-only", "--root", str(root), "--results-dir",
+                                 str(results), "--config-dir", str(CONFIGS / "beauty_cpu"), "--tag", "cpu"])
+    assert (results / "tune_beauty_sft_cpu.json").is_file() and payload["stage"] == "sft"
+    assert [r["setting"] for r in payload["references"]] == ["sft"]
+    assert [r["setting"] for r in payload["runs"]] == [tuned[0].name, tuned[1].name]
+    assert payload["selected"] == tuned[1].name and payload["budget"]["epochs"] == 20
+    assert (results / "tune_beauty_sft_cpu_runs" / tuned[1].name / "result.json").is_file()
+    text = report.render_tuning_quality(results)
+    assert "beauty, SFT from scratch, seed 42: the grid's SFT (20 epochs at batch 256" in text
+    assert f"among the tuning rows: **{tuned[1].name}**" in text
+
+
 def tuned_selected() -> str:
     return json.loads((REPO / "benchmarks" / "results" / "tune_beauty_cpu.json").read_text())["selected"]
 
