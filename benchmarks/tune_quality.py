@@ -152,8 +152,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     grid_records = records_root(output_path(args.dataset, False, False, results, args.tag))
     grid = plan_grid(args.dataset, list(references), [SEED], root, extra=args.overrides, config_dir=config_dir,
                      sft_seed=args.sft_seed)
-    # Every setting is planned (the table lists all finished ones); naming an unknown one fails here.
-    plan_tuning(args.dataset, root, args.settings or [], config_dir, args.sft_seed, [], settings)
+    unknown = sorted(set(args.settings or []) - set(settings))
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {unknown} for --stage {args.stage}; known: {', '.join(settings)}")
+    # Every setting is planned: the table lists all finished ones, whichever this call trains.
     specs = plan_tuning(args.dataset, root, list(settings), config_dir, args.sft_seed, list(args.overrides),
                         settings)
     for spec in grid:

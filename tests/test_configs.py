@@ -38,6 +38,15 @@ def _load_runner():
     return module
 
 
+def _benchmark(name: str):
+    """A module of benchmarks/ (they import each other by bare name, so the folder is on the path meanwhile)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 runner = _load_runner()
 
 
@@ -115,11 +124,7 @@ def test_gflowgr_variants_differ_only_in_objective(dataset):
 def test_beauty_cpu_gflowgr_is_the_setting_selected_on_validation():
     """The Beauty CPU protocol's GFlowGR YAMLs hold the tuning setting with the highest validation NDCG@10
     (benchmarks/results/tune_beauty_cpu.json's ``selected``): its overrides change nothing in them."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        tune_quality = importlib.import_module("tune_quality")
-    finally:
-        sys.path.pop(0)
+    tune_quality = _benchmark("tune_quality")
     tuned = json.loads((REPO / "benchmarks" / "results" / "tune_beauty_cpu.json").read_text())
     method, overrides = tune_quality.TUNING[tuned["selected"]]
     assert tuned["selected"] == max(tuned["runs"], key=lambda r: r["valid"]["ndcg@10"])["setting"]
@@ -130,11 +135,7 @@ def test_beauty_cpu_gflowgr_is_the_setting_selected_on_validation():
 
 def test_every_tuning_setting_loads_and_changes_its_method_config():
     """A misspelt key or value in benchmarks/tune_quality.py's TUNING fails here, not after a run has started."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        tune_quality = importlib.import_module("tune_quality")
-    finally:
-        sys.path.pop(0)
+    tune_quality = _benchmark("tune_quality")
     for name, (method, overrides) in {**tune_quality.TUNING, **tune_quality.SFT_TUNING}.items():
         path = CONFIGS / "beauty_cpu" / f"{method}.yaml"
         tuned = load_config(path, overrides).validate()
@@ -157,12 +158,7 @@ def test_sft_tuning_table_holds_each_finished_setting_and_the_grid_sft_as_refere
     with the grid's SFT run as the reference and the best setting selected; the report renders it as SFT."""
     from gflowgr_core.train.config import save_config
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        tune_quality = importlib.import_module("tune_quality")
-        report = importlib.import_module("report")
-    finally:
-        sys.path.pop(0)
+    tune_quality, report = _benchmark("tune_quality"), _benchmark("report")
     root, results = tmp_path / "runs", tmp_path / "results"
     grid_sft, = runner.plan_grid("beauty", ["sft"], [42], root, config_dir=CONFIGS / "beauty_cpu")
     tuned = tune_quality.plan_tuning("beauty", root, list(tune_quality.SFT_TUNING), CONFIGS / "beauty_cpu", 42, [],
