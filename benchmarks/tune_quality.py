@@ -80,6 +80,7 @@ TUNING: dict[str, tuple[str, list[str]]] = {
 # Validation every epoch so that each setting's best epoch is found, not the nearest even one.
 SFT_TUNING: dict[str, tuple[str, list[str]]] = {
     "sft_cosine10": ("sft", ["epochs=10", "eval_every=1"]),
+    "sft_cosine10_drop0p1": ("sft", ["epochs=10", "eval_every=1", "model.hidden_dropout=0.1"]),
     "sft_cosine12_wd0p1": ("sft", ["epochs=12", "eval_every=1", "weight_decay=0.1"]),
     "sft_wide192_cosine12": ("sft", ["epochs=12", "eval_every=1", "model.hidden=192", "model.intermediate=768"]),
 }

@@ -266,3 +266,16 @@ def test_resume_of_a_run_saved_before_a_config_key_existed(beauty, tmp_path):
         Trainer(_config(data_dir, tmp_path, "stage=sft", "resume=true", "gfn.reward.cm_temperature=0.5"),
                 prepared).fit()
     assert Trainer(_config(data_dir, tmp_path, "stage=sft", "resume=true"), prepared).fit()["status"] == "finished"
+
+
+def test_sft_with_hidden_dropout_trains_differently_and_resumes_exactly(beauty, sft_reference, tmp_path):
+    # Dropout draws from the global RNG: the resumed run must restore it to reproduce the masks.
+    _, _, plain_out = sft_reference
+    data_dir, prepared = beauty
+    full = Trainer(_config(data_dir, tmp_path / "full", "stage=sft", "model.hidden_dropout=0.2"), prepared)
+    full.fit()
+    resumed, _ = _interrupted_then_resumed(("stage=sft", "model.hidden_dropout=0.2"), beauty, 8, tmp_path / "cut")
+    _assert_same_state(full, resumed)
+    assert _step_losses(tmp_path / "cut") == _step_losses(tmp_path / "full")
+    # Step 1 has the same weights and batch as the run without dropout: only the masks change its loss.
+    assert _step_losses(tmp_path / "full")[0] != _step_losses(plain_out)[0]

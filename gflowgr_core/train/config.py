@@ -55,6 +55,9 @@ class ModelConfig:
     intermediate: int = 256        # MLP width of the from-scratch LM
     pretrained: Optional[str] = None   # local HF checkpoint directory; SID tokens are added to it
     flow_hidden: int = FLOW_HIDDEN  # width of the log Z(U) and log F(prefix) MLP heads
+    # dropout on the token embeddings and every attention / MLP output while training, for any model (from
+    # scratch, pretrained or init_checkpoint); a training setting, not saved with the weights
+    hidden_dropout: float = 0.0
 
 
 @dataclass
@@ -187,6 +190,9 @@ class TrainConfig:
                               + (f"; did you mean {close[0]!r}?" if close else "")
                               + f" (e.g. {', '.join(m for m in metrics if '/' not in m and '@10' in m)})",
                               key="select_metric")
+        if self.model.hidden_dropout >= 1.0:
+            raise ConfigError(f"model.hidden_dropout={self.model.hidden_dropout!r} must be < 1 (1 drops every "
+                              f"activation)", key="model.hidden_dropout")
         if not self.data:
             raise ConfigError("data is empty: set it to a folder written by `gflowgr prepare`", key="data")
         _warn_long_warmup(self)
@@ -233,6 +239,7 @@ BOUNDS: tuple = (
     ("log_every", 1, False, ""),
     ("save_every_steps", 0, False, " (0 = off)"),
     ("model.flow_hidden", 1, False, ""),
+    ("model.hidden_dropout", 0.0, False, ""),
     ("gfn.lambda_gfn", 0.0, False, " (the weight of the balance loss)"),
     ("gfn.n_aug", 0, False, ""),
     ("gfn.flow_lr", 0.0, False, ""),
@@ -333,7 +340,7 @@ def checkpoint_model_config(policy, configured: ModelConfig, checkpoint: str) ->
     """
     lm = policy.model.config
     values = {"arch": getattr(lm, "model_type", configured.arch), "pretrained": None,
-              "flow_hidden": int(policy.flow_hidden)}
+              "flow_hidden": int(policy.flow_hidden), "hidden_dropout": configured.hidden_dropout}
     for name, attribute in _HF_MODEL_ATTRIBUTES.items():
         value = getattr(lm, attribute, None)
         if name == "kv_heads" and value is None:  # no grouped-query attention: as many as heads

@@ -46,6 +46,7 @@ from gflowgr_core.debug import oom_hint
 from gflowgr_core.decoding.search import beam_search, sample
 from gflowgr_core.devices import cpu_memory_retained, retain_freed_cpu_memory
 from gflowgr_core.evaluation import evaluate_policy, item_key_of
+from gflowgr_core.model.hidden_dropout import add_hidden_dropout
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
 from gflowgr_core.data.windows import trunk_windows, window_order
 from gflowgr_core.reward import Reward
@@ -240,6 +241,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- setup
     def _build_policy(self) -> SIDPolicy:
+        policy = self._load_or_build_policy()
+        add_hidden_dropout(policy.model, self.cfg.model.hidden_dropout)
+        return policy
+
+    def _load_or_build_policy(self) -> SIDPolicy:
         cfg = self.cfg
         if cfg.init_checkpoint:
             policy = load_policy(cfg.init_checkpoint, device="cpu")
