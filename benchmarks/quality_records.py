@@ -3,7 +3,8 @@
 Run folders live outside the repository (``--root``) and are lost with the machine. After a run finishes, its
 record goes under ``benchmarks/results/<results stem>_runs/<name>_seed<S>/`` and is committed with the results
 JSON: ``result.json``, ``env.json``, ``config.yaml``, ``ranks.npz`` (each test user's rank of the held-out item
-under both scorings, for the paired tests), ``sasrec.json`` (the collaborative model's own report, when the run
+under both scorings, for the paired tests), ``valid_ranks.npz`` (the same for the best epoch's validation users,
+for the tuning's paired tests), ``sasrec.json`` (the collaborative model's own report, when the run
 trained one) and, for SFT only, its ``best/`` checkpoint (~6 MB: the start of every stage-2 run) with a
 ``best.sha256`` manifest. On a new machine :func:`restore_run` puts a record back into its run folder (the
 checkpoint only after its hashes match), so finished runs are skipped and stage 2 starts from the same SFT.
@@ -86,23 +87,31 @@ def restore_run(out: Path, record: Path) -> bool:
     return True
 
 
-def run_ranks(out: Path, record: Path, evaluate: Optional[Callable[[Path], dict]] = None) -> Optional[dict]:
-    """The run's per-user test ranks (``{"headline": int64[n], "renorm/": ...}``): from ``out/test_ranks.pt``
-    (then saved into the record), else the record's ``ranks.npz``, else ``evaluate(best_dir)`` when the run's
-    checkpoint is at hand (runs finished before ranks were saved); ``None`` when none of them is."""
+# split -> (the run's own ranks file, relative to its folder; the record's copy)
+RANK_FILES = {"test": ("test_ranks.pt", "ranks.npz"), "valid": ("best/valid_ranks.pt", "valid_ranks.npz")}
+
+
+def run_ranks(out: Path, record: Path, evaluate: Optional[Callable[[Path], dict]] = None,
+              split: str = "test") -> Optional[dict]:
+    """The run's per-user ranks on ``split`` (``{"headline": int64[n], "renorm/": ...}``; validation: the best
+    epoch's, on the run's validation users): from the run's own file (``out/test_ranks.pt``,
+    ``out/best/valid_ranks.pt``; then saved into the record), else the record's copy (``ranks.npz``,
+    ``valid_ranks.npz``), else ``evaluate(best_dir)`` when the run's checkpoint is at hand (runs finished before
+    ranks were saved); ``None`` when none of them is."""
     import numpy as np
     import torch
 
-    if (out / "test_ranks.pt").exists():
-        ranks = {k: v.numpy().astype(np.int64) for k, v in torch.load(out / "test_ranks.pt")["ranks"].items()}
-        if not (record / "ranks.npz").exists():
-            save_ranks(record / "ranks.npz", ranks)
+    own, kept = RANK_FILES[split]
+    if (out / own).exists():
+        ranks = {k: v.numpy().astype(np.int64) for k, v in torch.load(out / own)["ranks"].items()}
+        if not (record / kept).exists():
+            save_ranks(record / kept, ranks)
         return ranks
-    if (record / "ranks.npz").exists():
-        return load_ranks(record / "ranks.npz")
+    if (record / kept).exists():
+        return load_ranks(record / kept)
     if evaluate is not None and (out / "best").exists():
         ranks = evaluate(out / "best")
-        save_ranks(record / "ranks.npz", ranks)
+        save_ranks(record / kept, ranks)
         return ranks
     return None
 

@@ -767,6 +767,17 @@ def render_tuning(results: Path) -> str:
                        md_table(header, rows)])
 
 
+SELECT_PAIRED = "ndcg@10"
+
+
+def paired_cell(c: Optional[dict]) -> str:
+    """``+0.0012 [-0.0003, +0.0027], p 0.12`` from a paired-bootstrap entry (``–`` without one)."""
+    if not c:
+        return "–"
+    lo, hi = c["ci95"]
+    return f"{c['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}], p {c['p']:.3f}"
+
+
 def render_tuning_quality(results: Path) -> str:
     """The validation-only GFlowGR tuning on the quality grid's datasets (``benchmarks/tune_quality.py``): the
     grid's own runs of the seed as references, then every tried setting in the order run."""
@@ -788,18 +799,26 @@ def render_tuning_quality(results: Path) -> str:
                  f"{num(budget.get('valid_max_users'))} users, beam {budget.get('eval_beams', '?')}; test never read "
                  f"by these runs; YAMLs from `{p.get('config_dir', '?')}`")
         rows = []
+        listed = need(p, "references") + need(p, "runs")
+        bases = [b for b in dict.fromkeys(b for r in listed for b in (r.get("paired") or {}))]
         for kind, key in (("grid run", "references"), ("tuning", "runs")):
             for i, r in enumerate(need(p, key)):
                 if not isinstance(r.get("valid"), dict):
                     raise ReportError(f"benchmarks/results/{f.name}: {key}[{i}] has no 'valid' metrics")
                 setting = ", ".join(f"`{o}`" for o in r.get("overrides") or []) or "as in its YAML"
+                paired = r.get("paired") or {}
                 rows.append([kind, f"`{r['method']}`", r.get("setting", ""), setting, r.get("best_epoch")] +
                             [metric(r["valid"].get(c)) for c in TUNING_COLUMNS] +
+                            [paired_cell(paired[b].get(SELECT_PAIRED)) if b in paired else "–" for b in bases] +
                             ["–" if r.get("train_seconds") is None else f"{r['train_seconds'] / 60:.0f} min"])
         header = ["row", "method", "name", "overrides", "best epoch"] + [f"valid {c}" for c in TUNING_COLUMNS] + \
-            ["train time"]
+            [f"{SELECT_PAIRED} − {b} [95% CI], p" for b in bases] + ["train time"]
         chosen = p.get("selected")
         parts += [provenance(p), "", f"One run per setting: {about}.", "", md_table(header, rows), ""]
+        if bases:
+            parts.append(f"The {SELECT_PAIRED} differences are paired over the validation users (each run's best "
+                         f"epoch; bootstrap, 2,000 resamples): an interval that contains 0 is no evidence of a "
+                         f"difference.")
         if chosen:
             parts.append(f"Highest validation {p.get('select_metric', 'ndcg@10')} among the tuning rows: **{chosen}**.")
     return "\n".join(parts)

@@ -595,27 +595,28 @@ def paired_comparisons(specs: Sequence[RunSpec], results: dict, data,
     return compare_methods(means, pairs), mean_intervals(means)
 
 
-def _evaluate_ranks(best: Path, data, expected: dict) -> dict:
-    """Per-user test ranks of a checkpoint that finished before runs saved them; its metrics must equal the
-    ones the run reported (else the ranks would not be the run's), which also checks that evaluation is
-    deterministic."""
+def _evaluate_ranks(best: Path, data, expected: dict, split: str = "test") -> dict:
+    """Per-user ranks on ``split`` of a checkpoint that finished before runs saved them (validation: on the
+    run's ``valid_max_users`` users); its metrics must equal the ones the run reported (else the ranks would
+    not be the run's), which also checks that evaluation is deterministic."""
     import numpy as np
 
     from gflowgr_core.data.prepared import PreparedData
-    from gflowgr_core.evaluation import evaluate_policy, item_key_of
+    from gflowgr_core.evaluation import evaluate_policy, evaluation_users, item_key_of
     from gflowgr_core.train.checkpoint import load_policy
     from gflowgr_core.train.config import load_config
 
     cfg = load_config(best / "config.yaml")
     data = data if data is not None else PreparedData.load(cfg.data)
-    log(f"evaluating {best} on test once more for its per-user ranks")
+    index = evaluation_users(len(getattr(data.split, split)), cfg.valid_max_users if split == "valid" else None)
+    log(f"evaluating {best} on {split} once more for its per-user ranks ({len(index):,} users)")
     ranks: dict = {}
-    metrics = evaluate_policy(load_policy(best, device="cpu"), data, "test", beams=cfg.eval_beams,
+    metrics = evaluate_policy(load_policy(best, device="cpu"), data, split, index=index, beams=cfg.eval_beams,
                               batch_size=cfg.eval_batch_size, backend=cfg.backend, item_key=item_key_of(data),
                               ranks_out=ranks)
     for key in ("recall@10", "ndcg@10", "renorm/recall@10", "renorm/ndcg@10"):
         if key in expected and abs(metrics[key] - expected[key]) > 1e-9:
-            raise SystemExit(f"{best}: test {key} is {metrics[key]:.6f} now but the run reported "
+            raise SystemExit(f"{best}: {split} {key} is {metrics[key]:.6f} now but the run reported "
                              f"{expected[key]:.6f}: the per-user ranks would not be the run's")
     return {(prefix or "headline"): r.numpy().astype(np.int64) for prefix, r in ranks.items()}
 

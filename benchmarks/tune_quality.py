@@ -33,9 +33,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
 from gflowgr_core.devices import resolve_device  # noqa: E402
-from quality_records import archive_run, restore_run  # noqa: E402
-from run_quality import (DATASETS, RESULTS_DIR, RunSpec, _base_overrides, _slug, ensure_data,  # noqa: E402
-                         output_path, plan_grid, records_root, run_specs)
+from quality_records import archive_run, restore_run, run_ranks  # noqa: E402
+from quality_stats import compare_methods, per_user_metrics  # noqa: E402
+from run_quality import (DATASETS, RESULTS_DIR, RunSpec, _base_overrides, _evaluate_ranks, _slug,  # noqa: E402
+                         ensure_data, output_path, plan_grid, records_root, run_specs)
 
 SELECT = "ndcg@10"
 SEED = 42
@@ -85,6 +86,10 @@ SFT_TUNING: dict[str, tuple[str, list[str]]] = {
     "sft_wide192_cosine12": ("sft", ["epochs=12", "eval_every=1", "model.hidden=192", "model.intermediate=768"]),
 }
 STAGES = {"gflowgr": (TUNING, ("sft", "sft_continue", "sdpo", "gflowgr_tb")), "sft": (SFT_TUNING, ("sft",))}
+# Rows every other row is compared with, paired over the validation users: the baseline to beat and, for stage 2,
+# the setting the one-factor changes start from.
+PAIRED_WITH = {"gflowgr": ("sft_continue", "teacher"), "sft": ("sft",)}
+PAIRED_METRICS = ("ndcg@10", "recall@10", "renorm/ndcg@10")
 log = logging.getLogger("gflowgr")
 
 
@@ -121,6 +126,20 @@ def validation_row(spec: RunSpec, overrides: list[str]) -> dict:
             "best_epoch": best["epoch"], "epochs": res.get("epochs"), "steps": res.get("steps"),
             "train_seconds": res.get("train_seconds"),
             "curve": [{"epoch": r["epoch"], SELECT: r["valid"][SELECT]} for r in history]}
+
+
+def add_paired(rows: list[dict], ranks: dict[str, dict], bases: tuple[str, ...]) -> None:
+    """Give every row ``paired[base][metric]`` (:func:`quality_stats.paired_bootstrap`: row minus base over the
+    validation users, 95% interval, p) for each base row in ``bases`` that has per-user ranks."""
+    per_user = {name: per_user_metrics(r) for name, r in ranks.items()}
+    for row in rows:
+        name = row["setting"]
+        if name not in per_user:
+            continue
+        pairs = [(name, base) for base in bases if base != name and base in per_user]
+        if pairs:
+            found = compare_methods(per_user, pairs, PAIRED_METRICS)
+            row["paired"] = {base: found[f"{name}-{base}"] for _, base in pairs}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,13 +189,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    "seed": SEED, "stage": args.stage,
                    "sft_seed": args.sft_seed, "config_dir": str(config_dir or f"configs/{args.dataset}"),
                    "overrides": list(args.overrides), "references": [], "runs": []}
-        for spec in grid:
-            if spec.done():
-                payload["references"].append(validation_row(spec, []))
-        for spec in specs:
-            if spec.done():
-                archive_run(spec.out, records / _slug(spec.name), keep_checkpoint=False)
-                payload["runs"].append(validation_row(spec, settings[spec.name][1]))
+        ranks: dict[str, dict] = {}
+        for kind, group, record_of in (("references", grid, lambda s: grid_records / f"{_slug(s.name)}_seed{s.seed}"),
+                                       ("runs", specs, lambda s: records / _slug(s.name))):
+            for spec in group:
+                if not spec.done():
+                    continue
+                if kind == "runs":
+                    archive_run(spec.out, record_of(spec), keep_checkpoint=False)
+                row = validation_row(spec, [] if kind == "references" else settings[spec.name][1])
+                payload[kind].append(row)
+                found = run_ranks(spec.out, record_of(spec), split="valid",
+                                  evaluate=lambda best, row=row: _evaluate_ranks(best, None, row["valid"], "valid"))
+                if found is not None:
+                    ranks[spec.name] = found
+        add_paired(payload["references"] + payload["runs"], ranks, PAIRED_WITH[args.stage])
         # The grid's budget every row starts from (tuning rows differ from it only in their overrides).
         done = [s for s in grid if (s.method == "sft") == (args.stage == "sft") and s.done()
                 and (s.out / "config.yaml").exists()]

@@ -81,6 +81,15 @@ def check_item_key(trie: Trie, item_key: torch.Tensor) -> None:
                          "e.g. Trie.item_leaf")
 
 
+def evaluation_users(n: int, max_users: Optional[int] = None) -> torch.Tensor:
+    """Rows of a split of ``n`` users that evaluation reads: all of them, or with ``max_users < n`` a fixed
+    seeded subset (sorted), the same in every run and epoch so that runs are compared on the same users."""
+    if max_users is None or max_users >= n:
+        return torch.arange(n)
+    rng = torch.Generator().manual_seed(1234)
+    return torch.randperm(n, generator=rng)[:max_users].sort().values
+
+
 def evaluate_policy(policy: SIDPolicy, data: PreparedData, split_name: str = "test", *,
                     index: Optional[torch.Tensor] = None, beams: int = 20, batch_size: int = 256,
                     device: Optional[torch.device] = None, backend: str = "auto",

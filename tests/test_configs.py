@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,6 +172,15 @@ def test_sft_tuning_table_holds_each_finished_setting_and_the_grid_sft_as_refere
                                                                              "coverage@10")}} for e in (1, 2)]
         (spec.out / "result.json").write_text(json.dumps({"status": "finished", "history": history, "epochs": 2,
                                                           "steps": 100, "train_seconds": 60.0}))
+    # Per-user validation ranks of the best epoch (what the trainer keeps in best/) for two of the three runs.
+    rng = np.random.default_rng(0)
+    base = np.where(rng.random(4000) < 0.1, rng.integers(0, 20, 4000), -1)
+    better = np.where(rng.random(4000) < 0.1, 0, base)
+    for spec, ranks in ((grid_sft, base), (tuned[1], better)):
+        (spec.out / "best").mkdir()
+        torch.save({"split": "valid", "ranks": {k: torch.as_tensor(ranks, dtype=torch.int8)
+                                                for k in ("headline", "renorm/")}},
+                   spec.out / "best" / "valid_ranks.pt")
     payload = tune_quality.main(["--stage", "sft", "--aggregate-only", "--root", str(root), "--results-dir",
                                  str(results), "--config-dir", str(CONFIGS / "beauty_cpu"), "--tag", "cpu"])
     assert (results / "tune_beauty_sft_cpu.json").is_file() and payload["stage"] == "sft"
@@ -178,7 +188,18 @@ def test_sft_tuning_table_holds_each_finished_setting_and_the_grid_sft_as_refere
     assert [r["setting"] for r in payload["runs"]] == [tuned[0].name, tuned[1].name]
     assert payload["selected"] == tuned[1].name and payload["budget"]["epochs"] == 20
     assert (results / "tune_beauty_sft_cpu_runs" / tuned[1].name / "result.json").is_file()
+    rows = {r["setting"]: r for r in payload["references"] + payload["runs"]}
+    assert "paired" not in rows["sft"] and "paired" not in rows[tuned[0].name]  # itself; no ranks
+    paired = rows[tuned[1].name]["paired"]["sft"]["ndcg@10"]
+    def ndcg10(rank):
+        return np.where((rank >= 0) & (rank < 10), 1 / np.log2(np.maximum(rank, 0) + 2), 0)
+    gain = ndcg10(better) - ndcg10(base)
+    assert paired["diff"] == pytest.approx(gain.mean()) and paired["ci95"][0] > 0 and paired["users"] == 4000
+    assert (results / "tune_beauty_sft_cpu_runs" / tuned[1].name / "valid_ranks.npz").is_file()
+    assert (results / "quality_beauty_cpu_runs" / "sft_seed42" / "valid_ranks.npz").is_file()
     text = report.render_tuning_quality(results)
+    assert "ndcg@10 − sft [95% CI], p" in text
+    assert f"{paired['diff']:+.4f} [{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}], p" in text
     assert "beauty, SFT from scratch, seed 42: the grid's SFT (20 epochs at batch 256" in text
     assert f"among the tuning rows: **{tuned[1].name}**" in text
 

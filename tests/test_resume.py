@@ -279,3 +279,17 @@ def test_sft_with_hidden_dropout_trains_differently_and_resumes_exactly(beauty, 
     assert _step_losses(tmp_path / "cut") == _step_losses(tmp_path / "full")
     # Step 1 has the same weights and batch as the run without dropout: only the masks change its loss.
     assert _step_losses(tmp_path / "full")[0] != _step_losses(plain_out)[0]
+
+
+def test_best_checkpoint_keeps_the_per_user_validation_ranks_of_its_epoch(sft_reference):
+    _, result, out = sft_reference
+    saved = torch.load(out / "best" / "valid_ranks.pt")
+    assert saved["split"] == "valid" and saved["max_users"] == 8
+    best = next(r["valid"] for r in result["history"] if r["epoch"] == result["best_epoch"])
+    for key, prefix in (("headline", ""), ("renorm/", "renorm/")):
+        rank = saved["ranks"][key].long()
+        assert rank.dtype == torch.long and rank.shape == (8,)
+        hit = (rank >= 0) & (rank < 10)
+        ndcg = torch.where(hit, 1 / torch.log2(rank.clamp(min=0).double() + 2), torch.zeros((), dtype=torch.double))
+        assert float(hit.double().mean()) == pytest.approx(best[prefix + "recall@10"], abs=1e-6)
+        assert float(ndcg.mean()) == pytest.approx(best[prefix + "ndcg@10"], abs=1e-6)

@@ -35,6 +35,7 @@ log = logging.getLogger("gflowgr")
 
 COMPLETE_MARKER = "checkpoint.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
+VALID_RANKS_FILE = "valid_ranks.pt"  # in best/: the best epoch's per-user validation ranks
 SHARDED_DIR = "sharded"
 
 

@@ -45,15 +45,15 @@ from gflowgr_core.data.prepared import PreparedData
 from gflowgr_core.debug import oom_hint
 from gflowgr_core.decoding.search import beam_search, sample
 from gflowgr_core.devices import cpu_memory_retained, retain_freed_cpu_memory
-from gflowgr_core.evaluation import evaluate_policy, item_key_of
+from gflowgr_core.evaluation import evaluate_policy, evaluation_users, item_key_of
 from gflowgr_core.model.hidden_dropout import add_hidden_dropout
 from gflowgr_core.model.policy import SIDPolicy, build_tiny_causal_lm
 from gflowgr_core.data.windows import trunk_windows, window_order
 from gflowgr_core.reward import Reward
 from gflowgr_core.samplers import UserItems, make_sampler
-from gflowgr_core.train.checkpoint import (TRAINER_STATE_FILE, CheckpointError, capture_rng, is_complete,
-                                           load_extra, load_policy, recover_checkpoint, restore_rng, save_policy,
-                                           save_sharded)
+from gflowgr_core.train.checkpoint import (TRAINER_STATE_FILE, VALID_RANKS_FILE, CheckpointError, capture_rng,
+                                           is_complete, load_extra, load_policy, recover_checkpoint, restore_rng,
+                                           save_policy, save_sharded)
 from gflowgr_core.train.config import (ConfigError, TrainConfig, checkpoint_model_config, rename_old_keys,
                                        save_config)
 from gflowgr_core.train.distributed import DistContext
@@ -523,11 +523,12 @@ class Trainer:
             finally:
                 self.policy = sharded
 
-    def _save_policy(self, path: Path, info: dict) -> None:
-        """Rank 0 writes the policy folder ``path`` (under FSDP, the consolidated weights: every rank gathers)."""
+    def _save_policy(self, path: Path, info: dict, extra: Optional[dict] = None) -> None:
+        """Rank 0 writes the policy folder ``path`` (under FSDP, the consolidated weights: every rank gathers),
+        with ``extra`` files (see :func:`save_policy`)."""
         with self._full_policy():
             if self.dist.is_main:
-                save_policy(self.policy, path, self.cfg, info=info)
+                save_policy(self.policy, path, self.cfg, extra=extra, info=info)
 
     def _ddp_module(self) -> torch.nn.Module:
         if self.fsdp is not None:  # the FSDP root computes the loss in its forward, as the DDP wrapper does
@@ -591,11 +592,7 @@ class Trainer:
         Data-parallel runs split the users over ranks and gather the rankings, so every rank gets the metrics.
         ``ranks_out`` receives the per-user ranks of the held-out item (see :func:`evaluate_policy`).
         """
-        split = getattr(self.data.split, split_name)
-        index = torch.arange(len(split))
-        if max_users is not None and max_users < len(split):
-            rng = torch.Generator().manual_seed(1234)  # the same subset in every run and epoch
-            index = torch.randperm(len(split), generator=rng)[:max_users].sort().values
+        index = evaluation_users(len(getattr(self.data.split, split_name)), max_users)
         with self._full_policy():
             return evaluate_policy(self.policy, self.data, split_name, index=index, beams=self.cfg.eval_beams,
                                    batch_size=self.cfg.eval_batch_size, device=self.device,
@@ -746,12 +743,17 @@ class Trainer:
         if st.steps_exhausted:
             st.finished = True
         if st.epoch % cfg.eval_every == 0 or st.finished:
-            metrics = self.evaluate("valid", cfg.valid_max_users)
+            ranks: dict = {}
+            metrics = self.evaluate("valid", cfg.valid_max_users, ranks_out=ranks)
             record["valid"] = metrics
             value = metrics[cfg.select_metric]
             if value > st.best_value:
                 st.best_value, st.best_epoch, st.bad_epochs = value, st.epoch, 0
-                self._save_policy(self.out / "best", info={"step": self.step, "epoch": st.epoch})
+                # The best epoch's per-user validation ranks go inside best/, so they always match its weights:
+                # tuning compares settings with paired tests on them without reading test.
+                self._save_policy(self.out / "best", info={"step": self.step, "epoch": st.epoch},
+                                  extra={VALID_RANKS_FILE: {"split": "valid", "max_users": cfg.valid_max_users,
+                                                            "ranks": _int8_ranks(ranks)}})
             else:
                 st.bad_epochs += 1
             log.info("%s epoch %d: loss %.4f, valid %s %.4f (best %.4f at epoch %d), %.1fs", cfg.stage, st.epoch,
@@ -789,8 +791,7 @@ class Trainer:
         test = self.evaluate("test", ranks_out=ranks) if cfg.evaluate_test else None
         if test is not None and self.dist.is_main:
             # Per-user ranks of the held-out item under each scoring: paired tests between runs read them.
-            per_user = {prefix or "headline": r.to(torch.int8) for prefix, r in ranks.items()}
-            torch.save({"split": "test", "ranks": per_user}, self.out / "test_ranks.pt")
+            torch.save({"split": "test", "ranks": _int8_ranks(ranks)}, self.out / "test_ranks.pt")
         result = {"status": "finished", "stage": cfg.stage, "best_epoch": st.best_epoch,
                   "best_valid": st.best_value, "steps": self.step, "epochs": st.epoch,
                   "train_seconds": st.train_seconds, "seconds_per_epoch": st.train_seconds / max(1, st.epoch),
@@ -806,7 +807,7 @@ class Trainer:
         what = {"result.json": "the run's summary, with every metric and the per-epoch history",
                 "log.jsonl": "one JSON line per logged step and per epoch",
                 "config.yaml": "the run's merged config",
-                "best": "the best validation checkpoint (gflowgr eval --checkpoint)",
+                "best": "the best validation checkpoint (gflowgr eval --checkpoint) and its epoch's valid_ranks.pt",
                 "last": "the resumable state (resume=true)",
                 "test_ranks.pt": "each test user's rank of the held-out item (paired tests)"}
         # Folders end in "/" so that the table tells them from files.
@@ -920,6 +921,11 @@ class Trainer:
             return
         with self.log_path.open("r+b") as f:
             f.truncate(size)
+
+
+def _int8_ranks(ranks: dict) -> dict:
+    """:func:`evaluate_policy`'s ``ranks_out`` as saved: keys ``headline`` / ``renorm/``, int8 (ranks are -1..19)."""
+    return {prefix or "headline": r.to(torch.int8) for prefix, r in ranks.items()}
 
 
 def _duration(seconds: float) -> str:
