@@ -805,7 +805,9 @@ def render_tuning_quality(results: Path) -> str:
             for i, r in enumerate(need(p, key)):
                 if not isinstance(r.get("valid"), dict):
                     raise ReportError(f"benchmarks/results/{f.name}: {key}[{i}] has no 'valid' metrics")
-                setting = ", ".join(f"`{o}`" for o in r.get("overrides") or []) or "as in its YAML"
+                setting = ", ".join(f"`{o}`" for o in r.get("overrides") or [])
+                if key == "references":  # a grid run's overrides are where it differs from its YAML as it is now
+                    setting = f"its YAML then: {setting}" if setting else "as in its YAML"
                 paired = r.get("paired") or {}
                 rows.append([kind, f"`{r['method']}`", r.get("setting", ""), setting, r.get("best_epoch")] +
                             [metric(r["valid"].get(c)) for c in TUNING_COLUMNS] +

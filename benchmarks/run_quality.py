@@ -181,6 +181,15 @@ class RunSpec:
         return sorted(k for k in ran.keys() | planned.keys()
                       if k not in UNCOMPARED_KEYS and ran.get(k, "<absent>") != planned.get(k, "<absent>"))
 
+    def ran_with(self) -> list[str]:
+        """``key=value`` of the finished run for every key of :meth:`config_changes`: how it differs from its
+        YAML as that reads now."""
+        from gflowgr_core.train.config import load_config
+
+        changed = self.config_changes()
+        ran = _flatten(load_config(self.out / "config.yaml").to_dict()) if changed else {}
+        return [f"{k}={ran.get(k, '<absent>')}" for k in changed]
+
     def status(self) -> str:
         """``done``, ``changed`` (finished with another config than the planned one), ``resumable``, ``stale``
         (folder without result.json: retrained) or ``pending``."""

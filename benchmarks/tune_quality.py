@@ -197,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     continue
                 if kind == "runs":
                     archive_run(spec.out, record_of(spec), keep_checkpoint=False)
-                row = validation_row(spec, [] if kind == "references" else settings[spec.name][1])
+                row = validation_row(spec, spec.ran_with() if kind == "references" else settings[spec.name][1])
                 payload[kind].append(row)
                 found = run_ranks(spec.out, record_of(spec), split="valid",
                                   evaluate=lambda best, row=row: _evaluate_ranks(best, None, row["valid"], "valid"))

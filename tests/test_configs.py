@@ -340,6 +340,7 @@ def test_run_specs_stops_on_a_finished_run_whose_config_changed_and_retrains_it_
         (spec.out / "result.json").write_text(json.dumps(_fake_result(None, 0.1)))
     assert sft.config_changes() == [] and sft.status() == "done"
     assert tb.config_changes() == ["gfn.lambda_gfn"] and tb.status() == "changed"
+    assert sft.ran_with() == [] and tb.ran_with() == ["gfn.lambda_gfn=0.3"]
     trained = []
 
     def fake_train(config, data):
