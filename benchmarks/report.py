@@ -778,16 +778,18 @@ def paired_cell(c: Optional[dict]) -> str:
     return f"{c['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}], p {c['p']:.3f}"
 
 
-def render_tuning_quality(results: Path) -> str:
-    """The validation-only GFlowGR tuning on the quality grid's datasets (``benchmarks/tune_quality.py``): the
-    grid's own runs of the seed as references, then every tried setting in the order run."""
-    files = sorted(results.glob("tune_*.json"))
-    files = [f for f in files if f.name != "tune_demo_cpu.json"]
-    if not files:
-        return pending("benchmarks/results/tune_beauty_cpu.json", "run `python benchmarks/tune_quality.py`")
+def render_tuning_quality(results: Path, stage: str = "gflowgr") -> str:
+    """The validation-only tuning of ``stage`` on the quality grid's datasets (``benchmarks/tune_quality.py``;
+    ``gflowgr``: stage 2, ``sft``: the SFT): the grid's own runs of the seed as references, then every tried
+    setting in the order run."""
+    files = [f for f in sorted(results.glob("tune_*.json")) if f.name != "tune_demo_cpu.json"]
+    tables = [(f, p) for f in files for p in [load(results, f.name)] if p.get("stage", "gflowgr") == stage]
+    if not tables:
+        flag = " --stage sft" if stage == "sft" else ""
+        return pending(f"benchmarks/results/tune_beauty{'_sft' if stage == 'sft' else ''}_cpu.json",
+                       f"run `python benchmarks/tune_quality.py{flag}`")
     parts = []
-    for f in files:
-        p = load(results, f.name)
+    for f, p in tables:
         budget = p.get("budget") or {}
         if p.get("stage", "gflowgr") == "sft":
             start = (f"SFT from scratch, seed {p.get('seed', '?')}: the grid's SFT ({budget.get('epochs', '?')} epochs "
@@ -823,7 +825,8 @@ def render_tuning_quality(results: Path) -> str:
                          f"difference.")
         if chosen:
             parts.append(f"Highest validation {p.get('select_metric', 'ndcg@10')} among the tuning rows: **{chosen}**.")
-    return "\n".join(parts)
+        parts.append("")
+    return "\n".join(parts).rstrip("\n")
 
 
 def render_benchmark_rows(results: Path) -> str:
@@ -861,7 +864,8 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "train_step": render_train_step, "train_epoch": render_train_epoch, "train_compile": render_train_compile,
     "cpu_memory": render_cpu_memory, "batch_order": render_batch_order,
     "trie_build": render_trie_build,
-    "quality": render_quality, "quality_summary": render_quality_summary, "demo": render_demo, "tuning": render_tuning, "tuning_quality": render_tuning_quality, "fsdp": render_fsdp,
+    "quality": render_quality, "quality_summary": render_quality_summary, "demo": render_demo, "tuning": render_tuning, "tuning_quality": render_tuning_quality,
+    "tuning_sft": lambda results: render_tuning_quality(results, "sft"), "fsdp": render_fsdp,
     "trl_logps": render_trl_logps, "benchmark_rows": render_benchmark_rows,
 }
 

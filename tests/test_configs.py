@@ -197,7 +197,8 @@ def test_sft_tuning_table_holds_each_finished_setting_and_the_grid_sft_as_refere
     assert paired["diff"] == pytest.approx(gain.mean()) and paired["ci95"][0] > 0 and paired["users"] == 4000
     assert (results / "tune_beauty_sft_cpu_runs" / tuned[1].name / "valid_ranks.npz").is_file()
     assert (results / "quality_beauty_cpu_runs" / "sft_seed42" / "valid_ranks.npz").is_file()
-    text = report.render_tuning_quality(results)
+    assert "tune_beauty_cpu.json" in report.render_tuning_quality(results)  # stage 2's table: still pending
+    text = report.render_tuning_quality(results, "sft")
     assert "ndcg@10 − sft [95% CI], p" in text
     assert f"{paired['diff']:+.4f} [{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}], p" in text
     assert "beauty, SFT from scratch, seed 42: the grid's SFT (20 epochs at batch 256" in text
