@@ -77,11 +77,14 @@ TUNING: dict[str, tuple[str, list[str]]] = {
     "teacher_share0p5": ("gflowgr_tb", [*TEACHER, *POSITIVE_SHARE, "gfn.reward.target_share=0.5"]),
 }
 # The SFT of the CPU protocol (configs/beauty_cpu/sft.yaml: cosine over 20 epochs) peaks at epoch 10 and then
-# overfits while the learning rate is still high: a schedule that ends sooner, more weight decay, a wider model.
+# overfits while the learning rate is still high: a schedule that ends sooner; then, since that one still peaks
+# two epochs before its end, regularisation (residual dropout, weight decay); a wider model.
 # Validation every epoch so that each setting's best epoch is found, not the nearest even one.
 SFT_TUNING: dict[str, tuple[str, list[str]]] = {
     "sft_cosine10": ("sft", ["epochs=10", "eval_every=1"]),
     "sft_cosine10_drop0p1": ("sft", ["epochs=10", "eval_every=1", "model.hidden_dropout=0.1"]),
+    "sft_cosine10_drop0p2": ("sft", ["epochs=10", "eval_every=1", "model.hidden_dropout=0.2"]),
+    "sft_cosine14_drop0p1": ("sft", ["epochs=14", "eval_every=1", "model.hidden_dropout=0.1"]),
     "sft_cosine12_wd0p1": ("sft", ["epochs=12", "eval_every=1", "weight_decay=0.1"]),
     "sft_wide192_cosine12": ("sft", ["epochs=12", "eval_every=1", "model.hidden=192", "model.intermediate=768"]),
 }
