@@ -90,6 +90,9 @@ def runs(tmp_path_factory, beauty_tiny):
             for name in SCENARIOS]
     spec.append({"args": [*_args(root, data, RESUMED, "resumed"), "distributed=fsdp"], "lora": True, "stop_at": 2,
                  "resume": True})
+    # Residual dropout is added after the build, on every rank (its hooks cannot travel in the meta skeleton).
+    spec.append({"args": [*_args(root, data, "sft_qwen2", "dropout"), "model.hidden_dropout=0.2", "distributed=fsdp"],
+                 "lora": False})
     spec.append({"args": [*_args(root, data, "sft_qwen2", "no_layer_class"), "distributed=fsdp"],
                  "no_layer_class": True, "expect_error": "no decoder layer"})
     (root / "spec.json").write_text(json.dumps(spec))
@@ -143,6 +146,16 @@ def test_two_ranks_match_one_process(runs, name):
     fsdp_result = json.loads((root / name / "result.json").read_text())
     one_result = json.loads((root / f"{name}_one" / "result.json").read_text())
     assert fsdp_result["world_size"] == 2 and fsdp_result["test"] == one_result["test"]
+
+
+def test_hidden_dropout_runs_sharded_and_changes_the_losses(runs):
+    root, _ = runs
+    dropped, _ = _log(root / "dropout")
+    plain, _ = _log(root / "sft_qwen2")
+    assert [r["step"] for r in dropped] == list(range(1, 7))
+    assert json.loads((root / "dropout" / "result.json").read_text())["world_size"] == 2
+    # Same weights and batch at step 1: only the dropout masks differ.
+    assert dropped[0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-6)
 
 
 def test_consolidated_export_loads_for_eval_and_generate(runs):

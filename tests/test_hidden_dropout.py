@@ -87,3 +87,14 @@ def test_config_refuses_out_of_range_hidden_dropout(value):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["data=x", f"model.hidden_dropout={value}"]).validate()
     assert err.value.key == "model.hidden_dropout"
+
+
+def test_a_hooked_model_pickles_and_keeps_its_dropout():
+    import pickle
+
+    model = _model()
+    add_hidden_dropout(model, 0.5)
+    copy = pickle.loads(pickle.dumps(model)).train()
+    ids = torch.randint(3, 40, (4, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert not torch.allclose(copy(input_ids=ids).logits, copy.eval()(input_ids=ids).logits)

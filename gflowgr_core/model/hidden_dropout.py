@@ -29,14 +29,18 @@ def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
-def _dropout_hook(p: float):
-    def hook(module: torch.nn.Module, args, output):
+class _Dropout:
+    """The forward hook: a class, not a closure, so that a hooked model can still be pickled or deep-copied."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, module: torch.nn.Module, args, output):
         if not module.training:
             return output
         if isinstance(output, tuple):  # attention returns (output, weights)
-            return (F.dropout(output[0], p, training=True), *output[1:])
-        return F.dropout(output, p, training=True)
-    return hook
+            return (F.dropout(output[0], self.p, training=True), *output[1:])
+        return F.dropout(output, self.p, training=True)
 
 
 def add_hidden_dropout(model: torch.nn.Module, p: float) -> list[RemovableHandle]:
@@ -58,7 +62,7 @@ def add_hidden_dropout(model: torch.nn.Module, p: float) -> list[RemovableHandle
     if p == 0.0:
         return []
     layers = _decoder_layers(model)
-    hook = _dropout_hook(p)
+    hook = _Dropout(p)
     modules = [model.get_input_embeddings()]
     modules += [getattr(layer, name) for layer in layers for name in SUBLAYERS]
     return [m.register_forward_hook(hook) for m in modules]

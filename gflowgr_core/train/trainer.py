@@ -183,6 +183,8 @@ class Trainer:
             self.policy, self.cfg = build_on_rank0(lambda: (self._build_policy(), self.cfg), self.dist)
         else:
             self.policy = self._build_policy().to(self.device)
+        # After the build, on every rank: hooks are not part of the meta skeleton rank 0 broadcasts under FSDP.
+        add_hidden_dropout(self.policy.model, self.cfg.model.hidden_dropout)
         self.reference: Optional[SIDPolicy] = None
         if config.stage in ("dpo", "sdpo"):
             self.reference = copy.deepcopy(self.policy).eval()
@@ -241,11 +243,6 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- setup
     def _build_policy(self) -> SIDPolicy:
-        policy = self._load_or_build_policy()
-        add_hidden_dropout(policy.model, self.cfg.model.hidden_dropout)
-        return policy
-
-    def _load_or_build_policy(self) -> SIDPolicy:
         cfg = self.cfg
         if cfg.init_checkpoint:
             policy = load_policy(cfg.init_checkpoint, device="cpu")
