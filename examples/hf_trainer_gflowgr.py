@@ -28,6 +28,7 @@ import torch
 
 from gflowgr_core.data.prepared import PreparedData, prepare
 from gflowgr_core.hf_trainer import GFlowGRConfig, GFlowGRTrainer
+from gflowgr_core.train.distributed import leave_process_group
 
 DEFAULT_DATA = Path(os.environ.get("GFLOWGR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) \
     / "letter" / "Beauty"
@@ -128,3 +129,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    leave_process_group()  # under `accelerate launch`: leave the group while the interpreter is whole

@@ -11,7 +11,6 @@ parameters and of the parameters inside the forward.
 """
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from pathlib import Path
@@ -129,13 +128,10 @@ def load_rank() -> int:
 def main() -> None:
     for scenario in json.loads(Path(sys.argv[1]).read_text()):
         run(scenario)
-    import torch.distributed as dist
+    # The scenarios' trainers are garbage in reference cycles that hold the group (see leave_process_group).
+    from gflowgr_core.train.distributed import leave_process_group
 
-    if dist.is_initialized():
-        # The scenarios' trainers are garbage in reference cycles that hold the group: collect them while
-        # the interpreter is whole (see Trainer.close).
-        gc.collect()
-        dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

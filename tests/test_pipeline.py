@@ -187,9 +187,9 @@ def test_evaluate_test_false_never_reads_the_test_split(beauty_slice, sft_checkp
     splits = []
     original = Trainer.evaluate
 
-    def spy(self, split_name="valid", max_users=None):
+    def spy(self, split_name="valid", max_users=None, **kwargs):
         splits.append(split_name)
-        return original(self, split_name, max_users)
+        return original(self, split_name, max_users, **kwargs)
 
     monkeypatch.setattr(Trainer, "evaluate", spy)
     result = Trainer(cfg, data).fit()

@@ -18,6 +18,7 @@ collectives are no-ops, so the trainer has one code path.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -231,5 +232,19 @@ class DistContext:
 
     def shutdown(self) -> None:
         """Leave the process group (call once, at the end of the run)."""
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.enabled:
+            leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group, if there is one, after a garbage collection.
+
+    Objects in reference cycles (a DDP or FSDP wrapper that reaches its trainer through the loss module, a Hugging
+    Face Trainer and its callbacks) keep the group and its last collectives alive until Python's final garbage
+    collection. Destroyed there, gloo's worker threads die while the interpreter is finalising and the process
+    aborts ("terminate called without an active exception", exit -6) after a successful run. Call this at the end
+    of any script that trained in a process group, on every rank.
+    """
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

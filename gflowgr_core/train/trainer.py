@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -574,8 +573,7 @@ class Trainer:
         """
         self._ddp = None
         self.fsdp = None
-        gc.collect()
-        self.dist.shutdown()
+        self.dist.shutdown()  # collects the dropped wrappers, then leaves
 
     def request_stop(self, reason: str = "requested") -> None:
         """Ask :meth:`fit` to save ``out/last/`` and return at the next step boundary (as SIGTERM does)."""
