@@ -168,27 +168,26 @@ class RunSpec:
     def done(self) -> bool:
         return (self.out / "result.json").exists()
 
-    def config_changes(self) -> list[str]:
-        """The config keys whose value in the finished run's ``config.yaml`` differs from what its YAML and
-        overrides give now (a YAML edited after the run, e.g. by the tuning), ignoring ``UNCOMPARED_KEYS``.
-        Empty when the run is not finished or wrote no config."""
+    def config_diff(self) -> dict:
+        """``{key: value the finished run used}`` for every config key whose value in the run's ``config.yaml``
+        differs from what its YAML and overrides give now (a YAML edited after the run, e.g. by the tuning),
+        ignoring ``UNCOMPARED_KEYS``. Empty when the run is not finished or wrote no config."""
         from gflowgr_core.train.config import load_config
 
         if not (self.done() and (self.out / "config.yaml").exists()):
-            return []
+            return {}
         ran = _flatten(load_config(self.out / "config.yaml").to_dict())
         planned = _flatten(load_config(self.config_path, self.overrides).to_dict())
-        return sorted(k for k in ran.keys() | planned.keys()
-                      if k not in UNCOMPARED_KEYS and ran.get(k, "<absent>") != planned.get(k, "<absent>"))
+        return {k: ran.get(k, "<absent>") for k in sorted(ran.keys() | planned.keys())
+                if k not in UNCOMPARED_KEYS and ran.get(k, "<absent>") != planned.get(k, "<absent>")}
+
+    def config_changes(self) -> list[str]:
+        """The keys of :meth:`config_diff`."""
+        return list(self.config_diff())
 
     def ran_with(self) -> list[str]:
-        """``key=value`` of the finished run for every key of :meth:`config_changes`: how it differs from its
-        YAML as that reads now."""
-        from gflowgr_core.train.config import load_config
-
-        changed = self.config_changes()
-        ran = _flatten(load_config(self.out / "config.yaml").to_dict()) if changed else {}
-        return [f"{k}={ran.get(k, '<absent>')}" for k in changed]
+        """``key=value`` of :meth:`config_diff`: how the finished run differs from its YAML as that reads now."""
+        return [f"{k}={v}" for k, v in self.config_diff().items()]
 
     def status(self) -> str:
         """``done``, ``changed`` (finished with another config than the planned one), ``resumable``, ``stale``
