@@ -66,8 +66,9 @@ def restore_run(out: Path, record: Path) -> bool:
     """Put a committed record back into the run folder ``out`` when that run is not finished there.
 
     Returns whether it restored. A checkpoint is restored only when every file matches its manifest hash;
-    a mismatch raises (a corrupted or hand-edited record must not silently seed stage 2)."""
-    if (out / "result.json").exists() or not (record / "result.json").exists():
+    a mismatch raises (a corrupted or hand-edited record must not silently seed stage 2). An interrupted run
+    in ``out`` (its resumable ``last/``, e.g. a retraining stopped with its session) is left to resume."""
+    if (out / "result.json").exists() or (out / "last").is_dir() or not (record / "result.json").exists():
         return False
     if (record / "best").exists():
         want = json.loads((record / "best.sha256").read_text())

@@ -30,6 +30,10 @@ SFT for both. ``--ablations`` runs the Beauty ablations (one seed) into ``ablati
     python benchmarks/run_quality.py --dataset beauty --data DIR         # raw files from DIR (Beauty: the
                                                                          # folder of Beauty.inter/index.json)
 
+``--sft-from RUN_DIR --resume`` takes a finished run trained with the grid SFT's config and seed (the selected
+setting of ``tune_quality.py --stage sft``, which never read test) as the grid's SFT run: it is copied and
+resumed, so it only reads test, instead of being trained again.
+
 ``--quick`` trains a tiny model for a few steps on the first 300 users, one seed, under
 ``<root>/quick`` and writes ``quality_<dataset>_quick.json``: it checks the script, not the method.
 """
@@ -413,6 +417,8 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
         spec.out.mkdir(parents=True, exist_ok=True)
         env = environment(resolve_device(config.device))
         env["resumed"] = config.resume
+        if config.resume and (spec.out / "env.json").exists():  # the processes the run continues, kept
+            env["earlier"] = json.loads((spec.out / "env.json").read_text())
         (spec.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
         log(f"[{time.time() - start:7.0f}s] training {spec.name} seed {spec.seed} -> {spec.out}")
         t0 = time.time()
@@ -432,15 +438,50 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
     return report
 
 
+def adopt_run(spec: RunSpec, source: Path) -> bool:
+    """Start ``spec``'s run from the finished run ``source`` trained with the same config and seed elsewhere
+    (the tuning's selected SFT setting, which never read test), instead of training it again.
+
+    ``source`` is copied to ``spec.out`` without its ``result.json``; resuming it (``resume=true``) finds the
+    training done and only evaluates its best checkpoint on test, the step the tuning skipped. Refused when
+    ``source`` is unfinished, kept no ``last/`` or differs from ``spec``'s planned config in a compared key
+    (:data:`UNCOMPARED_KEYS` may differ: where it ran, whether it read test). Returns False, copying nothing,
+    when ``spec``'s run already finished with its planned config or is resumable (an adoption under way)."""
+    from gflowgr_core.train.config import load_config
+
+    source = Path(source)
+    if spec.status() in ("done", "resumable"):
+        return False
+    twin = RunSpec(name=spec.name, method=spec.method, seed=spec.seed, out=source, dataset=spec.dataset,
+                   overrides=spec.overrides, config_dir=spec.config_dir)
+    if not twin.done() or not (source / "last").is_dir() or not (source / "config.yaml").exists():
+        raise SystemExit(f"{source} is not a finished run with its config.yaml and last/ checkpoint: it cannot "
+                         f"stand in for {spec.out}")
+    diff = twin.config_diff()
+    if diff:
+        planned = _flatten(load_config(spec.config_path, spec.overrides).to_dict())
+        raise SystemExit(f"{source} was trained with another config than {spec.name} seed {spec.seed} plans: " +
+                         ", ".join(f"{k}: {v!r} there, {planned.get(k, '<absent>')!r} planned"
+                                   for k, v in diff.items()))
+    if spec.out.exists():
+        shutil.rmtree(spec.out)
+    shutil.copytree(source, spec.out, ignore=lambda folder, names: ["result.json"] if Path(folder) == source else [])
+    env_path = spec.out / "env.json"
+    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    env_path.write_text(json.dumps({**env, "adopted_from": str(source)}, indent=2) + "\n")
+    return True
+
+
 def _outdated(specs: Sequence[RunSpec]) -> dict[Path, str]:
     """``{run folder: why}`` for the finished runs to train again: their config changed, or they start from
-    such a run (its checkpoint will be another one), in plan order so that a run's needs come first."""
+    such a run or from one that is not finished (being retrained: its checkpoint will be another one), in plan
+    order so that a run's needs come first."""
     outdated: dict[Path, str] = {}
     for spec in specs:
         if not spec.done() or spec.out in outdated:
             continue
         changed = spec.config_changes()
-        upstream = [str(n) for n in spec.needs if n in outdated]
+        upstream = [str(n) for n in spec.needs if n in outdated or not (n / "result.json").exists()]
         if changed:
             outdated[spec.out] = f"config changed ({', '.join(changed)})"
         elif upstream:
@@ -766,6 +807,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "updated) and the runs that start from them; without it such runs stop the grid")
     p.add_argument("--resume", action="store_true",
                    help="continue interrupted runs from their last/ checkpoint instead of training them again")
+    p.add_argument("--sft-from", default=None, metavar="RUN_DIR",
+                   help="a finished run trained with the grid SFT's config and seed (e.g. the selected setting of "
+                        "tune_quality.py --stage sft): it becomes the grid's SFT run, which then only reads test "
+                        "(with --resume; refused when the configs differ)")
     p.add_argument("overrides", nargs="*",
                    help="key=value overrides applied to every run (after the YAML); sft:key=value only to SFT, "
                         "stage2:key=value only to the runs after SFT")
@@ -830,6 +875,13 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
 
     data = None
     if not args.aggregate_only:
+        if args.sft_from is not None:
+            sft = [s for s in specs if s.method == "sft"]
+            if not args.resume or len(sft) != 1:
+                raise SystemExit("--sft-from stands one finished run in for the grid's one SFT run and resumes it: "
+                                 "pass --resume, and --sft-seed when several seeds are planned")
+            if adopt_run(sft[0], Path(args.sft_from)):
+                log(f"{sft[0].out} starts from the finished run {args.sft_from}: it only reads test")
         data = ensure_data(args.dataset, root, args.quick, None if args.data is None else Path(args.data))
         # The aggregate is rewritten after every finished run, so a grid cut short still leaves its results.
         report = run_specs(specs, data, args.max_minutes, train_fn, on_finished=lambda spec: write_outputs(data),

@@ -503,3 +503,46 @@ def test_compile_benchmark_summary_is_each_variant_over_eager():
             {"method": "sft", "variant": "compiled", "median_step_s": 1.5},
             {"method": "sft", "variant": "compiled_cudagraphs", "error": "RuntimeError: no CUDA"}]
     assert bench.summarize(rows) == {"sft": {"compiled_over_eager": 0.75, "compiled_cudagraphs_over_eager": None}}
+
+
+def test_a_finished_tuning_run_stands_in_for_the_grid_sft_and_its_dependents_retrain(tmp_path):
+    from gflowgr_core.train.config import load_config, save_config
+
+    specs = runner.plan_grid("beauty", ["sft_continue"], [42], tmp_path, sft_seed=42)
+    sft, cont = specs
+    for spec, extra in ((sft, ["lr=0.01"]), (cont, [])):  # both finished; SFT with an lr its YAML no longer holds
+        spec.out.mkdir(parents=True)
+        save_config(load_config(spec.config_path, spec.overrides + extra), spec.out / "config.yaml")
+        (spec.out / "result.json").write_text(json.dumps(_fake_result(None, 0.1)))
+    source = tmp_path / "tune" / "sft_x" / "seed42"
+    (source / "last").mkdir(parents=True)
+    (source / "last" / "trainer_state.pt").write_bytes(b"state")
+    (source / "env.json").write_text(json.dumps({"device": "cpu"}))
+    (source / "result.json").write_text(json.dumps(_fake_result(None, 0.3)))
+    tuned = load_config(sft.config_path, sft.overrides)
+    save_config(dataclasses.replace(tuned, out=str(source), evaluate_test=False, lr=0.02), source / "config.yaml")
+    with pytest.raises(SystemExit, match=r"lr: 0\.02 there, 0\.002 planned"):
+        runner.adopt_run(sft, source)
+    assert sft.status() == "changed"  # nothing was touched
+    save_config(dataclasses.replace(tuned, out=str(source), evaluate_test=False), source / "config.yaml")
+    assert runner.adopt_run(sft, source)
+    assert sft.status() == "resumable" and (sft.out / "last" / "trainer_state.pt").read_bytes() == b"state"
+    assert json.loads((sft.out / "env.json").read_text()) == {"device": "cpu", "adopted_from": str(source)}
+    assert (source / "result.json").exists()  # the source is left as it was
+    assert not runner.adopt_run(sft, source)  # under way: resumed, not copied again
+    # The stage-2 run started from the SFT being replaced: it is trained again after it.
+    assert "starts from" in runner._outdated(specs)[cont.out]
+    resumed = []
+
+    def fake_train(config, data):
+        resumed.append((Path(config.out), config.resume))
+        save_config(config, Path(config.out) / "config.yaml")
+        (Path(config.out) / "result.json").write_text(json.dumps(_fake_result(None, 0.2)))
+        return {}
+
+    runner.run_specs(specs, data=None, train_fn=fake_train, resume=True, retrain_changed=True)
+    assert resumed == [(sft.out, True), (cont.out, False)]
+    env = json.loads((sft.out / "env.json").read_text())
+    assert env["resumed"] and env["earlier"]["adopted_from"] == str(source)
+    with pytest.raises(SystemExit, match="not a finished run"):
+        runner.adopt_run(runner.plan_grid("beauty", ["sft"], [43], tmp_path)[0], tmp_path / "nowhere")

@@ -112,6 +112,21 @@ def test_records_survive_a_new_machine_and_feed_the_comparisons(tmp_path):
         quality_records.restore_run(specs[0].out, record_of(specs[0]))
 
 
+def test_a_record_never_replaces_a_run_being_retrained(tmp_path):
+    """A finished run retrained under a new config and stopped with its session keeps its resumable ``last/``:
+    the next session resumes it instead of putting the old record back and starting over."""
+    out, record = tmp_path / "runs" / "sft" / "seed42", tmp_path / "rec"
+    _finished_run(record, 0.1, {"headline": np.zeros(4, dtype=int)}, with_best=True)
+    (record / "best.sha256").write_text(json.dumps(quality_records._manifest(record / "best")))
+    (out / "last").mkdir(parents=True)
+    (out / "last" / "trainer_state.pt").write_bytes(b"step 2027")
+    assert not quality_records.restore_run(out, record)
+    assert (out / "last" / "trainer_state.pt").read_bytes() == b"step 2027" and not (out / "result.json").exists()
+    import shutil
+    shutil.rmtree(out / "last")  # a folder without resumable state is a finished run's to restore
+    assert quality_records.restore_run(out, record) and (out / "result.json").exists()
+
+
 def test_a_run_without_ranks_is_left_out_of_the_comparisons(tmp_path):
     specs = runner.plan_grid("beauty", ["sdpo", "gflowgr_tb"], [42], tmp_path / "runs")
     for spec in specs:

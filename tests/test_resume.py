@@ -293,3 +293,24 @@ def test_best_checkpoint_keeps_the_per_user_validation_ranks_of_its_epoch(sft_re
         ndcg = torch.where(hit, 1 / torch.log2(rank.clamp(min=0).double() + 2), torch.zeros((), dtype=torch.double))
         assert float(hit.double().mean()) == pytest.approx(best[prefix + "recall@10"], abs=1e-6)
         assert float(ndcg.mean()) == pytest.approx(best[prefix + "ndcg@10"], abs=1e-6)
+
+
+def test_a_finished_run_that_never_read_test_reads_it_once_when_resumed(beauty, sft_reference, tmp_path):
+    """A tuning run (``evaluate_test=false``) resumed with ``evaluate_test=true`` trains nothing more and
+    decodes test from its best checkpoint: the same result as a run that read test from the start."""
+    import shutil
+
+    data_dir, prepared = beauty
+    _, ref_result, ref_out = sft_reference
+    tuned = tmp_path / "tuned"
+    result = Trainer(_config(data_dir, tuned, "stage=sft", "evaluate_test=false"), prepared).fit()
+    assert result["test"] is None and not (tuned / "test_ranks.pt").exists()
+    grid = tmp_path / "grid"
+    shutil.copytree(tuned, grid, ignore=shutil.ignore_patterns("result.json"))
+    resumed = Trainer(_config(data_dir, grid, "stage=sft", "resume=true"), prepared)
+    again = resumed.fit()
+    assert again["steps"] == ref_result["steps"] and again["history"] == result["history"]
+    assert again["test"] == ref_result["test"]
+    assert torch.equal(torch.load(grid / "test_ranks.pt")["ranks"]["headline"],
+                       torch.load(ref_out / "test_ranks.pt")["ranks"]["headline"])
+    assert _step_losses(grid) == _step_losses(ref_out)  # no step ran again

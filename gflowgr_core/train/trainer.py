@@ -86,9 +86,10 @@ def derived_seed(seed: int, index: int, stream: str) -> int:
     return (z ^ (z >> 31)) >> 1  # 63 bits: manual_seed takes it on every platform
 
 
-# Config keys that may differ between a run and its resumption without changing the trajectory of the weights.
+# Config keys that may differ between a run and its resumption without changing the trajectory of the weights
+# (evaluate_test only decides whether the finished run decodes test: a tuning run resumed with it reads test once).
 RESUME_FREE_KEYS = frozenset({"resume", "save_every_steps", "handle_signals", "distributed", "device", "backend",
-                              "out", "data", "log_every", "eval_batch_size"})
+                              "out", "data", "log_every", "eval_batch_size", "evaluate_test"})
 
 STATE_FORMAT = 1
 
