@@ -36,6 +36,12 @@ def _manifest(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def checkpoint_digest(folder: Path) -> str:
+    """One SHA-256 over every file of a checkpoint folder (names and contents): which SFT a stage-2 run started
+    from, comparable between a run folder and its committed record."""
+    return hashlib.sha256(json.dumps(_manifest(folder), sort_keys=True).encode()).hexdigest()
+
+
 def archive_run(out: Path, record: Path, keep_checkpoint: bool,
                 sasrec: Optional[dict] = None) -> None:
     """Copy a finished run's record from ``out`` to ``record`` (again only when its result changed)."""

@@ -55,7 +55,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import RESULTS_DIR, environment, format_table, log, write_json  # noqa: E402
-from quality_records import archive_run, records_root, restore_run, run_ranks, saved_sasrec  # noqa: E402
+from quality_records import (archive_run, checkpoint_digest, records_root, restore_run, run_ranks,  # noqa: E402
+                             saved_sasrec)
 from quality_stats import compare_methods, mean_intervals, per_user_metrics, seed_mean  # noqa: E402
 
 CONFIGS = REPO / "configs"
@@ -419,6 +420,8 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
         env["resumed"] = config.resume
         if config.resume and (spec.out / "env.json").exists():  # the processes the run continues, kept
             env["earlier"] = json.loads((spec.out / "env.json").read_text())
+        # Which checkpoint it starts from, by content: a later SFT in the same folder is another start.
+        env["starts_from"] = {str(n / "best"): checkpoint_digest(n / "best") for n in spec.needs}
         (spec.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
         log(f"[{time.time() - start:7.0f}s] training {spec.name} seed {spec.seed} -> {spec.out}")
         t0 = time.time()

@@ -18,6 +18,9 @@ env; no checkpoint) under ``benchmarks/results/tune_<dataset>_<tag>_runs/`` and 
 ``--stage sft`` tunes the SFT the grid starts from instead (``SFT_TUNING``): every setting trains from scratch
 with its overrides on top of ``sft.yaml``, selected on the same validation users, test never read; its table
 is ``tune_<dataset>_sft_<tag>.json`` and its reference row the grid's own SFT run.
+
+Stage-2 tuning records the digest of the SFT checkpoint it started from (``sft_checkpoint``) and refuses to
+go on once the grid's SFT is another one: tune from a new SFT under another ``--tag``.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
 from gflowgr_core.devices import resolve_device  # noqa: E402
-from quality_records import archive_run, restore_run, run_ranks  # noqa: E402
+from quality_records import archive_run, checkpoint_digest, restore_run, run_ranks  # noqa: E402
 from quality_stats import compare_methods, per_user_metrics  # noqa: E402
 from run_quality import (DATASETS, RESULTS_DIR, RunSpec, _base_overrides, _evaluate_ranks, _slug,  # noqa: E402
                          ensure_data, output_path, plan_grid, records_root, run_specs)
@@ -145,6 +148,20 @@ def add_paired(rows: list[dict], ranks: dict[str, dict], bases: tuple[str, ...])
             row["paired"] = {base: found[f"{name}-{base}"] for _, base in pairs}
 
 
+def sft_checkpoint(grid: list[RunSpec], path: Path) -> Optional[str]:
+    """The digest of the grid SFT checkpoint stage-2 tuning starts from, the one recorded in ``path`` by its
+    first runs. Refuses when the grid's SFT has changed since: rows from two SFTs, and reference rows
+    retrained from the new one, must not share a table."""
+    sft = next(s for s in grid if s.method == "sft")
+    recorded = json.loads(path.read_text()).get("sft_checkpoint") if path.exists() else None
+    current = checkpoint_digest(sft.out / "best") if sft.done() else None
+    if recorded is not None and current is not None and current != recorded:
+        raise SystemExit(f"{path} holds stage-2 settings tuned from the SFT checkpoint {recorded[:12]}, and the "
+                         f"grid's SFT ({sft.out / 'best'}) is now {current[:12]}: tune from it under another --tag "
+                         f"(or --results-dir) rather than mixing the two")
+    return recorded or current
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default="beauty")
@@ -185,6 +202,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         restore_run(spec.out, grid_records / f"{_slug(spec.name)}_seed{spec.seed}")
     for spec in specs:
         restore_run(spec.out, records / _slug(spec.name))
+    start = sft_checkpoint(grid, path) if args.stage == "gflowgr" else None
 
     def write_table() -> dict:
         payload = {"benchmark": "tune_quality", "what": __doc__.strip().splitlines()[0],
@@ -192,6 +210,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    "seed": SEED, "stage": args.stage,
                    "sft_seed": args.sft_seed, "config_dir": str(config_dir or f"configs/{args.dataset}"),
                    "overrides": list(args.overrides), "references": [], "runs": []}
+        if start is not None:
+            payload["sft_checkpoint"] = start
         ranks: dict[str, dict] = {}
         for kind, group, record_of in (("references", grid, lambda s: grid_records / f"{_slug(s.name)}_seed{s.seed}"),
                                        ("runs", specs, lambda s: records / _slug(s.name))):
