@@ -420,8 +420,10 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
         env["resumed"] = config.resume
         if config.resume and (spec.out / "env.json").exists():  # the processes the run continues, kept
             env["earlier"] = json.loads((spec.out / "env.json").read_text())
-        # Which checkpoint it starts from, by content: a later SFT in the same folder is another start.
-        env["starts_from"] = {str(n / "best"): checkpoint_digest(n / "best") for n in spec.needs}
+        # Which checkpoints it starts from, by content (in the order of its needs): an SFT retrained in the same
+        # folder is another start, and the runs that started from the earlier one are outdated (_outdated).
+        env["starts_from"] = [{"checkpoint": str(n / "best"), "sha256": checkpoint_digest(n / "best")}
+                              for n in spec.needs]
         (spec.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
         log(f"[{time.time() - start:7.0f}s] training {spec.name} seed {spec.seed} -> {spec.out}")
         t0 = time.time()
@@ -476,20 +478,34 @@ def adopt_run(spec: RunSpec, source: Path) -> bool:
 
 
 def _outdated(specs: Sequence[RunSpec]) -> dict[Path, str]:
-    """``{run folder: why}`` for the finished runs to train again: their config changed, or they start from
-    such a run or from one that is not finished (being retrained: its checkpoint will be another one), in plan
-    order so that a run's needs come first."""
+    """``{run folder: why}`` for the finished runs to train again, in plan order so that a run's needs come
+    first: their config changed, or a run they start from is trained again (outdated, or unfinished: being
+    retrained), or its checkpoint is not the one they started from (``env.json``'s ``starts_from``; a run
+    that recorded none counts as started from another)."""
     outdated: dict[Path, str] = {}
+    digests: dict[Path, str] = {}
     for spec in specs:
         if not spec.done() or spec.out in outdated:
             continue
         changed = spec.config_changes()
-        upstream = [str(n) for n in spec.needs if n in outdated or not (n / "result.json").exists()]
+        retrained = [str(n) for n in spec.needs if n in outdated or not (n / "result.json").exists()]
+        started = _started_from(spec)
+        moved = [str(n) for i, n in enumerate(spec.needs) if str(n) not in retrained and
+                 (i >= len(started) or started[i] != digests.setdefault(n, checkpoint_digest(n / "best")))]
         if changed:
             outdated[spec.out] = f"config changed ({', '.join(changed)})"
-        elif upstream:
-            outdated[spec.out] = f"starts from {', '.join(upstream)}, which is trained again"
+        elif retrained:
+            outdated[spec.out] = f"starts from {', '.join(retrained)}, which is trained again"
+        elif moved:
+            outdated[spec.out] = f"started from another checkpoint than {', '.join(moved)} holds now"
     return outdated
+
+
+def _started_from(spec: RunSpec) -> list[Optional[str]]:
+    """The digests of the checkpoints a finished run started from, as its ``env.json`` recorded them."""
+    path = spec.out / "env.json"
+    env = json.loads(path.read_text()) if path.exists() else {}
+    return [entry.get("sha256") for entry in env.get("starts_from", [])]
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:

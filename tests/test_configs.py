@@ -113,7 +113,7 @@ def test_gflowgr_variants_differ_only_in_objective(dataset):
         assert cfg.gfn.objective == method.split("_")[1]
         assert dataclasses.replace(cfg.gfn, objective="tb") == cfgs["gflowgr_tb"].gfn
         assert cfg.gfn.sampler == "cm_curriculum" and cfg.gfn.n_aug == 3
-        if dataset != "beauty_cpu":  # beauty_cpu: test_beauty_cpu_gflowgr_is_the_setting_selected_on_validation
+        if dataset != "beauty_cpu":  # beauty_cpu: test_beauty_cpu_yamls_hold_the_setting_selected_on_validation
             # lambda_gfn 0.1, beta 2 and the catalogue-scaled r_pos: picked on MovieLens-100K (docs/reproduce.md)
             r = cfg.gfn.reward
             assert cfg.gfn.lambda_gfn == 0.1 and r.beta == 2.0 and r.r_pos_mode == "catalogue"
@@ -122,15 +122,21 @@ def test_gflowgr_variants_differ_only_in_objective(dataset):
     assert sdpo.pref.n_neg == cfgs["gflowgr_tb"].gfn.n_aug  # as many extra trajectories as GFlowGR
 
 
-def test_beauty_cpu_gflowgr_is_the_setting_selected_on_validation():
-    """The Beauty CPU protocol's GFlowGR YAMLs hold the tuning setting with the highest validation NDCG@10
-    (benchmarks/results/tune_beauty_cpu.json's ``selected``): its overrides change nothing in them."""
+# tuning stage -> (its results file, the Beauty CPU YAMLs that hold its selected setting)
+TUNED_YAMLS = {"gflowgr": ("tune_beauty_cpu.json", ("gflowgr_tb", "gflowgr_db", "gflowgr_subtb")),
+               "sft": ("tune_beauty_sft_cpu.json", ("sft",))}
+
+
+@pytest.mark.parametrize("stage", list(TUNED_YAMLS))
+def test_beauty_cpu_yamls_hold_the_setting_selected_on_validation(stage):
+    """The Beauty CPU protocol's YAMLs hold each tuning's setting with the highest validation NDCG@10
+    (``selected`` in its results file): the setting's overrides change nothing in them."""
     tune_quality = _benchmark("tune_quality")
-    tuned = json.loads((REPO / "benchmarks" / "results" / "tune_beauty_cpu.json").read_text())
-    method, overrides = tune_quality.TUNING[tuned["selected"]]
+    tuned = json.loads((REPO / "benchmarks" / "results" / TUNED_YAMLS[stage][0]).read_text())
+    method, overrides = tune_quality.STAGES[stage][0][tuned["selected"]]
     assert tuned["selected"] == max(tuned["runs"], key=lambda r: r["valid"]["ndcg@10"])["setting"]
-    for objective in ("tb", "db", "subtb"):
-        path = CONFIGS / "beauty_cpu" / f"gflowgr_{objective}.yaml"
+    for name in TUNED_YAMLS[stage][1]:
+        path = CONFIGS / "beauty_cpu" / f"{name}.yaml"
         assert load_config(path, overrides) == load_config(path), f"{path} is not the setting {tuned['selected']!r}"
 
 
@@ -140,7 +146,7 @@ def test_every_tuning_setting_loads_and_changes_its_method_config():
     for name, (method, overrides) in {**tune_quality.TUNING, **tune_quality.SFT_TUNING}.items():
         path = CONFIGS / "beauty_cpu" / f"{method}.yaml"
         tuned = load_config(path, overrides).validate()
-        if name != tuned_selected():
+        if name not in tuned_selected():
             assert tuned != load_config(path), f"the tuning setting {name!r} changes nothing in {path}"
     assert {m for m, _ in tune_quality.SFT_TUNING.values()} == {"sft"}
     # An SFT setting trains from scratch (no SFT checkpoint needed); a stage-2 one starts from the grid's SFT.
@@ -186,7 +192,8 @@ def test_sft_tuning_table_holds_each_finished_setting_and_the_grid_sft_as_refere
     assert (results / "tune_beauty_sft_cpu.json").is_file() and payload["stage"] == "sft"
     assert [r["setting"] for r in payload["references"]] == ["sft"]
     assert [r["setting"] for r in payload["runs"]] == [tuned[0].name, tuned[1].name]
-    assert payload["selected"] == tuned[1].name and payload["budget"]["epochs"] == 20
+    epochs = load_config(CONFIGS / "beauty_cpu" / "sft.yaml").epochs
+    assert payload["selected"] == tuned[1].name and payload["budget"]["epochs"] == epochs
     assert (results / "tune_beauty_sft_cpu_runs" / tuned[1].name / "result.json").is_file()
     rows = {r["setting"]: r for r in payload["references"] + payload["runs"]}
     assert "paired" not in rows["sft"] and "paired" not in rows[tuned[0].name]  # itself; no ranks
@@ -201,12 +208,31 @@ def test_sft_tuning_table_holds_each_finished_setting_and_the_grid_sft_as_refere
     text = report.render_tuning_quality(results, "sft")
     assert "ndcg@10 − sft [95% CI], p" in text
     assert f"{paired['diff']:+.4f} [{paired['ci95'][0]:+.4f}, {paired['ci95'][1]:+.4f}], p" in text
-    assert "beauty, SFT from scratch, seed 42: the grid's SFT (20 epochs at batch 256" in text
+    assert f"beauty, SFT from scratch, seed 42: the grid's SFT ({epochs} epochs at batch 256" in text
     assert f"among the tuning rows: **{tuned[1].name}**" in text
 
 
-def tuned_selected() -> str:
-    return json.loads((REPO / "benchmarks" / "results" / "tune_beauty_cpu.json").read_text())["selected"]
+def test_stage2_tuning_refuses_a_grid_sft_other_than_the_one_it_tuned_from(tmp_path):
+    tune_quality = _benchmark("tune_quality")
+    grid = runner.plan_grid("beauty", ["sft_continue"], [42], tmp_path, sft_seed=42)
+    path = tmp_path / "tune_beauty_cpu.json"
+    assert tune_quality.sft_checkpoint(grid, path) is None  # no SFT yet, nothing recorded
+    (grid[0].out / "best").mkdir(parents=True)
+    (grid[0].out / "best" / "model.safetensors").write_bytes(b"first sft")
+    (grid[0].out / "result.json").write_text("{}")
+    first = tune_quality.sft_checkpoint(grid, path)
+    assert len(first) == 64
+    path.write_text(json.dumps({"sft_checkpoint": first}))
+    assert tune_quality.sft_checkpoint(grid, path) == first
+    (grid[0].out / "best" / "model.safetensors").write_bytes(b"retrained sft")
+    with pytest.raises(SystemExit, match=f"tuned from the SFT checkpoint {first[:12]}"):
+        tune_quality.sft_checkpoint(grid, path)
+
+
+def tuned_selected() -> set[str]:
+    """The selected setting of each tuning stage (the YAMLs hold them)."""
+    return {json.loads((REPO / "benchmarks" / "results" / path).read_text())["selected"]
+            for path, _ in TUNED_YAMLS.values()}
 
 
 @pytest.mark.parametrize("name", list(runner.ABLATIONS))
@@ -360,6 +386,34 @@ def test_run_specs_stops_on_a_finished_run_whose_config_changed_and_retrains_it_
     save_config(load_config(sft.config_path, sft.overrides + ["lr=0.01"]), sft.out / "config.yaml")
     outdated = runner._outdated(specs)
     assert list(outdated) == [sft.out, tb.out] and "starts from" in outdated[tb.out]
+
+
+def test_a_stage2_run_is_outdated_once_its_sft_checkpoint_is_another(tmp_path):
+    """A new machine restores a stage-2 record from an earlier SFT beside the retrained SFT's record: the
+    digest its env.json recorded when it started tells them apart."""
+    specs = runner.plan_grid("beauty", ["sft_continue"], [42], tmp_path, sft_seed=42)
+    sft, cont = specs
+    (sft.out / "best").mkdir(parents=True)
+    (sft.out / "best" / "model.safetensors").write_bytes(b"sft")
+    (sft.out / "result.json").write_text(json.dumps(_fake_result(None, 0.1)))
+
+    def fake_train(config, data):
+        (Path(config.out) / "result.json").write_text(json.dumps(_fake_result(None, 0.2)))
+        return {}
+
+    runner.run_specs(specs, data=None, train_fn=fake_train)
+    started = json.loads((cont.out / "env.json").read_text())["starts_from"]
+    digest = _benchmark("quality_records").checkpoint_digest(sft.out / "best")
+    assert started == [{"checkpoint": str(sft.out / "best"), "sha256": digest}]
+    assert runner._outdated(specs) == {}
+    (sft.out / "best" / "model.safetensors").write_bytes(b"another sft")
+    assert "started from another checkpoint" in runner._outdated(specs)[cont.out]
+    (cont.out / "env.json").write_text("{}")  # a run that recorded no start
+    assert "started from another checkpoint" in runner._outdated(specs)[cont.out]
+    trained = []
+    runner.run_specs(specs, data=None, train_fn=lambda c, d: trained.append(Path(c.out)) or fake_train(c, d),
+                     retrain_changed=True)
+    assert trained == [cont.out] and runner._outdated(specs) == {}
 
 
 def test_run_specs_time_budget_and_missing_sft(tmp_path):
