@@ -52,6 +52,8 @@ def archive_run(out: Path, record: Path, keep_checkpoint: bool,
     for name in RECORD_FILES:
         if (out / name).exists():
             shutil.copyfile(out / name, record / name)
+    for _, kept in RANK_FILES.values():  # an earlier run's ranks: run_ranks() keeps this run's instead
+        (record / kept).unlink(missing_ok=True)
     if sasrec is not None:
         (record / "sasrec.json").write_text(json.dumps(sasrec, indent=1, default=str) + "\n")
     if keep_checkpoint:

@@ -127,6 +127,17 @@ def test_a_record_never_replaces_a_run_being_retrained(tmp_path):
     assert quality_records.restore_run(out, record) and (out / "result.json").exists()
 
 
+def test_a_retrained_run_s_record_holds_its_own_ranks_not_the_earlier_run_s(tmp_path):
+    out, record = tmp_path / "runs" / "sdpo" / "seed42", tmp_path / "rec"
+    _finished_run(out, 0.1, {"headline": np.full(6, 3)})
+    quality_records.archive_run(out, record, keep_checkpoint=False)
+    assert quality_records.run_ranks(out, record)["headline"].tolist() == [3] * 6
+    _finished_run(out, 0.2, {"headline": np.full(6, 7)})  # trained again (a new SFT under it)
+    quality_records.archive_run(out, record, keep_checkpoint=False)
+    assert quality_records.run_ranks(out, record)["headline"].tolist() == [7] * 6
+    assert quality_records.load_ranks(record / "ranks.npz")["headline"].tolist() == [7] * 6
+
+
 def test_a_run_without_ranks_is_left_out_of_the_comparisons(tmp_path):
     specs = runner.plan_grid("beauty", ["sdpo", "gflowgr_tb"], [42], tmp_path / "runs")
     for spec in specs:
