@@ -412,8 +412,7 @@ def render_quality_file(p: dict) -> str:
                 for name, m in methods.items() if any(k in m for k in cols)]
         header = ["method"] + [k.split("/", 1)[1] if prefix else k for k in cols] + ([] if prefix else ["seeds"])
         lines += label + ["", md_table(header, body)]
-    if p.get("missing"):
-        lines += ["", "No finished seed: " + ", ".join(f"`{m}`" for m in p["missing"]) + "."]
+    lines += unfinished(p)
     if p.get("comparisons"):
         lines += ["", comparisons_table(p["comparisons"]), "", comparisons_verdict(p["comparisons"])]
     for source, table in (p.get("paper") or {}).items():
@@ -495,9 +494,22 @@ def render_quality_summary(results: Path) -> str:
     used = gflowgr_settings(p.get("runs") or [])
     if used:
         lines += ["", f"The GFlowGR rows were trained with {used} (each run's recorded config)."]
+    lines += unfinished(p)
     if p.get("comparisons"):
         lines += ["", comparisons_verdict(p["comparisons"])]
     return "\n".join(lines)
+
+
+def unfinished(p: dict) -> list[str]:
+    """Lines naming the grid's rows without a finished seed and the finished runs left out as outdated."""
+    lines = []
+    if p.get("missing"):
+        lines += ["", "No finished seed: " + ", ".join(f"`{m}`" for m in p["missing"]) + "."]
+    if p.get("outdated"):
+        lines += ["", f"{len(p['outdated'])} finished run(s) are left out until they are trained again: they "
+                      f"started from an earlier SFT checkpoint or ran with another config than the YAMLs hold now "
+                      f"(`outdated` in the file says which and why)."]
+    return lines
 
 
 def gflowgr_settings(runs: list) -> str:

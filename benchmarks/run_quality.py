@@ -420,10 +420,7 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
         env["resumed"] = config.resume
         if config.resume and (spec.out / "env.json").exists():  # the processes the run continues, kept
             env["earlier"] = json.loads((spec.out / "env.json").read_text())
-        # Which checkpoints it starts from, by content (in the order of its needs): an SFT retrained in the same
-        # folder is another start, and the runs that started from the earlier one are outdated (_outdated).
-        env["starts_from"] = [{"checkpoint": str(n / "best"), "sha256": checkpoint_digest(n / "best")}
-                              for n in spec.needs]
+        env["starts_from"] = starts_from(spec)
         (spec.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
         log(f"[{time.time() - start:7.0f}s] training {spec.name} seed {spec.seed} -> {spec.out}")
         t0 = time.time()
@@ -501,6 +498,13 @@ def _outdated(specs: Sequence[RunSpec]) -> dict[Path, str]:
     return outdated
 
 
+def starts_from(spec: RunSpec) -> list[dict]:
+    """What a run records (``env.json``) of the checkpoints it starts from, in the order of its needs: their
+    content digests, since an SFT retrained in the same folder is another start and the runs that started from
+    the earlier one are outdated (:func:`_outdated`)."""
+    return [{"checkpoint": str(n / "best"), "sha256": checkpoint_digest(n / "best")} for n in spec.needs]
+
+
 def _started_from(spec: RunSpec) -> list[Optional[str]]:
     """The digests of the checkpoints a finished run started from, as its ``env.json`` recorded them."""
     path = spec.out / "env.json"
@@ -572,8 +576,10 @@ def sasrec_report(spec: RunSpec, data=None) -> Optional[dict]:
 def aggregate(specs: Sequence[RunSpec], seeds: Sequence[int], data=None,
               record_of: Optional[Callable[[RunSpec], Path]] = None) -> dict:
     """Mean and std over the finished seeds of each run name in ``specs`` (test split of each run's best
-    checkpoint). Names without a finished run are left out of ``methods`` and listed in ``missing``.
-    ``runs`` describes every finished run; ``reference.sasrec`` holds the collaborative model's own test
+    checkpoint). Names without a finished run are left out of ``methods`` and listed in ``missing``. A
+    finished run the grid would train again (:func:`_outdated`: another config, or another SFT under it) is
+    not aggregated, so one file never mixes two settings; ``outdated`` names those runs and why.
+    ``runs`` describes every aggregated run; ``reference.sasrec`` holds the collaborative model's own test
     metrics over the seeds whose runs trained one (``data``: the prepared dataset, loaded when omitted).
 
     ``record_of(spec)``: the run's committed record (:mod:`quality_records`); with it, every finished run is
@@ -582,9 +588,10 @@ def aggregate(specs: Sequence[RunSpec], seeds: Sequence[int], data=None,
     results: dict[str, dict[int, dict]] = {}
     devices, versions = set(), None
     runs, sasrec = [], {}
+    outdated = _outdated(specs)
     for spec in specs:
         results.setdefault(spec.name, {})
-        if not spec.done():
+        if not spec.done() or spec.out in outdated:
             continue
         res = json.loads((spec.out / "result.json").read_text())
         results[spec.name][spec.seed] = res
@@ -634,7 +641,8 @@ def aggregate(specs: Sequence[RunSpec], seeds: Sequence[int], data=None,
     comparisons, intervals = ({}, {}) if record_of is None else paired_comparisons(specs, results, data, record_of)
     return {"device": device, "versions": versions, "seeds": list(seeds), "epochs": epochs, "steps": steps,
             "methods": methods, "missing": missing, "reference": reference, "runs": runs,
-            "comparisons": comparisons, "intervals": intervals}
+            "comparisons": comparisons, "intervals": intervals,
+            "outdated": {str(out): why for out, why in outdated.items()}}
 
 
 COMPARED = "gflowgr_tb"

@@ -408,6 +408,8 @@ def test_a_stage2_run_is_outdated_once_its_sft_checkpoint_is_another(tmp_path):
     assert runner._outdated(specs) == {}
     (sft.out / "best" / "model.safetensors").write_bytes(b"another sft")
     assert "started from another checkpoint" in runner._outdated(specs)[cont.out]
+    agg = runner.aggregate(specs, [42])  # not mixed into the results of the SFT now under it
+    assert agg["missing"] == ["sft_continue"] and list(agg["outdated"]) == [str(cont.out)]
     (cont.out / "env.json").write_text("{}")  # a run that recorded no start
     assert "started from another checkpoint" in runner._outdated(specs)[cont.out]
     trained = []
@@ -434,7 +436,8 @@ def test_aggregate_mean_std_and_missing(tmp_path):
             continue  # not finished yet
         spec.out.mkdir(parents=True)
         (spec.out / "result.json").write_text(json.dumps(_fake_result(spec, values[spec.seed])))
-        (spec.out / "env.json").write_text(json.dumps({"device": "NVIDIA H100", "versions": {"torch": "x"}}))
+        (spec.out / "env.json").write_text(json.dumps({"device": "NVIDIA H100", "versions": {"torch": "x"},
+                                                       "starts_from": runner.starts_from(spec)}))
     agg = runner.aggregate(specs, [42, 43, 44])
     assert agg["device"] == "NVIDIA H100" and agg["seeds"] == [42, 43, 44]
     assert agg["missing"] == ["sdpo"] and set(agg["methods"]) == {"sft", "gflowgr_tb"}

@@ -59,12 +59,12 @@ def test_ranks_file_round_trip(tmp_path):
     assert set(back) == set(ranks) and all(np.array_equal(back[k], ranks[k]) for k in ranks)
 
 
-def _finished_run(out: Path, value: float, ranks: dict, with_best: bool = False) -> None:
+def _finished_run(out: Path, value: float, ranks: dict, with_best: bool = False, starts_from=()) -> None:
     out.mkdir(parents=True, exist_ok=True)
     test = {m: value for m in runner.METRICS}
     (out / "result.json").write_text(json.dumps({"test": test, "train_seconds": 1.0, "epochs": 1, "steps": 2,
                                                  "device": "cpu"}))
-    (out / "env.json").write_text(json.dumps({"device": "cpu", "versions": {}}))
+    (out / "env.json").write_text(json.dumps({"device": "cpu", "versions": {}, "starts_from": list(starts_from)}))
     torch.save({"split": "test", "ranks": {k: torch.as_tensor(v, dtype=torch.int8) for k, v in ranks.items()}},
                out / "test_ranks.pt")
     if with_best:
@@ -85,7 +85,7 @@ def test_records_survive_a_new_machine_and_feed_the_comparisons(tmp_path):
     better = np.where(rng.random(n) < 0.15, rng.integers(0, 3, n), base)  # some users' hits move up
     for spec in specs:
         ranks = {"headline": better if spec.name == "gflowgr_tb" else base, "renorm/": base}
-        _finished_run(spec.out, 0.1, ranks, with_best=spec.name == "sft")
+        _finished_run(spec.out, 0.1, ranks, with_best=spec.name == "sft", starts_from=runner.starts_from(spec))
     agg = runner.aggregate(specs, [42, 43], data=None, record_of=record_of)
     comp = agg["comparisons"]
     assert set(comp) == {"gflowgr_tb-sft", "gflowgr_tb-sft_continue"}
@@ -142,6 +142,7 @@ def test_a_run_without_ranks_is_left_out_of_the_comparisons(tmp_path):
     specs = runner.plan_grid("beauty", ["sdpo", "gflowgr_tb"], [42], tmp_path / "runs")
     for spec in specs:
         _finished_run(spec.out, 0.1, {"headline": np.zeros(10, dtype=int), "renorm/": np.zeros(10, dtype=int)},
+                      starts_from=runner.starts_from(spec),
                       with_best=spec.name == "sft")
     (specs[1].out / "test_ranks.pt").unlink()  # sdpo: neither ranks nor a checkpoint
     agg = runner.aggregate(specs, [42], data=None, record_of=lambda s: tmp_path / "rec" / f"{s.name}")

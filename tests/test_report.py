@@ -408,6 +408,12 @@ def test_quality_summary_puts_ours_the_teacher_and_published_rows_in_one_table(t
     assert "`gflowgr_tb` vs `sdpo`: above it on ndcg@10 (+0.0010, p = 0.01)." in text
     assert "pending" in report.render_quality_summary(tmp_path / "absent")
     assert "The GFlowGR rows were trained" not in text  # no run configs in this file
+    assert "No finished seed" not in text and "left out" not in text
+    quality.update(missing=["sdpo"], outdated={"runs/beauty/sdpo/seed42": "started from another checkpoint"})
+    (tmp_path / "quality_beauty_cpu.json").write_text(json.dumps(quality))
+    for text in (report.render_quality_summary(tmp_path), "\n".join(report.unfinished(quality))):  # both tables
+        assert "No finished seed: `sdpo`." in text
+        assert "1 finished run(s) are left out until they are trained again" in text
 
 
 def test_quality_summary_names_the_setting_the_gflowgr_runs_used(tmp_path):
