@@ -44,7 +44,8 @@ def checkpoint_digest(folder: Path) -> str:
 
 def archive_run(out: Path, record: Path, keep_checkpoint: bool,
                 sasrec: Optional[dict] = None) -> None:
-    """Copy a finished run's record from ``out`` to ``record`` (again only when its result changed)."""
+    """Copy a finished run's record from ``out`` to ``record``, its per-user ranks included (again only when its
+    result changed)."""
     if (record / "result.json").exists() and \
             (record / "result.json").read_bytes() == (out / "result.json").read_bytes():
         return
@@ -52,8 +53,9 @@ def archive_run(out: Path, record: Path, keep_checkpoint: bool,
     for name in RECORD_FILES:
         if (out / name).exists():
             shutil.copyfile(out / name, record / name)
-    for _, kept in RANK_FILES.values():  # an earlier run's ranks: run_ranks() keeps this run's instead
+    for split, (_, kept) in RANK_FILES.items():  # this run's ranks, never an earlier run's of the same name
         (record / kept).unlink(missing_ok=True)
+        run_ranks(out, record, split=split)
     if sasrec is not None:
         (record / "sasrec.json").write_text(json.dumps(sasrec, indent=1, default=str) + "\n")
     if keep_checkpoint:

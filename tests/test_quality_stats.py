@@ -134,6 +134,7 @@ def test_a_retrained_run_s_record_holds_its_own_ranks_not_the_earlier_run_s(tmp_
     assert quality_records.run_ranks(out, record)["headline"].tolist() == [3] * 6
     _finished_run(out, 0.2, {"headline": np.full(6, 7)})  # trained again (a new SFT under it)
     quality_records.archive_run(out, record, keep_checkpoint=False)
+    assert quality_records.load_ranks(record / "ranks.npz")["headline"].tolist() == [7] * 6  # kept at once
     assert quality_records.run_ranks(out, record)["headline"].tolist() == [7] * 6
     assert quality_records.load_ranks(record / "ranks.npz")["headline"].tolist() == [7] * 6
 
