@@ -862,11 +862,15 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
     if args.dry_run:
         ddir = data_dir(root / "quick" if args.quick else root, args.dataset, args.quick)
         print(f"data: {ddir} ({'ready' if (ddir / 'stats.json').exists() else 'prepared on first run'})")
-        print(format_table([{"run": s.name, "seed": s.seed, "status": s.status(), "out": str(s.out)}
+        outdated = _outdated(specs)  # finished, but trained again (another config, or another SFT under it)
+        status = {s.out: "outdated" if s.out in outdated else s.status() for s in specs}
+        print(format_table([{"run": s.name, "seed": s.seed, "status": status[s.out], "out": str(s.out)}
                             for s in specs], ["run", "seed", "status", "out"]))
+        for out, why in outdated.items():
+            print(f"outdated: {out}: {why}")
         printed: set[Path] = set()
         for s in specs:
-            if s.status() != "done" and s.out not in printed:
+            if status[s.out] != "done" and s.out not in printed:
                 printed.add(s.out)
                 print(s.command())
         return {}

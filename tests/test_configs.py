@@ -388,7 +388,7 @@ def test_run_specs_stops_on_a_finished_run_whose_config_changed_and_retrains_it_
     assert list(outdated) == [sft.out, tb.out] and "starts from" in outdated[tb.out]
 
 
-def test_a_stage2_run_is_outdated_once_its_sft_checkpoint_is_another(tmp_path):
+def test_a_stage2_run_is_outdated_once_its_sft_checkpoint_is_another(tmp_path, capsys):
     """A new machine restores a stage-2 record from an earlier SFT beside the retrained SFT's record: the
     digest its env.json recorded when it started tells them apart."""
     specs = runner.plan_grid("beauty", ["sft_continue"], [42], tmp_path, sft_seed=42)
@@ -408,6 +408,11 @@ def test_a_stage2_run_is_outdated_once_its_sft_checkpoint_is_another(tmp_path):
     assert runner._outdated(specs) == {}
     (sft.out / "best" / "model.safetensors").write_bytes(b"another sft")
     assert "started from another checkpoint" in runner._outdated(specs)[cont.out]
+    runner.main(["--dry-run", "--methods", "sft_continue", "--seeds", "42", "--sft-seed", "42", "--root", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert f"outdated: {cont.out}: started from another checkpoint" in printed
+    row = next(line for line in printed.splitlines() if line.split()[:2] == ["sft_continue", "42"])
+    assert row.split()[2] == "outdated"
     agg = runner.aggregate(specs, [42])  # not mixed into the results of the SFT now under it
     assert agg["missing"] == ["sft_continue"] and list(agg["outdated"]) == [str(cont.out)]
     (cont.out / "env.json").write_text("{}")  # a run that recorded no start
