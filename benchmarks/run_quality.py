@@ -385,8 +385,9 @@ def run_specs(specs: Sequence[RunSpec], data=None, max_minutes: Optional[float] 
     outdated = _outdated(specs)
     if outdated and not retrain_changed:
         lines = [f"  {out}: {why}" for out, why in outdated.items()]
-        raise SystemExit("these finished runs do not match their configs as they are now:\n" + "\n".join(lines) +
-                         "\npass --retrain-changed to train them again, or restore the configs they ran with")
+        raise SystemExit("these finished runs do not match their configs, or the SFT checkpoint under them, as "
+                         "they are now:\n" + "\n".join(lines) + "\npass --retrain-changed to train them again, or "
+                         "restore the configs and checkpoints they ran with")
     seen: set[Path] = set()
     stopped = False
     for spec in specs:
