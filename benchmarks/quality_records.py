@@ -76,9 +76,11 @@ def restore_run(out: Path, record: Path) -> bool:
     """Put a committed record back into the run folder ``out`` when that run is not finished there.
 
     Returns whether it restored. A checkpoint is restored only when every file matches its manifest hash;
-    a mismatch raises (a corrupted or hand-edited record must not silently seed stage 2). An interrupted run
-    in ``out`` (its resumable ``last/``, e.g. a retraining stopped with its session) is left to resume."""
-    if (out / "result.json").exists() or (out / "last").is_dir() or not (record / "result.json").exists():
+    a mismatch raises (a corrupted or hand-edited record must not silently seed stage 2). Only a missing run
+    folder is restored (a new machine): a folder here is this machine's run, finished, interrupted (a
+    retraining stopped with its session resumes from its ``last/``) or still training (another process may be
+    writing it), and its record must not overwrite it."""
+    if out.exists() or not (record / "result.json").exists():
         return False
     if (record / "best").exists():
         want = json.loads((record / "best.sha256").read_text())
@@ -87,8 +89,6 @@ def restore_run(out: Path, record: Path) -> bool:
             bad = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
             raise SystemExit(f"{record / 'best'}: files {bad} do not match {record / 'best.sha256'}; the committed "
                              f"checkpoint is damaged (git checkout it again, or delete the record to retrain)")
-        if out.exists():
-            shutil.rmtree(out)
         out.mkdir(parents=True)
         shutil.copytree(record / "best", out / "best")
     out.mkdir(parents=True, exist_ok=True)

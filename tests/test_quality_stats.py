@@ -113,8 +113,11 @@ def test_records_survive_a_new_machine_and_feed_the_comparisons(tmp_path):
 
 
 def test_a_record_never_replaces_a_run_being_retrained(tmp_path):
-    """A finished run retrained under a new config and stopped with its session keeps its resumable ``last/``:
-    the next session resumes it instead of putting the old record back and starting over."""
+    """A record is restored only where its run folder is missing (a new machine). A finished run retrained
+    under a new config keeps its folder: stopped with its session, its resumable ``last/``; still training in
+    another process, the files it has written so far (its first ``last/`` comes at the end of an epoch)."""
+    import shutil
+
     out, record = tmp_path / "runs" / "sft" / "seed42", tmp_path / "rec"
     _finished_run(record, 0.1, {"headline": np.zeros(4, dtype=int)}, with_best=True)
     (record / "best.sha256").write_text(json.dumps(quality_records._manifest(record / "best")))
@@ -122,8 +125,11 @@ def test_a_record_never_replaces_a_run_being_retrained(tmp_path):
     (out / "last" / "trainer_state.pt").write_bytes(b"step 2027")
     assert not quality_records.restore_run(out, record)
     assert (out / "last" / "trainer_state.pt").read_bytes() == b"step 2027" and not (out / "result.json").exists()
-    import shutil
-    shutil.rmtree(out / "last")  # a folder without resumable state is a finished run's to restore
+    shutil.rmtree(out / "last")
+    (out / "config.yaml").write_text("stage: sft\n")  # a run in its first epoch
+    assert not quality_records.restore_run(out, record)
+    assert list(out.iterdir()) == [out / "config.yaml"]
+    shutil.rmtree(out)
     assert quality_records.restore_run(out, record) and (out / "result.json").exists()
 
 
