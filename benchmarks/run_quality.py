@@ -488,8 +488,11 @@ def _outdated(specs: Sequence[RunSpec]) -> dict[Path, str]:
         changed = spec.config_changes()
         retrained = [str(n) for n in spec.needs if n in outdated or not (n / "result.json").exists()]
         started = _started_from(spec)
+        for n in spec.needs:  # each SFT checkpoint hashed once, not once per run that starts from it
+            if str(n) not in retrained and n not in digests:
+                digests[n] = checkpoint_digest(n / "best")
         moved = [str(n) for i, n in enumerate(spec.needs) if str(n) not in retrained and
-                 (i >= len(started) or started[i] != digests.setdefault(n, checkpoint_digest(n / "best")))]
+                 (i >= len(started) or started[i] != digests[n])]
         if changed:
             outdated[spec.out] = f"config changed ({', '.join(changed)})"
         elif retrained:
