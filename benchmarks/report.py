@@ -792,14 +792,13 @@ def paired_cell(c: Optional[dict]) -> str:
 
 def render_tuning_quality(results: Path, stage: str = "gflowgr") -> str:
     """The validation-only tuning of ``stage`` on the quality grid's datasets (``benchmarks/tune_quality.py``;
-    ``gflowgr``: stage 2, ``sft``: the SFT): the grid's own runs of the seed as references, then every tried
-    setting in the order run."""
+    ``gflowgr``: GFlowGR's stage 2, ``lr``: each stage-2 method's learning rate, ``sft``: the SFT): the grid's own
+    runs of the seed as references, then every tried setting in the order run."""
     files = [f for f in sorted(results.glob("tune_*.json")) if f.name != "tune_demo_cpu.json"]
     tables = [(f, p) for f in files for p in [load(results, f.name)] if p.get("stage", "gflowgr") == stage]
     if not tables:
-        flag = " --stage sft" if stage == "sft" else ""
-        return pending(f"benchmarks/results/tune_beauty{'_sft' if stage == 'sft' else ''}_cpu.json",
-                       f"run `python benchmarks/tune_quality.py{flag}`")
+        flag, suffix = ("", "") if stage == "gflowgr" else (f" --stage {stage}", f"_{stage}")
+        return pending(f"benchmarks/results/tune_beauty{suffix}_cpu.json", f"run `python benchmarks/tune_quality.py{flag}`")
     parts = []
     for f, p in tables:
         budget = p.get("budget") or {}
@@ -837,6 +836,10 @@ def render_tuning_quality(results: Path, stage: str = "gflowgr") -> str:
                          f"difference.")
         if chosen:
             parts.append(f"Highest validation {p.get('select_metric', 'ndcg@10')} among the tuning rows: **{chosen}**.")
+        by_method = p.get("selected_by_method") or {}
+        if by_method:
+            parts.append(f"Highest validation {p.get('select_metric', 'ndcg@10')} per method, its YAML's own run "
+                         f"included: " + "; ".join(f"`{m}` **{name}**" for m, name in by_method.items()) + ".")
         parts.append("")
     return "\n".join(parts).rstrip("\n")
 
@@ -877,7 +880,8 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "cpu_memory": render_cpu_memory, "batch_order": render_batch_order,
     "trie_build": render_trie_build,
     "quality": render_quality, "quality_summary": render_quality_summary, "demo": render_demo, "tuning": render_tuning, "tuning_quality": render_tuning_quality,
-    "tuning_sft": lambda results: render_tuning_quality(results, "sft"), "fsdp": render_fsdp,
+    "tuning_sft": lambda results: render_tuning_quality(results, "sft"),
+    "tuning_lr": lambda results: render_tuning_quality(results, "lr"), "fsdp": render_fsdp,
     "trl_logps": render_trl_logps, "benchmark_rows": render_benchmark_rows,
 }
 

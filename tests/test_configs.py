@@ -143,7 +143,8 @@ def test_beauty_cpu_yamls_hold_the_setting_selected_on_validation(stage):
 def test_every_tuning_setting_loads_and_changes_its_method_config():
     """A misspelt key or value in benchmarks/tune_quality.py's TUNING fails here, not after a run has started."""
     tune_quality = _benchmark("tune_quality")
-    for name, (method, overrides) in {**tune_quality.TUNING, **tune_quality.SFT_TUNING}.items():
+    for name, (method, overrides) in {**tune_quality.TUNING, **tune_quality.SFT_TUNING,
+                                      **tune_quality.LR_TUNING}.items():
         path = CONFIGS / "beauty_cpu" / f"{method}.yaml"
         tuned = load_config(path, overrides).validate()
         if name not in tuned_selected():
@@ -227,6 +228,64 @@ def test_stage2_tuning_refuses_a_grid_sft_other_than_the_one_it_tuned_from(tmp_p
     (grid[0].out / "best" / "model.safetensors").write_bytes(b"retrained sft")
     with pytest.raises(SystemExit, match=f"tuned from the SFT checkpoint {first[:12]}"):
         tune_quality.sft_checkpoint(grid, path)
+
+
+def test_learning_rate_tuning_keeps_each_methods_best_rate_against_its_current_grid_run(tmp_path):
+    """``tune_quality.py --stage lr``: per method, the best of its grid run (its YAML's rate) and its rate rows on
+    validation; a grid run from another SFT checkpoint is no reference and is left out; the report names the pick
+    per method."""
+    from gflowgr_core.train.config import save_config
+
+    tune_quality, report = _benchmark("tune_quality"), _benchmark("report")
+    root, results = tmp_path / "runs", tmp_path / "results"
+    grid = {s.method: s for s in runner.plan_grid("beauty", ["sft", "sft_continue", "sdpo", "gflowgr_tb"], [42],
+                                                   root, config_dir=CONFIGS / "beauty_cpu", sft_seed=42)}
+    tuned = {s.name: s for s in tune_quality.plan_tuning("beauty", root, list(tune_quality.LR_TUNING),
+                                                          CONFIGS / "beauty_cpu", 42, [], tune_quality.LR_TUNING)}
+    (grid["sft"].out / "best").mkdir(parents=True)
+    (grid["sft"].out / "best" / "model.safetensors").write_bytes(b"the grid's sft")
+    # "sft": the digest of the grid SFT's best/ once written (it is first); sdpo's grid run recorded another one.
+    finished = [(grid["sft"], 0.0494, None), (grid["sft_continue"], 0.0479, "sft"), (grid["sdpo"], 0.0461, "0" * 64),
+                (grid["gflowgr_tb"], 0.0511, "sft"), (tuned["sft_continue_lr1e-4"], 0.0490, "sft"),
+                (tuned["sft_continue_lr2e-4"], 0.0485, "sft"), (tuned["gflowgr_tb_lr1e-4"], 0.0500, "sft")]
+    rng = np.random.default_rng(0)
+    digest = None
+    for spec, best, start in finished:
+        if start == "sft":
+            digest = digest or tune_quality.checkpoint_digest(grid["sft"].out / "best")
+            start = digest
+        spec.out.mkdir(parents=True, exist_ok=True)
+        save_config(load_config(spec.config_path, spec.overrides), spec.out / "config.yaml")
+        history = [{"epoch": e, "valid": {k: best - 0.001 * (2 - e) for k in ("ndcg@10", "renorm/ndcg@10",
+                                                                             "recall@10", "renorm/recall@10",
+                                                                             "coverage@10")}} for e in (1, 2)]
+        (spec.out / "result.json").write_text(json.dumps({"status": "finished", "history": history, "epochs": 2,
+                                                          "steps": 100, "train_seconds": 60.0}))
+        if start is not None:
+            (spec.out / "env.json").write_text(json.dumps({"starts_from": [{"checkpoint": "best", "sha256": start}]}))
+        (spec.out / "best").mkdir(exist_ok=True)  # the best epoch's per-user validation ranks, as the trainer keeps
+        ranks = np.where(rng.random(2000) < best * 2, rng.integers(0, 20, 2000), -1)
+        torch.save({"split": "valid", "ranks": {k: torch.as_tensor(ranks, dtype=torch.int8)
+                                                for k in ("headline", "renorm/")}}, spec.out / "best" / "valid_ranks.pt")
+    payload = tune_quality.main(["--stage", "lr", "--aggregate-only", "--root", str(root), "--results-dir",
+                                 str(results), "--config-dir", str(CONFIGS / "beauty_cpu"), "--tag", "cpu"])
+    assert (results / "tune_beauty_lr_cpu.json").is_file() and payload["stage"] == "lr"
+    assert payload["sft_checkpoint"] == digest
+    # sdpo's grid run started from another SFT: no reference; sdpo has no rate row either, so nothing is picked.
+    assert [r["setting"] for r in payload["references"]] == ["sft", "sft_continue", "gflowgr_tb"]
+    assert [r["setting"] for r in payload["runs"]] == ["sft_continue_lr1e-4", "gflowgr_tb_lr1e-4",
+                                                      "sft_continue_lr2e-4"]
+    assert payload["selected_by_method"] == {"gflowgr_tb": "gflowgr_tb", "sft_continue": "sft_continue_lr1e-4"}
+    assert "selected" not in payload
+    assert payload["budget"]["lr"] == load_config(CONFIGS / "beauty_cpu" / "sft_continue.yaml").lr
+    rows = {r["setting"]: r for r in payload["references"] + payload["runs"]}
+    assert rows["sft_continue_lr1e-4"]["overrides"] == ["lr=0.0001"]
+    assert set(rows["sft_continue_lr1e-4"]["paired"]) == {"gflowgr_tb", "sft_continue"}
+    assert set(rows["gflowgr_tb"]["paired"]) == {"sft_continue"}
+    text = report.render_tuning_quality(results, "lr")
+    assert "per method, its YAML's own run included: `gflowgr_tb` **gflowgr_tb**; " \
+           "`sft_continue` **sft_continue_lr1e-4**." in text
+    assert "tune_beauty_lr_cpu.json" in report.render_tuning_quality(tmp_path / "none", "lr")  # pending
 
 
 def tuned_selected() -> set[str]:
