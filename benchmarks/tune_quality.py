@@ -131,8 +131,11 @@ def plan_tuning(dataset: str, root: Path, names: list[str], config_dir: Optional
 
 
 def validation_row(spec: RunSpec, overrides: list[str]) -> dict:
-    """The best validation epoch of a finished run (both scorings), its curve, steps and train time."""
+    """The best validation epoch of a finished run (both scorings), its curve, steps, train time and the learning
+    rate it ran with."""
     res = json.loads((spec.out / "result.json").read_text())
+    config = spec.out / "config.yaml"
+    lr = yaml.safe_load(config.read_text()).get("lr") if config.exists() else None
     history = [r for r in res.get("history", []) if isinstance(r.get("valid"), dict)]
     if not history:
         raise SystemExit(f"{spec.out}/result.json has no validation history")
@@ -141,7 +144,7 @@ def validation_row(spec: RunSpec, overrides: list[str]) -> dict:
     return {"setting": spec.name, "method": spec.method, "overrides": overrides,
             "valid": {k: float(best["valid"][k]) for k in keys if k in best["valid"]},
             "best_epoch": best["epoch"], "epochs": res.get("epochs"), "steps": res.get("steps"),
-            "train_seconds": res.get("train_seconds"),
+            "train_seconds": res.get("train_seconds"), "lr": lr,
             "curve": [{"epoch": r["epoch"], SELECT: r["valid"][SELECT]} for r in history]}
 
 
@@ -165,6 +168,21 @@ def selected_by_method(rows: list[dict]) -> dict[str, str]:
     tuned = {r["method"] for r in rows if r["setting"] != r["method"]}
     return {m: max((r for r in rows if r["method"] == m), key=lambda r: r["valid"][SELECT])["setting"]
             for m in sorted(tuned)}
+
+
+def check_references_kept(path: Path, references: list[dict]) -> None:
+    """Refuses to rewrite the learning-rate table at ``path`` once a grid run it holds as a reference has been
+    retrained with another rate (or is being retrained): the rate a method was tuned against would vanish from
+    the record of its choice. A grid retrained after the choice is recorded in this table as it stands."""
+    if not path.exists():
+        return
+    now = {r["method"]: r.get("lr") for r in references}
+    for row in json.loads(path.read_text()).get("references", []):
+        if row["method"] not in now or now[row["method"]] != row.get("lr"):
+            have = "no finished run" if row["method"] not in now else f"lr {now[row['method']]}"
+            raise SystemExit(f"{path} holds the grid's {row['method']} at lr {row.get('lr')} as a reference and "
+                             f"the grid now has {have}: this table is the record of that choice; tune again under "
+                             f"another --tag (or --results-dir)")
 
 
 def sft_checkpoint(grid: list[RunSpec], path: Path) -> Optional[str]:
@@ -258,6 +276,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             payload["budget"] = {k: cfg.get(k) for k in ("epochs", "batch_size", "lr", "warmup_steps",
                                                          "valid_max_users", "eval_beams")}
         if args.stage == "lr":  # each method's own best rate, its YAML's (the grid run) included
+            check_references_kept(path, payload["references"])
             payload["selected_by_method"] = selected_by_method(payload["references"] + payload["runs"])
         elif payload["runs"]:  # the tuning runs only: the grid's own row is whichever setting its YAML holds
             payload["selected"] = max(payload["runs"], key=lambda r: r["valid"][SELECT])["setting"]

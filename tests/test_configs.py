@@ -279,13 +279,22 @@ def test_learning_rate_tuning_keeps_each_methods_best_rate_against_its_current_g
     assert "selected" not in payload
     assert payload["budget"]["lr"] == load_config(CONFIGS / "beauty_cpu" / "sft_continue.yaml").lr
     rows = {r["setting"]: r for r in payload["references"] + payload["runs"]}
-    assert rows["sft_continue_lr1e-4"]["overrides"] == ["lr=0.0001"]
+    assert rows["sft_continue_lr1e-4"]["overrides"] == ["lr=0.0001"] and rows["sft_continue_lr1e-4"]["lr"] == 0.0001
+    assert rows["sft_continue"]["lr"] == payload["budget"]["lr"]
     assert set(rows["sft_continue_lr1e-4"]["paired"]) == {"gflowgr_tb", "sft_continue"}
     assert set(rows["gflowgr_tb"]["paired"]) == {"sft_continue"}
     text = report.render_tuning_quality(results, "lr")
     assert "per method, its YAML's own run included: `gflowgr_tb` **gflowgr_tb**; " \
            "`sft_continue` **sft_continue_lr1e-4**." in text
     assert "tune_beauty_lr_cpu.json" in report.render_tuning_quality(tmp_path / "none", "lr")  # pending
+    # Once the grid's sft_continue is retrained at another rate, the table (the record of the choice) is kept.
+    save_config(load_config(grid["sft_continue"].config_path, [*grid["sft_continue"].overrides, "lr=0.00033"]),
+                grid["sft_continue"].out / "config.yaml")
+    written = (results / "tune_beauty_lr_cpu.json").read_text()
+    with pytest.raises(SystemExit, match=f"holds the grid's sft_continue at lr {rows['sft_continue']['lr']} as a "):
+        tune_quality.main(["--stage", "lr", "--aggregate-only", "--root", str(root), "--results-dir", str(results),
+                           "--config-dir", str(CONFIGS / "beauty_cpu"), "--tag", "cpu"])
+    assert (results / "tune_beauty_lr_cpu.json").read_text() == written
 
 
 def tuned_selected() -> set[str]:
