@@ -174,12 +174,13 @@ class RunSpec:
         return (self.out / "result.json").exists()
 
     def config_diff(self) -> dict:
-        """``{key: value the finished run used}`` for every config key whose value in the run's ``config.yaml``
-        differs from what its YAML and overrides give now (a YAML edited after the run, e.g. by the tuning),
-        ignoring ``UNCOMPARED_KEYS``. Empty when the run is not finished or wrote no config."""
+        """``{key: value the run used}`` for every config key whose value in the run's ``config.yaml`` differs from
+        what its YAML and overrides give now (a YAML edited after the run, e.g. by the tuning), ignoring
+        ``UNCOMPARED_KEYS``. A run counts when it finished or is resumable (its ``last/`` would continue it with
+        the old config); empty otherwise, or when it wrote no config."""
         from gflowgr_core.train.config import load_config
 
-        if not (self.done() and (self.out / "config.yaml").exists()):
+        if not ((self.done() or self.resumable()) and (self.out / "config.yaml").exists()):
             return {}
         ran = _flatten(load_config(self.out / "config.yaml").to_dict())
         planned = _flatten(load_config(self.config_path, self.overrides).to_dict())
@@ -476,14 +477,15 @@ def adopt_run(spec: RunSpec, source: Path) -> bool:
 
 
 def _outdated(specs: Sequence[RunSpec]) -> dict[Path, str]:
-    """``{run folder: why}`` for the finished runs to train again, in plan order so that a run's needs come
-    first: their config changed, or a run they start from is trained again (outdated, or unfinished: being
-    retrained), or its checkpoint is not the one they started from (``env.json``'s ``starts_from``; a run
-    that recorded none counts as started from another)."""
+    """``{run folder: why}`` for the finished (or resumable) runs to train again from scratch, in plan order so
+    that a run's needs come first: their config changed, or a run they start from is trained again (outdated,
+    or unfinished: being retrained), or its checkpoint is not the one they started from (``env.json``'s
+    ``starts_from``; a run that recorded none counts as started from another). A resumable run is included
+    because resuming it would finish it with the old config or start."""
     outdated: dict[Path, str] = {}
     digests: dict[Path, str] = {}
     for spec in specs:
-        if not spec.done() or spec.out in outdated:
+        if not (spec.done() or spec.resumable()) or spec.out in outdated:
             continue
         changed = spec.config_changes()
         retrained = [str(n) for n in spec.needs if n in outdated or not (n / "result.json").exists()]

@@ -96,9 +96,11 @@ def test_yaml_words_on_off_stay_words_for_text_fields(tmp_path):
 def test_stage2_methods_share_budget_and_model(dataset):
     cfgs = {m: load_config(CONFIGS / dataset / f"{m}.yaml") for m in METHODS}
     ref = dataclasses.asdict(cfgs["gflowgr_tb"])
+    # beauty_cpu: each method's rate was tuned on validation (test_beauty_cpu_stage2_rates_are_the_ones_selected_...)
+    shared = [k for k in SHARED_STAGE2 if not (dataset == "beauty_cpu" and k == "lr")]
     for method in METHODS[1:]:
         other = dataclasses.asdict(cfgs[method])
-        diff = {k: (other[k], ref[k]) for k in SHARED_STAGE2 if other[k] != ref[k]}
+        diff = {k: (other[k], ref[k]) for k in shared if other[k] != ref[k]}
         assert not diff, f"{dataset}/{method} differs from gflowgr_tb in {diff}"
     assert cfgs["sft"].model == cfgs["gflowgr_tb"].model
     assert cfgs["sft"].batch_size == cfgs["gflowgr_tb"].batch_size
@@ -297,10 +299,30 @@ def test_learning_rate_tuning_keeps_each_methods_best_rate_against_its_current_g
     assert (results / "tune_beauty_lr_cpu.json").read_text() == written
 
 
+# Beauty CPU stage-2 methods without rate rows of their own run at the rate selected for their family.
+RATE_FAMILY = {"dpo": "sdpo", "gflowgr_db": "gflowgr_tb", "gflowgr_subtb": "gflowgr_tb"}
+
+
+def test_beauty_cpu_stage2_rates_are_the_ones_selected_on_validation():
+    """Each Beauty CPU stage-2 YAML holds the learning rate its method (or its family's) scored best with on
+    validation (``selected_by_method`` of ``tune_beauty_lr_cpu.json``, the grid's own rate included)."""
+    tuned = json.loads((REPO / "benchmarks" / "results" / "tune_beauty_lr_cpu.json").read_text())
+    rows = {r["setting"]: r for r in tuned["references"] + tuned["runs"]}
+    for method, name in tuned["selected_by_method"].items():
+        assert rows[name]["valid"]["ndcg@10"] == max(r["valid"]["ndcg@10"] for r in rows.values()
+                                                      if r["method"] == method)
+    picked = {method: rows[name]["lr"] for method, name in tuned["selected_by_method"].items()}
+    assert set(picked) == {"sft_continue", "sdpo", "gflowgr_tb"}
+    for method in METHODS[1:]:
+        want = picked[RATE_FAMILY.get(method, method)]
+        assert load_config(CONFIGS / "beauty_cpu" / f"{method}.yaml").lr == want, f"{method}.yaml: lr is not {want}"
+
+
 def tuned_selected() -> set[str]:
-    """The selected setting of each tuning stage (the YAMLs hold them)."""
+    """The selected setting of each tuning stage, and each method's selected rate (the YAMLs hold them)."""
+    rates = json.loads((REPO / "benchmarks" / "results" / "tune_beauty_lr_cpu.json").read_text())
     return {json.loads((REPO / "benchmarks" / "results" / path).read_text())["selected"]
-            for path, _ in TUNED_YAMLS.values()}
+            for path, _ in TUNED_YAMLS.values()} | set(rates["selected_by_method"].values())
 
 
 @pytest.mark.parametrize("name", list(runner.ABLATIONS))
@@ -375,8 +397,11 @@ def test_run_specs_resume_continues_from_last(tmp_path):
     specs = runner.plan_grid("beauty", ["gflowgr_tb"], [42], tmp_path)
     (specs[0].out).mkdir(parents=True)
     (specs[0].out / "result.json").write_text(json.dumps(_fake_result(None, 0.1)))
+    (specs[0].out / "best").mkdir()
+    (specs[0].out / "best" / "model.safetensors").write_bytes(b"sft")
     (specs[1].out / "last").mkdir(parents=True)
     (specs[1].out / "last" / "state.pt").write_text("x")
+    (specs[1].out / "env.json").write_text(json.dumps({"starts_from": runner.starts_from(specs[1])}))
     assert specs[1].status() == "resumable"
     seen = []
 
@@ -389,6 +414,38 @@ def test_run_specs_resume_continues_from_last(tmp_path):
     runner.run_specs(specs, data=None, train_fn=fake_train, resume=True)
     assert seen == [True]
     assert json.loads((specs[1].out / "env.json").read_text())["resumed"] is True
+
+
+def test_a_resumable_run_whose_config_changed_starts_over_instead_of_resuming(tmp_path):
+    """Resuming an interrupted run after its YAML changed would finish it with the old config: it is outdated
+    (the grid stops, or with ``retrain_changed`` trains it again from scratch)."""
+    from gflowgr_core.train.config import load_config, save_config
+
+    specs = runner.plan_grid("beauty", ["sdpo"], [42], tmp_path)
+    sft, sdpo = specs
+    (sft.out / "best").mkdir(parents=True)
+    (sft.out / "best" / "model.safetensors").write_bytes(b"sft")
+    (sft.out / "result.json").write_text(json.dumps(_fake_result(None, 0.1)))
+    (sdpo.out / "last").mkdir(parents=True)
+    (sdpo.out / "last" / "state.pt").write_text("x")
+    (sdpo.out / "env.json").write_text(json.dumps({"starts_from": runner.starts_from(sdpo)}))
+    save_config(load_config(sdpo.config_path, sdpo.overrides), sdpo.out / "config.yaml")
+    assert runner._outdated(specs) == {}  # same config and start: resumed
+    save_config(load_config(sdpo.config_path, [*sdpo.overrides, "lr=0.00033"]), sdpo.out / "config.yaml")
+    assert sdpo.status() == "resumable" and sdpo.config_changes() == ["lr"]
+    assert runner._outdated(specs) == {sdpo.out: "config changed (lr)"}
+    seen = []
+
+    def fake_train(config, data):
+        seen.append(config.resume)
+        assert not (Path(config.out) / "last").exists(), "the interrupted run's folder is cleared first"
+        (Path(config.out) / "result.json").write_text(json.dumps(_fake_result(None, 0.1)))
+        return {}
+
+    with pytest.raises(SystemExit, match=r"sdpo/seed42: config changed \(lr\)"):
+        runner.run_specs(specs, data=None, train_fn=fake_train, resume=True)
+    runner.run_specs(specs, data=None, train_fn=fake_train, resume=True, retrain_changed=True)
+    assert seen == [False]
 
 
 def _fake_result(spec, value: float) -> dict:
