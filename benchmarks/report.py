@@ -822,11 +822,15 @@ def render_tuning_quality(results: Path, stage: str = "gflowgr") -> str:
                 if key == "references":  # a grid run's overrides are where it differs from its YAML as it is now
                     setting = f"its YAML then: {setting}" if setting else "as in its YAML"
                 paired = r.get("paired") or {}
-                rows.append([kind, f"`{r['method']}`", r.get("setting", ""), setting, r.get("best_epoch")] +
+                # The rate each row ran with: a grid run's YAML may have taken its method's pick since.
+                rate = ["–" if r.get("lr") is None else f"{r['lr']:g}"] if stage == "lr" else []
+                if stage == "lr" and key == "references":
+                    setting = "the grid's run"
+                rows.append([kind, f"`{r['method']}`", r.get("setting", ""), setting, *rate, r.get("best_epoch")] +
                             [metric(r["valid"].get(c)) for c in TUNING_COLUMNS] +
                             [paired_cell(paired[b].get(SELECT_PAIRED)) if b in paired else "–" for b in bases] +
                             ["–" if r.get("train_seconds") is None else f"{r['train_seconds'] / 60:.0f} min"])
-        header = ["row", "method", "name", "overrides", "best epoch"] + [f"valid {c}" for c in TUNING_COLUMNS] + \
+        header = ["row", "method", "name", "overrides", *(["lr"] if stage == "lr" else []), "best epoch"] + [f"valid {c}" for c in TUNING_COLUMNS] + \
             [f"{SELECT_PAIRED} − {b} [95% CI], p" for b in bases] + ["train time"]
         chosen = p.get("selected")
         parts += [provenance(p), "", f"One run per setting: {about}.", "", md_table(header, rows), ""]

@@ -286,6 +286,8 @@ def test_learning_rate_tuning_keeps_each_methods_best_rate_against_its_current_g
     assert set(rows["sft_continue_lr1e-4"]["paired"]) == {"gflowgr_tb", "sft_continue"}
     assert set(rows["gflowgr_tb"]["paired"]) == {"sft_continue"}
     text = report.render_tuning_quality(results, "lr")
+    assert "| `sft_continue` | sft_continue_lr1e-4 | `lr=0.0001` | 0.0001 | 2 |" in text
+    assert f"| grid run | `sft_continue` | sft_continue | the grid's run | {rows['sft_continue']['lr']:g} | 2 |" in text
     assert "per method, its YAML's own run included: `gflowgr_tb` **gflowgr_tb**; " \
            "`sft_continue` **sft_continue_lr1e-4**." in text
     assert "tune_beauty_lr_cpu.json" in report.render_tuning_quality(tmp_path / "none", "lr")  # pending
