@@ -489,7 +489,8 @@ def render_quality_summary(results: Path) -> str:
     rows += [[f"{m} (published)", "–"] + [metric(v.get(c)) for c in SUMMARY_COLUMNS] for m, v in published.items()]
     lines = [provenance(p), "", "Amazon Beauty, LETTER SIDs, full test split (22,363 users), HF-style scoring; "
              "mean ± std over the finished seeds; every stage-2 method starts from the same SFT checkpoint with "
-             "the same budget. All tables, both scorings and the paired tests: [docs/reproduce.md](docs/reproduce.md).",
+             "the same budget (examples, steps), at the learning rate picked for it on validation. "
+             "All tables, both scorings and the paired tests: [docs/reproduce.md](docs/reproduce.md).",
              "", md_table(["method", "seeds"] + list(SUMMARY_COLUMNS), rows)]
     used = gflowgr_settings(p.get("runs") or [])
     if used:
