@@ -163,11 +163,20 @@ def test_every_tuning_setting_loads_and_changes_its_method_config():
         tune_quality.plan_tuning("beauty", root, ["teacher"], None, 42, [], tune_quality.SFT_TUNING)
 
 
+def _finish_tuning_run(spec, best: float) -> None:
+    """A finished two-epoch run in ``spec.out``: its config, and a validation history peaking at ``best``."""
+    from gflowgr_core.train.config import save_config
+
+    save_config(load_config(spec.config_path, spec.overrides), spec.out / "config.yaml")
+    keys = ("ndcg@10", "renorm/ndcg@10", "recall@10", "renorm/recall@10", "coverage@10")
+    history = [{"epoch": e, "valid": {k: best - 0.001 * (2 - e) for k in keys}} for e in (1, 2)]
+    (spec.out / "result.json").write_text(json.dumps({"status": "finished", "history": history, "epochs": 2,
+                                                      "steps": 100, "train_seconds": 60.0}))
+
+
 def test_sft_tuning_table_holds_each_finished_setting_and_the_grid_sft_as_reference(tmp_path):
     """``tune_quality.py --stage sft`` aggregates finished SFT settings (validation only) into their own table,
     with the grid's SFT run as the reference and the best setting selected; the report renders it as SFT."""
-    from gflowgr_core.train.config import save_config
-
     tune_quality, report = _benchmark("tune_quality"), _benchmark("report")
     root, results = tmp_path / "runs", tmp_path / "results"
     grid_sft, = runner.plan_grid("beauty", ["sft"], [42], root, config_dir=CONFIGS / "beauty_cpu")
@@ -175,12 +184,7 @@ def test_sft_tuning_table_holds_each_finished_setting_and_the_grid_sft_as_refere
                                      tune_quality.SFT_TUNING)
     for spec, best in ((grid_sft, 0.0464), (tuned[0], 0.0470), (tuned[1], 0.0481)):  # tuned[2] unfinished
         spec.out.mkdir(parents=True)
-        save_config(load_config(spec.config_path, spec.overrides), spec.out / "config.yaml")
-        history = [{"epoch": e, "valid": {k: best - 0.001 * (2 - e) for k in ("ndcg@10", "renorm/ndcg@10",
-                                                                             "recall@10", "renorm/recall@10",
-                                                                             "coverage@10")}} for e in (1, 2)]
-        (spec.out / "result.json").write_text(json.dumps({"status": "finished", "history": history, "epochs": 2,
-                                                          "steps": 100, "train_seconds": 60.0}))
+        _finish_tuning_run(spec, best)
     # Per-user validation ranks of the best epoch (what the trainer keeps in best/) for two of the three runs.
     rng = np.random.default_rng(0)
     base = np.where(rng.random(4000) < 0.1, rng.integers(0, 20, 4000), -1)
@@ -257,12 +261,7 @@ def test_learning_rate_tuning_keeps_each_methods_best_rate_against_its_current_g
             digest = digest or tune_quality.checkpoint_digest(grid["sft"].out / "best")
             start = digest
         spec.out.mkdir(parents=True, exist_ok=True)
-        save_config(load_config(spec.config_path, spec.overrides), spec.out / "config.yaml")
-        history = [{"epoch": e, "valid": {k: best - 0.001 * (2 - e) for k in ("ndcg@10", "renorm/ndcg@10",
-                                                                             "recall@10", "renorm/recall@10",
-                                                                             "coverage@10")}} for e in (1, 2)]
-        (spec.out / "result.json").write_text(json.dumps({"status": "finished", "history": history, "epochs": 2,
-                                                          "steps": 100, "train_seconds": 60.0}))
+        _finish_tuning_run(spec, best)
         if start is not None:
             (spec.out / "env.json").write_text(json.dumps({"starts_from": [{"checkpoint": "best", "sha256": start}]}))
         (spec.out / "best").mkdir(exist_ok=True)  # the best epoch's per-user validation ranks, as the trainer keeps
