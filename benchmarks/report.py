@@ -809,6 +809,9 @@ def render_tuning_quality(results: Path, stage: str = "gflowgr") -> str:
         else:
             start = (f"stage 2 from the grid's SFT checkpoint (seed {p.get('sft_seed', '?')}), seed {p.get('seed', '?')}: "
                      f"{budget.get('epochs', '?')} epochs at batch {budget.get('batch_size', '?')}, lr {budget.get('lr', '?')}")
+        later = p.get("round", 1) > 1
+        if later:
+            start = f"round {p['round']}, from the grid's current SFT; {start}"
         about = (f"{p.get('dataset', '?')}, {start}, the best validation epoch kept; validation on "
                  f"{num(budget.get('valid_max_users'))} users, beam {budget.get('eval_beams', '?')}; test never read "
                  f"by these runs; YAMLs from `{p.get('config_dir', '?')}`")
@@ -840,7 +843,8 @@ def render_tuning_quality(results: Path, stage: str = "gflowgr") -> str:
                          f"epoch; bootstrap, 2,000 resamples): an interval that contains 0 is no evidence of a "
                          f"difference.")
         if chosen:
-            parts.append(f"Highest validation {p.get('select_metric', 'ndcg@10')} among the tuning rows: **{chosen}**.")
+            among = "the tuning rows and the grid's run of the YAML as it is" if later else "the tuning rows"
+            parts.append(f"Highest validation {p.get('select_metric', 'ndcg@10')} among {among}: **{chosen}**.")
         by_method = p.get("selected_by_method") or {}
         if by_method:
             parts.append(f"Highest validation {p.get('select_metric', 'ndcg@10')} per method, its YAML's own run "

@@ -23,7 +23,11 @@ with its overrides on top of ``sft.yaml``, selected on the same validation users
 is ``tune_<dataset>_sft_<tag>.json`` and its reference row the grid's own SFT run.
 
 Stage-2 tuning records the digest of the SFT checkpoint it started from (``sft_checkpoint``) and refuses to
-go on once the grid's SFT is another one: tune from a new SFT under another ``--tag``.
+go on once the grid's SFT is another one. ``--round N`` tunes again from the grid's current SFT in a round of its
+own: runs under ``<root>/<dataset>/tune_round<N>/``, table ``tune_<dataset>_<tag>_round<N>.json``, so no row of
+an earlier round (another SFT) is mixed in or mistaken for a finished run:
+
+    python benchmarks/tune_quality.py ... --round 2 --settings teacher teacher_share0p1
 """
 from __future__ import annotations
 
@@ -111,9 +115,10 @@ log = logging.getLogger("gflowgr")
 
 
 def plan_tuning(dataset: str, root: Path, names: list[str], config_dir: Optional[Path], sft_seed: int,
-                extra: list[str], settings: Optional[dict] = None) -> list[RunSpec]:
+                extra: list[str], settings: Optional[dict] = None, round_: int = 1) -> list[RunSpec]:
     """One run per setting name of ``settings`` (default ``TUNING``): a stage-2 setting starts from the grid's
-    SFT checkpoint of ``sft_seed``, an SFT setting trains from scratch."""
+    SFT checkpoint of ``sft_seed``, an SFT setting trains from scratch. Round 1's runs live under
+    ``<root>/<dataset>/tune/``, a later round's under ``tune_round<N>/``."""
     settings = TUNING if settings is None else settings
     unknown = [n for n in names if n not in settings]
     if unknown:
@@ -121,7 +126,7 @@ def plan_tuning(dataset: str, root: Path, names: list[str], config_dir: Optional
     specs = []
     for name in names:
         method, overrides = settings[name]
-        out = root / dataset / "tune" / _slug(name) / f"seed{SEED}"
+        out = root / dataset / ("tune" if round_ == 1 else f"tune_round{round_}") / _slug(name) / f"seed{SEED}"
         needs = [] if method == "sft" else [root / dataset / "sft" / f"seed{sft_seed}"]
         specs.append(RunSpec(name=name, method=method, seed=SEED, out=out, dataset=dataset, config_dir=config_dir,
                              needs=needs,
@@ -212,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-dir", default=None, metavar="DIR", help="folder of the method YAMLs")
     p.add_argument("--sft-seed", type=int, default=SEED, help="the grid's SFT run every setting starts from")
     p.add_argument("--tag", default="", help="suffix of the results files, as run_quality.py's --tag")
+    p.add_argument("--round", type=int, default=1, metavar="N",
+                   help="tuning round (default 1): a round >= 2 tunes from the grid's current SFT with its own run "
+                        "folders (tune_round<N>/) and table (..._round<N>.json), apart from earlier rounds")
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
     p.add_argument("--aggregate-only", action="store_true", help="train nothing; rewrite the table")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every setting")
@@ -220,11 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.round < 1:
+        raise SystemExit(f"--round must be 1 or more, got {args.round}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root, results = Path(args.root), Path(args.results_dir)
     config_dir = None if args.config_dir is None else Path(args.config_dir)
     settings, references = STAGES[args.stage]
-    suffix = ("" if args.stage == "gflowgr" else f"_{args.stage}") + (f"_{args.tag}" if args.tag else "")
+    suffix = (("" if args.stage == "gflowgr" else f"_{args.stage}") + (f"_{args.tag}" if args.tag else "")
+              + ("" if args.round == 1 else f"_round{args.round}"))
     path = results / f"tune_{args.dataset}{suffix}.json"
     records = records_root(path)
     grid_records = records_root(output_path(args.dataset, False, False, results, args.tag))
@@ -235,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise SystemExit(f"unknown setting(s) {unknown} for --stage {args.stage}; known: {', '.join(settings)}")
     # Every setting is planned: the table lists all finished ones, whichever this call trains.
     specs = plan_tuning(args.dataset, root, list(settings), config_dir, args.sft_seed, list(args.overrides),
-                        settings)
+                        settings, args.round)
     for spec in grid:
         restore_run(spec.out, grid_records / f"{_slug(spec.name)}_seed{spec.seed}")
     for spec in specs:
@@ -245,7 +256,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     def write_table() -> dict:
         payload = {"benchmark": "tune_quality", "what": __doc__.strip().splitlines()[0],
                    **environment(resolve_device("auto")), "dataset": args.dataset, "select_metric": SELECT,
-                   "seed": SEED, "stage": args.stage,
+                   "seed": SEED, "stage": args.stage, "round": args.round,
                    "sft_seed": args.sft_seed, "config_dir": str(config_dir or f"configs/{args.dataset}"),
                    "overrides": list(args.overrides), "references": [], "runs": []}
         if start is not None:
@@ -278,8 +289,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if args.stage == "lr":  # each method's own best rate, its YAML's (the grid run) included
             check_references_kept(path, payload["references"])
             payload["selected_by_method"] = selected_by_method(payload["references"] + payload["runs"])
-        elif payload["runs"]:  # the tuning runs only: the grid's own row is whichever setting its YAML holds
-            payload["selected"] = max(payload["runs"], key=lambda r: r["valid"][SELECT])["setting"]
+        elif payload["runs"]:
+            # Round 1 picks among its own rows (the YAMLs then held the setting being replaced). A later round's rows
+            # compete with the grid's run of the tuned method's YAML as it is, trained from the same SFT: it stays
+            # selected (its method's name) unless a row beats it.
+            tuned = {r["method"] for r in payload["runs"]}
+            pool = payload["runs"] + ([r for r in payload["references"] if r["setting"] in tuned]
+                                      if args.round > 1 else [])
+            payload["selected"] = max(pool, key=lambda r: r["valid"][SELECT])["setting"]
         write_json(path, payload)
         return payload
 

@@ -129,14 +129,32 @@ TUNED_YAMLS = {"gflowgr": ("tune_beauty_cpu.json", ("gflowgr_tb", "gflowgr_db", 
                "sft": ("tune_beauty_sft_cpu.json", ("sft",))}
 
 
+def tuning_rounds(stage: str) -> list[dict]:
+    """The results files of ``stage``'s tuning rounds (``tune_quality.py --round N``), latest first."""
+    first = REPO / "benchmarks" / "results" / TUNED_YAMLS[stage][0]
+    later = first.parent.glob(f"{first.stem}_round*.json")
+    return sorted((json.loads(f.read_text()) for f in [first, *later]), key=lambda t: -t.get("round", 1))
+
+
+def yaml_pick(stage: str) -> dict:
+    """The round whose pick the YAMLs hold: the latest one that picked one of its tuning rows (a later round
+    whose pick is the grid's own run kept the YAMLs as they were)."""
+    settings = _benchmark("tune_quality").STAGES[stage][0]
+    return next(t for t in tuning_rounds(stage) if t["selected"] in settings)
+
+
 @pytest.mark.parametrize("stage", list(TUNED_YAMLS))
 def test_beauty_cpu_yamls_hold_the_setting_selected_on_validation(stage):
-    """The Beauty CPU protocol's YAMLs hold each tuning's setting with the highest validation NDCG@10
-    (``selected`` in its results file): the setting's overrides change nothing in them."""
+    """The Beauty CPU protocol's YAMLs hold the setting with the highest validation NDCG@10 of the latest tuning
+    round that changed them (``selected`` in its results file): its overrides change nothing in them. Round 1
+    picks among its rows; a later round among its rows and the grid's run of the YAML as it was."""
     tune_quality = _benchmark("tune_quality")
-    tuned = json.loads((REPO / "benchmarks" / "results" / TUNED_YAMLS[stage][0]).read_text())
+    for tuned in tuning_rounds(stage):
+        pool = tuned["runs"] + [r for r in tuned["references"]
+                                if tuned.get("round", 1) > 1 and r["setting"] in {x["method"] for x in tuned["runs"]}]
+        assert tuned["selected"] == max(pool, key=lambda r: r["valid"]["ndcg@10"])["setting"]
+    tuned = yaml_pick(stage)
     method, overrides = tune_quality.STAGES[stage][0][tuned["selected"]]
-    assert tuned["selected"] == max(tuned["runs"], key=lambda r: r["valid"]["ndcg@10"])["setting"]
     for name in TUNED_YAMLS[stage][1]:
         path = CONFIGS / "beauty_cpu" / f"{name}.yaml"
         assert load_config(path, overrides) == load_config(path), f"{path} is not the setting {tuned['selected']!r}"
@@ -300,6 +318,41 @@ def test_learning_rate_tuning_keeps_each_methods_best_rate_against_its_current_g
     assert (results / "tune_beauty_lr_cpu.json").read_text() == written
 
 
+def test_a_later_tuning_round_keeps_its_own_runs_and_competes_with_the_grid_run_of_the_yaml(tmp_path):
+    """``tune_quality.py --round 2`` tunes from the grid's current SFT: its runs live apart from round 1's (a
+    round-1 run of the same setting, from another SFT, is neither listed nor taken as finished), its table is
+    ``..._round2.json``, and the grid's run of the YAML as it is stays selected unless a row beats it."""
+    tune_quality, report = _benchmark("tune_quality"), _benchmark("report")
+    root, results = tmp_path / "runs", tmp_path / "results"
+    args = ["--aggregate-only", "--root", str(root), "--results-dir", str(results), "--config-dir",
+            str(CONFIGS / "beauty_cpu"), "--tag", "cpu", "--round", "2"]
+    grid = {s.method: s for s in runner.plan_grid("beauty", ["sft", "gflowgr_tb"], [42], root,
+                                                   config_dir=CONFIGS / "beauty_cpu", sft_seed=42)}
+    first, = tune_quality.plan_tuning("beauty", root, ["teacher"], CONFIGS / "beauty_cpu", 42, [])
+    second = {s.name: s for s in tune_quality.plan_tuning("beauty", root, ["teacher", "teacher_share0p5"],
+                                                          CONFIGS / "beauty_cpu", 42, [], round_=2)}
+    assert first.out == root / "beauty" / "tune" / "teacher" / "seed42"
+    assert second["teacher"].out == root / "beauty" / "tune_round2" / "teacher" / "seed42"
+    assert [o for o in second["teacher"].overrides if not o.startswith("out=")] == \
+        [o for o in first.overrides if not o.startswith("out=")]
+    for spec, best in ((grid["sft"], 0.0494), (grid["gflowgr_tb"], 0.0511), (first, 0.0530),
+                       (second["teacher"], 0.0505)):
+        spec.out.mkdir(parents=True)
+        _finish_tuning_run(spec, best)
+    assert not second["teacher_share0p5"].done()
+    payload = tune_quality.main(args)
+    assert (results / "tune_beauty_cpu_round2.json").is_file() and payload["round"] == 2
+    assert [r["setting"] for r in payload["runs"]] == ["teacher"]  # round 1's teacher (0.0530) is not in it
+    assert payload["selected"] == "gflowgr_tb"  # the YAML's own run (0.0511) beats the round's row (0.0505)
+    second["teacher_share0p5"].out.mkdir(parents=True)
+    _finish_tuning_run(second["teacher_share0p5"], 0.0520)
+    assert tune_quality.main(args)["selected"] == "teacher_share0p5"
+    text = report.render_tuning_quality(results)
+    assert "round 2" in text and "**teacher_share0p5**" in text
+    with pytest.raises(SystemExit, match="--round must be 1 or more"):
+        tune_quality.main([*args[:-1], "0"])
+
+
 # Beauty CPU stage-2 methods without rate rows of their own run at the rate selected for their family.
 RATE_FAMILY = {"dpo": "sdpo", "gflowgr_db": "gflowgr_tb", "gflowgr_subtb": "gflowgr_tb"}
 
@@ -322,8 +375,7 @@ def test_beauty_cpu_stage2_rates_are_the_ones_selected_on_validation():
 def tuned_selected() -> set[str]:
     """The selected setting of each tuning stage, and each method's selected rate (the YAMLs hold them)."""
     rates = json.loads((REPO / "benchmarks" / "results" / "tune_beauty_lr_cpu.json").read_text())
-    return {json.loads((REPO / "benchmarks" / "results" / path).read_text())["selected"]
-            for path, _ in TUNED_YAMLS.values()} | set(rates["selected_by_method"].values())
+    return {yaml_pick(stage)["selected"] for stage in TUNED_YAMLS} | set(rates["selected_by_method"].values())
 
 
 @pytest.mark.parametrize("name", list(runner.ABLATIONS))
