@@ -27,7 +27,9 @@ go on once the grid's SFT is another one. ``--round N`` tunes again from the gri
 own: runs under ``<root>/<dataset>/tune_round<N>/``, table ``tune_<dataset>_<tag>_round<N>.json``, so no row of
 an earlier round (another SFT) is mixed in or mistaken for a finished run:
 
-    python benchmarks/tune_quality.py ... --round 2 --settings teacher teacher_share0p1
+    python benchmarks/tune_quality.py ... --round 2 --settings share0p1 share0p5 flowlr0p001
+
+A round >= 2 runs only the ``--settings`` it is given.
 """
 from __future__ import annotations
 
@@ -68,7 +70,6 @@ TUNING: dict[str, tuple[str, list[str]]] = {
     "shipped": ("gflowgr_tb", SHIPPED),
     "teacher": ("gflowgr_tb", TEACHER),
     "teacher_lambda1": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=1.0"]),
-    "lambda0p03": ("gflowgr_tb", [*TEACHER, "gfn.lambda_gfn=0.03"]),  # the teacher's reward (the YAMLs' when named)
     "teacher_naug7": ("gflowgr_tb", [*TEACHER, "gfn.n_aug=7"]),
     "teacher_tau0p5": ("gflowgr_tb", [*TEACHER, "gfn.reward.cm_temperature=0.5"]),
     "teacher_tau2": ("gflowgr_tb", [*TEACHER, "gfn.reward.cm_temperature=2.0"]),
@@ -78,13 +79,15 @@ TUNING: dict[str, tuple[str, list[str]]] = {
     "teacher_curriculum_hard": ("gflowgr_tb", [*TEACHER, "gfn.curriculum_start=0.5", "gfn.curriculum_end=0.9"]),
     "teacher_curriculum_easy": ("gflowgr_tb", [*TEACHER, "gfn.curriculum_start=0.1", "gfn.curriculum_end=0.5"]),
     # The flow heads' learning rate (log F, log Z) and their warm-up alone.
-    "teacher_flowlr0p001": ("gflowgr_tb", [*TEACHER, "gfn.flow_lr=0.001"]),
     "teacher_flowlr0p1": ("gflowgr_tb", [*TEACHER, "gfn.flow_lr=0.1"]),
     "teacher_flowwarmup0": ("gflowgr_tb", [*TEACHER, "gfn.flow_warmup_steps=0"]),
-    # The positive's share of the reward mass on top of the teacher: r_a calibrated per user so that the held-out
-    # item holds this share of R's mass over the catalogue (the teacher alone gives it its softmax share).
-    "teacher_share0p1": ("gflowgr_tb", [*TEACHER, *POSITIVE_SHARE, "gfn.reward.target_share=0.1"]),
-    "teacher_share0p5": ("gflowgr_tb", [*TEACHER, *POSITIVE_SHARE, "gfn.reward.target_share=0.5"]),
+    # Round 2 (--round 2, from the grid's current SFT): one factor at a time on top of the YAML as it is (round 1's
+    # pick), so the grid's own gflowgr_tb run is their base. The positive's share of the reward mass on top of the
+    # teacher: r_a calibrated per user so that the held-out item holds this share of R's mass over the catalogue
+    # (the teacher alone gives it its softmax share); and the flow heads' learning rate below round 1's.
+    "share0p1": ("gflowgr_tb", [*POSITIVE_SHARE, "gfn.reward.target_share=0.1"]),
+    "share0p5": ("gflowgr_tb", [*POSITIVE_SHARE, "gfn.reward.target_share=0.5"]),
+    "flowlr0p001": ("gflowgr_tb", ["gfn.flow_lr=0.001"]),
 }
 # The SFT of the CPU protocol (configs/beauty_cpu/sft.yaml: cosine over 20 epochs) peaks at epoch 10 and then
 # overfits while the learning rate is still high: a schedule that ends sooner; then, since that one still peaks
@@ -109,7 +112,7 @@ STAGE2 = ("sft", "sft_continue", "sdpo", "gflowgr_tb")
 STAGES = {"gflowgr": (TUNING, STAGE2), "sft": (SFT_TUNING, ("sft",)), "lr": (LR_TUNING, STAGE2)}
 # Rows every other row is compared with, paired over the validation users: the baseline to beat and, for stage 2,
 # the setting the one-factor changes start from.
-PAIRED_WITH = {"gflowgr": ("sft_continue", "teacher"), "sft": ("sft",), "lr": ("gflowgr_tb", "sft_continue")}
+PAIRED_WITH = {"gflowgr": ("sft_continue", "teacher", "gflowgr_tb"), "sft": ("sft",), "lr": ("gflowgr_tb", "sft_continue")}
 PAIRED_METRICS = ("ndcg@10", "recall@10", "renorm/ndcg@10")
 log = logging.getLogger("gflowgr")
 
@@ -230,6 +233,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.round < 1:
         raise SystemExit(f"--round must be 1 or more, got {args.round}")
+    if args.round > 1 and not args.settings and not args.aggregate_only:
+        raise SystemExit(f"--round {args.round}: name the settings it runs (--settings); by default a round would "
+                         f"run every setting again, earlier rounds' included")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root, results = Path(args.root), Path(args.results_dir)
     config_dir = None if args.config_dir is None else Path(args.config_dir)

@@ -329,7 +329,7 @@ def test_a_later_tuning_round_keeps_its_own_runs_and_competes_with_the_grid_run_
     grid = {s.method: s for s in runner.plan_grid("beauty", ["sft", "gflowgr_tb"], [42], root,
                                                    config_dir=CONFIGS / "beauty_cpu", sft_seed=42)}
     first, = tune_quality.plan_tuning("beauty", root, ["teacher"], CONFIGS / "beauty_cpu", 42, [])
-    second = {s.name: s for s in tune_quality.plan_tuning("beauty", root, ["teacher", "teacher_share0p5"],
+    second = {s.name: s for s in tune_quality.plan_tuning("beauty", root, ["teacher", "share0p5"],
                                                           CONFIGS / "beauty_cpu", 42, [], round_=2)}
     assert first.out == root / "beauty" / "tune" / "teacher" / "seed42"
     assert second["teacher"].out == root / "beauty" / "tune_round2" / "teacher" / "seed42"
@@ -339,16 +339,16 @@ def test_a_later_tuning_round_keeps_its_own_runs_and_competes_with_the_grid_run_
                        (second["teacher"], 0.0505)):
         spec.out.mkdir(parents=True)
         _finish_tuning_run(spec, best)
-    assert not second["teacher_share0p5"].done()
+    assert not second["share0p5"].done()
     payload = tune_quality.main(args)
     assert (results / "tune_beauty_cpu_round2.json").is_file() and payload["round"] == 2
     assert [r["setting"] for r in payload["runs"]] == ["teacher"]  # round 1's teacher (0.0530) is not in it
     assert payload["selected"] == "gflowgr_tb"  # the YAML's own run (0.0511) beats the round's row (0.0505)
-    second["teacher_share0p5"].out.mkdir(parents=True)
-    _finish_tuning_run(second["teacher_share0p5"], 0.0520)
-    assert tune_quality.main(args)["selected"] == "teacher_share0p5"
+    second["share0p5"].out.mkdir(parents=True)
+    _finish_tuning_run(second["share0p5"], 0.0520)
+    assert tune_quality.main(args)["selected"] == "share0p5"
     text = report.render_tuning_quality(results)
-    assert "round 2" in text and "**teacher_share0p5**" in text
+    assert "round 2" in text and "**share0p5**" in text
     with pytest.raises(SystemExit, match="--round must be 1 or more"):
         tune_quality.main([*args[:-1], "0"])
 
