@@ -288,6 +288,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         # The grid's budget every row starts from (tuning rows differ from it only in their overrides).
         done = [s for s in grid if (s.method == "sft") == (args.stage == "sft") and s.done()
                 and (s.out / "config.yaml").exists()]
+        tuned_methods = {method for method, _ in settings.values()}
+        done.sort(key=lambda s: s.method not in tuned_methods)  # the tuned method's own run gives its rate
         if done:
             cfg = yaml.safe_load((done[0].out / "config.yaml").read_text())
             payload["budget"] = {k: cfg.get(k) for k in ("epochs", "batch_size", "lr", "warmup_steps",

@@ -326,7 +326,7 @@ def test_a_later_tuning_round_keeps_its_own_runs_and_competes_with_the_grid_run_
     root, results = tmp_path / "runs", tmp_path / "results"
     args = ["--aggregate-only", "--root", str(root), "--results-dir", str(results), "--config-dir",
             str(CONFIGS / "beauty_cpu"), "--tag", "cpu", "--round", "2"]
-    grid = {s.method: s for s in runner.plan_grid("beauty", ["sft", "gflowgr_tb"], [42], root,
+    grid = {s.method: s for s in runner.plan_grid("beauty", ["sft", "sft_continue", "gflowgr_tb"], [42], root,
                                                    config_dir=CONFIGS / "beauty_cpu", sft_seed=42)}
     first, = tune_quality.plan_tuning("beauty", root, ["teacher"], CONFIGS / "beauty_cpu", 42, [])
     second = {s.name: s for s in tune_quality.plan_tuning("beauty", root, ["teacher", "share0p5"],
@@ -335,8 +335,8 @@ def test_a_later_tuning_round_keeps_its_own_runs_and_competes_with_the_grid_run_
     assert second["teacher"].out == root / "beauty" / "tune_round2" / "teacher" / "seed42"
     assert [o for o in second["teacher"].overrides if not o.startswith("out=")] == \
         [o for o in first.overrides if not o.startswith("out=")]
-    for spec, best in ((grid["sft"], 0.0494), (grid["gflowgr_tb"], 0.0511), (first, 0.0530),
-                       (second["teacher"], 0.0505)):
+    for spec, best in ((grid["sft"], 0.0494), (grid["sft_continue"], 0.0491), (grid["gflowgr_tb"], 0.0511),
+                       (first, 0.0530), (second["teacher"], 0.0505)):
         spec.out.mkdir(parents=True)
         _finish_tuning_run(spec, best)
     assert not second["share0p5"].done()
@@ -344,6 +344,8 @@ def test_a_later_tuning_round_keeps_its_own_runs_and_competes_with_the_grid_run_
     assert (results / "tune_beauty_cpu_round2.json").is_file() and payload["round"] == 2
     assert [r["setting"] for r in payload["runs"]] == ["teacher"]  # round 1's teacher (0.0530) is not in it
     assert payload["selected"] == "gflowgr_tb"  # the YAML's own run (0.0511) beats the round's row (0.0505)
+    # The budget stated is the tuned method's (its rate may differ from the baselines' tuned rates).
+    assert payload["budget"]["lr"] == load_config(CONFIGS / "beauty_cpu" / "gflowgr_tb.yaml").lr
     second["share0p5"].out.mkdir(parents=True)
     _finish_tuning_run(second["share0p5"], 0.0520)
     assert tune_quality.main(args)["selected"] == "share0p5"
