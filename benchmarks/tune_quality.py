@@ -112,7 +112,8 @@ STAGE2 = ("sft", "sft_continue", "sdpo", "gflowgr_tb")
 STAGES = {"gflowgr": (TUNING, STAGE2), "sft": (SFT_TUNING, ("sft",)), "lr": (LR_TUNING, STAGE2)}
 # Rows every other row is compared with, paired over the validation users: the baseline to beat and, for stage 2,
 # the setting the one-factor changes start from.
-PAIRED_WITH = {"gflowgr": ("sft_continue", "teacher", "gflowgr_tb"), "sft": ("sft",), "lr": ("gflowgr_tb", "sft_continue")}
+PAIRED_WITH = {"gflowgr": ("sft_continue", "teacher", "gflowgr_tb"), "sft": ("sft",),
+               "lr": ("gflowgr_tb", "sft_continue")}
 PAIRED_METRICS = ("ndcg@10", "recall@10", "renorm/ndcg@10")
 log = logging.getLogger("gflowgr")
 
@@ -240,6 +241,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     root, results = Path(args.root), Path(args.results_dir)
     config_dir = None if args.config_dir is None else Path(args.config_dir)
     settings, references = STAGES[args.stage]
+    tuned_methods = {method for method, _ in settings.values()}
     suffix = (("" if args.stage == "gflowgr" else f"_{args.stage}") + (f"_{args.tag}" if args.tag else "")
               + ("" if args.round == 1 else f"_round{args.round}"))
     path = results / f"tune_{args.dataset}{suffix}.json"
@@ -288,7 +290,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         # The grid's budget every row starts from (tuning rows differ from it only in their overrides).
         done = [s for s in grid if (s.method == "sft") == (args.stage == "sft") and s.done()
                 and (s.out / "config.yaml").exists()]
-        tuned_methods = {method for method, _ in settings.values()}
         done.sort(key=lambda s: s.method not in tuned_methods)  # the tuned method's own run gives its rate
         if done:
             cfg = yaml.safe_load((done[0].out / "config.yaml").read_text())
@@ -301,8 +302,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             # Round 1 picks among its own rows (the YAMLs then held the setting being replaced). A later round's rows
             # compete with the grid's run of the tuned method's YAML as it is, trained from the same SFT: it stays
             # selected (its method's name) unless a row beats it.
-            tuned = {r["method"] for r in payload["runs"]}
-            pool = payload["runs"] + ([r for r in payload["references"] if r["setting"] in tuned]
+            pool = payload["runs"] + ([r for r in payload["references"] if r["setting"] in tuned_methods]
                                       if args.round > 1 else [])
             payload["selected"] = max(pool, key=lambda r: r["valid"][SELECT])["setting"]
         write_json(path, payload)
