@@ -415,6 +415,11 @@ def render_quality_file(p: dict) -> str:
     lines += unfinished(p)
     if p.get("comparisons"):
         lines += ["", comparisons_table(p["comparisons"]), "", comparisons_verdict(p["comparisons"])]
+    across = (p.get("protocol_comparisons") or {}).get("comparisons")
+    if across:
+        lines += ["", f"Against `{p['protocol_comparisons']['against']}` (each method minus the same method of "
+                  f"that protocol, on the seeds both finished):", "",
+                  comparisons_table(across), "", comparisons_verdict(across)]
     for source, table in (p.get("paper") or {}).items():
         rows = table.items() if all(isinstance(v, dict) for v in table.values()) else [(source, table)]
         cols = list(dict.fromkeys(k for _, v in rows for k in v))

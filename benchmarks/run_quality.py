@@ -677,6 +677,34 @@ def paired_comparisons(specs: Sequence[RunSpec], results: dict, data,
     return compare_methods(means, pairs), mean_intervals(means)
 
 
+def protocol_comparisons(path: Path, agg: dict, other: Path) -> dict:
+    """Each method of this results file (``path``, aggregate ``agg``) minus the same method in ``other``, a
+    results file of another protocol on the same test users (e.g. the trie-support pair against the headline
+    grid): ``{"against": other's name, "comparisons": {"<m> (<this stem>)-<m> (<other stem>)": {metric: ...}}}``,
+    paired over users on the seeds both files finished, from the per-user ranks in their committed records.
+    A method missing from ``other``, without a common seed or without ranks is left out (and logged)."""
+    from quality_stats import load_ranks
+
+    if not other.exists():
+        raise SystemExit(f"--paired-with {other}: no such results file")
+    theirs = json.loads(other.read_text()).get("methods", {})
+    comparisons = {}
+    for name, entry in agg["methods"].items():
+        seeds = sorted(set(entry["seeds_done"]) & set(theirs.get(name, {}).get("seeds_done", [])))
+        files = [(records_root(p) / f"{_slug(name)}_seed{s}" / "ranks.npz") for s in seeds for p in (path, other)]
+        missing = [str(f) for f in files if not f.exists()]
+        if not seeds or missing:
+            log(f"{name}: left out of the comparison with {other.name} "
+                f"({'no seed finished in both' if not seeds else 'no ranks: ' + ', '.join(missing)})")
+            continue
+        mine, ref = f"{name} ({path.stem})", f"{name} ({other.stem})"
+        per_user = {label: seed_mean([per_user_metrics(load_ranks(records_root(p) / f"{_slug(name)}_seed{s}"
+                                                                   / "ranks.npz")) for s in seeds])
+                    for label, p in ((mine, path), (ref, other))}
+        comparisons.update(compare_methods(per_user, [(mine, ref)]))
+    return {"against": other.name, "comparisons": comparisons}
+
+
 def _evaluate_ranks(best: Path, data, expected: dict, split: str = "test") -> dict:
     """Per-user ranks on ``split`` of a checkpoint that finished before runs saved them (validation: on the
     run's ``valid_max_users`` users); its metrics must equal the ones the run reported (else the ranks would
@@ -844,6 +872,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a finished run trained with the grid SFT's config and seed (e.g. the selected setting of "
                         "tune_quality.py --stage sft): it becomes the grid's SFT run, which then only reads test "
                         "(with --resume; refused when the configs differ)")
+    p.add_argument("--paired-with", default=None, metavar="RESULTS_JSON",
+                   help="another protocol's results file on the same test users (e.g. "
+                        "benchmarks/results/quality_beauty_cpu.json): each method is also compared with the same "
+                        "method there, paired over users on the seeds both finished (JSON key protocol_comparisons)")
     p.add_argument("overrides", nargs="*",
                    help="key=value overrides applied to every run (after the YAML); sft:key=value only to SFT, "
                         "stage2:key=value only to the runs after SFT")
@@ -855,6 +887,8 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = Path(args.root)
+    if args.quick and args.paired_with is not None:
+        raise SystemExit("--paired-with reads the committed run records of both files; --quick commits none")
     seeds = [args.seeds[0]] if args.quick else args.seeds
     ablations = args.ablations is not None
     if ablations:
@@ -900,6 +934,8 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
                            "script runs end to end, not a result")
         agg["root"] = str(root)
         agg["overrides"] = list(args.overrides)
+        if args.paired_with is not None:
+            agg["protocol_comparisons"] = protocol_comparisons(path, agg, Path(args.paired_with))
         if paper is not None:
             agg["paper"] = {"gflowgr_paper_letter_sids": PAPER_BEAUTY, "tiger_paper": TIGER_BEAUTY,
                             "published_same_split": PUBLISHED_BEAUTY}

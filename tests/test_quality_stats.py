@@ -156,6 +156,45 @@ def test_a_run_without_ranks_is_left_out_of_the_comparisons(tmp_path):
     assert set(agg["comparisons"]) == {"gflowgr_tb-sft"}
 
 
+def test_a_protocol_is_compared_with_the_same_method_of_another_on_the_seeds_both_finished(tmp_path):
+    """--paired-with: the trie-support pair against the headline grid, from the two files' committed records."""
+    rng = np.random.default_rng(5)
+    n = 2500
+    base = np.where(rng.random(n) < 0.3, rng.integers(0, 20, n), -1)
+    worse = np.where(rng.random(n) < 0.2, -1, base)  # some users' hits lost
+
+    def protocol(tag: str, methods: list, seeds: list, ranks: np.ndarray) -> tuple[Path, dict]:
+        path = tmp_path / "results" / f"quality_beauty_{tag}.json"
+        specs = runner.plan_grid("beauty", methods, seeds, tmp_path / tag, sft_seed=seeds[0])
+        for spec in specs:
+            _finished_run(spec.out, 0.1, {"headline": base, "renorm/": ranks}, with_best=spec.name == "sft",
+                          starts_from=runner.starts_from(spec))
+        agg = runner.aggregate(specs, seeds, data=None,
+                               record_of=lambda s: quality_records.records_root(path) / f"{s.name}_seed{s.seed}")
+        path.write_text(json.dumps(agg))
+        return path, agg
+
+    grid, _ = protocol("cpu", ["sft_continue", "gflowgr_tb"], [42, 43], base)
+    pair, agg = protocol("cpu_trie", ["sft_continue", "sdpo"], [42], worse)
+    out = runner.protocol_comparisons(pair, agg, grid)
+    assert out["against"] == "quality_beauty_cpu.json"
+    # sdpo has no run in the grid; sft and sft_continue are paired on seed 42, the one both finished.
+    assert set(out["comparisons"]) == {"sft (quality_beauty_cpu_trie)-sft (quality_beauty_cpu)",
+                                       "sft_continue (quality_beauty_cpu_trie)-sft_continue (quality_beauty_cpu)"}
+    c = out["comparisons"]["sft_continue (quality_beauty_cpu_trie)-sft_continue (quality_beauty_cpu)"]
+    assert c["ndcg@10"]["diff"] == 0.0 and c["ndcg@10"]["users"] == n
+    assert c["renorm/ndcg@10"]["diff"] < 0 and c["renorm/ndcg@10"]["ci95"][1] < 0
+    expected = (quality_stats.per_user_metrics({"renorm/": worse})["renorm/recall@10"].mean()
+                - quality_stats.per_user_metrics({"renorm/": base})["renorm/recall@10"].mean())
+    assert c["renorm/recall@10"]["diff"] == pytest.approx(expected)
+
+    (quality_records.records_root(grid) / "sft_continue_seed42" / "ranks.npz").unlink()
+    assert set(runner.protocol_comparisons(pair, agg, grid)["comparisons"]) == {
+        "sft (quality_beauty_cpu_trie)-sft (quality_beauty_cpu)"}
+    with pytest.raises(SystemExit, match="no such results file"):
+        runner.protocol_comparisons(pair, agg, tmp_path / "missing.json")
+
+
 def test_mean_intervals_bracket_each_methods_mean_and_narrow_with_more_users():
     rng = np.random.default_rng(3)
     small = {"a": {"recall@10": (rng.random(200) < 0.1).astype(float)}}

@@ -197,7 +197,11 @@ def test_train_epoch_and_quality_files_render_what_they_hold(tmp_path):
                                    "seeds_done": [42, 43]}},
                "reference": {"sasrec": {"recall@10": {"mean": 0.04, "std": 0.0}}},
                "comparisons": {"gflowgr_tb-sft": {"ndcg@10": {"diff": 0.0021, "ci95": [0.0004, 0.0039], "p": 0.012,
-                                                              "users": 22363, "resamples": 2000}}}}
+                                                              "users": 22363, "resamples": 2000}}},
+               "protocol_comparisons": {"against": "quality_beauty_cpu.json", "comparisons": {
+                   "sft (quality_beauty)-sft (quality_beauty_cpu)": {"renorm/ndcg@10": {
+                       "diff": -0.0063, "ci95": [-0.0081, -0.0045], "p": 0.0005, "users": 22363,
+                       "resamples": 2000}}}}}
     root = make_root(tmp_path, "<!-- report:train_epoch -->\n<!-- /report:train_epoch -->\n"
                                "<!-- report:quality -->\n<!-- /report:quality -->\n",
                      {"train_epoch_cuda.json": epoch, "quality_beauty.json": quality})
@@ -211,6 +215,11 @@ def test_train_epoch_and_quality_files_render_what_they_hold(tmp_path):
     assert "Paired bootstrap over 22,363 test users (2,000 resamples" in text
     assert "| `gflowgr_tb-sft` | ndcg@10 | +0.0021 | [+0.0004, +0.0039] | 0.012 |" in text
     assert "What it shows: `gflowgr_tb` vs `sft`: above it on ndcg@10 (+0.0021, p = 0.012)." in text
+    assert "Against `quality_beauty_cpu.json` (each method minus the same method of that protocol" in text
+    assert ("| `sft (quality_beauty)-sft (quality_beauty_cpu)` | renorm/ndcg@10 | -0.0063 | [-0.0081, -0.0045] "
+            "| 0.0005 |") in text
+    assert ("`sft (quality_beauty)` vs `sft (quality_beauty_cpu)`: below it on renorm/ndcg@10 (-0.0063, "
+            "p = 0.0005).") in text
 
 
 def test_the_verdict_says_below_and_not_distinguishable_from_the_interval():
