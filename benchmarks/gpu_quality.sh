@@ -8,6 +8,10 @@
 #   bash benchmarks/gpu_quality.sh [--seed S] [--quick] [--data DIR] [options] [-- key=value ...]
 #
 # Options:
+#   --protocol P        gpu (default): configs/beauty, one SFT per seed, writes quality_beauty.json;
+#                       cpu: the CPU grid's protocol (configs/beauty_cpu, every stage-2 seed from the seed-42
+#                       SFT, the YAMLs' epochs; the configs and statistics of quality_beauty_cpu.json), writes
+#                       quality_beauty_cpu_on_gpu.json; its runs are separate from the gpu protocol's (<root>/cpu)
 #   --seed S            training seed (default 42). Seeds 43 and 44 are separate runs; with their run folders
 #                       under one --root, `python benchmarks/run_quality.py --seeds 42 43 44 --aggregate-only
 #                       --root ROOT` aggregates them as mean ± std (each run rewrites quality_beauty.json)
@@ -18,7 +22,8 @@
 #   --root DIR          runs and prepared data (default: runs); finished runs there are skipped on a rerun
 #   --valid-users N     model selection on a fixed seeded subset of N validation users (default 5000; 0 =
 #                       the whole validation split); test is always the whole split
-#   --sft-epochs N      cap on SFT epochs (default 60; early stopping usually ends it before)
+#   --sft-epochs N      cap on SFT epochs (default: 60 for the gpu protocol, where early stopping usually ends
+#                       it before; the YAML's own for the cpu protocol, whose cosine schedule spans them)
 #   --stage2-epochs N   epochs of every stage-2 method (default: the YAMLs' 10)
 #   --minutes M         wall budget of the whole script, set-up included (default 9; 0 = none): no run
 #                       starts after M - 1.5 minutes, and at M - 0.5 minutes the run in progress is stopped
@@ -39,11 +44,12 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PY=${PYTHON:-python3}
 
-SEED=42 QUICK=0 DATA="" ROOT=runs VALID_USERS=5000 SFT_EPOCHS=60 STAGE2_EPOCHS="" MINUTES=9 BUILD=0
+SEED=42 QUICK=0 DATA="" ROOT=runs VALID_USERS=5000 SFT_EPOCHS="" STAGE2_EPOCHS="" MINUTES=9 BUILD=0 PROTOCOL=gpu
 EXTRA=()
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
+    --protocol) PROTOCOL=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
     --quick) QUICK=1; shift ;;
     --data) DATA=$2; shift 2 ;;
@@ -58,6 +64,12 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_quality.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+
+case "$PROTOCOL" in
+  gpu) TAG="" PROTOCOL_ARGS=() SFT_EPOCHS=${SFT_EPOCHS:-60} ;;
+  cpu) TAG=cpu_on_gpu ROOT=$ROOT/cpu PROTOCOL_ARGS=(--config-dir configs/beauty_cpu --sft-seed 42 --tag "$TAG") ;;
+  *) echo "gpu_quality.sh: --protocol is gpu or cpu, not '$PROTOCOL'" >&2; exit 2 ;;
+esac
 
 if [ -z "$DATA" ]; then
   if [ -f data_carry/Beauty/Beauty.inter.json ]; then DATA=data_carry/Beauty
@@ -110,13 +122,13 @@ if [ "$BUILD" = 1 ]; then
   timeout 240 "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tee "$LOGS/build.log"
 fi
 
-ARGS=(--dataset beauty --seeds "$SEED" --root "$ROOT" --data "$DATA")
+ARGS=(--dataset beauty --seeds "$SEED" --root "$ROOT" --data "$DATA" "${PROTOCOL_ARGS[@]}")
 OVR=()
 if [ "$QUICK" = 1 ]; then
   ARGS+=(--quick)
 else
   [ "$VALID_USERS" != 0 ] && OVR+=("valid_max_users=$VALID_USERS")
-  OVR+=("sft:epochs=$SFT_EPOCHS")
+  [ -n "$SFT_EPOCHS" ] && OVR+=("sft:epochs=$SFT_EPOCHS")
   [ -n "$STAGE2_EPOCHS" ] && OVR+=("stage2:epochs=$STAGE2_EPOCHS" "stage2:patience=$STAGE2_EPOCHS")
 fi
 OVR+=("${EXTRA[@]}")
@@ -131,7 +143,7 @@ echo "=== run_quality.py ${ARGS[*]} -- ${OVR[*]}"
 RC=${PIPESTATUS[0]}
 echo "=== run_quality.py exit status $RC; whole script $(( SECONDS - T0 )) s"
 
-STEM=benchmarks/results/quality_beauty$([ "$QUICK" = 1 ] && echo _quick)
+STEM=benchmarks/results/quality_beauty${TAG:+_$TAG}$([ "$QUICK" = 1 ] && echo _quick)
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   for f in "$STEM.json" "$STEM.png"; do [ -f "$f" ] && cp "$f" "$OUT"/; done
