@@ -55,9 +55,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import RESULTS_DIR, environment, format_table, log, write_json  # noqa: E402
-from quality_records import (archive_run, checkpoint_digest, records_root, restore_run, run_ranks,  # noqa: E402
-                             saved_sasrec)
-from quality_stats import compare_methods, mean_intervals, per_user_metrics, seed_mean  # noqa: E402
+from quality_records import (RANK_FILES, archive_run, checkpoint_digest, records_root, restore_run,  # noqa: E402
+                             run_ranks, saved_sasrec)
+from quality_stats import compare_methods, load_ranks, mean_intervals, per_user_metrics, seed_mean  # noqa: E402
 
 CONFIGS = REPO / "configs"
 DATASETS = ("beauty", "sports", "toys")
@@ -315,6 +315,12 @@ def plan_ablations(dataset: str, root: Path, quick: bool = False, extra: Sequenc
 
 def _slug(name: str) -> str:
     return name.replace("=", "_").replace(".", "p")
+
+
+def run_record(records: Path, name: str, seed: int) -> Path:
+    """The committed record of run ``name`` at ``seed`` under a results file's records folder
+    (:func:`quality_records.records_root`)."""
+    return records / f"{_slug(name)}_seed{seed}"
 
 
 def _check_names(dataset: str, methods: Sequence[str]) -> None:
@@ -683,25 +689,23 @@ def protocol_comparisons(path: Path, agg: dict, other: Path) -> dict:
     grid): ``{"against": other's name, "comparisons": {"<m> (<this stem>)-<m> (<other stem>)": {metric: ...}}}``,
     paired over users on the seeds both files finished, from the per-user ranks in their committed records.
     A method missing from ``other``, without a common seed or without ranks is left out (and logged)."""
-    from quality_stats import load_ranks
-
     if not other.exists():
         raise SystemExit(f"--paired-with {other}: no such results file")
     theirs = json.loads(other.read_text()).get("methods", {})
+    kept = RANK_FILES["test"][1]
     comparisons = {}
     for name, entry in agg["methods"].items():
         seeds = sorted(set(entry["seeds_done"]) & set(theirs.get(name, {}).get("seeds_done", [])))
-        files = [(records_root(p) / f"{_slug(name)}_seed{s}" / "ranks.npz") for s in seeds for p in (path, other)]
-        missing = [str(f) for f in files if not f.exists()]
+        files = {p: [run_record(records_root(p), name, s) / kept for s in seeds] for p in (path, other)}
+        missing = [str(f) for group in files.values() for f in group if not f.exists()]
         if not seeds or missing:
             log(f"{name}: left out of the comparison with {other.name} "
                 f"({'no seed finished in both' if not seeds else 'no ranks: ' + ', '.join(missing)})")
             continue
-        mine, ref = f"{name} ({path.stem})", f"{name} ({other.stem})"
-        per_user = {label: seed_mean([per_user_metrics(load_ranks(records_root(p) / f"{_slug(name)}_seed{s}"
-                                                                   / "ranks.npz")) for s in seeds])
-                    for label, p in ((mine, path), (ref, other))}
-        comparisons.update(compare_methods(per_user, [(mine, ref)]))
+        labels = {p: f"{name} ({p.stem})" for p in (path, other)}
+        per_user = {labels[p]: seed_mean([per_user_metrics(load_ranks(f)) for f in group])
+                    for p, group in files.items()}
+        comparisons.update(compare_methods(per_user, [(labels[path], labels[other])]))
     return {"against": other.name, "comparisons": comparisons}
 
 
@@ -920,7 +924,7 @@ def main(argv: Optional[list[str]] = None, train_fn: Optional[Callable] = None) 
     records = root / "quick" / "records" if args.quick else records_root(path)
 
     def record_of(spec: RunSpec) -> Path:
-        return records / f"{_slug(spec.name)}_seed{spec.seed}"
+        return run_record(records, spec.name, spec.seed)
 
     for spec in specs:  # finished runs of earlier machines: skipped, and SFT's checkpoint seeds stage 2
         if restore_run(spec.out, record_of(spec)):

@@ -48,7 +48,7 @@ from gflowgr_core.devices import resolve_device  # noqa: E402
 from quality_records import archive_run, checkpoint_digest, restore_run, run_ranks  # noqa: E402
 from quality_stats import compare_methods, per_user_metrics  # noqa: E402
 from run_quality import (DATASETS, RESULTS_DIR, RunSpec, _base_overrides, _evaluate_ranks, _outdated,  # noqa: E402
-                         _slug, ensure_data, output_path, plan_grid, records_root, run_specs)
+                         _slug, ensure_data, output_path, plan_grid, records_root, run_record, run_specs)
 
 SELECT = "ndcg@10"
 SEED = 42
@@ -256,7 +256,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     specs = plan_tuning(args.dataset, root, list(settings), config_dir, args.sft_seed, list(args.overrides),
                         settings, args.round)
     for spec in grid:
-        restore_run(spec.out, grid_records / f"{_slug(spec.name)}_seed{spec.seed}")
+        restore_run(spec.out, run_record(grid_records, spec.name, spec.seed))
     for spec in specs:
         restore_run(spec.out, records / _slug(spec.name))
     start = None if args.stage == "sft" else sft_checkpoint(grid, path)
@@ -273,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         # A learning-rate row competes with the grid run as "the YAML as it is": a grid run trained with another
         # config or from another SFT checkpoint is not that, and is left out until retrained.
         stale = _outdated(grid) if args.stage == "lr" else {}
-        for kind, group, record_of in (("references", grid, lambda s: grid_records / f"{_slug(s.name)}_seed{s.seed}"),
+        for kind, group, record_of in (("references", grid, lambda s: run_record(grid_records, s.name, s.seed)),
                                        ("runs", specs, lambda s: records / _slug(s.name))):
             for spec in group:
                 if not spec.done() or spec.out in stale:
